@@ -1,0 +1,68 @@
+"""featurescope: see inside convolutional networks.
+
+Tap any layer's outputs (:class:`FeatureTap`), search images by their embeddings
+(:class:`EmbeddingIndex`), build the study's AlexNets by name (:func:`create_model`), and draw
+what you find with plugin visualizers.
+
+Example:
+    >>> import featurescope as fs
+    >>> fs.list_models("alexnet*")
+    ['alexnet', 'alexnet_half']
+"""
+
+from featurescope._version import __version__
+from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
+from featurescope.errors import (
+    CheckpointError,
+    FeaturescopeError,
+    FeaturescopeWarning,
+    IndexFileError,
+    InputShapeError,
+    NodeNotFoundError,
+    PluginError,
+    UnknownNameError,
+    UnsafeCheckpointError,
+    WeightsUnavailableError,
+)
+from featurescope.hookspecs import hookimpl
+from featurescope.zoo import (
+    AlexNet,
+    ModelInfo,
+    ModelSpec,
+    convert_checkpoint,
+    create_model,
+    get_model_info,
+    list_models,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    register_model,
+    save_checkpoint,
+)
+
+__all__ = [
+    "STUDY_PREPROCESSING",
+    "AlexNet",
+    "CheckpointError",
+    "FeaturescopeError",
+    "FeaturescopeWarning",
+    "IndexFileError",
+    "InputShapeError",
+    "ModelInfo",
+    "ModelSpec",
+    "NodeNotFoundError",
+    "PluginError",
+    "Preprocessing",
+    "UnknownNameError",
+    "UnsafeCheckpointError",
+    "WeightsUnavailableError",
+    "__version__",
+    "convert_checkpoint",
+    "create_model",
+    "get_model_info",
+    "hookimpl",
+    "list_models",
+    "load_checkpoint",
+    "read_checkpoint_metadata",
+    "register_model",
+    "save_checkpoint",
+]

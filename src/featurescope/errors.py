@@ -1,0 +1,94 @@
+"""The featurescope exception family.
+
+Every error featurescope raises on purpose derives from :class:`FeaturescopeError`, so
+``except featurescope.FeaturescopeError`` catches them all. Subclasses also derive from the
+built-in exception a Python user would expect (``KeyError`` for an unknown name, ``ValueError``
+for a bad argument), so existing ``except ValueError`` code keeps working.
+
+Messages say what was wrong and how to fix it; where a name is unknown they list the closest
+known names (see :func:`did_you_mean`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "CheckpointError",
+    "FeaturescopeError",
+    "FeaturescopeWarning",
+    "IndexFileError",
+    "InputShapeError",
+    "NodeNotFoundError",
+    "PluginError",
+    "UnknownNameError",
+    "UnsafeCheckpointError",
+    "WeightsUnavailableError",
+    "did_you_mean",
+]
+
+
+class FeaturescopeError(Exception):
+    """Base class of every error featurescope raises on purpose."""
+
+
+class FeaturescopeWarning(UserWarning):
+    """Base class of featurescope's warnings (e.g. a fallback from torch.fx to hooks)."""
+
+
+class UnknownNameError(FeaturescopeError, KeyError):
+    """A model, visualizer or other registered name does not exist."""
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would wrap the message in quotes.
+        return str(self.args[0]) if self.args else ""
+
+
+class NodeNotFoundError(UnknownNameError):
+    """A graph node name given to :class:`~featurescope.FeatureTap` is not in the model."""
+
+
+class InputShapeError(FeaturescopeError, ValueError):
+    """An input tensor has the wrong shape for the model (e.g. 224×224 for a 227×227 net)."""
+
+
+class CheckpointError(FeaturescopeError, ValueError):
+    """A checkpoint file is missing, corrupt, or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint can only be read by unpickling arbitrary objects, which may run code."""
+
+
+class WeightsUnavailableError(FeaturescopeError, OSError):
+    """Pretrained weights are neither cached locally nor downloadable."""
+
+
+class IndexFileError(FeaturescopeError, ValueError):
+    """A saved :class:`~featurescope.EmbeddingIndex` file is truncated, corrupt or foreign."""
+
+
+class PluginError(FeaturescopeError):
+    """A plugin failed to load, raised inside a hook, or clashed with another plugin."""
+
+
+def did_you_mean(name: str, candidates: Iterable[str], n: int = 5) -> str:
+    """Return a ``" Did you mean: a, b?"`` suffix naming the candidates closest to ``name``.
+
+    Substring matches come first (``"conv"`` suggests ``"conv1"``), then
+    :func:`difflib.get_close_matches`. Returns ``""`` when nothing is close.
+
+    Example:
+        >>> did_you_mean("alexnt", ["alexnet", "alexnet_half", "tv_alexnet"])
+        " Did you mean: 'alexnet', 'alexnet_half', 'tv_alexnet'?"
+        >>> did_you_mean("zzz", ["alexnet"])
+        ''
+    """
+    pool = list(dict.fromkeys(candidates))
+    close = difflib.get_close_matches(name, pool, n=n, cutoff=0.6)
+    contains = [c for c in pool if name and (name in c or c in name)]
+    ranked = list(dict.fromkeys(close + contains))[:n]
+    if not ranked:
+        return ""
+    return " Did you mean: " + ", ".join(repr(c) for c in ranked) + "?"

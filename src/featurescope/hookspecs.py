@@ -1,0 +1,75 @@
+"""Every hook specification featurescope calls, one body-less function each.
+
+Plugins implement these with :data:`featurescope.hookimpl`. A hook here that has no
+``test_hook_<name>`` in the tests, or no section in the plugin-author guide, fails the test suite.
+
+Example:
+    A plugin module adding one visualizer::
+
+        from featurescope import hookimpl
+
+        @hookimpl
+        def featurescope_register_visualizers():
+            return {"histogram": draw_histogram}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("featurescope")
+#: Marks a plugin's hook implementations; also importable as ``featurescope.hookimpl``.
+hookimpl = pluggy.HookimplMarker("featurescope")
+
+
+@hookspec
+def featurescope_register_models() -> Mapping[str, Any]:  # type: ignore[empty-body]
+    """Add models to the zoo.
+
+    Returns:
+        A mapping ``{name: builder}``. A builder is either a
+        :class:`~featurescope.zoo.ModelSpec` (a builder with its preprocessing, input size and
+        description) or a plain callable ``builder(num_classes=..., **kwargs) -> nn.Module``.
+        Every plugin's mapping is merged into the zoo; :func:`featurescope.create_model` and
+        :func:`featurescope.list_models` see them by name.
+
+    Not ``firstresult``: all plugins are called. A name given by a builtin plugin may be
+    overridden by a third-party plugin; two third-party plugins giving one name is a
+    :class:`~featurescope.PluginError` naming both.
+    """
+
+
+@hookspec
+def featurescope_register_visualizers() -> Mapping[str, Callable[..., Any]]:  # type: ignore[empty-body]
+    """Add visualizers, usable as ``featurescope.visualize(name, data, **options)``.
+
+    Returns:
+        A mapping ``{name: callable}`` where ``callable(data, **options)`` returns a
+        :class:`matplotlib.figure.Figure`. ``data`` is whatever the visualizer documents: a
+        ``[C, H, W]`` tensor for feature maps, a search result for montages, a history for curves.
+
+    Not ``firstresult``: all plugins are called, and the same override and clash rules as
+    :func:`featurescope_register_models` apply.
+    """
+
+
+@hookspec
+def featurescope_features_extracted(
+    features: Mapping[str, Any], info: Mapping[str, Any]
+) -> None:
+    """Called once after :meth:`featurescope.FeatureTap.extract` has finished.
+
+    Args:
+        features: ``{alias: array}`` of what was extracted, as returned to the caller (NumPy
+            arrays, memory-mapped when the extraction was written to disk).
+        info: a description of the run: ``model`` (the model's name or class), ``nodes``,
+            ``num_samples``, ``reduce``, ``out`` (the output folder or ``None``), ``labels`` and
+            ``sample_ids`` where known.
+
+    Returns:
+        Nothing; return values are ignored. Not ``firstresult``: every plugin is called, so
+        several can log, export or summarise the same features.
+    """

@@ -1,0 +1,347 @@
+"""Safe checkpoints: safetensors with metadata, ``weights_only`` state dicts, no pickles.
+
+A checkpoint written by :func:`save_checkpoint` records the architecture, so
+:func:`load_checkpoint` rebuilds the model from the file alone. ``.pt``/``.pth`` state dicts are
+read with ``torch.load(..., weights_only=True)``; a pickled whole model is refused, and
+:func:`convert_checkpoint` (``featurescope convert --trust-pickle``) turns one into a safetensors
+checkpoint once its source is trusted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from featurescope._io import atomic_path
+from featurescope._version import __version__
+from featurescope.errors import CheckpointError, UnsafeCheckpointError
+
+__all__ = [
+    "convert_checkpoint",
+    "load_checkpoint",
+    "load_weights",
+    "read_checkpoint_metadata",
+    "read_state_dict",
+    "save_checkpoint",
+]
+
+FORMAT = "featurescope-checkpoint/1"
+PathLike = str | os.PathLike[str]
+
+
+def _model_meta(model: nn.Module) -> dict[str, Any]:
+    meta = getattr(model, "featurescope_info", None)
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def save_checkpoint(
+    model: nn.Module | Mapping[str, torch.Tensor],
+    path: PathLike,
+    *,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    **metadata: Any,
+) -> Path:
+    """Write a model's weights and what rebuilds it to a ``.safetensors`` file, atomically.
+
+    The file is written beside ``path`` and renamed over it only once complete, so a crash
+    mid-save leaves any previous file intact.
+
+    Args:
+        model: a zoo model (its name and classes are read from ``model.featurescope_info``), any
+            ``nn.Module`` with ``model_name`` given, or a state dict.
+        path: destination, conventionally ``*.safetensors``.
+        model_name: the zoo name to rebuild it with; defaults to the model's own.
+        num_classes: defaults to the model's own.
+        class_names: label names, in class-index order.
+        **metadata: any JSON-serialisable extras (epoch, accuracy, ...), returned by
+            :func:`read_checkpoint_metadata`.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile, featurescope as fs
+        >>> model = fs.create_model("alexnet_half", num_classes=3)
+        >>> path = fs.save_checkpoint(model, tempfile.mkdtemp() + "/half.safetensors", epoch=7)
+        >>> fs.read_checkpoint_metadata(path)["epoch"]
+        7
+    """
+    from safetensors.torch import save_file
+
+    own = _model_meta(model) if isinstance(model, nn.Module) else {}
+    model_name = model_name or own.get("model")
+    num_classes = num_classes if num_classes is not None else own.get("num_classes")
+    class_names = class_names if class_names is not None else own.get("class_names")
+    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+        raise CheckpointError(
+            f"{len(class_names)} class names given for a model with {num_classes} classes"
+        )
+    try:
+        extras = json.dumps(metadata)
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint metadata must be JSON-serialisable: {exc}") from exc
+    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    header = {
+        "format": FORMAT,
+        "featurescope_version": __version__,
+        "model": json.dumps(model_name),
+        "num_classes": json.dumps(num_classes),
+        "class_names": json.dumps(class_names),
+        "metadata": extras,
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return Path(path)
+
+
+def _kind(path: Path) -> str:
+    """``"safetensors"``, ``"zip"`` (torch.save) or ``"other"``, from the file's first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "other"
+
+
+def _existing(path: PathLike) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist or is not a file")
+    return p
+
+
+def read_checkpoint_metadata(path: PathLike) -> dict[str, Any]:
+    """What a featurescope checkpoint records: ``model``, ``num_classes``, ``class_names``,
+    ``featurescope_version`` and the extra metadata given to :func:`save_checkpoint`.
+
+    A plain state dict (``.pt``/``.pth``, or a foreign safetensors file) records none of these,
+    and gives ``{}``.
+    """
+    p = _existing(path)
+    if _kind(p) != "safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            raw = fh.metadata() or {}
+    except Exception as exc:
+        raise CheckpointError(f"{p} is not a readable safetensors file: {exc}") from exc
+    if raw.get("format") != FORMAT:
+        return {}
+    try:
+        meta: dict[str, Any] = json.loads(raw.get("metadata", "{}"))
+        for key in ("model", "num_classes", "class_names"):
+            meta[key] = json.loads(raw.get(key, "null"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{p}: corrupt featurescope metadata ({exc})") from exc
+    meta["featurescope_version"] = raw.get("featurescope_version")
+    return meta
+
+
+def _unsafe_message(path: Path) -> str:
+    return (
+        f"{path} holds pickled Python objects (e.g. a whole model saved with torch.save(model)), "
+        "not just tensors. Loading it would run whatever code the file contains, so featurescope "
+        "refuses. If you trust where it came from, convert it once to a safe checkpoint:\n"
+        f"    featurescope convert {path} model.safetensors --model alexnet --trust-pickle\n"
+        "and load the .safetensors file from then on. Save new models with "
+        "featurescope.save_checkpoint (or torch.save(model.state_dict(), ...))."
+    )
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module):
+                inner = inner.state_dict()
+            if isinstance(inner, Mapping) and inner and all(
+                isinstance(v, torch.Tensor) for v in inner.values()
+            ):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(
+            f"{path} does not hold a state dict (a mapping of names to tensors); "
+            f"found {type(obj).__name__}"
+        )
+    state = dict(obj)
+    # nn.DataParallel and DistributedDataParallel prefix every key with "module.".
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """Read the tensors of a checkpoint without unpickling anything.
+
+    Raises:
+        UnsafeCheckpointError: the file can only be read by unpickling arbitrary objects.
+        CheckpointError: missing, truncated, corrupt or not a checkpoint.
+    """
+    p = _existing(path)
+    if _kind(p) == "safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except Exception as exc:
+            raise CheckpointError(
+                f"{p} is not a readable safetensors file (truncated or corrupt?): {exc}"
+            ) from exc
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(_unsafe_message(p)) from exc
+    except Exception as exc:
+        raise CheckpointError(
+            f"{p} is not a readable checkpoint (truncated or corrupt?): {type(exc).__name__}: "
+            f"{exc}"
+        ) from exc
+    return _unwrap_state_dict(obj, p)
+
+
+def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load a checkpoint's weights into ``model`` in place (strictly) and return it.
+
+    State dicts in the study's torchvision-style ``features.*``/``classifier.*`` layout load
+    into the zoo AlexNets too.
+    """
+    state = read_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        hint = ""
+        if "size mismatch" in str(exc):
+            hint = " If only the last layer differs, pass the checkpoint's num_classes."
+        raise CheckpointError(
+            f"the weights in {path} do not fit {type(model).__name__}: {exc}{hint}"
+        ) from exc
+    return model
+
+
+def _infer_num_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    return int(weights[-1].shape[0]) if weights else None
+
+
+def load_checkpoint(
+    path: PathLike,
+    *,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Rebuild a model from a checkpoint, in eval mode.
+
+    A featurescope checkpoint names its architecture. A plain ``.pt``/``.pth`` state dict does
+    not: pass ``model_name`` (and ``num_classes`` if its last layer's size is not the number of
+    classes).
+
+    Example:
+        >>> import tempfile, featurescope as fs
+        >>> path = fs.save_checkpoint(fs.create_model("alexnet"), tempfile.mkdtemp() + "/a.safetensors")
+        >>> fs.load_checkpoint(path).featurescope_info["model"]
+        'alexnet'
+    """
+    from featurescope.zoo._registry import create_model
+
+    meta = read_checkpoint_metadata(path)
+    name = model_name or meta.get("model")
+    if name is None:
+        raise CheckpointError(
+            f"{path} does not record its architecture (a plain state dict); pass "
+            "model_name=... (see featurescope.list_models()), or re-save it with "
+            "featurescope.save_checkpoint"
+        )
+    if num_classes is None and not meta:
+        num_classes = _infer_num_classes(read_state_dict(path))
+    model = create_model(name, num_classes=num_classes, checkpoint=path)
+    return model.to(map_location)
+
+
+class _StubModule(nn.Module):
+    """Stands in for a model class whose code is not importable, to recover its tensors."""
+
+
+class _StubbingUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (AttributeError, ImportError):
+            return type(name, (_StubModule,), {"__module__": module})
+
+
+class _StubbingPickleModule:
+    """A ``pickle_module`` for :func:`torch.load` that tolerates missing model classes."""
+
+    Unpickler = _StubbingUnpickler
+    load = staticmethod(lambda fh, **kw: _StubbingUnpickler(fh, **kw).load())
+    __name__ = "featurescope_stubbing_pickle"
+
+
+def convert_checkpoint(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    model_name: str,
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    trust_pickle: bool = False,
+) -> Path:
+    """Convert a ``.pt``/``.pth`` checkpoint, even a pickled whole model, to a safe checkpoint.
+
+    The weights are loaded into ``model_name``'s architecture (so both of the study's layouts
+    work) and written with :func:`save_checkpoint`. A pickled model's class need not be
+    importable: its tensors are recovered without its code.
+
+    Args:
+        trust_pickle: required to read a file that needs unpickling, which runs code the file
+            contains. Only set it for files from a source you trust.
+
+    Raises:
+        UnsafeCheckpointError: the file needs unpickling and ``trust_pickle`` is false.
+    """
+    from featurescope.zoo._registry import create_model
+
+    source = _existing(src)
+    try:
+        state = read_state_dict(source)
+    except UnsafeCheckpointError:
+        if not trust_pickle:
+            raise
+        with open(source, "rb") as fh:
+            data = io.BytesIO(fh.read())
+        obj = torch.load(
+            data,
+            map_location="cpu",
+            weights_only=False,
+            pickle_module=_StubbingPickleModule,  # type: ignore[arg-type]
+        )
+        state = _unwrap_state_dict(obj, source)
+    if num_classes is None:
+        num_classes = _infer_num_classes(state)
+    model = create_model(model_name, num_classes=num_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the weights in {source} do not fit {model_name!r}: {exc}") from exc
+    return save_checkpoint(model, dst, class_names=class_names, converted_from=source.name)
