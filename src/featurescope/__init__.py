@@ -22,9 +22,12 @@ from featurescope.errors import (
     PluginError,
     UnknownNameError,
     UnsafeCheckpointError,
+    VisualizationError,
     WeightsUnavailableError,
 )
 from featurescope.hookspecs import hookimpl
+from featurescope.plugins import list_plugins, register_plugin, unregister_plugin
+from featurescope.visualizers import get_visualizer, list_visualizers, save_figure, visualize
 from featurescope.zoo import (
     AlexNet,
     ModelInfo,
@@ -54,15 +57,23 @@ __all__ = [
     "Preprocessing",
     "UnknownNameError",
     "UnsafeCheckpointError",
+    "VisualizationError",
     "WeightsUnavailableError",
     "__version__",
     "convert_checkpoint",
     "create_model",
     "get_model_info",
+    "get_visualizer",
     "hookimpl",
     "list_models",
+    "list_plugins",
+    "list_visualizers",
     "load_checkpoint",
     "read_checkpoint_metadata",
     "register_model",
+    "register_plugin",
     "save_checkpoint",
+    "save_figure",
+    "unregister_plugin",
+    "visualize",
 ]

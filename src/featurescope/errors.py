@@ -24,6 +24,7 @@ __all__ = [
     "PluginError",
     "UnknownNameError",
     "UnsafeCheckpointError",
+    "VisualizationError",
     "WeightsUnavailableError",
     "did_you_mean",
 ]
@@ -71,6 +72,10 @@ class IndexFileError(FeaturescopeError, ValueError):
 
 class PluginError(FeaturescopeError):
     """A plugin failed to load, raised inside a hook, or clashed with another plugin."""
+
+
+class VisualizationError(FeaturescopeError, ValueError):
+    """A visualizer was given an option value or data it cannot draw (e.g. ``alpha=2``)."""
 
 
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 5) -> str:

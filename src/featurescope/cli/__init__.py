@@ -20,6 +20,7 @@ __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
 COMMAND_MODULES: tuple[str, ...] = (
     "featurescope.cli._zoo",
+    "featurescope.cli._plugins",
 )
 
 

@@ -1,0 +1,77 @@
+"""``featurescope plugins``: what is loaded, where from, and what each plugin provides."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "plugins",
+        help="list the loaded plugins, where each comes from and what it provides",
+        description=(
+            "List the builtin and third-party plugins in load order: where each comes from "
+            "(builtin module, or entry point and the package that installs it) and the models "
+            "and visualizers it provides. A name overridden by a later plugin is marked. "
+            "Set FEATURESCOPE_DISABLE_PLUGIN_AUTOLOAD=1 to skip third-party plugins."
+        ),
+    )
+    p.add_argument("--hooks", action="store_true", help="also list the hooks each one implements")
+    p.set_defaults(func=_plugins)
+
+
+def _winners() -> dict[str, dict[str, str]]:
+    from featurescope.errors import PluginError
+    from featurescope.plugins import REGISTRY_HOOKS, call_registry_hook
+
+    winners: dict[str, dict[str, str]] = {}
+    for kind, hook in REGISTRY_HOOKS.items():
+        merged: dict[str, tuple[Any, str]]
+        try:
+            merged = call_registry_hook(hook, kind.rstrip("s"))
+        except PluginError:
+            merged = {}  # the per-plugin listing below reports the culprit
+        winners[kind] = {name: plugin for name, (_, plugin) in merged.items()}
+    return winners
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from featurescope.errors import PluginError
+    from featurescope.plugins import (
+        DISABLE_AUTOLOAD_ENV,
+        autoload_disabled,
+        list_plugins,
+        plugin_provides,
+    )
+
+    winners = _winners()
+    status = 0
+    for info in list_plugins():
+        where = info.source
+        if info.distribution:
+            where += f", {info.distribution} {info.version or ''}".rstrip()
+        module = "" if info.module == info.name else f"  {info.module}"
+        print(f"{info.name}  [{where}]{module}")
+        if args.hooks:
+            print(f"    hooks: {', '.join(info.hooks) or '-'}")
+        try:
+            provides = plugin_provides(info.name)
+        except PluginError as exc:
+            print(f"    error: {exc}")
+            status = 1
+            continue
+        for kind, names in provides.items():
+            if not names:
+                continue
+            shown = []
+            for name in names:
+                winner = winners[kind].get(name)
+                if winner and winner != info.name:
+                    shown.append(f"{name} (overridden by {winner})")
+                else:
+                    shown.append(name)
+            print(f"    {kind}: {', '.join(shown)}")
+    if autoload_disabled():
+        print(f"(third-party plugins are not loaded: {DISABLE_AUTOLOAD_ENV} is set)")
+    return status

@@ -1,0 +1,64 @@
+"""The ``sum`` visualizer: a feature map summed over its channels, with a colour bar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from featurescope.hookspecs import hookimpl
+from featurescope.visualizers._common import as_chw, new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["channel_sum"]
+
+
+def channel_sum(
+    data: Any,
+    *,
+    cmap: str = "viridis",
+    title: str | None = None,
+    colorbar: bool = True,
+    size: float = 4.0,
+) -> Figure:
+    """Draw the sum over channels of a ``[C, H, W]`` feature map, in activation units.
+
+    This is the study's channel-summed view (``maps[0].sum(0)`` for a ``[1, C, H, W]`` batch):
+    where the layer as a whole responds, whichever channel carries the response.
+
+    Args:
+        data: the map, ``[C, H, W]`` (``[1, C, H, W]`` and ``[H, W]`` also work), a torch tensor
+            or NumPy array.
+        cmap: a matplotlib colormap name.
+        title: the axes' title; default ``"sum over C channels"``.
+        colorbar: draw a colour bar (a second axes) with the summed values.
+        size: the figure's height in inches.
+
+    Returns:
+        A figure with the map's axes, and the colour bar's axes when ``colorbar`` is true.
+
+    Raises:
+        InputShapeError: ``data`` is not a single feature map.
+
+    Example:
+        >>> import torch
+        >>> fig = channel_sum(torch.rand(4, 6, 6))
+        >>> len(fig.axes)
+        2
+    """
+    maps = as_chw(data)
+    total = maps.sum(axis=0)
+    fig = new_figure(size * 1.25 if colorbar else size, size)
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(total, cmap=cmap, interpolation="nearest")
+    ax.set_title(title if title is not None else f"sum over {len(maps)} channels")
+    ax.set_axis_off()
+    if colorbar:
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return fig
+
+
+@hookimpl
+def featurescope_register_visualizers() -> Mapping[str, Callable[..., Figure]]:
+    return {"sum": channel_sum}
