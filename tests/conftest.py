@@ -27,4 +27,3 @@ def _deterministic_torch():
     import torch
 
     torch.manual_seed(0)
-    yield

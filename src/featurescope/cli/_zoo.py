@@ -70,8 +70,9 @@ def _models(args: argparse.Namespace) -> int:
         model = fs.create_model(name).eval()
         params = sum(p.numel() for p in model.parameters())
         size = info.input_size
-        print(f"{name:<14} {params:>12,} params  input {list(size) if size else '?'}  "
-              f"[{info.plugin}]")
+        print(
+            f"{name:<14} {params:>12,} params  input {list(size) if size else '?'}  [{info.plugin}]"
+        )
         if info.description:
             print(f"    {info.description}")
         if size and info.stages:

@@ -44,7 +44,7 @@ class Preprocessing:
         """A torchvision transform from a PIL image to a normalised ``[3, crop, crop]`` tensor."""
         from torchvision import transforms as T
 
-        return T.Compose(
+        transform: Callable[[Any], torch.Tensor] = T.Compose(
             [
                 T.Resize(self.resize),
                 T.CenterCrop(self.crop),
@@ -52,6 +52,7 @@ class Preprocessing:
                 T.Normalize(self.mean, self.std),
             ]
         )
+        return transform
 
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         """Undo the normalisation of ``[..., 3, H, W]`` images, clamped to [0, 1] for display."""

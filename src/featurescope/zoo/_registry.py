@@ -251,4 +251,3 @@ def model_info_of(model: nn.Module) -> ModelInfo | None:
         return get_model_info(meta["model"])
     except UnknownNameError:
         return None
-

@@ -137,7 +137,7 @@ def _remap_features_classifier_layout(
         indices = sorted({k[len(head) :].split(".", 1)[0] for k in keys}, key=_numeric)
         if len(indices) != len(targets) or not all(i.isdigit() for i in indices):
             continue
-        rename = dict(zip(indices, targets))
+        rename = dict(zip(indices, targets, strict=True))
         for key in keys:
             index, rest = key[len(head) :].split(".", 1)
             state_dict[f"{prefix}{rename[index]}.{rest}"] = state_dict.pop(key)

@@ -9,7 +9,6 @@ checkpoint once its source is trusted.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -139,7 +138,7 @@ def read_checkpoint_metadata(path: PathLike) -> dict[str, Any]:
         with safe_open(str(p), framework="pt") as fh:
             raw = fh.metadata() or {}
     except Exception as exc:
-        raise CheckpointError(f"{p} is not a readable safetensors file: {exc}") from exc
+        raise _unreadable(p, exc) from exc
     if raw.get("format") != FORMAT:
         return {}
     try:
@@ -150,6 +149,12 @@ def read_checkpoint_metadata(path: PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{p}: corrupt featurescope metadata ({exc})") from exc
     meta["featurescope_version"] = raw.get("featurescope_version")
     return meta
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable checkpoint (truncated or corrupt?): {type(exc).__name__}: {exc}"
+    )
 
 
 def _unsafe_message(path: Path) -> str:
@@ -171,8 +176,10 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             inner = obj.get(key)
             if isinstance(inner, nn.Module):
                 inner = inner.state_dict()
-            if isinstance(inner, Mapping) and inner and all(
-                isinstance(v, torch.Tensor) for v in inner.values()
+            if (
+                isinstance(inner, Mapping)
+                and inner
+                and all(isinstance(v, torch.Tensor) for v in inner.values())
             ):
                 obj = inner
                 break
@@ -204,18 +211,13 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(p))
         except Exception as exc:
-            raise CheckpointError(
-                f"{p} is not a readable safetensors file (truncated or corrupt?): {exc}"
-            ) from exc
+            raise _unreadable(p, exc) from exc
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(_unsafe_message(p)) from exc
     except Exception as exc:
-        raise CheckpointError(
-            f"{p} is not a readable checkpoint (truncated or corrupt?): {type(exc).__name__}: "
-            f"{exc}"
-        ) from exc
+        raise _unreadable(p, exc) from exc
     return _unwrap_state_dict(obj, p)
 
 
@@ -328,13 +330,8 @@ def convert_checkpoint(
     except UnsafeCheckpointError:
         if not trust_pickle:
             raise
-        with open(source, "rb") as fh:
-            data = io.BytesIO(fh.read())
         obj = torch.load(
-            data,
-            map_location="cpu",
-            weights_only=False,
-            pickle_module=_StubbingPickleModule,  # type: ignore[arg-type]
+            source, map_location="cpu", weights_only=False, pickle_module=_StubbingPickleModule
         )
         state = _unwrap_state_dict(obj, source)
     if num_classes is None:

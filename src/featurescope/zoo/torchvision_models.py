@@ -58,13 +58,14 @@ def tv_alexnet(
     from torchvision.models import AlexNet_Weights, alexnet
 
     if not weights:
-        return alexnet(weights=None, num_classes=num_classes, **kwargs)
+        return alexnet(weights=None, num_classes=num_classes, **kwargs)  # type: ignore[no-any-return]
     enum = AlexNet_Weights.DEFAULT if weights is True else AlexNet_Weights.verify(weights)
     model = alexnet(weights=None, num_classes=1000, **kwargs)
     model.load_state_dict(_imagenet_state_dict(enum, progress))
     if num_classes != 1000:
-        model.classifier[6] = nn.Linear(model.classifier[6].in_features, num_classes)
-    return model
+        classifier: nn.Sequential = model.classifier
+        classifier[6] = nn.Linear(4096, num_classes)
+    return model  # type: ignore[no-any-return]
 
 
 @hookimpl
