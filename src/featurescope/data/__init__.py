@@ -1,5 +1,19 @@
 """Data: the study's preprocessing, image folders and the bundled synthetic dataset."""
 
+from featurescope.data.augment import train_transform
+from featurescope.data.folders import (
+    IMAGE_EXTENSIONS,
+    DatasetSplits,
+    EmptyDatasetError,
+    ImageFolder,
+    load_image_folders,
+)
+from featurescope.data.synthetic import (
+    SYNTHETIC_CLASSES,
+    default_data_dir,
+    make_synthetic_dataset,
+    synthetic_image,
+)
 from featurescope.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -7,4 +21,19 @@ from featurescope.data.transforms import (
     Preprocessing,
 )
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "STUDY_PREPROCESSING", "Preprocessing"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "STUDY_PREPROCESSING",
+    "SYNTHETIC_CLASSES",
+    "DatasetSplits",
+    "EmptyDatasetError",
+    "ImageFolder",
+    "Preprocessing",
+    "default_data_dir",
+    "load_image_folders",
+    "make_synthetic_dataset",
+    "synthetic_image",
+    "train_transform",
+]

@@ -1,0 +1,268 @@
+"""The bundled synthetic dataset and the image-folder loader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+import featurescope as fs
+from featurescope.data import (
+    SYNTHETIC_CLASSES,
+    EmptyDatasetError,
+    ImageFolder,
+    load_image_folders,
+    make_synthetic_dataset,
+    synthetic_image,
+    train_transform,
+)
+from featurescope.data.synthetic import MANIFEST, default_data_dir
+
+TINY = {"train_per_class": 3, "val_per_class": 2, "test_per_class": 1, "size": 32}
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*.png"))
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synth") / "tiny", **TINY)
+
+
+# --- the synthetic dataset -------------------------------------------------------------------
+
+
+def test_same_seed_gives_byte_identical_datasets(tmp_path: Path, tiny_root: Path) -> None:
+    again = make_synthetic_dataset(tmp_path / "again", **TINY)
+    assert _file_hashes(again) == _file_hashes(tiny_root)
+    assert len(_file_hashes(again)) == 5 * (3 + 2 + 1)
+
+
+def test_different_seeds_give_different_images(tmp_path: Path, tiny_root: Path) -> None:
+    other = make_synthetic_dataset(tmp_path / "other", **{**TINY, "seed": 1})
+    a, b = _file_hashes(tiny_root), _file_hashes(other)
+    assert a.keys() == b.keys()
+    assert all(a[k] != b[k] for k in a)
+
+
+def test_layout_and_class_balance(tiny_root: Path) -> None:
+    splits = load_image_folders(tiny_root)
+    assert splits.classes == list(SYNTHETIC_CLASSES)
+    assert splits.test is not None
+    for data, per_class in ((splits.train, 3), (splits.val, 2), (splits.test, 1)):
+        assert data is not None
+        assert data.class_counts() == dict.fromkeys(SYNTHETIC_CLASSES, per_class)
+    for path, label in splits.train.samples:
+        assert Path(path).parent.name == SYNTHETIC_CLASSES[label]
+        with Image.open(path) as img:
+            assert img.size == (32, 32)
+            assert img.mode == "RGB"
+
+
+def test_image_is_independent_of_split_sizes(tmp_path: Path, tiny_root: Path) -> None:
+    bigger = make_synthetic_dataset(tmp_path / "bigger", **{**TINY, "train_per_class": 5})
+    small, big = _file_hashes(tiny_root), _file_hashes(bigger)
+    assert all(big[k] == v for k, v in small.items())
+    assert len(big) == len(small) + 5 * 2
+
+
+def test_complete_copy_is_reused_and_a_damaged_one_redrawn(tmp_path: Path) -> None:
+    root = make_synthetic_dataset(tmp_path / "d", **TINY)
+    victim = next(iter(sorted(root.rglob("*.png"))))
+    stamp = victim.stat().st_mtime_ns
+    assert make_synthetic_dataset(root, **TINY) == root
+    assert victim.stat().st_mtime_ns == stamp  # reused, not drawn again
+
+    original = victim.read_bytes()
+    victim.write_bytes(b"garbage")
+    make_synthetic_dataset(root, **TINY)
+    assert victim.read_bytes() == original
+    assert json.loads((root / MANIFEST).read_text())["params"]["size"] == 32
+
+
+def test_other_parameters_redraw_in_place(tmp_path: Path) -> None:
+    root = make_synthetic_dataset(tmp_path / "d", **TINY)
+    make_synthetic_dataset(root, **{**TINY, "test_per_class": 0})
+    assert not (root / "test").exists()
+    assert len(list(root.rglob("*.png"))) == 5 * (3 + 2)
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("precious")
+    with pytest.raises(fs.FeaturescopeError, match="refusing to overwrite"):
+        make_synthetic_dataset(tmp_path / "mine", **TINY)
+    assert (tmp_path / "mine" / "thesis.txt").read_text() == "precious"
+
+
+def test_default_location_follows_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEATURESCOPE_DATA", str(tmp_path))
+    assert default_data_dir() == tmp_path
+    root = make_synthetic_dataset(**TINY)
+    assert root.parent == tmp_path
+    assert root.name.startswith("synthetic-v1")
+
+
+@pytest.mark.parametrize(
+    "bad", [{"size": 4}, {"train_per_class": 0}, {"val_per_class": -1}, {"seed": 1.5}]
+)
+def test_bad_parameters(tmp_path: Path, bad: dict[str, object]) -> None:
+    with pytest.raises(fs.FeaturescopeError):
+        make_synthetic_dataset(tmp_path / "x", **{**TINY, **bad})  # type: ignore[arg-type]
+
+
+@given(shape=st.sampled_from(SYNTHETIC_CLASSES), seed=st.integers(0, 2**32 - 1))
+def test_synthetic_image_is_a_pure_function_of_its_rng(shape: str, seed: int) -> None:
+    a = synthetic_image(shape, np.random.default_rng(seed), size=24)
+    b = synthetic_image(shape, np.random.default_rng(seed), size=24)
+    assert a.size == (24, 24)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_shape_not_colour_tells_the_classes_apart() -> None:
+    """Mean colour must not give the class away: a nearest-centroid on it is near chance."""
+    feats, labels = [], []
+    for label, shape in enumerate(SYNTHETIC_CLASSES):
+        for i in range(30):
+            img = synthetic_image(shape, np.random.default_rng([7, label, i]), size=32)
+            feats.append(np.asarray(img, dtype=float).reshape(-1, 3).mean(0))
+            labels.append(label)
+    x, y = np.array(feats), np.array(labels)
+    train, test = np.arange(len(y)) % 2 == 0, np.arange(len(y)) % 2 == 1
+    centroids = np.stack([x[train & (y == c)].mean(0) for c in range(5)])
+    pred = np.argmin(((x[test, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert (pred == y[test]).mean() < 0.45
+
+
+# --- image folders ---------------------------------------------------------------------------
+
+
+def test_items_are_study_tensors_and_labels(tiny_root: Path) -> None:
+    data = ImageFolder(tiny_root / "train")
+    image, label = data[0]
+    assert isinstance(image, torch.Tensor)
+    assert image.shape == (3, 227, 227)
+    assert label == data.samples[0][1] == data.targets[0]
+    reference = fs.STUDY_PREPROCESSING.transform()(Image.open(data.samples[0][0]).convert("RGB"))
+    assert torch.equal(image, reference)
+    assert data.paths == [p for p, _ in data.samples]
+
+
+def test_agrees_with_torchvision_image_folder(tiny_root: Path) -> None:
+    from torchvision.datasets import ImageFolder as TVImageFolder
+
+    ours, theirs = ImageFolder(tiny_root / "val"), TVImageFolder(str(tiny_root / "val"))
+    assert ours.classes == theirs.classes
+    assert ours.class_to_idx == theirs.class_to_idx
+    assert ours.samples == theirs.samples
+
+
+def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EmptyDatasetError, match="does not exist"):
+        ImageFolder(tmp_path / "nope")
+    with pytest.raises(EmptyDatasetError, match="does not exist"):
+        load_image_folders(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError):  # also the built-in a Python user would catch
+        load_image_folders(tmp_path / "nope")
+
+
+def test_folder_without_train_split_names_what_it_found(tmp_path: Path) -> None:
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(EmptyDatasetError, match=r"no 'train' folder.*\['cats'\]"):
+        load_image_folders(tmp_path)
+
+
+def test_empty_folders_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(EmptyDatasetError, match="no class subfolders"):
+        ImageFolder(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "loose.png")
+    with pytest.raises(EmptyDatasetError, match="1 image"):
+        ImageFolder(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    with pytest.raises(EmptyDatasetError, match="no readable image"):
+        ImageFolder(tmp_path)
+
+
+def test_corrupt_images_are_skipped_with_a_count(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", (40, 30), (i * 90, 0, 0)).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "a" / "zero.jpg").write_bytes(b"")
+    good = tmp_path / "b" / "0.png"
+    (tmp_path / "b" / "truncated.png").write_bytes(good.read_bytes()[:60])
+    buf = tmp_path / "full.jpg"
+    Image.new("RGB", (64, 64), "blue").save(buf, quality=95)
+    (tmp_path / "b" / "truncated.jpg").write_bytes(buf.read_bytes()[:-200])
+    buf.unlink()
+
+    with pytest.warns(fs.FeaturescopeWarning, match="skipped 3 unreadable"):
+        data = ImageFolder(tmp_path)
+    assert data.num_skipped == 3
+    assert sorted(Path(p).name for p, _ in data.skipped) == [
+        "truncated.jpg",
+        "truncated.png",
+        "zero.jpg",
+    ]
+    assert len(data) == 4
+    assert all(data[i][0].shape == (3, 227, 227) for i in range(len(data)))
+
+
+def test_splits_share_the_training_classes(tmp_path: Path) -> None:
+    for split, classes in (("train", ("x", "y", "z")), ("test", ("z",))):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (10, 10)).save(tmp_path / split / c / "0.png")
+    splits = load_image_folders(tmp_path)
+    assert splits.val is None
+    assert splits.test is not None
+    assert splits.eval is splits.test  # the study validated on its test split
+    assert splits.test.samples[0][1] == 2
+    assert splits.test.class_counts() == {"x": 0, "y": 0, "z": 1}
+
+    (tmp_path / "test" / "w").mkdir()
+    Image.new("RGB", (10, 10)).save(tmp_path / "test" / "w" / "0.png")
+    with pytest.raises(fs.FeaturescopeError, match="same class names"):
+        load_image_folders(tmp_path)
+
+
+def test_val_fraction_holds_out_part_of_each_training_class(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    only_train = tmp_path / "only"
+    shutil.copytree(tiny_root / "train", only_train / "train")
+    held = load_image_folders(only_train, val_fraction=0.34, seed=3)
+    assert held.val is not None
+    assert held.val.class_counts() == dict.fromkeys(SYNTHETIC_CLASSES, 1)
+    assert held.train.class_counts() == dict.fromkeys(SYNTHETIC_CLASSES, 2)
+    assert set(held.train.paths).isdisjoint(held.val.paths)
+    assert held.val[0][0].shape == (3, 227, 227)
+    again = load_image_folders(only_train, val_fraction=0.34, seed=3)
+    assert again.val is not None
+    assert again.val.paths == held.val.paths
+    # An existing root/val wins over val_fraction.
+    splits = load_image_folders(tiny_root, val_fraction=0.34)
+    assert splits.val is not None
+    assert splits.val.class_counts() == dict.fromkeys(SYNTHETIC_CLASSES, 2)
+
+
+def test_train_transform_keeps_the_geometry() -> None:
+    image = synthetic_image("cross", np.random.default_rng(0), size=64)
+    torch.manual_seed(0)
+    a = train_transform()(image)
+    plain = train_transform(flip=False, random_crop=False)(image)
+    assert a.shape == plain.shape == (3, 227, 227)
+    assert torch.equal(plain, fs.STUDY_PREPROCESSING.transform()(image))
