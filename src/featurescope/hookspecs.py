@@ -3,6 +3,9 @@
 Plugins implement these with :data:`featurescope.hookimpl`. A hook here that has no
 ``test_hook_<name>`` in the tests, or no section in the plugin-author guide, fails the test suite.
 
+featurescope calls every implementation under its plugin's name: an exception raised inside a
+hook reaches the caller as a :class:`~featurescope.PluginError` naming the plugin and the hook.
+
 Example:
     A plugin module adding one visualizer::
 
@@ -53,13 +56,18 @@ def featurescope_register_visualizers() -> Mapping[str, Callable[..., Any]]:  # 
 
     Not ``firstresult``: all plugins are called, and the same override and clash rules as
     :func:`featurescope_register_models` apply.
+
+    A visualizer should build its figure as ``matplotlib.figure.Figure(...)``, not through
+    pyplot, so that it runs headless and in threads, and take its options as keyword
+    arguments: :func:`featurescope.visualize` rejects an option the callable does not accept,
+    naming the close ones. It should raise :class:`~featurescope.InputShapeError` or
+    :class:`~featurescope.VisualizationError` for data or options it cannot draw; any other
+    exception reaches the caller as a :class:`~featurescope.PluginError` naming the plugin.
     """
 
 
 @hookspec
-def featurescope_features_extracted(
-    features: Mapping[str, Any], info: Mapping[str, Any]
-) -> None:
+def featurescope_features_extracted(features: Mapping[str, Any], info: Mapping[str, Any]) -> None:
     """Called once after :meth:`featurescope.FeatureTap.extract` has finished.
 
     Args:
