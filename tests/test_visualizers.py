@@ -14,7 +14,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import featurescope as fs
@@ -255,7 +255,7 @@ def gallery(alexnet, transform):
     images, labels = [], []
     for label, name in enumerate(CLASSES):
         picture = Image.fromarray(getattr(skimage.data, name)())
-        images += [picture, picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+        images += [picture, ImageOps.mirror(picture)]
         labels += [label, label]
     batch = torch.stack([transform(im) for im in images])
     embed = create_feature_extractor(alexnet, return_nodes={"fc.4": "embedding"})
