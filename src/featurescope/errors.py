@@ -70,6 +70,14 @@ class IndexFileError(FeaturescopeError, ValueError):
     """A saved :class:`~featurescope.EmbeddingIndex` file is truncated, corrupt or foreign."""
 
 
+class EmbeddingIndexError(FeaturescopeError, ValueError):
+    """An :class:`~featurescope.EmbeddingIndex` got vectors, ids or a ``k`` it cannot use.
+
+    For example NaN in a vector, a duplicate id, ``k`` larger than the index, or a search of an
+    empty index. Vectors of the wrong shape raise :class:`InputShapeError` instead.
+    """
+
+
 class PluginError(FeaturescopeError):
     """A plugin failed to load, raised inside a hook, or clashed with another plugin."""
 
@@ -85,8 +93,10 @@ def did_you_mean(name: str, candidates: Iterable[str], n: int = 5) -> str:
     :func:`difflib.get_close_matches`. Returns ``""`` when nothing is close.
 
     Example:
-        >>> did_you_mean("alexnt", ["alexnet", "alexnet_half", "tv_alexnet"])
-        " Did you mean: 'alexnet', 'alexnet_half', 'tv_alexnet'?"
+        >>> did_you_mean("alexnt", ["alexnet", "resnet18", "vgg16"])
+        " Did you mean: 'alexnet'?"
+        >>> did_you_mean("conv", ["conv1", "conv2", "fc"])
+        " Did you mean: 'conv1', 'conv2'?"
         >>> did_you_mean("zzz", ["alexnet"])
         ''
     """
