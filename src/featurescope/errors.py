@@ -89,8 +89,8 @@ class VisualizationError(FeaturescopeError, ValueError):
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 5) -> str:
     """Return a ``" Did you mean: a, b?"`` suffix naming the candidates closest to ``name``.
 
-    Substring matches come first (``"conv"`` suggests ``"conv1"``), then
-    :func:`difflib.get_close_matches`. Returns ``""`` when nothing is close.
+    Candidates are ranked by :class:`difflib.SequenceMatcher` similarity (ties keep their
+    order), then names containing ``name`` or contained in it (``"conv"`` suggests ``"conv1"``). Returns ``""`` when nothing is close.
 
     Example:
         >>> did_you_mean("alexnt", ["alexnet", "resnet18", "vgg16"])
@@ -101,7 +101,9 @@ def did_you_mean(name: str, candidates: Iterable[str], n: int = 5) -> str:
         ''
     """
     pool = list(dict.fromkeys(candidates))
-    close = difflib.get_close_matches(name, pool, n=n, cutoff=0.6)
+    # Rank by similarity; equal scores keep the candidates' own order (difflib would not).
+    scores = {c: difflib.SequenceMatcher(None, name, c).ratio() for c in pool}
+    close = sorted((c for c in pool if scores[c] >= 0.6), key=lambda c: -scores[c])
     contains = [c for c in pool if name and (name in c or c in name)]
     ranked = list(dict.fromkeys(close + contains))[:n]
     if not ranked:
