@@ -1,0 +1,133 @@
+"""Validation of what users hand an :class:`~featurescope.EmbeddingIndex`: vectors, ids, labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from featurescope._index_search import MAX_NORM
+from featurescope.errors import EmbeddingIndexError, InputShapeError
+
+__all__ = ["as_ids", "as_labels", "as_metadata", "as_vectors", "check_k"]
+
+
+def _as_tensor(data: Any, what: str) -> Tensor:
+    if isinstance(data, Tensor):
+        return data.detach()
+    try:
+        return torch.as_tensor(np.asarray(data))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise EmbeddingIndexError(
+            f"{what} must be a torch tensor or a numpy array, got {type(data).__name__}"
+        ) from exc
+
+
+def as_vectors(data: Any, dim: int, what: str = "vectors") -> Tensor:
+    """Return ``data`` as a ``[n, dim]`` float32 CPU tensor of finite, not too large rows.
+
+    Raises:
+        InputShapeError: if ``data`` is not 2-D or its rows are not ``dim`` long.
+        EmbeddingIndexError: on NaN or infinity (naming the first bad row), on a norm too large
+            for float32 arithmetic, or on a non-real dtype.
+    """
+    t = _as_tensor(data, what)
+    if t.dim() != 2:
+        hint = " (a single vector needs a leading batch dimension: v[None])" if t.dim() == 1 else ""
+        raise InputShapeError(f"{what} must be 2-D [n, {dim}], got shape {tuple(t.shape)}{hint}")
+    if t.shape[1] != dim:
+        raise InputShapeError(
+            f"{what} have dimension {t.shape[1]} but the index holds {dim}-d vectors"
+        )
+    if t.is_complex() or t.dtype == torch.bool:
+        raise EmbeddingIndexError(f"{what} must be real numbers, got dtype {t.dtype}")
+    source = t
+    t = t.to(device="cpu", dtype=torch.float32).contiguous()
+    finite = torch.isfinite(t).all(1)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0, 0])
+        bad = "NaN" if bool(torch.isnan(t[row]).any()) else "infinity"
+        cause = (
+            " (after conversion to float32)"
+            if source.dtype == torch.float64 and bad != "NaN"
+            else ""
+        )
+        raise EmbeddingIndexError(
+            f"{what} row {row} contains {bad}{cause}; remove or repair it before adding"
+        )
+    norms = torch.linalg.vector_norm(t, dim=1, dtype=torch.float64)
+    if t.shape[0] and float(norms.max()) >= MAX_NORM:
+        row = int((norms >= MAX_NORM).nonzero()[0, 0])
+        raise EmbeddingIndexError(
+            f"{what} row {row} has norm {float(norms[row]):.3g}, above the supported "
+            f"{MAX_NORM:.3g}; rescale the vectors"
+        )
+    return t
+
+
+def as_ids(data: Any, n: int, what: str = "ids") -> Tensor:
+    """Return ``data`` as ``n`` int64 ids on the CPU, rejecting duplicates within the call."""
+    t = _as_tensor(data, what)
+    if t.dim() != 1 or t.shape[0] != n:
+        raise InputShapeError(f"{what} must be 1-D with {n} entries, got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        if t.is_floating_point() and bool((t == t.round()).all()) and t.abs().max() < 2**53:
+            t = t.to(torch.int64)
+        else:
+            raise EmbeddingIndexError(f"{what} must be integers, got dtype {t.dtype}")
+    t = t.to(device="cpu", dtype=torch.int64)
+    uniq, counts = torch.unique(t, return_counts=True)
+    if bool((counts > 1).any()):
+        dup = uniq[counts > 1][:5].tolist()
+        raise EmbeddingIndexError(f"{what} contain duplicates: {dup}; every id must be unique")
+    return t
+
+
+def as_labels(data: Any, n: int) -> Tensor:
+    """Return ``n`` non-negative int64 labels on the CPU."""
+    t = _as_tensor(data, "labels")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise InputShapeError(f"labels must be 1-D with {n} entries, got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise EmbeddingIndexError(f"labels must be integers, got dtype {t.dtype}")
+    t = t.to(device="cpu", dtype=torch.int64)
+    if n and int(t.min()) < 0:
+        row = int((t < 0).nonzero()[0, 0])
+        raise EmbeddingIndexError(f"labels must be >= 0; entry {row} is {int(t[row])}")
+    return t
+
+
+def as_metadata(data: Sequence[str | None] | None, n: int) -> list[str | None]:
+    """Return ``n`` metadata strings (``None`` where absent)."""
+    if data is None:
+        return [None] * n
+    if isinstance(data, str | bytes) or not isinstance(data, Sequence | np.ndarray):
+        raise EmbeddingIndexError(
+            f"metadata must be a sequence of {n} strings, got {type(data).__name__}"
+        )
+    items: list[str | None] = list(data)
+    if len(items) != n:
+        raise InputShapeError(f"metadata has {len(items)} entries for {n} vectors")
+    for i, item in enumerate(items):
+        if item is not None and not isinstance(item, str):
+            raise EmbeddingIndexError(
+                f"metadata entry {i} is {type(item).__name__}, not a string; use str(path)"
+            )
+    return items
+
+
+def check_k(k: Any, available: int) -> int:
+    """Validate the number of neighbours asked for."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise EmbeddingIndexError(f"k must be an int, got {type(k).__name__}")
+    value = int(k)
+    if value < 1:
+        raise EmbeddingIndexError(f"k must be at least 1, got {value}")
+    if value > available:
+        raise EmbeddingIndexError(
+            f"k={value} is larger than the {available} vectors that can be returned; lower k"
+        )
+    return value

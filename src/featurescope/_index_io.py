@@ -1,0 +1,175 @@
+"""Saving and loading an :class:`~featurescope.EmbeddingIndex`: safetensors plus JSON, no pickle.
+
+One ``.safetensors`` file holds ``vectors`` (float32), ``ids`` and ``labels`` (int64) and the
+metadata strings as UTF-8 JSON bytes (``metadata``, uint8); its header carries the format tag,
+a JSON ``config`` (dim, dtype, memory budget, next automatic id) and a SHA-256 of the tensors,
+so a truncated, altered or foreign file is refused with :class:`~featurescope.IndexFileError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from featurescope._index_checks import as_ids, as_vectors
+from featurescope._io import atomic_path
+from featurescope._version import __version__
+from featurescope.errors import FeaturescopeError, IndexFileError
+
+if TYPE_CHECKING:
+    from featurescope.index import EmbeddingIndex
+
+__all__ = ["FORMAT", "load_index", "save_index"]
+
+FORMAT = "featurescope-index/1"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TENSORS = {
+    "vectors": torch.float32,
+    "ids": torch.int64,
+    "labels": torch.int64,
+    "metadata": torch.uint8,
+}
+
+
+def _digest(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in _TENSORS:
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_index(index: EmbeddingIndex, path: str | os.PathLike[str]) -> Path:
+    """Write ``index`` to ``path`` atomically; see :meth:`EmbeddingIndex.save`."""
+    from safetensors.torch import save_file
+
+    meta_bytes = json.dumps(index.metadata, ensure_ascii=False).encode("utf-8")
+    tensors = {
+        "vectors": index.vectors.contiguous(),
+        "ids": index.ids.contiguous(),
+        "labels": index.labels.contiguous(),
+        "metadata": torch.frombuffer(bytearray(meta_bytes), dtype=torch.uint8),
+    }
+    dtype_name = str(index.dtype).removeprefix("torch.")
+    config = {
+        "dim": index.dim,
+        "dtype": dtype_name,
+        "memory_budget": index.memory_budget,
+        "next_id": index._store.next_id,
+        "count": len(index),
+        "featurescope_version": __version__,
+    }
+    header = {"format": FORMAT, "config": json.dumps(config), "sha256": _digest(tensors)}
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return target
+
+
+def _read(p: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error types, and OSError
+        raise IndexFileError(
+            f"{p} is not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from exc
+    return header, tensors
+
+
+def _config(p: Path, header: dict[str, str]) -> dict[str, Any]:
+    tag = header.get("format")
+    if tag != FORMAT:
+        if isinstance(tag, str) and tag.startswith("featurescope-index/"):
+            raise IndexFileError(
+                f"{p} has index format {tag!r}; this featurescope reads {FORMAT!r}"
+            )
+        raise IndexFileError(f"{p} is not a featurescope index (no {FORMAT!r} format tag)")
+    try:
+        config = json.loads(header["config"])
+        dim, count, budget, next_id = (
+            int(config[k]) for k in ("dim", "count", "memory_budget", "next_id")
+        )
+        dtype = _DTYPES[config["dtype"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IndexFileError(f"{p}: corrupt index configuration ({exc!r})") from exc
+    return {"dim": dim, "count": count, "budget": budget, "next_id": next_id, "dtype": dtype}
+
+
+def _check_tensors(
+    p: Path, tensors: dict[str, Tensor], header: dict[str, str], cfg: dict[str, Any]
+) -> list[Any]:
+    if set(tensors) != set(_TENSORS):
+        raise IndexFileError(f"{p}: expected tensors {sorted(_TENSORS)}, found {sorted(tensors)}")
+    for name, dtype in _TENSORS.items():
+        if tensors[name].dtype != dtype:
+            raise IndexFileError(
+                f"{p}: tensor {name!r} has dtype {tensors[name].dtype}, not {dtype}"
+            )
+    n, dim = cfg["count"], cfg["dim"]
+    shapes = {"vectors": (n, dim), "ids": (n,), "labels": (n,)}
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise IndexFileError(
+                f"{p}: tensor {name!r} has shape {tuple(tensors[name].shape)}, not {shape}"
+            )
+    if header.get("sha256") != _digest(tensors):
+        raise IndexFileError(f"{p}: checksum mismatch; the file was altered or damaged")
+    try:
+        meta = json.loads(bytes(tensors["metadata"].numpy()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise IndexFileError(f"{p}: corrupt metadata strings ({exc})") from exc
+    if (
+        not isinstance(meta, list)
+        or len(meta) != n
+        or not all(m is None or isinstance(m, str) for m in meta)
+    ):
+        raise IndexFileError(f"{p}: metadata must be {n} strings or nulls")
+    return meta
+
+
+def load_index(
+    cls: type[EmbeddingIndex],
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    memory_budget: int | None = None,
+) -> EmbeddingIndex:
+    """Read an index written by :func:`save_index`; see :meth:`EmbeddingIndex.load`."""
+    p = Path(path)
+    if not p.is_file():
+        raise IndexFileError(f"index file {str(p)!r} does not exist or is not a file")
+    header, tensors = _read(p)
+    cfg = _config(p, header)
+    meta = _check_tensors(p, tensors, header, cfg)
+    labels = tensors["labels"].clone()
+    try:
+        vectors = as_vectors(tensors["vectors"], cfg["dim"])
+        ids = as_ids(tensors["ids"], cfg["count"])
+        if cfg["count"] and int(labels.min()) < -1:
+            raise IndexFileError(f"{p}: labels below -1")
+        index = cls(
+            cfg["dim"],
+            device=device,
+            dtype=cfg["dtype"],
+            memory_budget=cfg["budget"] if memory_budget is None else memory_budget,
+        )
+        if cfg["count"]:
+            index._store.append(vectors.clone(), ids, labels, meta)
+    except IndexFileError:
+        raise
+    except FeaturescopeError as exc:
+        raise IndexFileError(f"{p}: invalid index contents: {exc}") from exc
+    index._store.next_id = max(index._store.next_id, cfg["next_id"])
+    return index

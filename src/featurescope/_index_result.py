@@ -1,0 +1,60 @@
+"""The answer of a nearest-neighbour search: distances and ids, plus the hits' labels and metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from featurescope.errors import EmbeddingIndexError
+
+__all__ = ["SearchResult"]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Nearest neighbours of a batch of queries, nearest first.
+
+    Unpacks like FAISS's ``index.search``: ``distances, ids = index.search(queries, k)``.
+
+    Attributes:
+        distances: ``[nq, k]`` float64 Euclidean (not squared) distances, ascending per row.
+        ids: ``[nq, k]`` int64 ids of the hits; equal distances are ordered by id.
+        labels: ``[nq, k]`` int64 labels of the hits, ``-1`` where a hit was added without one.
+
+    Example:
+        >>> import torch, featurescope as fs
+        >>> index = fs.EmbeddingIndex(2)
+        >>> index.add(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), labels=[7, 8], metadata=["a.png", "b.png"])
+        >>> result = index.search(torch.tensor([[3.0, 3.0]]), k=2)
+        >>> distances, ids = result
+        >>> distances.tolist(), ids.tolist()
+        ([[1.0, 4.242640687119285]], [[1, 0]])
+        >>> result.labels.tolist(), result.metadata
+        ([[8, 7]], [['b.png', 'a.png']])
+    """
+
+    distances: Tensor
+    ids: Tensor
+    labels: Tensor
+    _rows: Tensor | None = field(default=None, repr=False)
+    _metadata: Sequence[str | None] | None = field(default=None, repr=False)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter((self.distances, self.ids))
+
+    @property
+    def metadata(self) -> list[list[str | None]]:
+        """The hits' metadata strings (e.g. image paths), ``None`` where absent.
+
+        Raises:
+            EmbeddingIndexError: for results merged across ranks, which carry no metadata.
+        """
+        if self._rows is None or self._metadata is None:
+            raise EmbeddingIndexError(
+                "this result carries no metadata (results merged across ranks only have ids "
+                "and labels); look the ids up in the shard that holds them"
+            )
+        meta = self._metadata
+        return [[meta[r] for r in row] for row in self._rows.tolist()]

@@ -1,0 +1,337 @@
+"""Search images by their embeddings: an exact, memory-bounded nearest-neighbour index.
+
+:class:`EmbeddingIndex` holds vectors (e.g. a network's last hidden layer) with ids, labels and
+metadata such as image paths, and answers exact Euclidean k-nearest-neighbour queries: the ids
+equal a float64 brute force's, ties going to the smaller id, even for duplicates and for data far
+from the origin, where float32 ``‖x‖²+‖y‖²−2⟨x,y⟩`` (FAISS's flat index, ``torch.cdist``) fails.
+:class:`ShardedEmbeddingIndex` spreads one index over ``torch.distributed`` ranks, and
+:func:`retrieval_metrics` scores retrieval against labels. The index knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from featurescope._index_checks import as_ids, as_labels, as_metadata, as_vectors, check_k
+from featurescope._index_metrics import retrieval_metrics
+from featurescope._index_result import SearchResult
+from featurescope._index_search import Gallery, plan_tiles, search_exact
+from featurescope._index_sharded import ShardedEmbeddingIndex
+from featurescope._index_store import Store
+from featurescope.errors import EmbeddingIndexError, InputShapeError
+
+__all__ = ["EmbeddingIndex", "SearchResult", "ShardedEmbeddingIndex", "retrieval_metrics"]
+
+_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class EmbeddingIndex:
+    """Exact Euclidean nearest-neighbour search over vectors with ids, labels and metadata.
+
+    Searches run a float32 matrix-product pass whose rounding error is bounded, then re-rank the
+    few candidates the bound cannot separate in float64, so the ids returned are those of a
+    float64 brute force with ties broken by the smaller id. Temporaries never exceed
+    ``memory_budget`` bytes, whatever the number of queries and vectors.
+
+    The index stores the float32 values of what is added; "exact" refers to those values.
+
+    Args:
+        dim: length of every vector.
+        device: where the searched copy of the vectors lives (``"cpu"``, ``"cuda"``, ...).
+        dtype: storage type of the searched copy: ``torch.float32`` (default), or
+            ``torch.float16``/``torch.bfloat16`` to halve device memory; then the float32 vectors
+            used for the exact re-rank stay on the CPU and the bound includes the storage
+            rounding, so results stay exact.
+        memory_budget: bytes the temporaries of one search may take (default 256 MiB).
+
+    Raises:
+        EmbeddingIndexError: for a non-positive ``dim``, an unsupported ``dtype`` or a budget
+            too small for one query.
+
+    Example:
+        >>> import torch, featurescope as fs
+        >>> index = fs.EmbeddingIndex(3)
+        >>> index.add(torch.eye(3), labels=[0, 1, 1])
+        >>> len(index)
+        3
+        >>> distances, ids = index.search(torch.tensor([[0.9, 0.1, 0.0]]), k=2)
+        >>> ids.tolist()
+        [[0, 1]]
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        memory_budget: int = 256 * 2**20,
+    ) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise EmbeddingIndexError(f"dim must be a positive int, got {dim!r}")
+        if dtype not in _STORAGE_DTYPES:
+            raise EmbeddingIndexError(
+                f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}"
+            )
+        budget = int(memory_budget)
+        try:
+            plan_tiles(1, 1, dim, 32, budget, upcast=dtype != torch.float32)
+        except ValueError as exc:
+            raise EmbeddingIndexError(f"{exc}; raise memory_budget") from exc
+        self._dim = dim
+        self._dtype = dtype
+        self._budget = budget
+        self._store = Store(dim, torch.device(device), dtype, budget)
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        """Length of the vectors."""
+        return self._dim
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the searched copy of the vectors."""
+        return self._store.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage type of the searched copy of the vectors."""
+        return self._dtype
+
+    @property
+    def memory_budget(self) -> int:
+        """Bytes the temporaries of one search may take."""
+        return self._budget
+
+    @property
+    def ids(self) -> Tensor:
+        """The ids, in insertion order (a CPU copy)."""
+        return self._store.ids.cpu().clone()
+
+    @property
+    def labels(self) -> Tensor:
+        """The labels, ``-1`` where none was given (a CPU copy)."""
+        return self._store.labels.clone()
+
+    @property
+    def metadata(self) -> list[str | None]:
+        """The metadata strings, ``None`` where none was given (a copy)."""
+        return list(self._store.metadata)
+
+    @property
+    def vectors(self) -> Tensor:
+        """The float32 vectors, in insertion order (a CPU copy)."""
+        return self._store.vectors.cpu().clone()
+
+    def __len__(self) -> int:
+        return self._store.n
+
+    def __repr__(self) -> str:
+        return (
+            f"EmbeddingIndex(dim={self._dim}, n={len(self)}, device={str(self.device)!r}, "
+            f"dtype={self._dtype})"
+        )
+
+    # -- mutation -----------------------------------------------------------------------------
+
+    def add(
+        self,
+        vectors: Any,
+        *,
+        ids: Any = None,
+        labels: Any = None,
+        metadata: Sequence[str | None] | None = None,
+    ) -> None:
+        """Add vectors, with optional ids, integer labels and metadata strings.
+
+        Everything is checked before anything changes: after an error the index is as before.
+
+        Args:
+            vectors: ``[n, dim]`` torch tensor or numpy array of real numbers.
+            ids: ``n`` distinct integer ids, not already in the index; by default the next
+                ``n`` integers after the largest id ever added (``0, 1, 2, ...`` from empty).
+            labels: ``n`` integer labels ``>= 0`` (e.g. class indices).
+            metadata: ``n`` strings, e.g. image paths.
+
+        Raises:
+            InputShapeError: if ``vectors`` is not ``[n, dim]`` or another argument is not ``n``
+                long.
+            EmbeddingIndexError: on NaN or infinity (naming the first bad row), a duplicate id
+                (within the call or with the index), a negative label, or a value a float16
+                index cannot store.
+        """
+        vecs = as_vectors(vectors, self._dim)
+        n = vecs.shape[0]
+        if ids is None:
+            new_ids = torch.arange(self._store.next_id, self._store.next_id + n, dtype=torch.int64)
+        else:
+            new_ids = as_ids(ids, n)
+        self._check_new_ids(new_ids)
+        labs = torch.full((n,), -1, dtype=torch.int64) if labels is None else as_labels(labels, n)
+        meta = as_metadata(metadata, n)
+        if n:
+            self._store.append(vecs, new_ids, labs, meta)
+
+    def _check_new_ids(self, new_ids: Tensor) -> None:
+        if not len(self) or not new_ids.numel():
+            return
+        clash = torch.isin(new_ids.to(self._store.ids.device), self._store.ids)
+        if bool(clash.any()):
+            taken = new_ids[clash.cpu()][:5].tolist()
+            raise EmbeddingIndexError(
+                f"ids {taken} are already in the index; remove them first or pass other ids"
+            )
+
+    def remove(self, ids: Any) -> int:
+        """Remove the vectors with these ids.
+
+        Args:
+            ids: integer ids, each in the index.
+
+        Returns:
+            The number of vectors removed.
+
+        Raises:
+            EmbeddingIndexError: if an id is not in the index (nothing is removed then).
+        """
+        t = ids.detach().cpu() if isinstance(ids, Tensor) else torch.as_tensor(np.asarray(ids))
+        unique = torch.unique(t.reshape(-1))
+        req = as_ids(unique, unique.numel())
+        present = torch.isin(req.to(self._store.ids.device), self._store.ids).cpu()
+        if not bool(present.all()):
+            missing = req[~present][:5].tolist()
+            raise EmbeddingIndexError(f"ids {missing} are not in the index")
+        self._store.remove(req)
+        return int(req.numel())
+
+    def to(self, device: str | torch.device) -> EmbeddingIndex:
+        """Move the searched vectors to ``device``, in place; returns the index itself."""
+        self._store.to(torch.device(device))
+        return self
+
+    # -- search -------------------------------------------------------------------------------
+
+    def search(self, queries: Any, k: int, *, exclude_ids: Any = None) -> SearchResult:
+        """Find the ``k`` nearest vectors of each query, exactly.
+
+        Args:
+            queries: ``[nq, dim]`` torch tensor or numpy array.
+            k: neighbours per query, ``1 <= k <= len(index)``.
+            exclude_ids: ids to leave out per query: ``[nq]`` (one each, e.g. each query's own
+                id when the queries are gallery vectors) or ``[nq, m]``.
+
+        Returns:
+            A :class:`SearchResult`; ``distances, ids = index.search(q, k)`` unpacks it.
+
+        Raises:
+            EmbeddingIndexError: on an empty index, a bad ``k`` or NaN/infinity in a query.
+            InputShapeError: on queries that are not ``[nq, dim]``.
+        """
+        if not len(self):
+            raise EmbeddingIndexError("the index is empty; add vectors before searching")
+        q = as_vectors(queries, self._dim, "queries")
+        excl = self._exclusions(exclude_ids, q.shape[0])
+        k = check_k(k, len(self))
+        extra = 0 if excl is None else excl.shape[1]
+        k_search = min(len(self), k + extra)
+        gal = self._store.gallery()
+        dist, rows = search_exact(gal, q.to(self.device), k_search, self._budget)
+        if excl is not None:
+            dist, rows = _drop_excluded(dist, rows, gal.ids, excl.to(rows.device), k)
+        return self._result(dist, rows)
+
+    def _exclusions(self, exclude_ids: Any, nq: int) -> Tensor | None:
+        if exclude_ids is None:
+            return None
+        t = torch.as_tensor(exclude_ids) if not isinstance(exclude_ids, Tensor) else exclude_ids
+        if t.dim() == 1:
+            t = t[:, None]
+        if t.dim() != 2 or t.shape[0] != nq:
+            raise InputShapeError(
+                f"exclude_ids must be [nq] or [nq, m] with nq={nq}, got shape {tuple(t.shape)}"
+            )
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise EmbeddingIndexError(f"exclude_ids must be integers, got dtype {t.dtype}")
+        return t.to(dtype=torch.int64, device="cpu")
+
+    def _result(self, dist: Tensor, rows: Tensor) -> SearchResult:
+        store = self._store
+        rows_cpu = rows.cpu()
+        ids = store.ids[rows]
+        labels = store.labels[rows_cpu].to(ids.device)
+        return SearchResult(dist, ids, labels, rows_cpu, store.metadata)
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the index to a ``.safetensors`` file, atomically; see :meth:`load`.
+
+        Vectors, ids and labels are tensors; dim, dtype, format version and metadata strings
+        are JSON. Nothing is pickled.
+
+        Returns:
+            The path written.
+        """
+        from featurescope._index_io import save_index
+
+        return save_index(self, path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: str | torch.device = "cpu",
+        memory_budget: int | None = None,
+    ) -> EmbeddingIndex:
+        """Read an index written by :meth:`save`, never unpickling anything.
+
+        Args:
+            path: the file.
+            device: where to put the searched vectors.
+            memory_budget: overrides the saved budget.
+
+        Raises:
+            IndexFileError: if the file is missing, truncated, corrupt or not an index.
+
+        Example:
+            >>> import tempfile, torch, featurescope as fs
+            >>> index = fs.EmbeddingIndex(2)
+            >>> index.add(torch.ones(3, 2), ids=[5, 6, 7], metadata=["a", "b", "c"])
+            >>> path = index.save(tempfile.mkdtemp() + "/index.safetensors")
+            >>> again = fs.EmbeddingIndex.load(path)
+            >>> again.ids.tolist(), again.metadata
+            ([5, 6, 7], ['a', 'b', 'c'])
+        """
+        from featurescope._index_io import load_index
+
+        return load_index(cls, path, device=device, memory_budget=memory_budget)
+
+    # -- used by the sharded index and persistence --------------------------------------------
+
+    def _gallery(self) -> Gallery:
+        return self._store.gallery()
+
+
+def _drop_excluded(
+    dist: Tensor, rows: Tensor, ids: Tensor, excl: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """Drop each row's excluded ids from its (k + m)-nearest list, keeping order; take k."""
+    hit = (ids[rows][:, :, None] == excl[:, None, :]).any(-1)
+    short = (~hit).sum(1) < k
+    if bool(short.any()):
+        row = int(short.nonzero()[0, 0])
+        raise EmbeddingIndexError(
+            f"query {row}: fewer than k={k} vectors remain after excluding its ids; lower k"
+        )
+    order = hit.to(torch.int8).argsort(dim=1, stable=True)[:, :k]
+    return dist.gather(1, order), rows.gather(1, order)
