@@ -1,0 +1,82 @@
+"""ShardedEmbeddingIndex on two CPU processes (gloo over 127.0.0.1) equals one whole index."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+import featurescope as fs
+from featurescope.errors import EmbeddingIndexError
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+
+
+def _data():
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((40, 6)).astype(np.float32)
+    # Duplicates across shards: ties must go to the smaller global id on every rank.
+    g = np.concatenate([base, base[:15], 1000.0 + base[:5]]).astype(np.float32)
+    ids = rng.permutation(10_000)[: len(g)]
+    labels = rng.integers(0, 4, len(g))
+    q = np.concatenate([base[:6], rng.standard_normal((4, 6)).astype(np.float32)])
+    return g, ids, labels, q
+
+
+def _worker(rank: int, port: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        torch.set_num_threads(1)
+        g, ids, labels, q = _data()
+        # Unequal shards: rank 1 holds only 5 vectors, fewer than k.
+        mine = np.arange(len(g)) >= 5 if rank == 0 else np.arange(len(g)) < 5
+        local = fs.EmbeddingIndex(6)
+        local.add(g[mine], ids=ids[mine], labels=labels[mine])
+        sharded = fs.ShardedEmbeddingIndex(local)
+        assert len(sharded) == len(g)
+        whole = fs.EmbeddingIndex(6)
+        whole.add(g, ids=ids, labels=labels)
+        for k in (1, 8, len(g)):
+            got, want = sharded.search(q, k), whole.search(q, k)
+            assert torch.equal(got.ids, want.ids), (rank, k)
+            assert torch.equal(got.distances, want.distances), (rank, k)
+            assert torch.equal(got.labels, want.labels), (rank, k)
+        # Every rank returns the same answer.
+        parts = [torch.empty(len(q), 8, dtype=torch.int64) for _ in range(WORLD)]
+        dist.all_gather(parts, sharded.search(q, 8).ids)
+        assert torch.equal(parts[0], parts[1])
+        try:
+            sharded.search(q, len(g) + 1)
+        except EmbeddingIndexError:
+            pass
+        else:
+            raise AssertionError("k above the total size must fail")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_ranks_equal_one_index():
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+def test_needs_initialised_process_group():
+    with pytest.raises(EmbeddingIndexError, match="init_process_group"):
+        fs.ShardedEmbeddingIndex(fs.EmbeddingIndex(2))
