@@ -27,6 +27,7 @@ from featurescope.errors import (
 )
 from featurescope.hookspecs import hookimpl
 from featurescope.plugins import list_plugins, register_plugin, unregister_plugin
+from featurescope.tap import FeatureTap, get_graph_node_names
 from featurescope.visualizers import get_visualizer, list_visualizers, save_figure, visualize
 from featurescope.zoo import (
     AlexNet,
@@ -46,6 +47,7 @@ __all__ = [
     "STUDY_PREPROCESSING",
     "AlexNet",
     "CheckpointError",
+    "FeatureTap",
     "FeaturescopeError",
     "FeaturescopeWarning",
     "IndexFileError",
@@ -62,6 +64,7 @@ __all__ = [
     "__version__",
     "convert_checkpoint",
     "create_model",
+    "get_graph_node_names",
     "get_model_info",
     "get_visualizer",
     "hookimpl",

@@ -21,6 +21,7 @@ __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 COMMAND_MODULES: tuple[str, ...] = (
     "featurescope.cli._zoo",
     "featurescope.cli._plugins",
+    "featurescope.cli._tap",
 )
 
 

@@ -1,0 +1,454 @@
+"""The torch.fx backend of FeatureTap: torchvision's node names, a pruned graph, in-place safety.
+
+The model is traced with torchvision's ``NodePathTracer`` (so node names are exactly those of
+``create_feature_extractor`` and ``get_graph_node_names``), once in training and once in eval mode.
+Each graph returns the requested nodes and loses everything they do not depend on. Then every
+requested node whose storage a later op overwrites in place (``ReLU(inplace=True)``, ``add_``,
+``x += y``) gets one ``clone`` right after it; no other node is copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from featurescope._tap_inplace import mutated_args
+from featurescope.errors import FeaturescopeError, NodeNotFoundError, did_you_mean
+
+__all__ = [
+    "FxProgram",
+    "Trace",
+    "build_program",
+    "node_not_found",
+    "resolve_node",
+    "trace",
+    "training_mode",
+]
+
+# Ops known to return a new tensor; any other op may return a view of (alias) its inputs.
+_FRESH_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+    nn.Bilinear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.PReLU,
+    nn.Upsample,
+    nn.Embedding,
+)
+_FRESH_FUNCTIONS: frozenset[Any] = frozenset(
+    {
+        torch.conv1d,
+        torch.conv2d,
+        torch.conv3d,
+        torch.matmul,
+        torch.mm,
+        torch.bmm,
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.div,
+        torch.cat,
+        torch.stack,
+        torch.relu,
+        torch.sigmoid,
+        torch.tanh,
+        torch.exp,
+        torch.log,
+        torch.sqrt,
+        torch.abs,
+        torch.mean,
+        torch.sum,
+        torch.softmax,
+        F.conv1d,
+        F.conv2d,
+        F.conv3d,
+        F.linear,
+        F.relu,
+        F.relu6,
+        F.leaky_relu,
+        F.elu,
+        F.hardtanh,
+        F.gelu,
+        F.silu,
+        F.sigmoid,
+        F.tanh,
+        F.softmax,
+        F.log_softmax,
+        F.max_pool1d,
+        F.max_pool2d,
+        F.max_pool3d,
+        F.avg_pool1d,
+        F.avg_pool2d,
+        F.avg_pool3d,
+        F.adaptive_avg_pool1d,
+        F.adaptive_avg_pool2d,
+        F.adaptive_avg_pool3d,
+        F.interpolate,
+        F.batch_norm,
+        F.layer_norm,
+        F.group_norm,
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.matmul,
+        operator.neg,
+        operator.pow,
+    }
+)
+_FRESH_METHODS = frozenset(
+    {
+        "add",
+        "sub",
+        "mul",
+        "div",
+        "matmul",
+        "mm",
+        "relu",
+        "sigmoid",
+        "tanh",
+        "exp",
+        "log",
+        "sqrt",
+        "abs",
+        "neg",
+        "pow",
+        "mean",
+        "sum",
+        "softmax",
+        "log_softmax",
+        "clone",
+    }
+)
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Put ``model`` in training or eval mode, then restore every submodule's own flag.
+
+    ``model.train(was_training)`` would not do: it would flip a deliberately frozen BatchNorm of a
+    model in training mode back to training.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _tracer_kwargs(user: Mapping[str, Any] | None) -> dict[str, Any]:
+    from torchvision.models import feature_extraction as tv_fx
+
+    kwargs = dict(user or {})
+    setter = getattr(tv_fx, "_set_default_tracer_kwargs", None)
+    if setter is not None:
+        return setter(kwargs)  # type: ignore[no-any-return]
+    # torchvision before 0.16 had no defaults to add.
+    return kwargs  # pragma: no cover
+
+
+@dataclass
+class Trace:
+    """A traced graph of the whole model with torchvision's node name of each graph node."""
+
+    module: fx.GraphModule
+    qualnames: dict[fx.Node, str]
+    training: bool
+
+    @property
+    def names(self) -> list[str]:
+        """Node names in execution order, as ``get_graph_node_names`` lists them."""
+        return list(self.qualnames.values())
+
+
+def trace(
+    model: nn.Module,
+    training: bool,
+    tracer_kwargs: Mapping[str, Any] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> Trace:
+    """Trace ``model`` in one mode with torchvision's ``NodePathTracer``.
+
+    Raises:
+        Exception: whatever torch.fx raises when the model cannot be traced (e.g.
+            ``TraceError`` for a branch on a tensor's value); callers decide what to do.
+    """
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    tracer = NodePathTracer(**_tracer_kwargs(tracer_kwargs))
+    with training_mode(model, training):
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    module = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return Trace(module, dict(tracer.node_to_qualname), training)
+
+
+def resolve_node(query: str, names: list[str]) -> str | None:
+    """The node a ``return_nodes`` key means, as torchvision reads it.
+
+    An exact node name means that node; a prefix up to a dot (``"conv1"``, a module that
+    torch.fx traced through) means the last node under it in execution order.
+
+    Example:
+        >>> names = ["x", "conv1.0", "conv1.1", "conv1.2", "conv10"]
+        >>> resolve_node("conv1", names), resolve_node("conv1.1", names), resolve_node("conv", names)
+        ('conv1.2', 'conv1.1', None)
+    """
+    if query in names:
+        return query
+    pattern = re.compile(rf"^{re.escape(query)}(\.|$)")
+    matches = [name for name in names if pattern.match(name)]
+    return matches[-1] if matches else None
+
+
+def _candidates(names: list[str]) -> list[str]:
+    # Offer the module prefixes too: "conv1" is a valid request though no node is named so.
+    prefixes = [".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)]
+    return list(dict.fromkeys(names + prefixes))
+
+
+def node_not_found(query: str, names: list[str], model: nn.Module, where: str) -> NodeNotFoundError:
+    """The error for an unknown node name, with the closest names and where to list them all."""
+    return NodeNotFoundError(
+        f"node {query!r} is not in {type(model).__name__} (traced {where}).{did_you_mean(query, _candidates(names))} "
+        "List the available names with featurescope.get_graph_node_names(model)."
+    )
+
+
+def _describe(node: fx.Node, module: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(module.get_submodule(str(node.target))).__name__
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "call_function":
+        return str(getattr(node.target, "__name__", node.target))
+    return {"placeholder": "input", "get_attr": "attribute"}.get(node.op, node.op)
+
+
+def _snapshot(value: Any) -> Any:
+    """Copy the tensors in a node's output, so later in-place ops cannot change what we return."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_snapshot(v) for v in value)
+    if isinstance(value, list):
+        return [_snapshot(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    return value
+
+
+def _mutated_nodes(node: fx.Node, module: fx.GraphModule) -> list[fx.Node]:
+    if node.op == "call_module":
+        sub = module.get_submodule(str(node.target))
+        if getattr(sub, "inplace", False) is True and node.args:
+            mutated: list[Any] = [node.args[0]]
+        else:
+            mutated = []
+    elif node.op in ("call_function", "call_method"):
+        mutated = mutated_args(node.target, node.args, node.kwargs)
+    else:
+        mutated = []
+    return [m for m in mutated if isinstance(m, fx.Node)]
+
+
+def _is_fresh(node: fx.Node, module: fx.GraphModule) -> bool:
+    """Whether ``node`` surely returns new storage (if unsure, assume it may alias its inputs)."""
+    if node.op in ("placeholder", "get_attr", "output"):
+        return True
+    if _mutated_nodes(node, module):
+        return False  # an in-place op returns the storage it wrote into
+    if node.op == "call_module":
+        return isinstance(module.get_submodule(str(node.target)), _FRESH_MODULES)
+    if node.op == "call_method":
+        return node.target in _FRESH_METHODS
+    try:
+        return node.target in _FRESH_FUNCTIONS
+    except TypeError:  # unhashable target
+        return False
+
+
+class _Storages:
+    """Union-find over graph nodes whose outputs may share storage."""
+
+    def __init__(self) -> None:
+        self.parent: dict[fx.Node, fx.Node] = {}
+
+    def find(self, node: fx.Node) -> fx.Node:
+        root = node
+        while self.parent.get(root, root) is not root:
+            root = self.parent[root]
+        while node is not root:  # path compression
+            self.parent[node], node = root, self.parent.get(node, root)
+        return root
+
+    def union(self, a: fx.Node, b: fx.Node) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra is not rb:
+            self.parent[ra] = rb
+
+
+def _storages(nodes: list[fx.Node], module: fx.GraphModule) -> _Storages:
+    storages = _Storages()
+    for node in nodes:
+        if not _is_fresh(node, module):
+            for source in node.all_input_nodes:
+                storages.union(node, source)
+    return storages
+
+
+def _eliminate_dead_code(graph: fx.Graph, module: fx.GraphModule) -> None:
+    """Remove the nodes no output depends on, keeping in-place writes that a kept node reads.
+
+    ``Graph.eliminate_dead_code`` would drop ``a.relu_()`` when its result is unused, though a
+    later op reads ``a``. Here a write is kept when a kept node after it reads the storage it
+    writes into, and only then. The output does not count as such a reader: requested nodes are
+    returned as they were when computed (see :func:`_protect_inplace`).
+    """
+    nodes = list(graph.nodes)
+    storages = _storages(nodes, module)
+    live: set[fx.Node] = set()
+    read_later: set[fx.Node] = set()  # storage roots read by kept nodes after the current one
+    for node in reversed(nodes):
+        keep = (
+            node.op in ("placeholder", "output")
+            or any(user in live for user in node.users)
+            or (node.op == "call_function" and node.is_impure())
+            or any(storages.find(t) in read_later for t in _mutated_nodes(node, module))
+        )
+        if not keep:
+            continue
+        live.add(node)
+        if node.op != "output":
+            read_later.update(storages.find(source) for source in node.all_input_nodes)
+    for node in reversed(nodes):
+        if node not in live:
+            graph.erase_node(node)
+
+
+def _protect_inplace(
+    graph: fx.Graph, module: fx.GraphModule, outputs: dict[str, fx.Node]
+) -> list[str]:
+    """Insert a copy after each output node whose storage a later op writes into.
+
+    Returns:
+        The aliases that are copied.
+    """
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    storages = _storages(nodes, module)
+    writes = [(position[n], t) for n in nodes for t in _mutated_nodes(n, module)]
+    copied = []
+    last_placeholder = max((n for n in nodes if n.op == "placeholder"), key=position.__getitem__)
+    for alias, node in outputs.items():
+        root = storages.find(node)
+        if not any(p > position[node] and storages.find(t) is root for p, t in writes):
+            continue
+        after = last_placeholder if node.op == "placeholder" else node
+        with graph.inserting_after(after):
+            outputs[alias] = graph.call_function(_snapshot, (node,))
+        copied.append(alias)
+    return copied
+
+
+@dataclass
+class FxProgram:
+    """One mode's pruned graph that returns ``{alias: tensor}``, and what it taps."""
+
+    module: fx.GraphModule
+    nodes: dict[str, str]  # alias -> resolved node name
+    ops: dict[str, str]  # alias -> what the node computes, e.g. "Conv2d"
+    copied: list[str]  # aliases copied because a later in-place op overwrites them
+
+
+def build_program(traced: Trace, return_nodes: Mapping[str, str], model: nn.Module) -> FxProgram:
+    """Rewrite a traced graph to return ``return_nodes`` (``{node: alias}``), pruned and safe.
+
+    Raises:
+        NodeNotFoundError: a node name is not in the graph.
+        FeaturescopeError: two requested names resolve to the same node.
+    """
+    module = traced.module
+    graph = module.graph
+    names = traced.names
+    by_name = {name: node for node, name in traced.qualnames.items()}
+    mode = "training mode" if traced.training else "eval mode"
+    outputs: dict[str, fx.Node] = {}
+    resolved: dict[str, str] = {}
+    requested_by: dict[str, str] = {}
+    for query, alias in return_nodes.items():
+        name = resolve_node(query, names)
+        if name is None:
+            raise node_not_found(query, names, model, f"in {mode}")
+        if name in requested_by:
+            raise FeaturescopeError(
+                f"return_nodes asks for node {name!r} twice, as {requested_by[name]!r} and as "
+                f"{query!r}; request each node once."
+            )
+        requested_by[name] = query
+        outputs[alias] = by_name[name]
+        resolved[alias] = name
+    ops = {alias: _describe(node, module) for alias, node in outputs.items()}
+    for node in [n for n in graph.nodes if n.op == "output"]:
+        graph.erase_node(node)
+    with graph.inserting_after(list(graph.nodes)[-1]):
+        output = graph.output(dict(outputs))
+    # Prune everything after the deepest requested node (and any branch it does not need).
+    _eliminate_dead_code(graph, module)
+    copied = _protect_inplace(graph, module, outputs)
+    output.args = (dict(outputs),)
+    graph.lint()
+    module.delete_all_unused_submodules()
+    module.recompile()
+    return FxProgram(module, resolved, ops, copied)

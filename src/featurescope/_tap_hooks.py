@@ -1,0 +1,166 @@
+"""The forward-hook backend of FeatureTap, for models torch.fx cannot trace.
+
+A forward hook on each requested module keeps the module's output (its first call's). Two things
+make this right and cheap where plain hooks are not:
+
+* **In-place safety.** While the model runs, a :class:`~torch.overrides.TorchFunctionMode` sees
+  every torch call before it executes. When a call is about to write in place (a ``*_`` method,
+  ``inplace=True``, ``x += y``, ``x[i] = y``, ``out=``) into the storage of an output already kept,
+  that output is cloned first. Only those outputs are copied. (Tensor version counters would
+  tell *that* a tensor changed, but only afterwards, and inference tensors have none.)
+* **Early stop.** Once every requested module has run, the hook raises a private exception that
+  unwinds the rest of the forward, so tapping ``conv1`` does not run the classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from featurescope._tap_inplace import mutated_args
+from featurescope.errors import FeaturescopeError, NodeNotFoundError, did_you_mean
+
+__all__ = ["HookProgram"]
+
+
+class _StopForward(BaseException):
+    """Unwinds the model's forward once every tap has fired.
+
+    A ``BaseException`` so that a model's own ``except Exception`` cannot swallow it.
+    """
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # sparse or otherwise storage-less tensors
+        return None
+
+
+class _InplaceGuard(TorchFunctionMode):
+    """Clones a kept output just before an in-place op writes into its storage."""
+
+    def __init__(self, results: dict[str, Any]) -> None:
+        super().__init__()
+        self.results = results
+        self.pending: dict[str, tuple[int, torch.Tensor]] = {}
+
+    def watch(self, alias: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            key = _storage_key(value)
+            if key:
+                self.pending[alias] = (key, value)
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Sequence[type],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if self.pending:
+            for target in mutated_args(func, args, kwargs):
+                if isinstance(target, torch.Tensor):
+                    self._protect(target)
+        return func(*args, **kwargs)
+
+    def _protect(self, target: torch.Tensor) -> None:
+        key = _storage_key(target)
+        for alias, (kept_key, kept) in list(self.pending.items()):
+            if kept_key == key:
+                self.results[alias] = kept.clone()
+                del self.pending[alias]
+
+
+class HookProgram:
+    """Runs a model with forward hooks on the requested modules and returns their outputs.
+
+    Args:
+        model: the model.
+        return_nodes: ``{module name: alias}``; names as in ``model.named_modules()``.
+        fx_names: the model's fx node names, when a trace succeeded, to tell "not a module"
+            apart from "no such name" in errors.
+
+    Raises:
+        NodeNotFoundError: a name is not a submodule of the model.
+        FeaturescopeError: the same module is requested twice.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        return_nodes: Mapping[str, str],
+        fx_names: Sequence[str] | None = None,
+    ) -> None:
+        modules = {name: m for name, m in model.named_modules() if name}
+        self.targets: dict[str, tuple[str, nn.Module]] = {}
+        seen: dict[int, str] = {}
+        for query, alias in return_nodes.items():
+            if query not in modules:
+                raise self._not_a_module(query, model, list(modules), fx_names)
+            module = modules[query]
+            if id(module) in seen:
+                raise FeaturescopeError(
+                    f"return_nodes asks for module {query!r} twice (it is also "
+                    f"{seen[id(module)]!r}); request each module once."
+                )
+            seen[id(module)] = query
+            self.targets[alias] = (query, module)
+        self.nodes = {alias: name for alias, (name, _) in self.targets.items()}
+        self.ops = {alias: type(m).__name__ for alias, (_, m) in self.targets.items()}
+
+    @staticmethod
+    def _not_a_module(
+        query: str, model: nn.Module, modules: list[str], fx_names: Sequence[str] | None
+    ) -> NodeNotFoundError:
+        kind = type(model).__name__
+        if fx_names is not None and query in fx_names:
+            return NodeNotFoundError(
+                f"node {query!r} of {kind} is an operation, not a module: the hooks backend can "
+                "only tap modules (forward hooks). Use backend='fx' for it, or one of the module "
+                f"names.{did_you_mean(query, modules)}"
+            )
+        return NodeNotFoundError(
+            f"{query!r} is not a module of {kind}; the hooks backend taps modules by their "
+            f"model.named_modules() name.{did_you_mean(query, modules)} "
+            "List every name with [n for n, _ in model.named_modules()]."
+        )
+
+    def __call__(self, model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        guard = _InplaceGuard(results)
+        remaining = set(self.targets)
+
+        def make_hook(alias: str) -> Callable[..., None]:
+            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                if alias in results:
+                    return  # a module called twice: its first call is the tapped one
+                results[alias] = output
+                guard.watch(alias, output)
+                remaining.discard(alias)
+                if not remaining:
+                    raise _StopForward
+
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(a)) for a, (_, m) in self.targets.items()]
+        try:
+            with guard:
+                model(*args, **kwargs)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if remaining:
+            missing = ", ".join(repr(self.targets[a][0]) for a in sorted(remaining))
+            raise FeaturescopeError(
+                f"module(s) {missing} did not run in this forward of {type(model).__name__}, so "
+                "there is nothing to return for them; check the model's control flow."
+            )
+        return {alias: results[alias] for alias in self.targets}

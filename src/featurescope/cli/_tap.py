@@ -1,0 +1,66 @@
+"""``featurescope summary MODEL`` and ``featurescope nodes MODEL``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    s = subparsers.add_parser(
+        "summary",
+        help="print each node's op, output shape and parameters, like torchsummary",
+        description=(
+            "Run a zoo model once on zeros and print, for every graph node (or only --nodes), "
+            "what it computes, its output shape and its parameters. A name may be a stage such as "
+            "conv1, meaning the stage's last node."
+        ),
+    )
+    s.add_argument("model", help="zoo model name, e.g. alexnet (see 'featurescope models')")
+    s.add_argument("--nodes", nargs="+", metavar="NODE", help="only these nodes (default: all)")
+    s.add_argument(
+        "--input-size",
+        nargs=3,
+        type=int,
+        metavar=("C", "H", "W"),
+        help="input size (default: the model's own)",
+    )
+    s.add_argument("--backend", choices=("auto", "fx", "hooks"), default="auto")
+    s.set_defaults(func=_summary)
+
+    n = subparsers.add_parser(
+        "nodes",
+        help="list a model's graph node names, as FeatureTap and torchvision accept them",
+        description=(
+            "List the node names of a zoo model in execution order (eval mode unless --train), "
+            "as featurescope.get_graph_node_names returns them."
+        ),
+    )
+    n.add_argument("model", help="zoo model name, e.g. alexnet")
+    n.add_argument("--train", action="store_true", help="list the training-mode graph")
+    n.set_defaults(func=_nodes)
+
+
+def _summary(args: argparse.Namespace) -> int:
+    import featurescope as fs
+
+    model = fs.create_model(args.model).eval()
+    nodes = args.nodes
+    if not nodes:
+        from featurescope._tap_fx import trace
+
+        traced = trace(model, training=False)
+        # Inputs are not layers; torchsummary does not list them either.
+        nodes = [name for node, name in traced.qualnames.items() if node.op != "placeholder"]
+    tap = fs.FeatureTap(model, nodes, backend=args.backend)
+    tap.summary(args.input_size)
+    return 0
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    import featurescope as fs
+
+    train_nodes, eval_nodes = fs.get_graph_node_names(fs.create_model(args.model))
+    for name in train_nodes if args.train else eval_nodes:
+        print(name)
+    return 0

@@ -1,0 +1,473 @@
+"""FeatureTap: any layer's outputs, right even under in-place ops, at the cost of a plain forward.
+
+``FeatureTap(model, return_nodes)`` takes ``return_nodes`` exactly as torchvision's
+``create_feature_extractor`` does, so the study's snippet changes by one line::
+
+    # extractor = create_feature_extractor(model, return_nodes=nodes)
+    extractor = FeatureTap(model, return_nodes=nodes)
+    features = extractor(images)          # {"output1": ..., "output4": ...}
+
+Two backends: ``"fx"`` (a torch.fx graph, node names as torchvision's, pruned after the deepest
+requested node) and ``"hooks"`` (forward hooks on modules, for models torch.fx cannot trace).
+``"auto"`` tries fx and falls back to hooks with one warning. Both return each node's true output:
+where a later op writes into the same storage in place (the study's ``ReLU(inplace=True)``), that
+node alone is copied first.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from featurescope._tap_fx import (
+    FxProgram,
+    Trace,
+    build_program,
+    node_not_found,
+    resolve_node,
+    trace,
+    training_mode,
+)
+from featurescope._tap_hooks import HookProgram
+from featurescope.errors import (
+    FeaturescopeError,
+    FeaturescopeWarning,
+    InputShapeError,
+    NodeNotFoundError,
+)
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader, Dataset
+
+    from featurescope._tap_extract import Reduce
+    from featurescope._tap_store import Extraction
+
+__all__ = ["FeatureTap", "NodeSummary", "get_graph_node_names"]
+
+Backend = Literal["auto", "fx", "hooks"]
+_BACKENDS = ("auto", "fx", "hooks")
+# Words of PyTorch's messages for a tensor that does not fit a layer.
+_SHAPE_WORDS = ("size", "shape", "mat1", "channels", "dimension", "Expected")
+
+
+def get_graph_node_names(
+    model: nn.Module,
+    tracer_kwargs: Mapping[str, Any] | None = None,
+    suppress_diff_warning: bool = False,
+    concrete_args: dict[str, Any] | None = None,
+) -> tuple[list[str], list[str]]:
+    """The node names :class:`FeatureTap` accepts, in execution order: ``(train, eval)``.
+
+    The same lists as torchvision's ``get_graph_node_names`` (the model is traced in training
+    and in eval mode), but every submodule's own training flag is restored afterwards.
+
+    Args:
+        model: the model to trace.
+        tracer_kwargs: passed to torchvision's ``NodePathTracer`` (e.g. ``leaf_modules``).
+        suppress_diff_warning: accepted for torchvision compatibility; the two lists are
+            returned as they are, without a warning when they differ.
+        concrete_args: passed to ``torch.fx.Tracer.trace``.
+
+    Returns:
+        ``(train_nodes, eval_nodes)``. A prefix of a name up to a dot (``"conv1"`` for
+        ``"conv1.2"``) is also accepted by :class:`FeatureTap`, meaning the last node under it.
+
+    Raises:
+        FeaturescopeError: torch.fx cannot trace the model; the message gives the reason. Such a
+            model can still be tapped by module name with ``backend="hooks"``.
+
+    Example:
+        >>> import featurescope as fs
+        >>> train_nodes, eval_nodes = fs.get_graph_node_names(fs.create_model("alexnet"))
+        >>> eval_nodes[:4]
+        ['x', 'check_input_size', 'conv1.0', 'conv1.1']
+    """
+    del suppress_diff_warning
+    try:
+        traces = [trace(model, mode, tracer_kwargs, concrete_args) for mode in (True, False)]
+    except Exception as exc:
+        raise FeaturescopeError(
+            f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
+            "FeatureTap(model, nodes, backend='hooks') taps it by module name instead "
+            "([n for n, _ in model.named_modules()])."
+        ) from exc
+    return traces[0].names, traces[1].names
+
+
+@dataclass(frozen=True)
+class NodeSummary:
+    """One row of :meth:`FeatureTap.summary`.
+
+    Attributes:
+        alias: the key the node has in the tap's output.
+        node: the node's name in the graph (or the module's name for the hooks backend).
+        op: what it computes: a module class (``"Conv2d"``), a function or ``Tensor.method``.
+        output_shape: the output's shape with ``-1`` for the batch, as torchsummary prints it.
+        params: parameters of the module named by the request (``"conv1"`` counts the whole
+            stage); 0 for functions.
+    """
+
+    alias: str
+    node: str
+    op: str
+    output_shape: tuple[int, ...]
+    params: int
+
+
+class FeatureTap:
+    """Returns the outputs of any nodes of a model: ``tap(x) -> {alias: tensor}``.
+
+    Args:
+        model: the model to tap. It is not copied: the tap follows its weights, its device and
+            its ``train()``/``eval()`` mode (dropout is active only in training).
+        return_nodes: a list of node names, or a dict ``{node name: alias}``, exactly as
+            ``torchvision.models.feature_extraction.create_feature_extractor`` takes them. A name
+            may be a module that torch.fx traced through (``"conv1"``), meaning its last node.
+            See :func:`get_graph_node_names`.
+        backend: ``"fx"``, ``"hooks"`` (module names only), or ``"auto"``: fx, falling back to
+            hooks with one :class:`~featurescope.FeaturescopeWarning` if the model cannot be
+            traced.
+        tracer_kwargs: for the fx backend, passed to torchvision's ``NodePathTracer``.
+        concrete_args: for the fx backend, passed to ``torch.fx.Tracer.trace``.
+
+    Raises:
+        NodeNotFoundError: a node name is unknown; the message lists the closest ones.
+        FeaturescopeError: ``return_nodes`` is empty, asks for one node twice or uses one alias
+            twice; ``backend`` is unknown; or fx was asked for and cannot trace the model.
+
+    Example:
+        >>> import torch, featurescope as fs
+        >>> model = fs.create_model("alexnet").eval()
+        >>> tap = fs.FeatureTap(model, {"conv1": "output1", "conv2": "output2",
+        ...                             "conv3": "output3", "fc": "output4"})
+        >>> out = tap(torch.randn(2, 3, 227, 227))
+        >>> {k: tuple(v.shape) for k, v in out.items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'output1': (2, 96, 27, 27), 'output2': (2, 256, 13, 13),
+         'output3': (2, 256, 6, 6), 'output4': (2, 5)}
+        >>> pre = fs.FeatureTap(model, ["conv1.0", "conv1.1"])(torch.randn(1, 3, 227, 227))
+        >>> bool((pre["conv1.0"] < 0).any()), bool((pre["conv1.1"] < 0).any())  # before/after ReLU
+        (True, False)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        return_nodes: Sequence[str] | Mapping[str, str],
+        *,
+        backend: Backend = "auto",
+        tracer_kwargs: Mapping[str, Any] | None = None,
+        concrete_args: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise FeaturescopeError(
+                f"FeatureTap needs a torch.nn.Module, got {type(model).__name__}"
+            )
+        if backend not in _BACKENDS:
+            raise FeaturescopeError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        self.model = model
+        #: The backend in use, ``"fx"`` or ``"hooks"``.
+        self.backend: str = backend
+        self.return_nodes = _normalize_return_nodes(return_nodes)
+        #: Why fx was not used, when ``backend="auto"`` fell back to hooks.
+        self.fallback_reason: str | None = None
+        self._fx: dict[bool, FxProgram] | None = None
+        self._hooks: HookProgram | None = None
+        traces: list[Trace] | None = None
+        if backend in ("auto", "fx"):
+            try:
+                traces = [
+                    trace(model, mode, tracer_kwargs, concrete_args) for mode in (True, False)
+                ]
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                if backend == "fx":
+                    raise FeaturescopeError(
+                        f"torch.fx cannot trace {type(model).__name__} ({reason}). Use "
+                        "backend='hooks' (module names only) or backend='auto'."
+                    ) from exc
+                self.fallback_reason = reason
+                warnings.warn(
+                    f"torch.fx cannot trace {type(model).__name__}, so FeatureTap uses forward "
+                    f"hooks instead (module names only, whole modules). Reason: {reason}",
+                    FeaturescopeWarning,
+                    stacklevel=2,
+                )
+        if traces is not None:
+            _check_names(traces, self.return_nodes, model)
+            self._fx = {t.training: build_program(t, self.return_nodes, model) for t in traces}
+            self.backend = "fx"
+        else:
+            fx_names = None
+            if backend == "hooks":
+                try:
+                    fx_names = get_graph_node_names(model)[1]
+                except FeaturescopeError:
+                    fx_names = None
+            self._hooks = HookProgram(model, self.return_nodes, fx_names)
+            self.backend = "hooks"
+
+    @property
+    def aliases(self) -> list[str]:
+        """The keys of the tap's output, in the order of ``return_nodes``."""
+        return list(self.return_nodes.values())
+
+    @property
+    def nodes(self) -> dict[str, str]:
+        """``{alias: node}``: the graph node (or module) each alias resolved to, in the current mode."""
+        return dict(self._current_nodes())
+
+    @property
+    def copied(self) -> list[str]:
+        """Aliases the fx backend copies because a later in-place op overwrites them."""
+        return list(self._fx[self.model.training].copied) if self._fx else []
+
+    def _current_nodes(self) -> Mapping[str, str]:
+        if self._fx is not None:
+            return self._fx[self.model.training].nodes
+        assert self._hooks is not None
+        return self._hooks.nodes
+
+    def _ops(self) -> Mapping[str, str]:
+        if self._fx is not None:
+            return self._fx[self.model.training].ops
+        assert self._hooks is not None
+        return self._hooks.ops
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureTap({type(self.model).__name__}, {self.return_nodes!r}, "
+            f"backend={self.backend!r})"
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Run the model on ``args`` and return ``{alias: output}`` of the requested nodes.
+
+        Raises:
+            InputShapeError: the input does not fit the model.
+            FeaturescopeError: the input is on another device than the model.
+        """
+        self._check_device(args, kwargs)
+        try:
+            if self._fx is not None:
+                result: dict[str, Any] = self._fx[self.model.training].module(*args, **kwargs)
+                return result
+            assert self._hooks is not None
+            return self._hooks(self.model, *args, **kwargs)
+        except RuntimeError as exc:
+            message = str(exc)
+            if any(word in message for word in _SHAPE_WORDS):
+                shapes = ", ".join(str(list(a.shape)) for a in args if isinstance(a, torch.Tensor))
+                raise InputShapeError(
+                    f"{type(self.model).__name__} cannot run on an input of shape {shapes}: "
+                    f"{message}. Check the image size and channels the model expects "
+                    "(featurescope.get_model_info(name).input_size for zoo models)."
+                ) from exc
+            raise
+
+    def _check_device(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        device = _model_device(self.model)
+        if not tensors or device is None:
+            return
+        if tensors[0].device != device:
+            raise FeaturescopeError(
+                f"the model is on {device} but the input is on {tensors[0].device}; move one "
+                f"to the other: model.to({str(tensors[0].device)!r}) or x.to({str(device)!r})."
+            )
+
+    def summary(
+        self,
+        input_size: Sequence[int] | None = None,
+        *,
+        print_fn: Callable[[str], Any] | None = print,
+    ) -> list[NodeSummary]:
+        """Print and return each tapped node's op, output shape and parameters, like torchsummary.
+
+        The model runs once on zeros in eval mode (no BatchNorm statistics change) on its own
+        device; every submodule's mode is restored afterwards.
+
+        Args:
+            input_size: ``(C, H, W)`` of one input; default: the zoo model's input size.
+            print_fn: where to print the table; ``None`` prints nothing.
+
+        Returns:
+            One :class:`NodeSummary` per tapped node, in the order of ``return_nodes``.
+
+        Raises:
+            FeaturescopeError: no ``input_size`` was given and the model is not from the zoo.
+
+        Example:
+            >>> import featurescope as fs
+            >>> tap = fs.FeatureTap(fs.create_model("alexnet"), ["conv1", "fc.4"])
+            >>> rows = tap.summary(print_fn=None)
+            >>> [(r.node, r.op, r.output_shape, r.params) for r in rows]
+            [('conv1.2', 'MaxPool2d', (-1, 96, 27, 27), 34944), ('fc.4', 'ReLU', (-1, 2048), 0)]
+        """
+        size = tuple(input_size) if input_size is not None else _zoo_input_size(self.model)
+        if size is None:
+            raise FeaturescopeError(
+                f"summary needs input_size=(C, H, W) for {type(self.model).__name__}, which is "
+                "not a featurescope zoo model"
+            )
+        device = _model_device(self.model) or torch.device("cpu")
+        x = torch.zeros(2, *size, device=device)
+        with training_mode(self.model, False), torch.no_grad():
+            outputs = self(x)
+            nodes, ops = dict(self._current_nodes()), dict(self._ops())
+        modules = dict(self.model.named_modules())
+        rows = []
+        for query, alias in self.return_nodes.items():
+            value = outputs[alias]
+            shape = (-1, *value.shape[1:]) if isinstance(value, torch.Tensor) else ()
+            module = modules.get(query)
+            params = sum(p.numel() for p in module.parameters()) if module is not None else 0
+            rows.append(NodeSummary(alias, nodes[alias], ops[alias], tuple(shape), params))
+        if print_fn is not None:
+            print_fn(_format_summary(rows, self.model))
+        return rows
+
+    def extract(
+        self,
+        data: Dataset[Any] | DataLoader[Any],
+        *,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        reduce: Reduce = None,
+        out: str | os.PathLike[str] | None = None,
+        progress: bool = True,
+        num_workers: int = 0,
+        overwrite: bool = False,
+    ) -> Extraction:
+        """Run the tap over a whole dataset, in memory or streamed to disk.
+
+        See :func:`featurescope._tap_extract.extract` for the details and the on-disk format.
+
+        Args:
+            data: a map-style ``Dataset`` whose items are an image tensor or a tuple
+                ``(image, label, ...)``, or a ``DataLoader`` over one (its batch size, collate
+                function and workers are used; its order is fixed once at the start).
+            batch_size: images per forward when ``data`` is a Dataset.
+            device: where to run; default: the model's device. The model must already be there.
+            reduce: ``None`` (keep feature maps), ``"flatten"``, ``"avgpool"`` (mean over the
+                spatial dims) or a callable ``tensor -> tensor``; applied on the device.
+            out: a folder to stream to (one ``.npy`` per node plus ``manifest.json``); an
+                interrupted extraction into the same folder resumes where it stopped.
+            progress: show a tqdm progress bar.
+            num_workers: DataLoader workers when ``data`` is a Dataset.
+            overwrite: replace a different extraction already in ``out``.
+
+        Returns:
+            An :class:`~featurescope._tap_extract.Extraction`: ``features`` (``{alias: array}``),
+            ``sample_ids``, ``labels`` and ``paths`` where the dataset has them.
+        """
+        from featurescope._tap_extract import extract
+
+        return extract(
+            self,
+            data,
+            batch_size=batch_size,
+            device=device,
+            reduce=reduce,
+            out=out,
+            progress=progress,
+            num_workers=num_workers,
+            overwrite=overwrite,
+        )
+
+
+def _normalize_return_nodes(return_nodes: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    if isinstance(return_nodes, str):
+        return_nodes = [return_nodes]
+    if isinstance(return_nodes, Mapping):
+        pairs = [(str(k), str(v)) for k, v in return_nodes.items()]
+    else:
+        pairs = [(str(n), str(n)) for n in return_nodes]
+    if not pairs:
+        raise FeaturescopeError(
+            "return_nodes is empty; name at least one node, e.g. ['conv1'] "
+            "(featurescope.get_graph_node_names(model) lists them)."
+        )
+    result: dict[str, str] = {}
+    by_alias: dict[str, str] = {}
+    for node, alias in pairs:
+        if node in result:
+            raise FeaturescopeError(f"return_nodes names node {node!r} twice; name it once.")
+        if alias in by_alias:
+            raise FeaturescopeError(
+                f"return_nodes gives alias {alias!r} to both {by_alias[alias]!r} and {node!r}; "
+                "aliases are the output's keys and must differ."
+            )
+        result[node] = alias
+        by_alias[alias] = node
+    return result
+
+
+def _check_names(
+    traces: Sequence[Trace], return_nodes: Mapping[str, str], model: nn.Module
+) -> None:
+    """Raise for a name in neither graph, or in only one of the training and eval graphs."""
+    for query in return_nodes:
+        found = [t for t in traces if resolve_node(query, t.names) is not None]
+        if not found:
+            names = list(dict.fromkeys(n for t in traces for n in t.names))
+            raise node_not_found(query, names, model, "in training or eval mode")
+        if len(found) < len(traces):
+            mode = "training" if found[0].training else "eval"
+            raise NodeNotFoundError(
+                f"node {query!r} of {type(model).__name__} exists only in {mode} mode (the model "
+                "branches on self.training); FeatureTap needs nodes present in both modes. "
+                "Compare the two lists of featurescope.get_graph_node_names(model)."
+            )
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
+    return None
+
+
+def _zoo_input_size(model: nn.Module) -> tuple[int, ...] | None:
+    from featurescope.zoo import model_info_of
+
+    info = model_info_of(model)
+    return info.input_size if info is not None else None
+
+
+def _format_summary(rows: Sequence[NodeSummary], model: nn.Module) -> str:
+    headers: tuple[str, ...] = ("Node", "Alias", "Op", "Output shape", "Params")
+    table: list[tuple[str, ...]] = [
+        (r.node, r.alias, r.op, str(list(r.output_shape)), f"{r.params:,}") for r in rows
+    ]
+    if all(r.alias == r.node for r in rows):
+        headers, table = headers[:1] + headers[2:], [row[:1] + row[2:] for row in table]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i == len(cells) - 1 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    rule = "-" * len(line(headers))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return "\n".join(
+        [
+            rule,
+            line(headers),
+            rule,
+            *(line(row) for row in table),
+            rule,
+            f"Total params: {total:,}",
+            f"Trainable params: {trainable:,}",
+            rule,
+        ]
+    )
