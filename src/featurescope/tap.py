@@ -35,6 +35,7 @@ from featurescope._tap_fx import (
     training_mode,
 )
 from featurescope._tap_hooks import HookProgram
+from featurescope._tap_store import Extraction, load_features, merge_features
 from featurescope.errors import (
     FeaturescopeError,
     FeaturescopeWarning,
@@ -46,9 +47,15 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader, Dataset
 
     from featurescope._tap_extract import Reduce
-    from featurescope._tap_store import Extraction
 
-__all__ = ["FeatureTap", "NodeSummary", "get_graph_node_names"]
+__all__ = [
+    "Extraction",
+    "FeatureTap",
+    "NodeSummary",
+    "get_graph_node_names",
+    "load_features",
+    "merge_features",
+]
 
 Backend = Literal["auto", "fx", "hooks"]
 _BACKENDS = ("auto", "fx", "hooks")
