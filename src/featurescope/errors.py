@@ -31,15 +31,41 @@ __all__ = [
 
 
 class FeaturescopeError(Exception):
-    """Base class of every error featurescope raises on purpose."""
+    """Base class of every error featurescope raises on purpose.
+
+    Example:
+        >>> import featurescope as fs
+        >>> try:
+        ...     fs.create_model("alexnet", num_classes=0)
+        ... except fs.FeaturescopeError as err:
+        ...     print(err)
+        num_classes must be a positive integer, got 0
+    """
 
 
 class FeaturescopeWarning(UserWarning):
-    """Base class of featurescope's warnings (e.g. a fallback from torch.fx to hooks)."""
+    """Base class of featurescope's warnings (e.g. a fallback from torch.fx to hooks).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("error", FeaturescopeWarning)  # make them errors
+        ...     issubclass(FeaturescopeWarning, UserWarning)
+        True
+    """
 
 
 class UnknownNameError(FeaturescopeError, KeyError):
-    """A model, visualizer or other registered name does not exist."""
+    """A model, visualizer or other registered name does not exist.
+
+    Example:
+        >>> import featurescope as fs
+        >>> try:
+        ...     fs.create_model("alexnett")
+        ... except KeyError as err:  # an UnknownNameError is a KeyError too
+        ...     print(str(err).split(".")[0])
+        unknown model 'alexnett'
+    """
 
     def __str__(self) -> str:
         # KeyError.__str__ would wrap the message in quotes.
@@ -47,27 +73,83 @@ class UnknownNameError(FeaturescopeError, KeyError):
 
 
 class NodeNotFoundError(UnknownNameError):
-    """A graph node name given to :class:`~featurescope.FeatureTap` is not in the model."""
+    """A graph node name given to :class:`~featurescope.FeatureTap` is not in the model.
+
+    Example:
+        >>> import featurescope as fs
+        >>> try:
+        ...     fs.FeatureTap(fs.create_model("alexnet"), ["conv9"])
+        ... except fs.NodeNotFoundError as err:
+        ...     "get_graph_node_names" in str(err)
+        True
+    """
 
 
 class InputShapeError(FeaturescopeError, ValueError):
-    """An input tensor has the wrong shape for the model (e.g. 224×224 for a 227×227 net)."""
+    """An input tensor has the wrong shape for the model (e.g. 224×224 for a 227×227 net).
+
+    Example:
+        >>> import torch, featurescope as fs
+        >>> try:
+        ...     fs.create_model("alexnet")(torch.zeros(1, 3, 224, 224))
+        ... except fs.InputShapeError as err:
+        ...     "[N, 3, 227, 227]" in str(err)
+        True
+    """
 
 
 class CheckpointError(FeaturescopeError, ValueError):
-    """A checkpoint file is missing, corrupt, or does not fit the model."""
+    """A checkpoint file is missing, corrupt, or does not fit the model.
+
+    Example:
+        >>> import featurescope as fs
+        >>> try:
+        ...     fs.load_checkpoint("no-such-file.safetensors")
+        ... except fs.CheckpointError as err:
+        ...     print(err)
+        checkpoint 'no-such-file.safetensors' does not exist or is not a file
+    """
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint can only be read by unpickling arbitrary objects, which may run code."""
+    """A checkpoint can only be read by unpickling arbitrary objects, which may run code.
+
+    Example:
+        >>> import tempfile, torch, featurescope as fs
+        >>> path = tempfile.mkdtemp() + "/whole-model.pt"
+        >>> torch.save(fs.create_model("alexnet_half"), path)  # pickles the whole object
+        >>> try:
+        ...     fs.load_checkpoint(path, model_name="alexnet_half")
+        ... except fs.UnsafeCheckpointError as err:
+        ...     "--trust-pickle" in str(err)
+        True
+    """
 
 
 class WeightsUnavailableError(FeaturescopeError, OSError):
-    """Pretrained weights are neither cached locally nor downloadable."""
+    """Pretrained weights are neither cached locally nor downloadable.
+
+    The message names the file to fetch and the folder to put it in.
+
+    Example:
+        >>> issubclass(WeightsUnavailableError, OSError)  # handled like any I/O failure
+        True
+    """
 
 
 class IndexFileError(FeaturescopeError, ValueError):
-    """A saved :class:`~featurescope.EmbeddingIndex` file is truncated, corrupt or foreign."""
+    """A saved :class:`~featurescope.EmbeddingIndex` file is truncated, corrupt or foreign.
+
+    Example:
+        >>> import pathlib, tempfile, featurescope as fs
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "index.safetensors"
+        >>> _ = path.write_bytes(b"not an index")
+        >>> try:
+        ...     fs.EmbeddingIndex.load(path)
+        ... except fs.IndexFileError:
+        ...     print("refused")
+        refused
+    """
 
 
 class EmbeddingIndexError(FeaturescopeError, ValueError):
@@ -75,15 +157,42 @@ class EmbeddingIndexError(FeaturescopeError, ValueError):
 
     For example NaN in a vector, a duplicate id, ``k`` larger than the index, or a search of an
     empty index. Vectors of the wrong shape raise :class:`InputShapeError` instead.
+
+    Example:
+        >>> import torch, featurescope as fs
+        >>> index = fs.EmbeddingIndex(4)
+        >>> try:
+        ...     index.search(torch.zeros(1, 4), k=1)
+        ... except fs.EmbeddingIndexError:
+        ...     print("empty index")
+        empty index
     """
 
 
 class PluginError(FeaturescopeError):
-    """A plugin failed to load, raised inside a hook, or clashed with another plugin."""
+    """A plugin failed to load, raised inside a hook, or clashed with another plugin.
+
+    Example:
+        >>> import featurescope as fs
+        >>> try:
+        ...     fs.unregister_plugin("no-such-plugin")
+        ... except fs.PluginError as err:
+        ...     "no-such-plugin" in str(err)
+        True
+    """
 
 
 class VisualizationError(FeaturescopeError, ValueError):
-    """A visualizer was given an option value or data it cannot draw (e.g. ``alpha=2``)."""
+    """A visualizer was given an option value or data it cannot draw (e.g. ``alpha=2``).
+
+    Example:
+        >>> import torch, featurescope as fs
+        >>> try:
+        ...     fs.visualize("overlay", torch.rand(4, 4), image=torch.rand(3, 8, 8), alpha=2)
+        ... except fs.VisualizationError:
+        ...     print("alpha must be in [0, 1]")
+        alpha must be in [0, 1]
+    """
 
 
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 5) -> str:

@@ -322,6 +322,17 @@ def unregister_plugin(name: str) -> None:
 
     Raises:
         PluginError: no plugin has that name.
+
+    Example:
+        >>> import types
+        >>> from featurescope import hookimpl
+        >>> plugin = types.SimpleNamespace(
+        ...     featurescope_register_visualizers=hookimpl(lambda: {"noop_doc": print}))
+        >>> register_plugin(plugin, name="doc-noop")
+        'doc-noop'
+        >>> unregister_plugin("doc-noop")
+        >>> "doc-noop" in [p.name for p in list_plugins()]
+        False
     """
     pm = get_plugin_manager()
     with _lock:

@@ -43,6 +43,19 @@ class ModelSpec:
         preprocessing: how images must be prepared for it, or ``None`` if unknown.
         description: one line shown by ``featurescope models``.
         stages: names of the submodules that make the study's stages, in order.
+
+    Example:
+        A plugin returns specs from its ``featurescope_register_models`` hook:
+
+        >>> import torch.nn as nn
+        >>> from featurescope import Preprocessing
+        >>> spec = ModelSpec(
+        ...     lambda num_classes=5: nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes)),
+        ...     preprocessing=Preprocessing(resize=36, crop=32),
+        ...     description="a linear probe on 32×32 crops",
+        ... )
+        >>> spec.input_size
+        (3, 32, 32)
     """
 
     builder: Builder
@@ -58,7 +71,15 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class ModelInfo(ModelSpec):
-    """A registered model: its :class:`ModelSpec`, its name, and the plugin that provides it."""
+    """A registered model: its :class:`ModelSpec`, its name, and the plugin that provides it.
+
+    Example:
+        >>> info = get_model_info("alexnet_half")
+        >>> info.name, info.plugin, info.stages
+        ('alexnet_half', 'featurescope.zoo.alexnet', ('conv1', 'conv2', 'conv3', 'fc'))
+        >>> info.preprocessing.crop
+        227
+    """
 
     name: str = ""
     plugin: str = ""

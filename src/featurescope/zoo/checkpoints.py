@@ -128,6 +128,15 @@ def read_checkpoint_metadata(path: PathLike) -> dict[str, Any]:
 
     A plain state dict (``.pt``/``.pth``, or a foreign safetensors file) records none of these,
     and gives ``{}``.
+
+    Example:
+        >>> import tempfile, featurescope as fs
+        >>> model = fs.create_model("alexnet_half", num_classes=2)
+        >>> path = fs.save_checkpoint(model, tempfile.mkdtemp() + "/m.safetensors",
+        ...                           class_names=["cat", "dog"], val_acc=0.75)
+        >>> meta = fs.read_checkpoint_metadata(path)
+        >>> meta["model"], meta["num_classes"], meta["class_names"], meta["val_acc"]
+        ('alexnet_half', 2, ['cat', 'dog'], 0.75)
     """
     p = _existing(path)
     if _kind(p) != "safetensors":
@@ -321,6 +330,15 @@ def convert_checkpoint(
 
     Raises:
         UnsafeCheckpointError: the file needs unpickling and ``trust_pickle`` is false.
+
+    Example:
+        >>> import tempfile, torch, featurescope as fs
+        >>> folder = tempfile.mkdtemp()
+        >>> torch.save(fs.create_model("alexnet_half"), folder + "/pickled.pt")  # a whole model
+        >>> out = fs.convert_checkpoint(folder + "/pickled.pt", folder + "/safe.safetensors",
+        ...                             model_name="alexnet_half", trust_pickle=True)
+        >>> fs.load_checkpoint(out).featurescope_info["model"]
+        'alexnet_half'
     """
     from featurescope.zoo._registry import create_model
 
