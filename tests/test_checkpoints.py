@@ -271,3 +271,21 @@ def test_not_a_state_dict(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(fs.CheckpointError, match="state dict"):
         checkpoints.read_state_dict(tmp_path / "list.pt")
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    from featurescope._io import atomic_open
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_open(tmp_path / "new.txt") as fh:
+            fh.write("x")
+        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "new.txt").chmod(0o600)
+        with atomic_open(tmp_path / "new.txt") as fh:
+            fh.write("y")
+        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o600  # kept on replace
+    finally:
+        os.umask(umask)
