@@ -287,3 +287,21 @@ def test_hook_featurescope_features_extracted(tmp_path, tap):
     assert info["model"] == "TinyNet" and info["num_samples"] == 5
     assert info["nodes"]["conv"] == "features.0" and info["out"] == str(tmp_path)
     np.testing.assert_array_equal(info["sample_ids"], np.arange(5))
+
+
+def test_resume_with_a_shuffling_loader_keeps_the_first_runs_order(tmp_path, tap):
+    data = Images(9, fail_at=4)
+    loader = DataLoader(data, batch_size=2, shuffle=True)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        tap.extract(loader, out=tmp_path, progress=False)
+    first_order = json.loads((tmp_path / "manifest.json").read_text())["sample_ids"]
+    result = tap.extract(loader, out=tmp_path, progress=False)  # the loader would draw anew
+    assert list(result.sample_ids) == first_order
+    assert sorted(first_order) == list(range(9))
+    ref = reference(tap, Images(9))
+    np.testing.assert_allclose(result["logits"], ref["logits"][first_order], rtol=1e-5, atol=1e-6)
+
+
+def test_empty_dataset_is_a_clear_error(tap):
+    with pytest.raises(FeaturescopeError, match="empty"):
+        tap.extract(Images(0), progress=False)

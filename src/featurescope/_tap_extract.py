@@ -127,6 +127,15 @@ def _distributed_part(sampler: DistributedSampler[Any], n: int) -> np.ndarray:
 def _plan(
     data: Dataset[Any] | DataLoader[Any], batch_size: int, num_workers: int, rank: int, world: int
 ) -> _Plan:
+    plan = _plan_order(data, batch_size, num_workers, rank, world)
+    if len(plan.dataset) == 0:  # type: ignore[arg-type]
+        raise FeaturescopeError("the dataset is empty; there is nothing to extract")
+    return plan
+
+
+def _plan_order(
+    data: Dataset[Any] | DataLoader[Any], batch_size: int, num_workers: int, rank: int, world: int
+) -> _Plan:
     if isinstance(data, DataLoader):
         dataset = data.dataset
         if isinstance(dataset, IterableDataset) or data.batch_size is None:

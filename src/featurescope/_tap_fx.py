@@ -449,6 +449,5 @@ def build_program(traced: Trace, return_nodes: Mapping[str, str], model: nn.Modu
     copied = _protect_inplace(graph, module, outputs)
     output.args = (dict(outputs),)
     graph.lint()
-    module.delete_all_unused_submodules()
     module.recompile()
     return FxProgram(module, resolved, ops, copied)

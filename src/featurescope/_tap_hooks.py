@@ -83,8 +83,8 @@ class HookProgram:
     Args:
         model: the model.
         return_nodes: ``{module name: alias}``; names as in ``model.named_modules()``.
-        fx_names: the model's fx node names, when a trace succeeded, to tell "not a module"
-            apart from "no such name" in errors.
+        fx_names: returns the model's fx node names (``None`` if it cannot be traced); called
+            only to tell "not a module" apart from "no such name" in an error.
 
     Raises:
         NodeNotFoundError: a name is not a submodule of the model.
@@ -95,7 +95,7 @@ class HookProgram:
         self,
         model: nn.Module,
         return_nodes: Mapping[str, str],
-        fx_names: Sequence[str] | None = None,
+        fx_names: Callable[[], Sequence[str] | None] | None = None,
     ) -> None:
         modules = {name: m for name, m in model.named_modules() if name}
         self.targets: dict[str, tuple[str, nn.Module]] = {}
@@ -116,10 +116,14 @@ class HookProgram:
 
     @staticmethod
     def _not_a_module(
-        query: str, model: nn.Module, modules: list[str], fx_names: Sequence[str] | None
+        query: str,
+        model: nn.Module,
+        modules: list[str],
+        fx_names: Callable[[], Sequence[str] | None] | None,
     ) -> NodeNotFoundError:
         kind = type(model).__name__
-        if fx_names is not None and query in fx_names:
+        names = fx_names() if fx_names is not None else None
+        if names is not None and query in names:
             return NodeNotFoundError(
                 f"node {query!r} of {kind} is an operation, not a module: the hooks backend can "
                 "only tap modules (forward hooks). Use backend='fx' for it, or one of the module "

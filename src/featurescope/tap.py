@@ -210,12 +210,8 @@ class FeatureTap:
             self._fx = {t.training: build_program(t, self.return_nodes, model) for t in traces}
             self.backend = "fx"
         else:
-            fx_names = None
-            if backend == "hooks":
-                try:
-                    fx_names = get_graph_node_names(model)[1]
-                except FeaturescopeError:
-                    fx_names = None
+            # Only asked when a name is not a module, to tell an op ("add") from a typo.
+            fx_names = (lambda: _eval_node_names(model)) if backend == "hooks" else None
             self._hooks = HookProgram(model, self.return_nodes, fx_names)
             self.backend = "hooks"
 
@@ -413,6 +409,13 @@ def _normalize_return_nodes(return_nodes: Sequence[str] | Mapping[str, str]) -> 
         result[node] = alias
         by_alias[alias] = node
     return result
+
+
+def _eval_node_names(model: nn.Module) -> list[str] | None:
+    try:
+        return get_graph_node_names(model)[1]
+    except FeaturescopeError:
+        return None
 
 
 def _check_names(
