@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "featurescope.cli._zoo",
     "featurescope.cli._plugins",
     "featurescope.cli._tap",
+    "featurescope.cli._study",
 )
 
 

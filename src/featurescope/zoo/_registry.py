@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,6 +43,8 @@ class ModelSpec:
         preprocessing: how images must be prepared for it, or ``None`` if unknown.
         description: one line shown by ``featurescope models``.
         stages: names of the submodules that make the study's stages, in order.
+        embedding_node: the graph node whose output is the image embedding used for search by
+            image (the last hidden layer), e.g. ``"fc.4"`` for the zoo AlexNets.
 
     Example:
         A plugin returns specs from its ``featurescope_register_models`` hook:
@@ -62,6 +64,7 @@ class ModelSpec:
     preprocessing: Preprocessing | None = None
     description: str = ""
     stages: tuple[str, ...] = ()
+    embedding_node: str | None = None
 
     @property
     def input_size(self) -> tuple[int, int, int] | None:
@@ -169,6 +172,7 @@ def _spec_fields(spec: ModelSpec) -> dict[str, Any]:
         "preprocessing": spec.preprocessing,
         "description": spec.description,
         "stages": spec.stages,
+        "embedding_node": spec.embedding_node,
     }
 
 
@@ -210,17 +214,20 @@ def create_model(
     *,
     num_classes: int | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
+    class_names: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model by name, optionally loading a checkpoint into it.
 
     Args:
         name: a name from :func:`list_models`.
-        num_classes: size of the classifier's output. Defaults to 5 (the study's classes), or
-            to the number recorded in ``checkpoint``.
+        num_classes: size of the classifier's output. Defaults to 5 (the study's classes), to
+            the number recorded in ``checkpoint``, or to ``len(class_names)``.
         checkpoint: a featurescope ``.safetensors`` checkpoint or a ``.pt``/``.pth`` state
             dict (read with ``weights_only=True``). Pickled whole models are refused; see
             ``featurescope convert``.
+        class_names: the label names in class-index order, kept in ``featurescope_info`` and
+            written into checkpoints (default: the checkpoint's).
         **kwargs: passed to the model's builder.
 
     Returns:
@@ -233,17 +240,22 @@ def create_model(
         26830213
     """
     info = get_model_info(name)
-    class_names: list[str] | None = None
+    names = list(class_names) if class_names is not None else None
+    if names is not None and num_classes is None:
+        num_classes = len(names)
     if checkpoint is not None:
         from featurescope.zoo.checkpoints import read_checkpoint_metadata
 
         meta = read_checkpoint_metadata(checkpoint)
         if num_classes is None and meta.get("num_classes") is not None:
             num_classes = int(meta["num_classes"])
-        class_names = meta.get("class_names")
+        if names is None:
+            names = meta.get("class_names")
     num_classes = DEFAULT_NUM_CLASSES if num_classes is None else num_classes
     if not isinstance(num_classes, int) or num_classes < 1:
         raise FeaturescopeError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if names is not None and len(names) != num_classes:
+        raise FeaturescopeError(f"{len(names)} class names given for {num_classes} classes")
     model = info.builder(num_classes=num_classes, **kwargs)
     if not isinstance(model, nn.Module):
         raise FeaturescopeError(
@@ -253,7 +265,7 @@ def create_model(
     model.featurescope_info = {  # type: ignore[assignment]
         "model": name,
         "num_classes": num_classes,
-        "class_names": class_names,
+        "class_names": names,
     }
     if checkpoint is not None:
         from featurescope.zoo.checkpoints import load_weights

@@ -158,6 +158,8 @@ def alexnet_half(num_classes: int = 5, **kwargs: object) -> AlexNet:
 
 
 _STAGES = ("conv1", "conv2", "conv3", "fc")
+#: The last hidden layer: the ReLU after the second linear layer, 2048-d.
+EMBEDDING_NODE = "fc.4"
 
 
 @hookimpl
@@ -168,11 +170,13 @@ def featurescope_register_models() -> Mapping[str, ModelSpec]:
             STUDY_PREPROCESSING,
             "the study's AlexNet, convs 96-256-384-384-256, 2048-wide classifier",
             _STAGES,
+            EMBEDDING_NODE,
         ),
         "alexnet_half": ModelSpec(
             alexnet_half,
             STUDY_PREPROCESSING,
             "AlexNet with every conv halved, 48-128-192-192-128 (one GPU's half)",
             _STAGES,
+            EMBEDDING_NODE,
         ),
     }

@@ -76,5 +76,6 @@ def featurescope_register_models() -> Mapping[str, ModelSpec]:
             TV_PREPROCESSING,
             "torchvision's AlexNet, convs 64-192-384-256-256, 4096-wide classifier",
             ("features", "avgpool", "classifier"),
+            "classifier.5",
         ),
     }

@@ -1,0 +1,324 @@
+"""``featurescope train``, ``maps``, ``index build``, ``index search`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+_DATA_HELP = (
+    "image folder with train/ (and val/, test/) holding one subfolder per class "
+    "(default: the bundled synthetic dataset)"
+)
+
+
+def _lr_schedule(text: str) -> dict[int, float]:
+    """Parse ``1:0.01,19:0.003`` (or a single rate ``0.001``) into ``{epoch: lr}``."""
+    try:
+        if ":" not in text:
+            return {1: float(text)}
+        pairs = (item.split(":") for item in text.split(","))
+        return {int(epoch): float(lr) for epoch, lr in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected FIRST_EPOCH:LR pairs like 1:0.01,19:0.003, got {text!r}"
+        ) from None
+
+
+def _model_options(p: argparse.ArgumentParser, *, default: str | None = "alexnet") -> None:
+    p.add_argument("--model", default=default, help=f"zoo model name (default: {default})")
+    p.add_argument(
+        "--checkpoint",
+        help="weights to load: a featurescope .safetensors checkpoint (it names its model) or a "
+        ".pt/.pth state dict (default: random weights)",
+    )
+
+
+def register(subparsers: Any) -> None:
+    t = subparsers.add_parser(
+        "train",
+        help="train a zoo model on an image folder, with checkpoints and resume",
+        description=(
+            "Train a zoo model on DATA/train, validating on DATA/val (or 20%% of train held "
+            "out, or DATA/test). Each epoch writes last.safetensors, best.safetensors, "
+            "history.json and a resume state to --out; running the same command again resumes "
+            "after the last finished epoch. Defaults come from --preset, and each option "
+            "overrides its part of it."
+        ),
+    )
+    t.add_argument("model", help="zoo model name, e.g. alexnet or alexnet_half")
+    t.add_argument("--data", help=_DATA_HELP)
+    t.add_argument("--preset", default="quick", help="quick (CPU minutes) or study (150 epochs)")
+    t.add_argument("--epochs", type=int, help="total epochs (default: the preset's)")
+    t.add_argument("--batch-size", type=int, help="default: the preset's first")
+    t.add_argument(
+        "--lr-schedule",
+        type=_lr_schedule,
+        metavar="E:LR,...",
+        help="first epoch of each learning rate, e.g. the study's 1:0.01,19:0.003",
+    )
+    t.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="default: the preset's")
+    t.add_argument("--out", help="checkpoint folder (default: featurescope-runs/MODEL-bsB)")
+    t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=_train)
+
+    m = subparsers.add_parser(
+        "maps",
+        help="draw an image's feature maps at chosen layers, per channel and summed",
+        description=(
+            "Preprocess IMAGE as the model expects, tap the given layers, and write for each "
+            "layer LAYER_grid.png (every channel) and LAYER_sum.png (summed over channels)."
+        ),
+    )
+    m.add_argument("image", help="an image file")
+    _model_options(m)
+    m.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="NODE",
+        help="node or stage names (default: the model's conv stages; see 'featurescope nodes')",
+    )
+    m.add_argument("--max-channels", type=int, default=None, help="strongest channels shown")
+    m.add_argument("--out", default="featurescope-maps", help="output folder")
+    m.set_defaults(func=_maps)
+
+    index = subparsers.add_parser(
+        "index",
+        help="build an embedding index of a folder's images, or search one by image",
+        description="Search by image: 'index build' embeds a folder, 'index search' queries it.",
+    )
+    sub = index.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    b = sub.add_parser(
+        "build",
+        help="embed every image of a folder and save an EmbeddingIndex",
+        description=(
+            "Embed every image under FOLDER (class subfolders, or a dataset root whose train/ "
+            "holds them) with the model's last hidden layer and save an EmbeddingIndex with the "
+            "images' labels and paths. A sidecar OUT.json records the model for 'index search'."
+        ),
+    )
+    b.add_argument("folder", help="image folder (class subfolders) or dataset root with train/")
+    _model_options(b)
+    b.add_argument("--node", help="embedding node (default: the model's last hidden layer)")
+    b.add_argument("--out", default="featurescope-index.safetensors", help="index file")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_index_build)
+
+    s = sub.add_parser(
+        "search",
+        help="find the images nearest to query images, and draw a montage",
+        description=(
+            "Embed each IMAGE with the model recorded beside INDEX, print its K nearest "
+            "indexed images (distance, label, path) and write a montage figure."
+        ),
+    )
+    s.add_argument("index", help="an index file written by 'featurescope index build'")
+    s.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
+    s.add_argument("-k", type=int, default=10, help="neighbours per query (default: 10)")
+    s.add_argument("--out", default="featurescope-search.png", help="montage figure")
+    s.set_defaults(func=_index_search)
+
+    d = subparsers.add_parser(
+        "demo",
+        help="reproduce the study's three experiments and write an HTML report",
+        description=(
+            "Train both AlexNet widths, draw the trained net's feature maps stage by stage, "
+            "search training images by image, and write figures, metrics.json and report.html "
+            "to --out. The quick preset takes a few minutes on a CPU; --preset study runs the "
+            "study's 150-epoch schedule (use a GPU). Finished training runs are reused."
+        ),
+    )
+    d.add_argument("--out", default="featurescope-demo", help="output folder")
+    d.add_argument("--data", help=_DATA_HELP)
+    d.add_argument("--preset", default="quick", help="quick (default) or study")
+    d.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress output")
+    d.set_defaults(func=_demo)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    import featurescope as fs
+    from featurescope.presets import get_preset
+    from featurescope.study import open_study_data
+    from featurescope.train import train
+
+    preset = get_preset(args.preset)
+    splits = open_study_data(args.data, preset)
+    kwargs = preset.train_kwargs(args.batch_size)
+    overrides = {
+        "epochs": args.epochs,
+        "lr_schedule": args.lr_schedule,
+        "optimizer": args.optimizer,
+    }
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    out = Path(args.out or f"featurescope-runs/{args.model}-bs{kwargs['batch_size']}")
+    torch.manual_seed(args.seed)
+    model = fs.create_model(args.model, class_names=splits.classes)
+    history = train(
+        model,
+        splits.train,
+        splits.eval,
+        device=args.device,
+        seed=args.seed,
+        checkpoint_dir=out,
+        progress=not args.quiet,
+        **kwargs,
+    )
+    print(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'val acc':>8}")
+    for epoch in range(history.epochs):
+        val = f"{history.val_acc[epoch]:8.3f}" if history.val_acc else f"{'-':>8}"
+        print(
+            f"{epoch + 1:>5} {history.train_loss[epoch]:>10.4f} "
+            f"{history.train_acc[epoch]:>9.3f} {val}"
+        )
+    print(f"checkpoints in {out}: best.safetensors (epoch {history.best_epoch}), last.safetensors")
+    return 0
+
+
+def _load_model(model: str | None, checkpoint: str | None) -> Any:
+    import featurescope as fs
+
+    if checkpoint is None:
+        if model is None:
+            raise fs.FeaturescopeError("pass --model (or a --checkpoint that names its model)")
+        return fs.create_model(model).eval()
+    meta = fs.read_checkpoint_metadata(checkpoint)
+    return fs.load_checkpoint(checkpoint, model_name=None if meta.get("model") else model)
+
+
+def _preprocess(model: Any) -> Any:
+    import featurescope as fs
+    from featurescope.zoo import model_info_of
+
+    info = model_info_of(model)
+    preprocessing = info.preprocessing if info and info.preprocessing else fs.STUDY_PREPROCESSING
+    return preprocessing, preprocessing.transform()
+
+
+def _maps(args: argparse.Namespace) -> int:
+    import featurescope as fs
+    from featurescope.study import stage_maps
+
+    model = _load_model(args.model, args.checkpoint)
+    _, transform = _preprocess(model)
+    image = transform(_read_image(args.image))
+    maps = stage_maps(model, image, args.layers)
+    out = Path(args.out)
+    for layer, tensor in maps.items():
+        if tensor.dim() != 3:
+            print(f"{layer}: {list(tensor.shape)} is not a [C, H, W] map; skipped")
+            continue
+        title = f"{layer} {list(tensor.shape)}"
+        grid = fs.visualize("grid", tensor, max_channels=args.max_channels, title=title)
+        fs.save_figure(grid, out / f"{layer}_grid.png")
+        fs.save_figure(
+            fs.visualize("sum", tensor, title=f"{title}, summed"), out / f"{layer}_sum.png"
+        )
+        print(f"{layer}: {list(tensor.shape)} -> {out / f'{layer}_grid.png'}, {layer}_sum.png")
+    return 0
+
+
+def _read_image(path: str) -> Any:
+    from featurescope.data.folders import load_rgb
+    from featurescope.errors import FeaturescopeError
+
+    try:
+        return load_rgb(path)
+    except (OSError, ValueError) as exc:
+        raise FeaturescopeError(f"cannot read image {path!r}: {exc}") from exc
+
+
+def _sidecar(index_path: str | Path) -> Path:
+    return Path(f"{index_path}.json")
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    from featurescope._io import atomic_open
+    from featurescope.data import ImageFolder
+    from featurescope.study import embed, index_embeddings
+
+    folder = Path(args.folder)
+    model = _load_model(args.model, args.checkpoint)
+    _, transform = _preprocess(model)
+    dataset = ImageFolder(folder / "train" if (folder / "train").is_dir() else folder, transform)
+    extraction = embed(
+        model, dataset, node=args.node, batch_size=args.batch_size, progress=not args.quiet
+    )
+    index = index_embeddings(extraction)
+    path = index.save(args.out)
+    record = {
+        "model": model.featurescope_info["model"],
+        "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+        "node": args.node or extraction.nodes.get("embedding"),
+        "classes": dataset.classes,
+    }
+    with atomic_open(_sidecar(path)) as fh:
+        json.dump(record, fh, indent=1)
+    print(f"indexed {len(index)} images ({index.dim}-d, {len(dataset.classes)} classes) -> {path}")
+    return 0
+
+
+def _index_search(args: argparse.Namespace) -> int:
+    import torch
+
+    import featurescope as fs
+
+    sidecar = _sidecar(args.index)
+    if not sidecar.is_file():
+        raise fs.FeaturescopeError(
+            f"{sidecar} is missing: it records which model made the index; rebuild the index "
+            "with 'featurescope index build'"
+        )
+    record = json.loads(sidecar.read_text())
+    index = fs.EmbeddingIndex.load(args.index)
+    model = _load_model(record["model"], record["checkpoint"])
+    _, transform = _preprocess(model)
+    batch = torch.stack([transform(_read_image(path)) for path in args.images])
+    with torch.inference_mode():
+        vectors = fs.FeatureTap(model, [record["node"]])(batch)[record["node"]].flatten(1)
+    k = min(args.k, len(index))
+    result = index.search(vectors, k)
+    classes = record.get("classes") or []
+    names = {
+        i: classes[lab] if 0 <= lab < len(classes) else str(lab)
+        for i, lab in zip(index.ids.tolist(), index.labels.tolist(), strict=True)
+    }
+    for query, dists, ids, paths in zip(
+        args.images, result.distances.tolist(), result.ids.tolist(), result.metadata, strict=True
+    ):
+        print(f"{query}:")
+        for rank, (dist, i, path) in enumerate(zip(dists, ids, paths, strict=True), start=1):
+            print(f"  {rank:>3}  {dist:10.4f}  {names.get(i, '?'):<12} {path}")
+    figure = fs.visualize(
+        "montage",
+        result,
+        images=dict(zip(index.ids.tolist(), index.metadata, strict=True)),
+        queries=list(args.images),
+        labels=dict(zip(index.ids.tolist(), index.labels.tolist(), strict=True)),
+        class_names=classes or None,
+        title=f"{k} nearest images",
+    )
+    fs.save_figure(figure, args.out)
+    print(f"montage -> {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from featurescope.demo import run_demo
+
+    run_demo(
+        args.out,
+        data=args.data,
+        preset=args.preset,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    return 0

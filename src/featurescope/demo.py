@@ -1,0 +1,281 @@
+"""``featurescope demo``: the study's three experiments end to end, and a report of them.
+
+:func:`run_demo` draws (or opens) a dataset, trains both AlexNet widths, draws the trained
+net's feature maps stage by stage, searches training images by the last hidden layer, and
+writes every figure, ``metrics.json`` and ``report.html`` into one folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from featurescope import study
+from featurescope._io import atomic_open
+from featurescope.data import ImageFolder
+from featurescope.data.folders import DatasetSplits
+from featurescope.errors import FeaturescopeError
+from featurescope.index import retrieval_metrics
+from featurescope.presets import Preset, get_preset
+from featurescope.visualizers import save as save_figure
+from featurescope.visualizers import visualize
+from featurescope.zoo import create_model, get_model_info
+
+__all__ = ["run_demo"]
+
+PathLike = str | os.PathLike[str]
+#: How many neighbours the retrieval experiment shows and scores, as in the study.
+K = 10
+
+
+def _log(progress: bool) -> Callable[[str], None]:
+    def log(message: str) -> None:
+        if progress:
+            print(f"[featurescope demo] {message}", flush=True)
+
+    return log
+
+
+def _gallery(splits: DatasetSplits) -> ImageFolder:
+    """The training images without augmentation: what search by image looks through."""
+    train = splits.train
+    if splits.val is not None and splits.val.transform is not train.transform:
+        gallery = train.subset(range(len(train)))
+        gallery.transform = splits.val.transform
+        return gallery
+    return train
+
+
+def _width_experiment(
+    splits: DatasetSplits, preset: Preset, out: Path, device: Any, seed: int, progress: bool
+) -> tuple[list[study.WidthRun], dict[str, Any]]:
+    runs = study.compare_widths(
+        splits, preset, out=out / "checkpoints", device=device, seed=seed, progress=progress
+    )
+    figure = visualize(
+        "curves",
+        {run.name: run.history.to_dict() for run in runs},
+        title=f"Width comparison ({preset.name} preset)",
+    )
+    save_figure(figure, out / "width_curves.png")
+    table = [
+        {
+            "run": run.name,
+            "model": run.model,
+            "batch_size": run.batch_size,
+            "epochs": run.history.epochs,
+            "final_train_acc": run.history.train_acc[-1],
+            "final_val_acc": run.history.val_acc[-1] if run.history.val_acc else None,
+            "best_val_acc": run.history.best_val_acc,
+        }
+        for run in runs
+    ]
+    with atomic_open(out / "accuracy.csv") as fh:
+        fh.write("run,model,batch_size,epochs,final_train_acc,final_val_acc,best_val_acc\n")
+        for row in table:
+            fh.write(",".join("" if v is None else str(v) for v in row.values()) + "\n")
+    return runs, {"runs": table, "figure": "width_curves.png", "table": "accuracy.csv"}
+
+
+def _best_full_width(runs: list[study.WidthRun]) -> study.WidthRun:
+    full = [run for run in runs if run.model == "alexnet"] or runs
+    return max(full, key=lambda run: run.history.best_val_acc or 0.0)
+
+
+def _maps_experiment(model: torch.nn.Module, splits: DatasetSplits, out: Path) -> dict[str, Any]:
+    dataset = splits.test or splits.eval or splits.train
+    image, label = dataset[0]
+    path = dataset.samples[0][0]
+    maps = study.stage_maps(model, image)
+    figures: dict[str, dict[str, str]] = {}
+    for stage, tensor in maps.items():
+        if tensor.dim() != 3:
+            continue  # fc's output is a vector of class scores, not a map
+        files = {"grid": f"maps_{stage}_grid.png", "sum": f"maps_{stage}_sum.png"}
+        title = f"{stage} {list(tensor.shape)}"
+        save_figure(
+            visualize(
+                "grid",
+                tensor,
+                max_channels=None,
+                order=None,
+                title=f"{title}, per channel",
+                panel_size=0.9 if tensor.shape[0] <= 96 else 0.6,
+            ),
+            out / files["grid"],
+        )
+        save_figure(
+            visualize("sum", tensor, title=f"{title}, summed over channels"), out / files["sum"]
+        )
+        figures[stage] = files
+    original = get_model_info("alexnet").preprocessing
+    assert original is not None
+    save_figure(
+        visualize(
+            "overlay",
+            maps["conv1"],
+            image=original.denormalize(image),
+            title="conv1, summed, over the input",
+        ),
+        out / "maps_overlay.png",
+    )
+    scores = torch.softmax(maps["fc"], dim=0).tolist() if "fc" in maps else []
+    return {
+        "image": path,
+        "label": splits.classes[label],
+        "shapes": {stage: list(t.shape) for stage, t in maps.items()},
+        "figures": figures,
+        "overlay": "maps_overlay.png",
+        "class_probabilities": dict(zip(splits.classes, scores, strict=False)),
+    }
+
+
+def _retrieval_experiment(
+    model: torch.nn.Module,
+    splits: DatasetSplits,
+    out: Path,
+    device: Any,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
+    gallery = _gallery(splits)
+    queries = splits.test or splits.eval
+    if queries is None:
+        raise FeaturescopeError("search by image needs test or validation images as queries")
+    k = min(K, len(gallery))
+    train_emb = study.embed(model, gallery, device=device, progress=progress)
+    query_emb = study.embed(model, queries, device=device, progress=progress)
+    index = study.index_embeddings(train_emb)
+    scores = retrieval_metrics(index, query_emb["embedding"], query_emb.labels, k=k)
+
+    torch.manual_seed(seed)
+    untrained = create_model("alexnet", class_names=splits.classes)
+    base_index = study.index_embeddings(study.embed(untrained, gallery, progress=progress))
+    base_queries = study.embed(untrained, queries, progress=progress)
+    baseline = retrieval_metrics(base_index, base_queries["embedding"], base_queries.labels, k=k)
+
+    # One query per class (the first of each), as the study's figure shows a few queries.
+    firsts: dict[int, int] = {}
+    for row, label in enumerate(query_emb.labels.tolist()):
+        firsts.setdefault(int(label), row)
+    rows = sorted(firsts.values())
+    result = index.search(query_emb["embedding"][rows], k)
+    labels = dict(zip(index.ids.tolist(), index.labels.tolist(), strict=True))
+    figure = visualize(
+        "montage",
+        result,
+        images={i: p for i, p in zip(index.ids.tolist(), index.metadata, strict=True)},
+        queries=[query_emb.paths[r] for r in rows],
+        labels=labels,
+        query_labels=[int(query_emb.labels[r]) for r in rows],
+        class_names=splits.classes,
+        title=f"Search by image: each query, then its {k} nearest training images",
+    )
+    save_figure(figure, out / "retrieval_montage.png")
+    chance = float(torch.bincount(index.labels).max()) / len(index)
+    return {
+        "k": k,
+        "gallery_size": len(index),
+        "num_queries": len(queries),
+        "trained": scores,
+        "random_weights": baseline,
+        "chance_precision": chance,
+        "figure": "retrieval_montage.png",
+    }
+
+
+def run_demo(
+    out: PathLike = "featurescope-demo",
+    *,
+    data: PathLike | None = None,
+    preset: str | Preset = "quick",
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Reproduce the study's three experiments and write a report of them to ``out``.
+
+    Args:
+        out: the output folder: ``report.html``, ``metrics.json``, ``accuracy.csv``, the
+            figures, and ``checkpoints/`` (a rerun resumes finished training runs from there).
+        data: an image folder with ``train/`` (and ``val/``, ``test/``) of class subfolders;
+            default: the bundled synthetic dataset of the preset.
+        preset: ``"quick"`` (minutes on a CPU) or ``"study"`` (the study's 150-epoch schedule,
+            for a GPU), or a :class:`~featurescope.presets.Preset`.
+        device: where to train and embed; default CUDA when available.
+        seed: seeds the weights, the training and the baseline.
+        progress: print each step and show progress bars.
+
+    Returns:
+        What ``metrics.json`` holds.
+    """
+    from featurescope.report import write_report
+
+    log = _log(progress)
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(seed)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    log("1/4 data")
+    splits = study.open_study_data(data, preset)
+    log(
+        f"    {len(splits.train)} training images of {len(splits.classes)} classes at {splits.root}"
+    )
+
+    log(
+        f"2/4 width comparison: {', '.join(preset.models)} at batch sizes "
+        f"{', '.join(map(str, preset.batch_sizes))}, {preset.epochs} epochs"
+    )
+    t = time.perf_counter()
+    runs, width = _width_experiment(splits, preset, out, device, seed, progress)
+    timings["width_comparison"] = time.perf_counter() - t
+    best = _best_full_width(runs)
+    model = best.load_best()
+    log(f"    best full-width run: {best.name}, val acc {best.history.best_val_acc}")
+
+    log("3/4 feature maps per stage")
+    t = time.perf_counter()
+    maps = _maps_experiment(model, splits, out)
+    timings["feature_maps"] = time.perf_counter() - t
+
+    log("4/4 search by image")
+    t = time.perf_counter()
+    retrieval = _retrieval_experiment(model, splits, out, device, seed, progress)
+    timings["retrieval"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+
+    metrics: dict[str, Any] = {
+        "preset": preset.to_dict(),
+        "data": {
+            "root": str(splits.root),
+            "classes": list(splits.classes),
+            "sizes": {
+                name: len(split)
+                for name, split in (
+                    ("train", splits.train),
+                    ("val", splits.val),
+                    ("test", splits.test),
+                )
+                if split is not None
+            },
+        },
+        "width_comparison": width,
+        "feature_maps": {**maps, "model": best.name},
+        "retrieval": retrieval,
+        "seconds": timings,
+    }
+    with atomic_open(out / "metrics.json") as fh:
+        json.dump(metrics, fh, indent=2)
+    report = write_report(out, metrics)
+    log(f"done in {timings['total']:.0f} s: open {report}")
+    return metrics

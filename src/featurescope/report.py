@@ -1,0 +1,204 @@
+"""The demo's one-page HTML report: every figure and number of ``featurescope demo``.
+
+The page is static and self-contained apart from the figures beside it, which it links by
+relative path; it links only files that exist.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from featurescope._io import atomic_open
+from featurescope._version import __version__
+
+__all__ = ["write_report"]
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
+       color: #222; line-height: 1.45; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.note { background: #f6f8fa; border-left: 4px solid #888; padding: 0.5em 1em; }
+.pair { display: flex; gap: 1em; flex-wrap: wrap; align-items: flex-start; }
+.pair figure { margin: 0; flex: 1 1 300px; }
+"""
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def _table(rows: Sequence[Mapping[str, Any]], columns: list[tuple[str, str]]) -> str:
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(row.get(key))}</td>" for key, _ in columns) + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+class _Page:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.parts: list[str] = []
+
+    def add(self, fragment: str) -> None:
+        self.parts.append(fragment)
+
+    def figure(self, name: str | None, caption: str) -> str:
+        """An ``<img>`` of a file in the report's folder, or a note if it is missing."""
+        if not name or not (self.folder / name).is_file():
+            return f"<p class='note'>Figure not produced: {html.escape(caption)}</p>"
+        src = html.escape(name, quote=True)
+        return (
+            f"<figure><a href='{src}'><img src='{src}' alt='{html.escape(caption, quote=True)}'>"
+            f"</a><figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+
+
+def _width_section(page: _Page, width: Mapping[str, Any], preset: Mapping[str, Any]) -> None:
+    page.add("<h2>1. Width: full AlexNet against its single-GPU half</h2>")
+    schedule = ", ".join(f"epoch ≥ {e}: {lr:g}" for e, lr in preset["lr_schedule"].items())
+    page.add(
+        f"<p>Both widths trained with {html.escape(preset['optimizer'])} ({schedule}), "
+        f"{preset['epochs']} epochs, batch sizes {preset['batch_sizes']}.</p>"
+    )
+    if preset["name"] == "quick":
+        page.add(
+            "<p class='note'>The quick preset trains with Adam: under the study's SGD at lr "
+            "0.01, an AlexNet without normalisation sits at chance for many epochs, far longer "
+            "than a few CPU minutes. <code>featurescope demo --preset study</code> runs the "
+            "study's own schedule (SGD with momentum, lr 0.01 then 0.003 from epoch 19, 150 "
+            "epochs, batch sizes 8 and 16) on a GPU.</p>"
+        )
+    page.add(page.figure(width.get("figure"), "training and validation loss and accuracy"))
+    page.add(
+        _table(
+            list(width["runs"]),
+            [
+                ("run", "run"),
+                ("epochs", "epochs"),
+                ("final_train_acc", "final train acc"),
+                ("final_val_acc", "final val acc"),
+                ("best_val_acc", "best val acc"),
+            ],
+        )
+    )
+    table = width.get("table")
+    if table and (page.folder / table).is_file():
+        page.add(
+            f"<p>As CSV: <a href='{html.escape(table, quote=True)}'>{html.escape(table)}</a></p>"
+        )
+
+
+def _maps_section(page: _Page, maps: Mapping[str, Any]) -> None:
+    page.add("<h2>2. Feature maps, stage by stage</h2>")
+    shapes = ", ".join(f"{html.escape(s)} {shape}" for s, shape in maps["shapes"].items())
+    page.add(
+        f"<p>Model: {html.escape(maps['model'])} (best validation accuracy). Test image "
+        f"<code>{html.escape(Path(maps['image']).name)}</code> of class "
+        f"<b>{html.escape(maps['label'])}</b>, preprocessed as in the study (Resize 256, "
+        f"CenterCrop 227, ImageNet normalisation). Output shapes: {shapes}.</p>"
+    )
+    probs = maps.get("class_probabilities") or {}
+    if probs:
+        page.add(
+            _table(
+                [{"class": c, "p": p} for c, p in probs.items()],
+                [("class", "class"), ("p", "predicted probability")],
+            )
+        )
+    page.add(page.figure(maps.get("overlay"), "conv1 summed over channels, over the input"))
+    for stage, files in maps["figures"].items():
+        shape = maps["shapes"].get(stage)
+        page.add(f"<h3>{html.escape(stage)} {shape}</h3><div class='pair'>")
+        page.add(page.figure(files.get("sum"), f"{stage}: summed over channels"))
+        page.add("</div>")
+        page.add(page.figure(files.get("grid"), f"{stage}: every channel"))
+
+
+def _retrieval_section(page: _Page, retrieval: Mapping[str, Any]) -> None:
+    k = retrieval["k"]
+    page.add("<h2>3. Search by image</h2>")
+    page.add(
+        f"<p>The AlexNet paper's claim: images whose last-hidden-layer vectors (2048-d, after "
+        f"the second fully connected layer's ReLU) are close in Euclidean distance look alike. "
+        f"Each of {retrieval['num_queries']} test images searched the "
+        f"{retrieval['gallery_size']} training images for its {k} nearest, exactly.</p>"
+    )
+    trained, base = retrieval["trained"], retrieval["random_weights"]
+    rows = [
+        {"metric": name, "trained": trained.get(key), "random": base.get(key)}
+        for key, name in (
+            ("precision_at_1", "precision@1"),
+            ("precision_at_k", f"precision@{k}"),
+            ("recall_at_k", f"recall@{k}"),
+            ("mean_average_precision_at_r", "mAP@R"),
+        )
+    ]
+    rows.append(
+        {
+            "metric": "chance (largest class share)",
+            "trained": retrieval.get("chance_precision"),
+            "random": retrieval.get("chance_precision"),
+        }
+    )
+    page.add(
+        _table(
+            rows,
+            [("metric", "metric"), ("trained", "trained AlexNet"), ("random", "random weights")],
+        )
+    )
+    page.add(
+        page.figure(
+            retrieval.get("figure"),
+            f"each query (left) and its {k} nearest training images; green: same class",
+        )
+    )
+
+
+def write_report(folder: str | os.PathLike[str], metrics: Mapping[str, Any]) -> Path:
+    """Write ``report.html`` into ``folder`` from what :func:`featurescope.demo.run_demo` measured.
+
+    Args:
+        folder: the demo's output folder, holding the figures named in ``metrics``.
+        metrics: the contents of ``metrics.json``.
+
+    Returns:
+        The report's path.
+    """
+    page = _Page(Path(folder))
+    preset, data = metrics["preset"], metrics["data"]
+    seconds = metrics.get("seconds", {})
+    page.add(
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<title>featurescope demo report</title>"
+        f"<style>{_STYLE}</style></head><body>"
+    )
+    page.add("<h1>featurescope: the AlexNet study, reproduced</h1>")
+    sizes = ", ".join(f"{n} {split}" for split, n in data["sizes"].items())
+    page.add(
+        f"<p>Preset <b>{html.escape(preset['name'])}</b>: {html.escape(preset['description'])}. "
+        f"Data: <code>{html.escape(data['root'])}</code>, {len(data['classes'])} classes "
+        f"({html.escape(', '.join(data['classes']))}), {sizes} images. "
+        f"Total time {seconds.get('total', 0):.0f} s. featurescope {__version__}.</p>"
+    )
+    _width_section(page, metrics["width_comparison"], preset)
+    _maps_section(page, metrics["feature_maps"])
+    _retrieval_section(page, metrics["retrieval"])
+    page.add("<p>All numbers: <a href='metrics.json'>metrics.json</a>.</p></body></html>")
+    path = Path(folder) / "report.html"
+    with atomic_open(path, encoding="utf-8") as fh:
+        fh.write("\n".join(page.parts))
+    return path

@@ -1,0 +1,259 @@
+"""The study's three experiments as plain functions over the public API.
+
+1. :func:`compare_widths`: train ``alexnet`` and ``alexnet_half`` at each batch size of a
+   :class:`~featurescope.presets.Preset` and keep their histories.
+2. :func:`stage_maps`: one image's feature maps at each stage (``conv1``, ``conv2``, ``conv3``,
+   ``fc``), for the ``grid`` and ``sum`` visualizers.
+3. :func:`embed` and :func:`index_embeddings`: the last hidden layer of every image, in an
+   :class:`~featurescope.EmbeddingIndex` to search by image.
+
+The examples, ``featurescope demo`` and the CLI are built from these; they add no logic of
+their own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from featurescope.data import load_image_folders, make_synthetic_dataset, train_transform
+from featurescope.data.folders import DatasetSplits
+from featurescope.errors import FeaturescopeError
+from featurescope.index import EmbeddingIndex
+from featurescope.presets import Preset
+from featurescope.tap import FeatureTap
+from featurescope.train import History, train
+from featurescope.zoo import create_model, load_checkpoint, model_info_of
+
+__all__ = [
+    "WidthRun",
+    "compare_widths",
+    "embed",
+    "index_embeddings",
+    "open_study_data",
+    "stage_maps",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+def open_study_data(data: PathLike | None, preset: Preset) -> DatasetSplits:
+    """Open an image folder for the study, or draw the preset's synthetic dataset.
+
+    Without ``root/val``, a fifth of each training class is held out for validation. With
+    ``preset.augment`` the training split is augmented (random crops and flips).
+
+    Args:
+        data: a folder with ``train/`` (and ``val/``, ``test/``) of class subfolders, or
+            ``None`` for the bundled synthetic dataset drawn with ``preset.dataset``.
+        preset: the recipe the data is for.
+    """
+    root = Path(data) if data is not None else make_synthetic_dataset(**_dataset_kwargs(preset))
+    augment = train_transform() if preset.augment else None
+    return load_image_folders(root, train_transform=augment, val_fraction=0.2)
+
+
+def _dataset_kwargs(preset: Preset) -> dict[str, Any]:
+    return dict(preset.dataset)
+
+
+@dataclass
+class WidthRun:
+    """One training run of the width comparison.
+
+    Attributes:
+        name: ``"<model> bs<batch size>"``, e.g. ``"alexnet_half bs8"``.
+        model: the zoo name.
+        batch_size: images per step.
+        history: per-epoch losses and accuracies.
+        checkpoint_dir: where ``best.safetensors`` and ``last.safetensors`` are, if kept.
+    """
+
+    name: str
+    model: str
+    batch_size: int
+    history: History
+    checkpoint_dir: Path | None = None
+
+    def load_best(self) -> nn.Module:
+        """The run's best model (by validation accuracy), or its last if it had no validation."""
+        if self.checkpoint_dir is None:
+            raise FeaturescopeError(f"run {self.name!r} kept no checkpoints (no out= given)")
+        best = self.checkpoint_dir / "best.safetensors"
+        return load_checkpoint(best if best.exists() else self.checkpoint_dir / "last.safetensors")
+
+
+def compare_widths(
+    splits: DatasetSplits,
+    preset: Preset,
+    *,
+    out: PathLike | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[WidthRun]:
+    """Train every model of ``preset`` at every batch size of it, from the same seed.
+
+    Args:
+        splits: the dataset; ``splits.eval`` (validation, else test) scores each epoch.
+        preset: models, batch sizes and the training recipe.
+        out: keep each run's checkpoints under ``out/<model>-bs<batch size>/``; a run found
+            there resumes instead of starting over.
+        device: where to train.
+        seed: seeds each model's initial weights and its training.
+        progress: show progress bars.
+
+    Returns:
+        One :class:`WidthRun` per (model, batch size), in the preset's order.
+
+    Example:
+        >>> import tempfile
+        >>> from featurescope.data import make_synthetic_dataset, load_image_folders
+        >>> from featurescope.presets import Preset
+        >>> root = make_synthetic_dataset(tempfile.mkdtemp(), train_per_class=2,
+        ...                               val_per_class=1, test_per_class=0, size=32)
+        >>> tiny = Preset("tiny", "one epoch", models=("alexnet_half",), batch_sizes=(5,),
+        ...               epochs=1, optimizer="adam", lr_schedule={1: 1e-4})
+        >>> runs = compare_widths(load_image_folders(root), tiny, progress=False)
+        >>> [(run.name, run.history.epochs) for run in runs]
+        [('alexnet_half bs5', 1)]
+    """
+    runs = []
+    for model_name in preset.models:
+        for batch_size in preset.batch_sizes:
+            torch.manual_seed(seed)
+            model = create_model(model_name, class_names=splits.classes)
+            run_dir = Path(out) / f"{model_name}-bs{batch_size}" if out is not None else None
+            history = train(
+                model,
+                splits.train,
+                splits.eval,
+                device=device,
+                seed=seed,
+                checkpoint_dir=run_dir,
+                progress=progress,
+                **preset.train_kwargs(batch_size),
+            )
+            runs.append(
+                WidthRun(f"{model_name} bs{batch_size}", model_name, batch_size, history, run_dir)
+            )
+    return runs
+
+
+def _single_image(image: torch.Tensor) -> torch.Tensor:
+    if image.dim() == 3:
+        return image.unsqueeze(0)
+    if image.dim() == 4 and image.shape[0] == 1:
+        return image
+    raise FeaturescopeError(
+        f"stage_maps takes one preprocessed image [3, H, W], got shape {list(image.shape)}"
+    )
+
+
+def stage_maps(
+    model: nn.Module, image: torch.Tensor, stages: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """One image's output at each stage of a model, as ``{stage: [C, H, W] or [D] tensor}``.
+
+    Args:
+        model: a zoo model (its stages are known) or any model, with ``stages`` given.
+        image: one preprocessed image, ``[3, H, W]`` (or ``[1, 3, H, W]``).
+        stages: node or module names; default: the zoo entry's stages, e.g.
+            ``("conv1", "conv2", "conv3", "fc")``.
+
+    Example:
+        >>> import torch, featurescope as fs
+        >>> maps = stage_maps(fs.create_model("alexnet"), torch.zeros(3, 227, 227))
+        >>> {stage: list(t.shape) for stage, t in maps.items()}
+        {'conv1': [96, 27, 27], 'conv2': [256, 13, 13], 'conv3': [256, 6, 6], 'fc': [5]}
+    """
+    if stages is None:
+        info = model_info_of(model)
+        if info is None or not info.stages:
+            raise FeaturescopeError(
+                "this model has no known stages; pass stages=[...] "
+                "(featurescope.get_graph_node_names(model) lists the nodes)"
+            )
+        stages = info.stages
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            device = next(model.parameters()).device
+            outputs = FeatureTap(model, list(stages))(_single_image(image).to(device))
+    finally:
+        model.train(was_training)
+    return {stage: t[0].cpu() for stage, t in outputs.items()}
+
+
+def embed(
+    model: nn.Module,
+    data: Dataset[Any],
+    *,
+    node: str | None = None,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    out: PathLike | None = None,
+    progress: bool = True,
+) -> Any:
+    """Embed every image of ``data`` with a model's last hidden layer (flattened).
+
+    Args:
+        model: a zoo model (its ``embedding_node`` is known, ``fc.4`` for the AlexNets) or any
+            model, with ``node`` given.
+        data: a dataset of ``(image, label)``, e.g. an :class:`~featurescope.data.ImageFolder`.
+        node: the graph node to embed with.
+        batch_size: images per forward.
+        device: where to run the model.
+        out: stream the embeddings to this folder instead of memory (resumable).
+        progress: show a progress bar.
+
+    Returns:
+        The :class:`~featurescope.tap.Extraction`, its features under the alias
+        ``"embedding"``, with labels and paths where the dataset has them.
+    """
+    if node is None:
+        info = model_info_of(model)
+        if info is None or info.embedding_node is None:
+            raise FeaturescopeError(
+                "this model has no known embedding layer; pass node=... "
+                "(featurescope.get_graph_node_names(model) lists the nodes)"
+            )
+        node = info.embedding_node
+    model.eval()
+    if device is not None:
+        model.to(device)
+    tap = FeatureTap(model, {node: "embedding"})
+    return tap.extract(
+        data, batch_size=batch_size, device=device, reduce="flatten", out=out, progress=progress
+    )
+
+
+def index_embeddings(extraction: Any, alias: str = "embedding") -> EmbeddingIndex:
+    """An :class:`~featurescope.EmbeddingIndex` of an extraction's vectors, with their sample
+    ids as ids, labels as labels and file paths as metadata.
+
+    Example:
+        >>> import torch, featurescope as fs
+        >>> from torch.utils.data import TensorDataset
+        >>> images = TensorDataset(torch.rand(4, 3, 227, 227), torch.tensor([0, 1, 0, 1]))
+        >>> index = index_embeddings(embed(fs.create_model("alexnet"), images, progress=False))
+        >>> len(index), index.dim
+        (4, 2048)
+    """
+    vectors = torch.as_tensor(extraction[alias]).flatten(1)
+    index = EmbeddingIndex(vectors.shape[1])
+    index.add(
+        vectors,
+        ids=torch.as_tensor(extraction.sample_ids),
+        labels=None if extraction.labels is None else torch.as_tensor(extraction.labels),
+        metadata=extraction.paths,
+    )
+    return index

@@ -1,0 +1,185 @@
+"""Every `featurescope` subcommand on tiny inputs, through the real entry point function."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import featurescope as fs
+from featurescope.cli import build_parser, main
+from featurescope.data import make_synthetic_dataset
+from featurescope.presets import PRESETS, Preset
+
+TINY = Preset(
+    "tiny",
+    "a test preset",
+    models=("alexnet_half",),
+    batch_sizes=(5,),
+    epochs=1,
+    optimizer="adam",
+    lr_schedule={1: 1e-4},
+    dataset={"train_per_class": 2, "val_per_class": 1, "test_per_class": 1, "size": 32},
+)
+
+
+@pytest.fixture
+def tiny_preset(monkeypatch):
+    monkeypatch.setitem(PRESETS, "tiny", TINY)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("cli") / "data", **TINY.dataset)
+
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) >= {
+        "models",
+        "summary",
+        "nodes",
+        "train",
+        "maps",
+        "index",
+        "plugins",
+        "convert",
+        "demo",
+    }
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: featurescope" in capsys.readouterr().out
+
+
+def test_python_dash_m():
+    done = subprocess.run(
+        [sys.executable, "-m", "featurescope", "models", "alexnet*"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "alexnet_half" in done.stdout
+    assert "conv1 [96, 27, 27]" in done.stdout
+
+
+def test_models(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "26,830,213" in out and "14,591,685" in out
+    assert "conv3 [128, 6, 6]" in out
+
+
+def test_train_then_resume(tmp_path, data, tiny_preset, capsys):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "alexnet_half",
+        "--data",
+        str(data),
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main(args) == 0
+    assert (out / "last.safetensors").is_file()
+    history = fs.train.History.load(out / "history.json")
+    assert history.epochs == 1
+    assert main([*args, "--epochs", "2"]) == 0
+    assert fs.train.History.load(out / "history.json").epochs == 2
+    assert fs.train.History.load(out / "history.json").train_loss[0] == history.train_loss[0]
+    assert "best.safetensors" in capsys.readouterr().out
+
+
+def test_maps(tmp_path, data, capsys):
+    image = next((data / "test").rglob("*.png"))
+    assert (
+        main(
+            [
+                "maps",
+                str(image),
+                "--layers",
+                "conv1",
+                "conv2.0",
+                "--max-channels",
+                "8",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    for name in ("conv1_grid.png", "conv1_sum.png", "conv2.0_grid.png", "conv2.0_sum.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_maps_unreadable_image(tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["maps", str(bad), "--out", str(tmp_path)]) == 1
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def test_index_build_and_search(tmp_path, data, capsys):
+    checkpoint = fs.save_checkpoint(fs.create_model("alexnet_half"), tmp_path / "m.safetensors")
+    index_path = tmp_path / "train.safetensors"
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(data),
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(index_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    index = fs.EmbeddingIndex.load(index_path)
+    assert len(index) == 10
+    assert index.dim == 2048
+    query = sorted((data / "train" / "star").glob("*.png"))[0]
+    montage = tmp_path / "montage.png"
+    assert (
+        main(["index", "search", str(index_path), str(query), "-k", "3", "--out", str(montage)])
+        == 0
+    )
+    out = capsys.readouterr().out
+    first_hit = out.splitlines()[2].split()
+    assert float(first_hit[1]) == pytest.approx(0.0, abs=1e-3)  # the query itself is indexed
+    assert first_hit[-1] == str(query)
+    assert montage.stat().st_size > 0
+
+
+def test_index_search_without_sidecar(tmp_path, capsys):
+    index = fs.EmbeddingIndex(4)
+    index.add(torch.zeros(1, 4))
+    index.save(tmp_path / "i.safetensors")
+    image = tmp_path / "q.png"
+    Image.new("RGB", (40, 40)).save(image)
+    assert main(["index", "search", str(tmp_path / "i.safetensors"), str(image)]) == 1
+    assert "index build" in capsys.readouterr().err
+
+
+def test_demo_command(tmp_path, data, tiny_preset):
+    out = tmp_path / "demo"
+    assert (
+        main(["demo", "--data", str(data), "--preset", "tiny", "--out", str(out), "--quiet"]) == 0
+    )
+    assert (out / "report.html").is_file()
+    assert (out / "metrics.json").is_file()
+
+
+def test_unknown_preset(capsys):
+    assert main(["demo", "--preset", "quik", "--quiet"]) == 1
+    assert "quick" in capsys.readouterr().err

@@ -1,0 +1,140 @@
+"""The study end to end: the three experiments, `featurescope demo` and its report."""
+
+from __future__ import annotations
+
+import html.parser
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import featurescope as fs
+from featurescope import study
+from featurescope.data import load_image_folders, make_synthetic_dataset
+from featurescope.demo import run_demo
+from featurescope.presets import Preset
+
+TINY = Preset(
+    "tiny",
+    "a test preset: one epoch of each width",
+    batch_sizes=(5,),
+    epochs=1,
+    optimizer="adam",
+    lr_schedule={1: 1e-4},
+    dataset={"train_per_class": 2, "val_per_class": 1, "test_per_class": 1, "size": 32},
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "tiny", **TINY.dataset)
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory, tiny_data) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo")
+    metrics = run_demo(out, data=tiny_data, preset=TINY, progress=False)
+    return out, metrics
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in ("href", "src") and value:
+                self.targets.append(value)
+
+
+def test_demo_writes_every_file(demo_out):
+    out, metrics = demo_out
+    expected = [
+        "report.html",
+        "metrics.json",
+        "accuracy.csv",
+        "width_curves.png",
+        "retrieval_montage.png",
+        "maps_overlay.png",
+    ] + [
+        f"maps_{stage}_{kind}.png"
+        for stage in ("conv1", "conv2", "conv3")
+        for kind in ("grid", "sum")
+    ]
+    for name in expected:
+        assert (out / name).is_file(), name
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    for run in ("alexnet-bs5", "alexnet_half-bs5"):
+        assert (out / "checkpoints" / run / "last.safetensors").is_file()
+
+
+def test_report_links_only_files_that_exist(demo_out):
+    out, _ = demo_out
+    parser = _Links()
+    parser.feed((out / "report.html").read_text(encoding="utf-8"))
+    assert len(parser.targets) >= 10
+    for target in parser.targets:
+        assert (out / target).is_file(), target
+
+
+def test_demo_metrics_describe_the_three_experiments(demo_out, tiny_data):
+    _, metrics = demo_out
+    runs = metrics["width_comparison"]["runs"]
+    assert [r["run"] for r in runs] == ["alexnet bs5", "alexnet_half bs5"]
+    assert metrics["feature_maps"]["shapes"] == {
+        "conv1": [96, 27, 27],
+        "conv2": [256, 13, 13],
+        "conv3": [256, 6, 6],
+        "fc": [5],
+    }
+    retrieval = metrics["retrieval"]
+    assert retrieval["gallery_size"] == 10  # 2 training images per class
+    assert retrieval["k"] == 10
+    for scores in (retrieval["trained"], retrieval["random_weights"]):
+        assert 0.0 <= scores["precision_at_k"] <= 1.0
+    accuracy = (Path(demo_out[0]) / "accuracy.csv").read_text().splitlines()
+    assert accuracy[0].startswith("run,model,batch_size")
+    assert len(accuracy) == 3
+
+
+def test_demo_reuses_finished_training(demo_out, tiny_data):
+    out, first = demo_out
+    again = run_demo(out, data=tiny_data, preset=TINY, progress=False)
+    assert again["width_comparison"]["runs"] == first["width_comparison"]["runs"]
+
+
+def test_stage_maps_match_a_manual_forward():
+    model = fs.create_model("alexnet").eval()
+    image = torch.randn(3, 227, 227)
+    maps = study.stage_maps(model, image)
+    with torch.no_grad():
+        c1 = model.conv1(image[None])
+        c2 = model.conv2(c1)
+        c3 = model.conv3(c2)
+        logits = model.fc(torch.flatten(c3, 1))
+    for stage, expected in (("conv1", c1), ("conv2", c2), ("conv3", c3), ("fc", logits)):
+        torch.testing.assert_close(maps[stage], expected[0])
+
+
+def test_embeddings_are_the_post_relu_second_fc(tiny_data):
+    splits = load_image_folders(tiny_data)
+    model = fs.create_model("alexnet").eval()
+    extraction = study.embed(model, splits.train, progress=False)
+    images = torch.stack([splits.train[i][0] for i in range(len(splits.train))])
+    with torch.no_grad():
+        hidden = model.fc[:5](torch.flatten(model.conv3(model.conv2(model.conv1(images))), 1))
+    torch.testing.assert_close(torch.as_tensor(extraction["embedding"]), hidden)
+    assert (hidden >= 0).all()
+    index = study.index_embeddings(extraction)
+    assert index.metadata == [path for path, _ in splits.train.samples]
+    assert index.labels.tolist() == [label for _, label in splits.train.samples]
+    result = index.search(hidden[:3], 1)
+    assert result.ids[:, 0].tolist() == [0, 1, 2]
+
+
+def test_bad_data_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(fs.FeaturescopeError, match="train"):
+        run_demo(tmp_path / "out", data=tmp_path, preset=TINY, progress=False)
