@@ -13,6 +13,7 @@ their own.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ __all__ = [
     "WidthRun",
     "compare_widths",
     "embed",
+    "example_parser",
     "index_embeddings",
     "open_study_data",
     "stage_maps",
@@ -58,6 +60,38 @@ def open_study_data(data: PathLike | None, preset: Preset) -> DatasetSplits:
     root = Path(data) if data is not None else make_synthetic_dataset(**_dataset_kwargs(preset))
     augment = train_transform() if preset.augment else None
     return load_image_folders(root, train_transform=augment, val_fraction=0.2)
+
+
+def example_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options every study example takes: ``--data``, ``--preset`` and ``--out``.
+
+    ``--out`` defaults to ``$FEATURESCOPE_EXAMPLES_OUT`` (set by the docs build) or
+    ``featurescope-examples``; the examples share its ``checkpoints/`` folder, so a model
+    trained by one is reused by the next.
+
+    Example:
+        >>> args = example_parser("demo").parse_args(["--preset", "study"])
+        >>> args.preset, args.data
+        ('study', None)
+    """
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data",
+        help="image folder with train/ (and val/, test/) of class subfolders "
+        "(default: the bundled synthetic dataset)",
+    )
+    parser.add_argument(
+        "--preset", default="quick", help="quick (CPU minutes, default) or study (150 epochs)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("FEATURESCOPE_EXAMPLES_OUT", "featurescope-examples")),
+        help="output folder, shared by the examples (default: %(default)s)",
+    )
+    return parser
 
 
 def _dataset_kwargs(preset: Preset) -> dict[str, Any]:
