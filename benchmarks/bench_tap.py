@@ -14,7 +14,10 @@ Measured side by side in one run, on the study's ``alexnet`` (eval mode, inferen
 
 Repeats run round-robin (the order rotating each round) so noise from other processes spreads
 over all contenders; each ratio is the median over rounds of the ratio within a round, which
-cancels the slow drift of a shared machine's load. Usage::
+cancels the slow drift of a shared machine's load. By default torch runs one thread and the
+clock is the process's CPU time: on a 2-core machine shared with other jobs, wall-clock times
+of the same forward varied by a factor of two between rounds, while CPU time measures the work
+done (``--clock wall --threads 2`` measures elapsed time instead). Usage::
 
     python benchmarks/bench_tap.py                   # batch 64, a few minutes on 2 cores
     python benchmarks/bench_tap.py --quick           # a smoke run
@@ -58,7 +61,9 @@ class SyntheticImages(Dataset[tuple[torch.Tensor, int]]):
         return torch.randn(3, 227, 227, generator=g), i % 5
 
 
-def _round_robin(contenders: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+def _round_robin(
+    contenders: dict[str, Callable[[], Any]], repeats: int, clock: Callable[[], float]
+) -> dict[str, list[float]]:
     """Time each contender once per round; the order rotates from round to round."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
@@ -66,9 +71,9 @@ def _round_robin(contenders: dict[str, Callable[[], Any]], repeats: int) -> dict
         fn()
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start = clock()
             contenders[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -83,7 +88,9 @@ def _ratios(times: dict[str, list[float]], base: str) -> dict[str, float]:
     }
 
 
-def bench_forward(batch: int, repeats: int) -> list[tuple[str, float, float]]:
+def bench_forward(
+    batch: int, repeats: int, clock: Callable[[], float]
+) -> list[tuple[str, float, float]]:
     from torchvision.models.feature_extraction import create_feature_extractor
 
     model = fs.create_model("alexnet").eval()
@@ -100,12 +107,14 @@ def bench_forward(batch: int, repeats: int) -> list[tuple[str, float, float]]:
     contenders: dict[str, Callable[[], Any]] = {"model(x)": lambda: model(x)}
     contenders.update({name: (lambda t=t: t(x)) for name, t in taps.items()})
     with torch.inference_mode():
-        times = _round_robin(contenders, repeats)
+        times = _round_robin(contenders, repeats, clock)
     ratios = _ratios(times, "model(x)")
     return [(name, statistics.median(t), ratios[name]) for name, t in times.items()]
 
 
-def bench_extract(n: int, batch: int, repeats: int) -> list[tuple[str, float, float]]:
+def bench_extract(
+    n: int, batch: int, repeats: int, clock: Callable[[], float]
+) -> list[tuple[str, float, float]]:
     model = fs.create_model("alexnet").eval()
     tap = fs.FeatureTap(model, STUDY_NODES)
     loader = DataLoader(SyntheticImages(n), batch_size=batch)
@@ -130,7 +139,7 @@ def bench_extract(n: int, batch: int, repeats: int) -> list[tuple[str, float, fl
         tap.extract(loader, out=out, progress=False)
 
     contenders["tap.extract (to disk)"] = fresh_disk
-    times = _round_robin(contenders, repeats)
+    times = _round_robin(contenders, repeats, clock)
     ratios = _ratios(times, "plain loop of model(x)")
     # Throughput ratio: the inverse of the time ratio.
     return [(name, n / statistics.median(t), 1 / ratios[name]) for name, t in times.items()]
@@ -181,11 +190,17 @@ def _table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--extract-images", type=int, default=128)
-    parser.add_argument("--extract-repeats", type=int, default=5)
-    parser.add_argument("--memory-sizes", type=int, nargs=2, default=(96, 384))
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--extract-repeats", type=int, default=3)
+    parser.add_argument("--memory-sizes", type=int, nargs=2, default=(64, 256))
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="cpu: the process's CPU time (default; steady on a shared machine), or wall-clock",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
     parser.add_argument("--memory-child", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -198,8 +213,12 @@ def main() -> None:
         args.batch, args.repeats, args.extract_images, args.extract_repeats = 8, 1, 16, 1
         args.memory_sizes = (16, 48)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, alexnet, CPU\n")
-    forward = bench_forward(args.batch, args.repeats)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), alexnet, CPU, "
+        f"{args.clock} time\n"
+    )
+    forward = bench_forward(args.batch, args.repeats, clock)
     print(
         _table(
             f"Forward, batch {args.batch} ({args.repeats} rounds)",
@@ -207,7 +226,7 @@ def main() -> None:
             [(n, f"{t:.3f}", f"{r:.2f}") for n, t, r in forward],
         )
     )
-    extract = bench_extract(args.extract_images, args.batch, args.extract_repeats)
+    extract = bench_extract(args.extract_images, args.batch, args.extract_repeats, clock)
     print(
         _table(
             f"Extraction of {args.extract_images} images, batch {args.batch} "

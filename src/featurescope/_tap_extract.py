@@ -149,7 +149,11 @@ def _plan_order(
         else:
             # A shuffling sampler is drawn once, here; the run (and a resume) follows that draw.
             ids = np.fromiter((i for batch in data.batch_sampler for i in batch), dtype=np.int64)  # type: ignore[union-attr]
-            ids = ids[rank::world]
+            if world > 1:
+                # Every rank must split the same draw: rank 0's.
+                shared = [ids if rank == 0 else None]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                ids = np.asarray(shared[0])[rank::world]
         kwargs: dict[str, Any] = {
             "collate_fn": data.collate_fn,
             "num_workers": data.num_workers,
@@ -178,7 +182,9 @@ def _plan_order(
 
 
 def _paths(dataset: Dataset[Any], ids: np.ndarray) -> list[str] | None:
-    samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        samples = getattr(dataset, "imgs", None)
     if not isinstance(samples, Sequence) or len(samples) != len(dataset):  # type: ignore[arg-type]
         return None
     try:

@@ -60,7 +60,7 @@ __all__ = [
 Backend = Literal["auto", "fx", "hooks"]
 _BACKENDS = ("auto", "fx", "hooks")
 # Words of PyTorch's messages for a tensor that does not fit a layer.
-_SHAPE_WORDS = ("size", "shape", "mat1", "channels", "dimension", "Expected")
+_SHAPE_WORDS = ("size", "shape", "mat1", "channels", "dimension")
 
 
 def get_graph_node_names(
@@ -264,7 +264,7 @@ class FeatureTap:
             return self._hooks(self.model, *args, **kwargs)
         except RuntimeError as exc:
             message = str(exc)
-            if any(word in message for word in _SHAPE_WORDS):
+            if "device" not in message and any(word in message for word in _SHAPE_WORDS):
                 shapes = ", ".join(str(list(a.shape)) for a in args if isinstance(a, torch.Tensor))
                 raise InputShapeError(
                     f"{type(self.model).__name__} cannot run on an input of shape {shapes}: "
