@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from featurescope.tap import FeatureTap, load_features
 
@@ -51,6 +51,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         expected = list(range(rank, N, world))
         if list(result.sample_ids) != expected:
             raise AssertionError(f"rank {rank} extracted {list(result.sample_ids)}")
+        # A shuffling DataLoader draws differently on each rank; the ranks must split one draw.
+        torch.manual_seed(100 + rank)
+        loader = DataLoader(dataset(), batch_size=2, shuffle=True)
+        shuffled = FeatureTap(tiny_model(), NODES).extract(loader, progress=False)
+        with open(f"{out}.ids{rank}.json", "w") as fh:
+            json.dump([int(i) for i in shuffled.sample_ids], fh)
     finally:
         dist.destroy_process_group()
 
@@ -65,6 +71,9 @@ def test_two_ranks_write_shards_that_merge_into_the_whole(tmp_path):
     merged = json.loads((out / "manifest.json").read_text())
     assert merged["num_samples"] == merged["completed"] == N
     assert [s["dir"] for s in merged["shards"]] == ["rank0", "rank1"]
+
+    parts = [json.loads((tmp_path / f"features.ids{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(parts[0] + parts[1]) == list(range(N))  # each sample once, on one rank
 
     whole = load_features(out)
     single = FeatureTap(tiny_model(), NODES).extract(dataset(), batch_size=3, progress=False)
