@@ -2,9 +2,11 @@
 
 Nothing is downloaded. Every image is drawn from its own seed (the dataset seed, its split, class
 and index), so the files are identical on every run, and changing how many images a split has
-leaves the others untouched. Classes differ only by shape; colour, size, rotation, position,
-outline or fill, background, clutter and noise vary at random, so a network has to learn shapes,
-and the nearest neighbours of a query are visibly of its kind.
+leaves the others untouched. Classes differ by shape; each also leans to a hue of its own, as
+the study's Pokémon do, with hues that overlap between neighbouring classes. Size, rotation,
+position, outline or fill, background, clutter and noise vary at random, so a network has to
+learn shapes to be right on the hard cases, and the nearest neighbours of a query are visibly
+of its kind.
 
 The folder has the study's layout, ``root/{train,val,test}/<class>/<n>.png``, plus a small
 manifest (``synthetic.json``) that records the parameters and a hash of every file, so a second
@@ -13,6 +15,7 @@ call reuses a complete copy instead of drawing it again.
 
 from __future__ import annotations
 
+import colorsys
 import contextlib
 import hashlib
 import json
@@ -48,11 +51,22 @@ _FORMAT = "featurescope-synthetic"
 _SPLITS = ("train", "val", "test")
 _DEFAULTS: dict[str, int] = {
     "train_per_class": 40,
-    "val_per_class": 20,
-    "test_per_class": 10,
+    "val_per_class": 10,
+    "test_per_class": 5,
     "size": 128,
     "seed": 0,
 }
+# How varied the images are. Tuned so that both AlexNets learn the shapes within a couple of
+# CPU minutes while neither is perfect on validation: see the QUICK preset.
+_RADIUS = (0.17, 0.3)  # of the side
+_FILL_PROBABILITY = 0.7  # else an outline
+_CLUTTER = (2, 9)  # distractors per image, [low, high)
+_NOISE_SIGMA = (3.0, 14.0)  # on 0-255 pixel values
+# Like the study's Pokémon, each class leans to a hue of its own (class k: hue k/5), with a
+# spread that overlaps its neighbours', so colour helps a network start learning within the
+# few steps of the quick preset, and shape must settle the rest. None: any colour at all.
+_HUE_SPREAD: float | None = 0.07
+_BACKGROUND_SATURATION = 0.25  # 0: grey backgrounds, 1: any colour
 # Shapes are drawn this many times larger and downsampled: ImageDraw does not antialias.
 _SUPERSAMPLE = 2
 
@@ -123,10 +137,20 @@ def _contrasting(rng: np.random.Generator, against: np.ndarray) -> tuple[int, in
     return tuple(int(v) for v in 255 - against)  # type: ignore[return-value]
 
 
+def _class_colour(
+    rng: np.random.Generator, class_index: int, spread: float
+) -> tuple[int, int, int]:
+    """A colour whose hue leans to the class's own, overlapping its neighbours' hues."""
+    hue = (class_index / len(SYNTHETIC_CLASSES) + rng.normal(0.0, spread)) % 1.0
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.45, 1.0), rng.uniform(0.55, 1.0))
+    return tuple(int(255 * v) for v in rgb)  # type: ignore[return-value]
+
+
 def _background(rng: np.random.Generator, n: int) -> np.ndarray:
     """A ``[n, n, 3]`` float image: a linear gradient between two random colours."""
-    a = rng.uniform(0, 255, size=3)
-    b = rng.uniform(0, 255, size=3)
+    grey = rng.uniform(0, 255, size=2)
+    a = (1 - _BACKGROUND_SATURATION) * grey[0] + _BACKGROUND_SATURATION * rng.uniform(0, 255, 3)
+    b = (1 - _BACKGROUND_SATURATION) * grey[1] + _BACKGROUND_SATURATION * rng.uniform(0, 255, 3)
     angle = rng.uniform(0, 2 * math.pi)
     ramp = np.linspace(-1.0, 1.0, n)
     t = (np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]) * 0.5 + 0.5
@@ -135,7 +159,7 @@ def _background(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, n: int) -> None:
     """Lines, arcs and small dots: distractors smaller and thinner than any class shape."""
-    for _ in range(int(rng.integers(2, 9))):
+    for _ in range(int(rng.integers(*_CLUTTER))):
         kind = rng.integers(0, 3)
         colour = _colour(rng)
         x, y = rng.uniform(0, n, size=2)
@@ -188,13 +212,16 @@ def synthetic_image(shape: str, rng: np.random.Generator, size: int = 128) -> Im
     draw = ImageDraw.Draw(canvas)
     _clutter(draw, rng, n)
 
-    radius = rng.uniform(0.17, 0.3) * n
+    radius = rng.uniform(*_RADIUS) * n
     # Keep the shape inside the study's centre crop (227 of 256, i.e. ~89% of the side).
     margin = radius * 1.1 + 0.06 * n
     center = (float(rng.uniform(margin, n - margin)), float(rng.uniform(margin, n - margin)))
     local = background[int(center[1]), int(center[0])]
-    colour = _contrasting(rng, local)
-    filled = rng.uniform() < 0.7
+    if _HUE_SPREAD is None:
+        colour = _contrasting(rng, local)
+    else:
+        colour = _class_colour(rng, SYNTHETIC_CLASSES.index(shape), _HUE_SPREAD)
+    filled = rng.uniform() < _FILL_PROBABILITY
     stroke = max(2, int(radius * rng.uniform(0.12, 0.22)))
     outline = _shape_outline(shape, radius, rng)
     if outline:
@@ -217,7 +244,7 @@ def synthetic_image(shape: str, rng: np.random.Generator, size: int = 128) -> Im
             draw.ellipse(box, outline=colour, width=stroke)
 
     small = canvas.resize((size, size), Image.Resampling.BOX)
-    sigma = rng.uniform(3.0, 14.0)
+    sigma = rng.uniform(*_NOISE_SIGMA)
     noisy = np.asarray(small, dtype=np.float32) + rng.normal(0.0, sigma, size=(size, size, 3))
     return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
 
