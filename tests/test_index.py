@@ -374,3 +374,29 @@ def test_to_cpu_returns_same_index():
     index.add(torch.zeros(1, 2))
     assert index.to("cpu") is index
     assert "n=1" in repr(index)
+
+
+def test_worker_threads_match_single_lane_and_restore_thread_count():
+    g, q, ids = make_data("near", 2000, 16, 200, 4)
+    index = fs.EmbeddingIndex(16)
+    index.add(g, ids=ids)
+    gal = index._gallery()
+    before = torch.get_num_threads()
+    qt = torch.as_tensor(q)
+    one = _index_search.search_exact(gal, qt, 6, 1 << 22, workers=1)
+    three = _index_search.search_exact(gal, qt, 6, 1 << 22, workers=3)
+    assert torch.get_num_threads() == before
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+
+
+def test_worker_errors_propagate():
+    from featurescope._index_parallel import run_in_threads
+
+    before = torch.get_num_threads()
+
+    def fail():
+        raise RuntimeError("worker broke")
+
+    with pytest.raises(RuntimeError, match="worker broke"):
+        run_in_threads([fail, lambda: None])
+    assert torch.get_num_threads() == before

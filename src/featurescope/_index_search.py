@@ -15,6 +15,7 @@ Centring the query matters: the product's rounding error grows with ``‖q−c�
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,14 +23,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from featurescope._index_parallel import run_in_threads
+
 __all__ = ["Gallery", "TilePlan", "exact_distances", "plan_tiles", "search_exact"]
 
 #: Vectors with a larger Euclidean norm would overflow the float32 pass.
 MAX_NORM = 2.0**49
 #: Group size of the two-level selection (minimum of each group, then top-k of the minima).
 GROUP = 16
-#: Gallery columns per tile when the memory budget allows.
-GALLERY_TILE = 8192
+#: Fewest gallery columns per tile the CPU plan prefers.
+GALLERY_TILE = 4096
+#: Floats per score block on the CPU (8 MiB): written by the product, read back from cache.
+BLOCK_CELLS = 2 * 2**20
+#: Bytes of float64 candidates re-ranked at a time (cache-sized).
+RERANK_BYTES = 4 * 2**20
+#: Fewest queries worth a CPU worker thread of their own.
+MIN_QUERIES_PER_WORKER = 16
 #: Block results buffered before they are merged down to ``keep`` per query.
 MERGE_EVERY = 16
 _U32 = 2.0**-24
@@ -78,18 +87,36 @@ class TilePlan:
 
 
 def plan_tiles(
-    nq: int, nb: int, dim: int, keep: int, budget: int, *, upcast: bool = False
+    nq: int,
+    nb: int,
+    dim: int,
+    keep: int,
+    budget: int,
+    *,
+    upcast: bool = False,
+    device_type: str = "cpu",
 ) -> TilePlan:
     """Choose tile sizes whose temporaries stay within ``budget`` bytes.
 
-    Gallery tiles of :data:`GALLERY_TILE` columns keep the product efficient; query tiles take
-    what the budget leaves. A small ``nq`` lets gallery tiles grow instead.
+    On the CPU a score block holds about :data:`BLOCK_CELLS` floats, so it stays in cache
+    between the product that writes it and the selection that reads it. Its shape follows
+    ``dim``: long vectors make the product dominate and want many queries per tile (the
+    product packs each gallery panel once per tile); short ones make the selection matter and
+    want wide gallery tiles (selection costs less per score on wide rows). A GPU takes blocks
+    as large as the budget allows. Few queries let gallery tiles grow instead.
 
     Raises:
         ValueError: if even a 1 × ``keep`` tile does not fit.
     """
     nq, nb = max(nq, 1), max(nb, 1)
-    bn = min(nb, GALLERY_TILE)
+    if device_type == "cpu":
+        cells = BLOCK_CELLS
+        bq_pref = min(1024, max(256, 1 << round(math.log2(max(dim, 1)))))
+        bn_pref = max(GALLERY_TILE, cells // bq_pref)
+    else:
+        cells = 64 * BLOCK_CELLS
+        bq_pref, bn_pref = 8192, 4 * GALLERY_TILE
+    bn = min(nb, bn_pref)
     while True:
         plan = TilePlan(1, bn, keep, dim, upcast)
         if plan.scan_bytes() <= budget or bn <= keep:
@@ -98,14 +125,12 @@ def plan_tiles(
     if plan.scan_bytes() > budget:
         raise ValueError(f"memory_budget={budget} bytes is too small for one query (dim={dim})")
     per_row = TilePlan(2, bn, keep, dim, upcast).scan_bytes() - plan.scan_bytes()
-    bq = min(nq, 1 + (budget - plan.scan_bytes()) // max(per_row, 1))
-    if bq == nq and bn < nb:
-        # Few queries: spend the rest of the budget on wider gallery tiles (fewer, larger ops).
-        while bn < nb:
-            wider = TilePlan(bq, min(nb, 2 * bn), keep, dim, upcast)
-            if wider.scan_bytes() > budget or wider.gallery_tile > 16 * GALLERY_TILE:
-                break
-            bn = wider.gallery_tile
+    bq = min(nq, bq_pref, 1 + (budget - plan.scan_bytes()) // max(per_row, 1))
+    while bn < nb:
+        wider = TilePlan(bq, min(nb, 2 * bn), keep, dim, upcast)
+        if bq * wider.gallery_tile > cells or wider.scan_bytes() > budget:
+            break
+        bn = wider.gallery_tile
     return TilePlan(bq, bn, keep, dim, upcast)
 
 
@@ -114,13 +139,17 @@ def exact_distances(queries: Tensor, candidates: Tensor) -> Tensor:
 
     Args:
         queries: ``[r, d]`` float64.
-        candidates: ``[r, m, d]`` or, with ``m`` squeezed, ``[r, d]``; any float dtype.
+        candidates: ``[r, m, d]`` or, with ``m`` squeezed, ``[r, d]``; float32 or float64.
 
-    The same expression serves every code path, so that equal pairs give bit-equal distances.
+    Every path uses this, and every square is exact (a difference of two float32 numbers and its
+    square fit float64's 53 bits), so only the final ``sum`` rounds: equal pairs give bit-equal
+    distances, the same as ``((q - x) ** 2).sum(-1).sqrt()`` in float64.
     """
-    cand = candidates.to(torch.float64)
-    q = queries[:, None, :] if cand.dim() == 3 else queries
-    return ((q - cand) ** 2).sum(-1).sqrt()
+    # ``.to`` returns the input itself when it is float64 already; the work below is in place.
+    work = candidates.to(torch.float64, copy=True)
+    work.sub_(queries[:, None, :] if work.dim() == 3 else queries)
+    work.square_()
+    return work.sum(-1).sqrt_()
 
 
 def _product_rounding(device: torch.device) -> float:
@@ -246,17 +275,18 @@ def _lex_smallest(dist: Tensor, ids: Tensor, k: int) -> Tensor:
 
 
 def _rerank_rows(gal: Gallery, q64: Tensor, rows: Tensor, budget: int) -> Tensor:
-    """Float64 distances of ``q64[i]`` to ``vectors[rows[i, j]]``, in budget-sized chunks."""
+    """Float64 distances of ``q64[i]`` to ``vectors[rows[i, j]]``, in cache-sized chunks."""
     r, m = rows.shape
     out = torch.empty(r, m, dtype=torch.float64, device=q64.device)
     if r == 0 or m == 0:
         return out
     d = gal.vectors.shape[1]
-    chunk = max(1, budget // (3 * 8 * m * d))
+    per_query = 8 * m * d
+    chunk = max(1, min(budget // (3 * per_query), RERANK_BYTES // per_query))
     rows = rows.to(gal.vectors.device)
     for s in range(0, r, chunk):
         e = min(r, s + chunk)
-        cand = gal.vectors[rows[s:e].reshape(-1)].view(e - s, m, d)
+        cand = gal.vectors.index_select(0, rows[s:e].reshape(-1)).view(e - s, m, d)
         out[s:e] = exact_distances(q64[s:e], cand)
     return out
 
@@ -350,17 +380,70 @@ def _on_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
             yield
 
 
+@dataclass
+class _Job:
+    """One search: what every query tile shares."""
+
+    gal: Gallery
+    queries: Tensor
+    k: int
+    plan: TilePlan
+    budget: int  # per worker or stream
+    rel: float
+    absolute: float
+    out_d: Tensor
+    out_r: Tensor
+
+
+def _run_tiles(job: _Job, start: int, stop: int, step: int = 1, offset: int = 0) -> None:
+    """Search query tiles ``offset, offset + step, ...`` of rows ``start:stop`` into the outputs."""
+    plan, gal, k = job.plan, job.gal, job.k
+    block = torch.empty(
+        plan.query_tile * plan.gallery_tile, dtype=torch.float32, device=job.queries.device
+    )
+    tiles = list(range(start, stop, plan.query_tile))[offset::step]
+    for a in tiles:
+        b = min(stop, a + plan.query_tile)
+        qs = _prepare(job.queries[a:b], gal, job.rel, job.absolute)
+        vals, rows = _scan_tile(qs.centred, gal, plan, block)
+        dist, found, incomplete, theta = _finish_tile(gal, qs, vals, rows, k, job.budget)
+        redo = incomplete.nonzero().flatten()
+        if redo.numel():
+            sub = _Queries(
+                qs.centred[redo],
+                qs.exact[redo.to(qs.exact.device)],
+                qs.constant[redo],
+                qs.slack[redo],
+                qs.error[redo],
+            )
+            dist[redo], found[redo] = _collect(gal, sub, theta[redo], k, plan, block, job.budget)
+        job.out_d[a:b] = dist
+        job.out_r[a:b] = found
+
+
 def search_exact(
-    gal: Gallery, queries: Tensor, k: int, budget: int, *, streams: int = 2
+    gal: Gallery,
+    queries: Tensor,
+    k: int,
+    budget: int,
+    *,
+    streams: int = 2,
+    workers: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact k nearest gallery rows of each query, ties to the smaller id.
+
+    On the CPU, query batches go to ``workers`` threads (default ``torch.get_num_threads()``)
+    that each run single-threaded operations: many small operations then never wait for one
+    another at a parallel barrier, which on a busy machine costs more than they compute. On a
+    GPU, query batches are spread over ``streams`` CUDA streams.
 
     Args:
         gal: the gallery; must hold at least ``k`` vectors.
         queries: ``[nq, d]`` float32 on the gallery's device, finite.
         k: neighbours per query, ``1 <= k <= n``.
-        budget: bytes the temporaries of the search may take.
-        streams: CUDA streams that query tiles are spread over (ignored on CPU).
+        budget: bytes the temporaries of the search may take, all workers together.
+        streams: CUDA streams (ignored on the CPU).
+        workers: CPU worker threads (ignored on a GPU).
 
     Returns:
         ``(distances, rows)``: ``[nq, k]`` float64 Euclidean distances, ascending, and the
@@ -370,48 +453,46 @@ def search_exact(
     nq = queries.shape[0]
     device = queries.device
     keep = min(n, k + max(8, k))
-    upcast = gal.search.dtype != torch.float32
-    use_streams = device.type == "cuda" and streams > 1
-    n_streams = streams if use_streams else 1
-    plan = plan_tiles(nq, n, d, keep, budget // n_streams, upcast=upcast)
+    if device.type == "cuda":
+        lanes = max(1, streams)
+    else:
+        lanes = torch.get_num_threads() if workers is None else workers
+        lanes = max(1, min(lanes, nq // MIN_QUERIES_PER_WORKER))
+    per_lane = -(-nq // lanes) if device.type == "cpu" else nq
+    plan = plan_tiles(
+        per_lane,
+        n,
+        d,
+        keep,
+        budget // lanes,
+        upcast=gal.search.dtype != torch.float32,
+        device_type=device.type,
+    )
     rel, absolute = _error_coefficients(d, device)
     out_d = torch.empty(nq, k, dtype=torch.float64, device=device)
     out_r = torch.empty(nq, k, dtype=torch.int64, device=device)
     if nq == 0:
         return out_d, out_r
-    side: list[torch.cuda.Stream | None] = [None]
-    if use_streams:
-        main = torch.cuda.current_stream(device)
-        side = [torch.cuda.Stream(device) for _ in range(n_streams)]
-        for s in side:
-            assert s is not None
-            s.wait_stream(main)
-    blocks = [
-        torch.empty(plan.query_tile * plan.gallery_tile, dtype=torch.float32, device=device)
-        for _ in side
-    ]
-    for t, start in enumerate(range(0, nq, plan.query_tile)):
-        stop = min(nq, start + plan.query_tile)
-        with _on_stream(side[t % len(side)]):
-            block = blocks[t % len(side)]
-            qs = _prepare(queries[start:stop], gal, rel, absolute)
-            vals, rows = _scan_tile(qs.centred, gal, plan, block)
-            dist, found, incomplete, theta = _finish_tile(gal, qs, vals, rows, k, budget)
-            redo = incomplete.nonzero().flatten()
-            if redo.numel():
-                sub = _Queries(
-                    qs.centred[redo],
-                    qs.exact[redo.to(qs.exact.device)],
-                    qs.constant[redo],
-                    qs.slack[redo],
-                    qs.error[redo],
-                )
-                dist[redo], found[redo] = _collect(gal, sub, theta[redo], k, plan, block, budget)
-            out_d[start:stop] = dist
-            out_r[start:stop] = found
-    if use_streams:
-        main = torch.cuda.current_stream(device)
-        for s in side:
-            assert s is not None
-            main.wait_stream(s)
+    job = _Job(gal, queries, k, plan, budget // lanes, rel, absolute, out_d, out_r)
+    if device.type == "cuda" and lanes > 1:
+        _run_on_streams(job, lanes)
+    elif lanes > 1:
+        ranges = [(a, min(nq, a + per_lane)) for a in range(0, nq, per_lane)]
+        run_in_threads([functools.partial(_run_tiles, job, a, b) for a, b in ranges])
+    else:
+        _run_tiles(job, 0, nq)
     return out_d, out_r
+
+
+def _run_on_streams(job: _Job, lanes: int) -> None:
+    device = job.queries.device
+    main = torch.cuda.current_stream(device)
+    side = [torch.cuda.Stream(device) for _ in range(lanes)]
+    for s in side:
+        s.wait_stream(main)
+    # Tiles are dealt round-robin; each stream keeps its own score block.
+    for i, s in enumerate(side):
+        with _on_stream(s):
+            _run_tiles(job, 0, job.queries.shape[0], step=lanes, offset=i)
+    for s in side:
+        main.wait_stream(s)
