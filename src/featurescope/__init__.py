@@ -11,6 +11,7 @@ Example:
 """
 
 from featurescope._version import __version__
+from featurescope.data import ImageFolder, load_image_folders, make_synthetic_dataset
 from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
 from featurescope.errors import (
     CheckpointError,
@@ -28,6 +29,7 @@ from featurescope.errors import (
 from featurescope.hookspecs import hookimpl
 from featurescope.plugins import list_plugins, register_plugin, unregister_plugin
 from featurescope.tap import FeatureTap, get_graph_node_names
+from featurescope.train import History, train
 from featurescope.visualizers import get_visualizer, list_visualizers, save_figure, visualize
 from featurescope.zoo import (
     AlexNet,
@@ -50,6 +52,8 @@ __all__ = [
     "FeatureTap",
     "FeaturescopeError",
     "FeaturescopeWarning",
+    "History",
+    "ImageFolder",
     "IndexFileError",
     "InputShapeError",
     "ModelInfo",
@@ -72,11 +76,14 @@ __all__ = [
     "list_plugins",
     "list_visualizers",
     "load_checkpoint",
+    "load_image_folders",
+    "make_synthetic_dataset",
     "read_checkpoint_metadata",
     "register_model",
     "register_plugin",
     "save_checkpoint",
     "save_figure",
+    "train",
     "unregister_plugin",
     "visualize",
 ]
