@@ -46,7 +46,9 @@ def as_vectors(data: Any, dim: int, what: str = "vectors") -> Tensor:
         raise EmbeddingIndexError(f"{what} must be real numbers, got dtype {t.dtype}")
     source = t
     t = t.to(device="cpu", dtype=torch.float32).contiguous()
-    finite = torch.isfinite(t).all(1)
+    # One pass: a float64 norm is NaN or infinite exactly when its row holds NaN or infinity.
+    norms = torch.linalg.vector_norm(t, dim=1, dtype=torch.float64)
+    finite = torch.isfinite(norms)
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0, 0])
         bad = "NaN" if bool(torch.isnan(t[row]).any()) else "infinity"
@@ -58,7 +60,6 @@ def as_vectors(data: Any, dim: int, what: str = "vectors") -> Tensor:
         raise EmbeddingIndexError(
             f"{what} row {row} contains {bad}{cause}; remove or repair it before adding"
         )
-    norms = torch.linalg.vector_norm(t, dim=1, dtype=torch.float64)
     if t.shape[0] and float(norms.max()) >= MAX_NORM:
         row = int((norms >= MAX_NORM).nonzero()[0, 0])
         raise EmbeddingIndexError(

@@ -154,17 +154,18 @@ def load_index(
     cfg = _config(p, header)
     meta = _check_tensors(p, tensors, header, cfg)
     labels = tensors["labels"].clone()
+    if cfg["count"] and int(labels.min()) < -1:
+        raise IndexFileError(f"{p}: labels below -1")
+    try:
+        index = cls(cfg["dim"], device=device, dtype=cfg["dtype"], memory_budget=cfg["budget"])
+    except FeaturescopeError as exc:
+        raise IndexFileError(f"{p}: invalid index configuration: {exc}") from exc
+    if memory_budget is not None:
+        # A budget the caller chose: its errors are the caller's, not the file's.
+        index = cls(cfg["dim"], device=device, dtype=cfg["dtype"], memory_budget=memory_budget)
     try:
         vectors = as_vectors(tensors["vectors"], cfg["dim"])
         ids = as_ids(tensors["ids"], cfg["count"])
-        if cfg["count"] and int(labels.min()) < -1:
-            raise IndexFileError(f"{p}: labels below -1")
-        index = cls(
-            cfg["dim"],
-            device=device,
-            dtype=cfg["dtype"],
-            memory_budget=cfg["budget"] if memory_budget is None else memory_budget,
-        )
         if cfg["count"]:
             index._store.append(vectors.clone(), ids, labels, meta)
     except IndexFileError:

@@ -14,16 +14,18 @@ Centring the query matters: the product's rounding error grows with ``‖q−c�
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from featurescope._index_parallel import run_in_threads
+from featurescope._index_gemm import blas_single_threaded, choose_backend, scores_into
+from featurescope._index_parallel import run_in_threads, single_threaded_ops
 
 __all__ = ["Gallery", "TilePlan", "exact_distances", "plan_tiles", "search_exact"]
 
@@ -179,7 +181,9 @@ def _error_coefficients(dim: int, device: torch.device) -> tuple[float, float]:
     return rel, 2.0 * n * 2.0**-149
 
 
-def _scan_tile(q: Tensor, gal: Gallery, plan: TilePlan, block: Tensor) -> tuple[Tensor, Tensor]:
+def _scan_tile(
+    q: Tensor, gal: Gallery, plan: TilePlan, block: Tensor, backend: str = "torch"
+) -> tuple[Tensor, Tensor]:
     """Fast pass for one query tile: the ``keep`` smallest float32 scores and their rows.
 
     Returns:
@@ -199,7 +203,7 @@ def _scan_tile(q: Tensor, gal: Gallery, plan: TilePlan, block: Tensor) -> tuple[
         if tile.dtype != torch.float32:
             tile = tile.float()
         scores = block[: bq * w].view(bq, w)
-        torch.addmm(gal.norms[start:stop], q, tile.T, beta=1, alpha=-2, out=scores)
+        scores_into(q, tile, gal.norms[start:stop], scores, backend)
         kb = min(keep, w)
         if w % GROUP == 0 and w // GROUP >= 2 * keep:
             # Each of the kb smallest scores lies in one of the kb groups with the smallest
@@ -247,7 +251,11 @@ def _prepare(q32: Tensor, gal: Gallery, rel: float, absolute: float) -> _Queries
     centred = q32 - gal.centre
     q64 = q32.to(torch.float64)
     c64 = centred.to(torch.float64)
-    eps_q = torch.linalg.vector_norm(c64 - (q64 - gal.centre.to(torch.float64)), dim=1)
+    exact_rel = q64 - gal.centre.to(torch.float64)
+    # Pad for the float64 subtraction itself, inexact only for far-apart exponents.
+    eps_q = torch.linalg.vector_norm(c64 - exact_rel, dim=1) + 1e-15 * torch.linalg.vector_norm(
+        exact_rel, dim=1
+    )
     constant = (c64 * c64).sum(1) - 2.0 * (c64 @ gal.offset)
     qnorm = torch.linalg.vector_norm(c64, dim=1)
     error = rel * (gal.norm_max + 2.0 * qnorm * gal.radius_max) + absolute
@@ -262,7 +270,9 @@ def _prepare(q32: Tensor, gal: Gallery, rel: float, absolute: float) -> _Queries
 
 def _threshold(upper: Tensor, qs: _Queries) -> Tensor:
     """Largest float32 score a vector within float64 distance ``upper`` of the query can get."""
-    reach = upper * (1 + 1e-12) + qs.slack
+    # A float64 distance over d terms is within (d + 2) float64 roundings of the real one.
+    d = qs.centred.shape[1]
+    reach = upper * (1 + 4 * (d + 2) * 2.0**-53) + qs.slack
     theta = reach * reach - qs.constant + qs.error
     return theta + 1e-12 * (reach * reach + qs.constant.abs() + qs.error)
 
@@ -341,7 +351,14 @@ def _merge_pairs(
 
 
 def _collect(
-    gal: Gallery, qs: _Queries, theta: Tensor, k: int, plan: TilePlan, block: Tensor, budget: int
+    gal: Gallery,
+    qs: _Queries,
+    theta: Tensor,
+    k: int,
+    plan: TilePlan,
+    block: Tensor,
+    budget: int,
+    backend: str = "torch",
 ) -> tuple[Tensor, Tensor]:
     """Exact top-k for queries with many near-ties: re-rank *every* vector within ``theta``."""
     f = qs.centred.shape[0]
@@ -361,7 +378,7 @@ def _collect(
         if tile.dtype != torch.float32:
             tile = tile.float()
         scores = block[: f * (stop - start)].view(f, stop - start)
-        torch.addmm(gal.norms[start:stop], qs.centred, tile.T, beta=1, alpha=-2, out=scores)
+        scores_into(qs.centred, tile, gal.norms[start:stop], scores, backend)
         r, c = (scores <= limit[:, None]).nonzero(as_tuple=True)
         for s in range(0, r.numel(), pair_chunk):
             rr, cc = r[s : s + pair_chunk], c[s : s + pair_chunk] + start
@@ -369,15 +386,6 @@ def _collect(
             dist = exact_distances(qs.exact[rr.to(qs.exact.device)], vecs).to(device)
             best = _merge_pairs(best, rr, dist, cc, gal.ids[cc])
     return best[0], best[1]
-
-
-@contextlib.contextmanager
-def _on_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
-    if stream is None:
-        yield
-    else:
-        with torch.cuda.stream(stream):
-            yield
 
 
 @dataclass
@@ -393,32 +401,56 @@ class _Job:
     absolute: float
     out_d: Tensor
     out_r: Tensor
+    backend: str = "torch"
 
 
-def _run_tiles(job: _Job, start: int, stop: int, step: int = 1, offset: int = 0) -> None:
-    """Search query tiles ``offset, offset + step, ...`` of rows ``start:stop`` into the outputs."""
-    plan, gal, k = job.plan, job.gal, job.k
-    block = torch.empty(
-        plan.query_tile * plan.gallery_tile, dtype=torch.float32, device=job.queries.device
-    )
-    tiles = list(range(start, stop, plan.query_tile))[offset::step]
-    for a in tiles:
-        b = min(stop, a + plan.query_tile)
-        qs = _prepare(job.queries[a:b], gal, job.rel, job.absolute)
-        vals, rows = _scan_tile(qs.centred, gal, plan, block)
-        dist, found, incomplete, theta = _finish_tile(gal, qs, vals, rows, k, job.budget)
-        redo = incomplete.nonzero().flatten()
-        if redo.numel():
-            sub = _Queries(
-                qs.centred[redo],
-                qs.exact[redo.to(qs.exact.device)],
-                qs.constant[redo],
-                qs.slack[redo],
-                qs.error[redo],
-            )
-            dist[redo], found[redo] = _collect(gal, sub, theta[redo], k, plan, block, job.budget)
-        job.out_d[a:b] = dist
-        job.out_r[a:b] = found
+@dataclass
+class _Scanned:
+    """A query tile after the fast pass, waiting for its re-rank."""
+
+    start: int
+    stop: int
+    queries: _Queries
+    scores: Tensor
+    rows: Tensor
+    block: Tensor
+
+
+def _scan(job: _Job, a: int, b: int, block: Tensor) -> _Scanned:
+    qs = _prepare(job.queries[a:b], job.gal, job.rel, job.absolute)
+    vals, rows = _scan_tile(qs.centred, job.gal, job.plan, block, job.backend)
+    return _Scanned(a, b, qs, vals, rows, block)
+
+
+def _finish(job: _Job, t: _Scanned) -> None:
+    gal, k, qs = job.gal, job.k, t.queries
+    dist, found, incomplete, theta = _finish_tile(gal, qs, t.scores, t.rows, k, job.budget)
+    redo = incomplete.nonzero().flatten()
+    if redo.numel():
+        sub = _Queries(
+            qs.centred[redo],
+            qs.exact[redo.to(qs.exact.device)],
+            qs.constant[redo],
+            qs.slack[redo],
+            qs.error[redo],
+        )
+        dist[redo], found[redo] = _collect(
+            gal, sub, theta[redo], k, job.plan, t.block, job.budget, job.backend
+        )
+    job.out_d[t.start : t.stop] = dist
+    job.out_r[t.start : t.stop] = found
+
+
+def _new_block(job: _Job) -> Tensor:
+    cells = job.plan.query_tile * job.plan.gallery_tile
+    return torch.empty(cells, dtype=torch.float32, device=job.queries.device)
+
+
+def _run_tiles(job: _Job, start: int, stop: int) -> None:
+    """Search the query rows ``start:stop`` tile by tile into the outputs."""
+    block = _new_block(job)
+    for a in range(start, stop, job.plan.query_tile):
+        _finish(job, _scan(job, a, min(stop, a + job.plan.query_tile), block))
 
 
 def search_exact(
@@ -478,21 +510,47 @@ def search_exact(
         _run_on_streams(job, lanes)
     elif lanes > 1:
         ranges = [(a, min(nq, a + per_lane)) for a in range(0, nq, per_lane)]
-        run_in_threads([functools.partial(_run_tiles, job, a, b) for a, b in ranges])
+        with single_threaded_ops():
+            job.backend = choose_backend(
+                queries, gal.search, gal.norms, plan.query_tile, plan.gallery_tile
+            )
+        with blas_single_threaded(job.backend):
+            run_in_threads([functools.partial(_run_tiles, job, a, b) for a, b in ranges])
     else:
         _run_tiles(job, 0, nq)
     return out_d, out_r
 
 
 def _run_on_streams(job: _Job, lanes: int) -> None:
+    """Deal query tiles to ``lanes`` CUDA streams (see :func:`_run_pipelined`)."""
     device = job.queries.device
     main = torch.cuda.current_stream(device)
     side = [torch.cuda.Stream(device) for _ in range(lanes)]
     for s in side:
         s.wait_stream(main)
-    # Tiles are dealt round-robin; each stream keeps its own score block.
-    for i, s in enumerate(side):
-        with _on_stream(s):
-            _run_tiles(job, 0, job.queries.shape[0], step=lanes, offset=i)
+    _run_pipelined(job, [functools.partial(torch.cuda.stream, s) for s in side])
     for s in side:
         main.wait_stream(s)
+
+
+def _run_pipelined(job: _Job, lanes: list[Callable[[], ContextManager[Any]]]) -> None:
+    """Deal query tiles round-robin to ``lanes`` (stream contexts), pipelined.
+
+    A tile's re-rank waits for its stream (it reads how many candidates there are), so the next
+    tile's product is queued on another lane first and runs meanwhile. Each lane keeps its own
+    score block; a lane's next product is queued after its previous re-rank, in stream order.
+    """
+    blocks = [_new_block(job) for _ in lanes]
+    pending: tuple[int, _Scanned] | None = None
+    nq, tile = job.queries.shape[0], job.plan.query_tile
+    for i, a in enumerate(range(0, nq, tile)):
+        lane = i % len(lanes)
+        with lanes[lane]():
+            scanned = _scan(job, a, min(nq, a + tile), blocks[lane])
+        if pending is not None:
+            with lanes[pending[0]]():
+                _finish(job, pending[1])
+        pending = (lane, scanned)
+    if pending is not None:
+        with lanes[pending[0]]():
+            _finish(job, pending[1])

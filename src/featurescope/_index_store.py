@@ -104,8 +104,9 @@ class Store:
             ok = torch.isfinite(stored).all(1)
             if not bool(ok.all()):
                 row = first_row + s + int((~ok).nonzero()[0, 0])
+                which = f"row {row}" if row >= 0 else "a row already in the index"
                 raise EmbeddingIndexError(
-                    f"row {row} does not fit {self.dtype} storage (its values, less the "
+                    f"{which} does not fit {self.dtype} storage (its values, less the "
                     f"gallery mean, exceed {torch.finfo(self.dtype).max:.0f}); use "
                     "dtype=torch.bfloat16 or torch.float32"
                 )

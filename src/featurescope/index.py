@@ -42,6 +42,11 @@ class EmbeddingIndex:
 
     The index stores the float32 values of what is added; "exact" refers to those values.
 
+    On the CPU a search of many queries splits them over ``torch.get_num_threads()`` worker
+    threads that run single-threaded operations (``torch.set_num_threads(1)`` while the search
+    runs, then restored): on a machine shared with other work that keeps every core busy
+    without stalling at parallel barriers. On a GPU, batches of queries go to CUDA streams.
+
     Args:
         dim: length of every vector.
         device: where the searched copy of the vectors lives (``"cpu"``, ``"cuda"``, ...).
