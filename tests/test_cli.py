@@ -13,6 +13,7 @@ import featurescope as fs
 from featurescope.cli import build_parser, main
 from featurescope.data import make_synthetic_dataset
 from featurescope.presets import PRESETS, Preset
+from featurescope.train import History
 
 TINY = Preset(
     "tiny",
@@ -90,11 +91,11 @@ def test_train_then_resume(tmp_path, data, tiny_preset, capsys):
     ]
     assert main(args) == 0
     assert (out / "last.safetensors").is_file()
-    history = fs.train.History.load(out / "history.json")
+    history = History.load(out / "history.json")
     assert history.epochs == 1
     assert main([*args, "--epochs", "2"]) == 0
-    assert fs.train.History.load(out / "history.json").epochs == 2
-    assert fs.train.History.load(out / "history.json").train_loss[0] == history.train_loss[0]
+    assert History.load(out / "history.json").epochs == 2
+    assert History.load(out / "history.json").train_loss[0] == history.train_loss[0]
     assert "best.safetensors" in capsys.readouterr().out
 
 

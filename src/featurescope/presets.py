@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,13 +66,23 @@ class Preset:
     channels_last: bool = False
     dataset: Mapping[str, int] = field(default_factory=dict)
 
-    def build_model(self, name: str, num_classes: int = 5, *, seed: int = 0) -> nn.Module:
-        """Create zoo model ``name`` with this preset's initialisation, seeded by ``seed``."""
+    def build_model(
+        self,
+        name: str,
+        num_classes: int | None = None,
+        *,
+        seed: int = 0,
+        class_names: Sequence[str] | None = None,
+    ) -> nn.Module:
+        """Create zoo model ``name`` with this preset's initialisation, seeded by ``seed``.
+
+        ``num_classes`` and ``class_names`` are passed to :func:`featurescope.create_model`.
+        """
         from featurescope.train import kaiming_init_
         from featurescope.zoo import create_model
 
         torch.manual_seed(seed)
-        model = create_model(name, num_classes=num_classes)
+        model = create_model(name, num_classes=num_classes, class_names=class_names)
         if self.init == "kaiming":
             kaiming_init_(model)
         elif self.init is not None:

@@ -95,11 +95,36 @@ def _width_section(page: _Page, width: Mapping[str, Any], preset: Mapping[str, A
             ],
         )
     )
+    page.add(_width_verdict(width["runs"]))
     table = width.get("table")
     if table and (page.folder / table).is_file():
         page.add(
             f"<p>As CSV: <a href='{html.escape(table, quote=True)}'>{html.escape(table)}</a></p>"
         )
+
+
+def _width_verdict(runs: Sequence[Mapping[str, Any]]) -> str:
+    """One sentence comparing the widths' best validation accuracy with the study's finding."""
+    best: dict[str, float] = {}
+    for run in runs:
+        if run.get("best_val_acc") is not None:
+            best[run["model"]] = max(best.get(run["model"], 0.0), run["best_val_acc"])
+    if "alexnet" not in best or "alexnet_half" not in best:
+        return ""
+    full, half = best["alexnet"], best["alexnet_half"]
+    if half < full:
+        verdict = "the halved net did worse, as the study found"
+    elif half > full:
+        verdict = (
+            "here the halved net did better, unlike in the study, which trained for 150 "
+            "epochs: in a few epochs the smaller net can learn faster"
+        )
+    else:
+        verdict = "the two widths tied"
+    return (
+        f"<p>Best validation accuracy: full width {full:.3f}, half width {half:.3f}; "
+        f"{html.escape(verdict)}.</p>"
+    )
 
 
 def _maps_section(page: _Page, maps: Mapping[str, Any]) -> None:

@@ -31,7 +31,7 @@ from featurescope.index import EmbeddingIndex
 from featurescope.presets import Preset
 from featurescope.tap import FeatureTap
 from featurescope.train import History, train
-from featurescope.zoo import create_model, load_checkpoint, model_info_of
+from featurescope.zoo import load_checkpoint, model_info_of
 
 __all__ = [
     "WidthRun",
@@ -41,6 +41,7 @@ __all__ = [
     "index_embeddings",
     "open_study_data",
     "stage_maps",
+    "train_run",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -162,23 +163,52 @@ def compare_widths(
     runs = []
     for model_name in preset.models:
         for batch_size in preset.batch_sizes:
-            torch.manual_seed(seed)
-            model = create_model(model_name, class_names=splits.classes)
             run_dir = Path(out) / f"{model_name}-bs{batch_size}" if out is not None else None
-            history = train(
-                model,
-                splits.train,
-                splits.eval,
-                device=device,
-                seed=seed,
-                checkpoint_dir=run_dir,
-                progress=progress,
-                **preset.train_kwargs(batch_size),
-            )
             runs.append(
-                WidthRun(f"{model_name} bs{batch_size}", model_name, batch_size, history, run_dir)
+                train_run(
+                    splits,
+                    preset,
+                    model_name,
+                    batch_size,
+                    out=run_dir,
+                    device=device,
+                    seed=seed,
+                    progress=progress,
+                )
             )
     return runs
+
+
+def train_run(
+    splits: DatasetSplits,
+    preset: Preset,
+    model_name: str,
+    batch_size: int,
+    *,
+    out: PathLike | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> WidthRun:
+    """Train one zoo model on ``splits`` with ``preset``'s recipe: one run of the comparison.
+
+    The model is built by :meth:`Preset.build_model <featurescope.presets.Preset.build_model>`
+    from ``seed`` and trained with :func:`featurescope.train.train`; ``out`` keeps its checkpoints, and a run
+    found there resumes.
+    """
+    model = preset.build_model(model_name, seed=seed, class_names=splits.classes)
+    history = train(
+        model,
+        splits.train,
+        splits.eval,
+        device=device,
+        seed=seed,
+        checkpoint_dir=out,
+        progress=progress,
+        **preset.train_kwargs(batch_size),
+    )
+    run_dir = Path(out) if out is not None else None
+    return WidthRun(f"{model_name} bs{batch_size}", model_name, batch_size, history, run_dir)
 
 
 def _single_image(image: torch.Tensor) -> torch.Tensor:

@@ -142,35 +142,32 @@ def register(subparsers: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import torch
+    import dataclasses
 
-    import featurescope as fs
     from featurescope.presets import get_preset
-    from featurescope.study import open_study_data
-    from featurescope.train import train
+    from featurescope.study import open_study_data, train_run
 
     preset = get_preset(args.preset)
-    splits = open_study_data(args.data, preset)
-    kwargs = preset.train_kwargs(args.batch_size)
     overrides = {
         "epochs": args.epochs,
         "lr_schedule": args.lr_schedule,
         "optimizer": args.optimizer,
     }
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    out = Path(args.out or f"featurescope-runs/{args.model}-bs{kwargs['batch_size']}")
-    torch.manual_seed(args.seed)
-    model = fs.create_model(args.model, class_names=splits.classes)
-    history = train(
-        model,
-        splits.train,
-        splits.eval,
+    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    splits = open_study_data(args.data, preset)
+    batch_size = args.batch_size or preset.batch_sizes[0]
+    out = Path(args.out or f"featurescope-runs/{args.model}-bs{batch_size}")
+    run = train_run(
+        splits,
+        preset,
+        args.model,
+        batch_size,
+        out=out,
         device=args.device,
         seed=args.seed,
-        checkpoint_dir=out,
         progress=not args.quiet,
-        **kwargs,
     )
+    history = run.history
     print(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'val acc':>8}")
     for epoch in range(history.epochs):
         val = f"{history.val_acc[epoch]:8.3f}" if history.val_acc else f"{'-':>8}"
