@@ -15,6 +15,7 @@ from featurescope.data import ImageFolder, load_image_folders, make_synthetic_da
 from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
 from featurescope.errors import (
     CheckpointError,
+    EmbeddingIndexError,
     FeaturescopeError,
     FeaturescopeWarning,
     IndexFileError,
@@ -27,6 +28,12 @@ from featurescope.errors import (
     WeightsUnavailableError,
 )
 from featurescope.hookspecs import hookimpl
+from featurescope.index import (
+    EmbeddingIndex,
+    SearchResult,
+    ShardedEmbeddingIndex,
+    retrieval_metrics,
+)
 from featurescope.plugins import list_plugins, register_plugin, unregister_plugin
 from featurescope.tap import FeatureTap, get_graph_node_names
 from featurescope.train import History, train
@@ -49,6 +56,8 @@ __all__ = [
     "STUDY_PREPROCESSING",
     "AlexNet",
     "CheckpointError",
+    "EmbeddingIndex",
+    "EmbeddingIndexError",
     "FeatureTap",
     "FeaturescopeError",
     "FeaturescopeWarning",
@@ -61,6 +70,8 @@ __all__ = [
     "NodeNotFoundError",
     "PluginError",
     "Preprocessing",
+    "SearchResult",
+    "ShardedEmbeddingIndex",
     "UnknownNameError",
     "UnsafeCheckpointError",
     "VisualizationError",
@@ -81,6 +92,7 @@ __all__ = [
     "read_checkpoint_metadata",
     "register_model",
     "register_plugin",
+    "retrieval_metrics",
     "save_checkpoint",
     "save_figure",
     "train",
