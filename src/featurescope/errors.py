@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "CheckpointError",
+    "EmbeddingIndexError",
     "FeaturescopeError",
     "FeaturescopeWarning",
     "IndexFileError",
