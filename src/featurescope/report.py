@@ -74,13 +74,17 @@ def _width_section(page: _Page, width: Mapping[str, Any], preset: Mapping[str, A
         f"<p>Both widths trained with {html.escape(preset['optimizer'])} ({schedule}), "
         f"{preset['epochs']} epochs, batch sizes {preset['batch_sizes']}.</p>"
     )
-    if preset["name"] == "quick":
+    if preset["optimizer"] != "sgd" or preset.get("init"):
+        changes = [f"{html.escape(preset['optimizer'])} instead of SGD"]
+        if preset.get("init"):
+            changes.insert(0, f"{html.escape(preset['init'])} (He) initialisation")
         page.add(
-            "<p class='note'>The quick preset trains with Adam: under the study's SGD at lr "
-            "0.01, an AlexNet without normalisation sits at chance for many epochs, far longer "
-            "than a few CPU minutes. <code>featurescope demo --preset study</code> runs the "
-            "study's own schedule (SGD with momentum, lr 0.01 then 0.003 from epoch 19, 150 "
-            "epochs, batch sizes 8 and 16) on a GPU.</p>"
+            f"<p class='note'>This preset departs from the study: {' and '.join(changes)}. Under "
+            "the study's SGD at lr 0.01 with PyTorch's default initialisation, an AlexNet "
+            "without normalisation sits at chance for many epochs, far longer than a few CPU "
+            "minutes. <code>featurescope demo --preset study</code> runs the study's own "
+            "schedule (SGD with momentum, lr 0.01 then 0.003 from epoch 19, 150 epochs, batch "
+            "sizes 8 and 16), best on a GPU.</p>"
         )
     page.add(page.figure(width.get("figure"), "training and validation loss and accuracy"))
     page.add(
