@@ -270,3 +270,36 @@ def test_train_transform_keeps_the_geometry() -> None:
     plain = train_transform(flip=False, random_crop=False)(image)
     assert a.shape == plain.shape == (3, 227, 227)
     assert torch.equal(plain, fs.STUDY_PREPROCESSING.transform()(image))
+
+
+def _one_class_sizes(root: Path, sizes: dict[str, int]) -> Path:
+    for name, n in sizes.items():
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(root / "train" / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 0.9])
+def test_val_fraction_never_leaves_a_split_empty(tmp_path: Path, fraction: float) -> None:
+    root = _one_class_sizes(tmp_path, {"a": 2, "b": 2, "c": 1})
+    splits = load_image_folders(root, val_fraction=fraction, verify=False)
+    assert splits.val is not None
+    # Each class of two images gives exactly one to each split; a lone image stays in train.
+    assert splits.val.class_counts() == {"a": 1, "b": 1, "c": 0}
+    assert splits.train.class_counts() == {"a": 1, "b": 1, "c": 1}
+
+
+def test_val_fraction_with_only_single_image_classes_is_a_clear_error(tmp_path: Path) -> None:
+    root = _one_class_sizes(tmp_path, {"a": 1, "b": 1})
+    with pytest.raises(EmptyDatasetError, match="validation split is empty"):
+        load_image_folders(root, val_fraction=0.5, verify=False)
+
+
+def test_empty_dataset_error_lives_in_errors() -> None:
+    from featurescope import errors
+
+    assert EmptyDatasetError is errors.EmptyDatasetError
+    assert "EmptyDatasetError" in errors.__all__
+    assert issubclass(EmptyDatasetError, fs.FeaturescopeError)
+    assert issubclass(EmptyDatasetError, FileNotFoundError)

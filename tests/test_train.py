@@ -276,6 +276,18 @@ def test_history_is_json_and_feeds_a_curves_plot() -> None:
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= d.keys()
     assert all(len(d[k]) == 3 for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"))
     assert History.from_dict(d) == history
+    fig = fs.visualize("curves", {"r": history})
+    loss_ax, acc_ax = fig.axes
+    labels = {line.get_label(): list(line.get_ydata()) for line in loss_ax.get_lines()}
+    assert labels == {"r train_loss": history.train_loss, "r val_loss": history.val_loss}
+    acc_labels = {line.get_label() for line in acc_ax.get_lines()}
+    assert acc_labels == {"r train_acc", "r val_acc"}
+
+
+def test_empty_val_data_is_rejected() -> None:
+    data = _tiny_data()
+    with pytest.raises(fs.FeaturescopeError, match="val_data is empty"):
+        train(_tiny_net(), data, TensorDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0)), **FAST)
 
 
 def test_bad_arguments_are_clear_errors() -> None:

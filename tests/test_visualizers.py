@@ -498,3 +498,36 @@ def test_drawing_never_touches_pyplot():
     fs.visualize("grid", torch.rand(3, 4, 4))
     fs.visualize("curves", {"r": {"train_loss": [1.0]}})
     assert "matplotlib.pyplot" not in sys.modules
+
+
+# --- review fixes -------------------------------------------------------------------------------
+
+
+def test_torch_and_numpy_uint8_images_are_divided_by_255():
+    # A dim uint8 image: contrast stretching would brighten it, dividing by 255 must not.
+    pixels = np.random.default_rng(0).integers(10, 60, size=(3, 9, 11), dtype=np.uint8)
+    expected = np.moveaxis(pixels, 0, -1).astype(np.float64) / 255
+    maps = torch.rand(2, 3, 3)
+    for image in (pixels, torch.from_numpy(pixels)):
+        fig = fs.visualize("overlay", maps, image=image)
+        np.testing.assert_allclose(panel_array(fig.axes[0]), expected, atol=1e-12)
+
+
+def test_missing_required_options_are_named():
+    with pytest.raises(fs.VisualizationError, match="'images'"):
+        fs.visualize("montage", (torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long)))
+    with pytest.raises(fs.VisualizationError, match="'image'"):
+        fs.visualize("overlay", torch.rand(2, 3, 3))
+
+
+def test_curves_draws_train_history_objects():
+    from featurescope.train import History
+
+    history = History(
+        train_loss=[1.2, 0.9], train_acc=[0.3, 0.5], val_loss=[1.1, 1.0],
+        val_acc=[0.4, 0.6], lr=[0.01, 0.01], seconds=[3.0, 2.9],
+    )  # fmt: skip
+    for data in ({"run": history}, history):
+        fig = fs.visualize("curves", data)
+        lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[1].get_lines()}
+        assert lines == {"run train_acc": [0.3, 0.5], "run val_acc": [0.4, 0.6]}

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 __all__ = [
     "CheckpointError",
     "EmbeddingIndexError",
+    "EmptyDatasetError",
     "FeaturescopeError",
     "FeaturescopeWarning",
     "IndexFileError",
@@ -135,6 +136,19 @@ class WeightsUnavailableError(FeaturescopeError, OSError):
     Example:
         >>> issubclass(WeightsUnavailableError, OSError)  # handled like any I/O failure
         True
+    """
+
+
+class EmptyDatasetError(FeaturescopeError, FileNotFoundError):
+    """A dataset folder is missing, has no class folders, or a split holds no readable image.
+
+    Example:
+        >>> from featurescope.data import ImageFolder
+        >>> try:
+        ...     ImageFolder("no-such-folder")
+        ... except FileNotFoundError as err:  # an EmptyDatasetError is a FileNotFoundError too
+        ...     isinstance(err, EmptyDatasetError), "does not exist" in str(err)
+        (True, True)
     """
 
 

@@ -404,7 +404,7 @@ def train(
             in eval mode.
         train_data: a dataset of ``(image tensor, label)``, e.g. an
             :class:`~featurescope.data.ImageFolder`.
-        val_data: the same for validation, or ``None``.
+        val_data: the same for validation, or ``None`` (an empty dataset is an error).
         epochs: the total number of epochs (counted from 1, including resumed ones).
         batch_size: images per training step (the study used 8 and 16).
         lr_schedule: ``{first epoch: lr}``; the study's ``{1: 0.01, 19: 0.003}`` by default. A
@@ -431,7 +431,8 @@ def train(
         and, with ``checkpoint_dir``, the ``best_checkpoint`` and ``last_checkpoint`` paths.
 
     Raises:
-        FeaturescopeError: bad arguments, or the loss became NaN/inf.
+        FeaturescopeError: bad arguments (including an empty ``train_data`` or ``val_data``),
+            or the loss became NaN/inf.
         UnknownNameError: an unknown optimizer name.
         CheckpointError: ``checkpoint_dir`` holds a run with other settings, or an unreadable
             state.
@@ -454,6 +455,12 @@ def train(
         raise FeaturescopeError(f"batch_size must be positive, got {batch_size}")
     if len(train_data) == 0:  # type: ignore[arg-type]
         raise FeaturescopeError("train_data is empty")
+    # An empty validation set would report val_acc 0.0 every epoch, as if the model had failed.
+    if val_data is not None and len(val_data) == 0:  # type: ignore[arg-type]
+        raise FeaturescopeError(
+            "val_data is empty; pass a dataset with at least one image, or val_data=None to "
+            "train without validation"
+        )
     schedule = _normalise_schedule(lr_schedule)
     dev = _resolve_device(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from featurescope.errors import FeaturescopeError, FeaturescopeWarning
+from featurescope.errors import EmptyDatasetError, FeaturescopeError, FeaturescopeWarning
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -38,10 +38,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 
 PathLike = str | os.PathLike[str]
 Transform = Callable[[Image.Image], Any]
-
-
-class EmptyDatasetError(FeaturescopeError, FileNotFoundError):
-    """A dataset folder is missing, has no class folders, or holds no readable image."""
 
 
 def load_rgb(path: PathLike) -> Image.Image:
@@ -284,9 +280,17 @@ def _stratified_split(
     for label in sorted(by_class):
         idx = by_class[label]
         order = torch.randperm(len(idx), generator=generator).tolist()
-        n_held = round(len(idx) * fraction) if len(idx) > 1 else 0
+        # At least one image of each class for validation and one for training: a class
+        # of n images holds out 1..n-1 of them, and a lone image stays in training.
+        n_held = min(max(1, round(len(idx) * fraction)), len(idx) - 1)
         held += sorted(idx[j] for j in order[:n_held])
         keep += sorted(idx[j] for j in order[n_held:])
+    if not held:
+        raise EmptyDatasetError(
+            f"val_fraction={fraction}: the validation split is empty because every class in "
+            f"{data.root} has a single image, and a lone image stays in training. Add images, "
+            f"or put validation images in {data.root.parent / 'val'} (one subfolder per class)"
+        )
     return data.subset(sorted(keep)), data.subset(sorted(held))
 
 
@@ -310,7 +314,8 @@ def load_image_folders(
         train_transform: for the training images; default: ``transform`` (e.g. pass
             :func:`~featurescope.data.train_transform` for augmentation).
         val_fraction: when there is no ``root/val``, hold out this fraction of each training
-            class (chosen with ``seed``) as the validation split.
+            class (chosen with ``seed``) as the validation split, rounded but at least one
+            image and never all of a class (a class with one image stays in training).
         seed: seeds the held-out choice of ``val_fraction``.
         verify: decode every image once and skip unreadable ones (see :class:`ImageFolder`).
 
@@ -318,7 +323,8 @@ def load_image_folders(
         The :class:`DatasetSplits`.
 
     Raises:
-        EmptyDatasetError: ``root`` or ``root/train`` is missing, or a split is empty.
+        EmptyDatasetError: ``root`` or ``root/train`` is missing, or a split is empty (also
+            when ``val_fraction`` finds no class with two images to split).
 
     Example:
         >>> import tempfile

@@ -108,6 +108,18 @@ def _check_options(name: str, function: Callable[..., Any], options: dict[str, A
                 f"visualizer {name!r} has no option {option!r}.{did_you_mean(option, accepted)} "
                 f"Its options are: {', '.join(accepted) or 'none'}."
             )
+    # Without this the call's TypeError would surface as a PluginError, blaming the plugin.
+    missing = [
+        p.name
+        for p in params.values()
+        if p.kind is p.KEYWORD_ONLY and p.default is p.empty and p.name not in options
+    ]
+    if missing:
+        raise VisualizationError(
+            f"visualizer {name!r} needs the option(s) {', '.join(map(repr, missing))}, e.g. "
+            f"visualize({name!r}, data, {missing[0]}=...); see "
+            f"featurescope.get_visualizer({name!r}).__doc__"
+        )
 
 
 def visualize(name: str, data: Any, **options: Any) -> Figure:
@@ -128,7 +140,8 @@ def visualize(name: str, data: Any, **options: Any) -> Figure:
         UnknownNameError: no visualizer or option has that name (the message suggests close
             names).
         InputShapeError: ``data`` does not have a shape the visualizer draws.
-        VisualizationError: an option has a value the visualizer cannot use.
+        VisualizationError: an option has a value the visualizer cannot use, or a required
+            option (``images=`` of ``montage``, ``image=`` of ``overlay``) is missing.
         PluginError: the visualizer failed in another way, or returned something that is not
             a figure; the message names its plugin.
 

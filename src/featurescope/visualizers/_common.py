@@ -85,6 +85,15 @@ def check_positive_int(value: Any, name: str, allow_none: bool = False) -> int |
     return int(value)
 
 
+def _is_uint8(image: Any) -> bool:
+    # torch.uint8 does not compare equal to np.uint8, and read_image() gives torch uint8 images.
+    import torch
+
+    if isinstance(image, torch.Tensor):
+        return image.dtype == torch.uint8
+    return bool(getattr(image, "dtype", None) == np.uint8)
+
+
 def to_display_image(image: Any, what: str = "image") -> np.ndarray[Any, Any]:
     """An image as a float ``[H, W, 3]`` (or ``[H, W]`` grey) array in [0, 1] for ``imshow``.
 
@@ -102,7 +111,7 @@ def to_display_image(image: Any, what: str = "image") -> np.ndarray[Any, Any]:
             raise VisualizationError(f"cannot read {what} {os.fspath(image)!r}: {exc}") from exc
     if type(image).__module__.startswith("PIL."):
         image = np.asarray(image.convert("RGB"))
-    is_uint8 = getattr(image, "dtype", None) == np.uint8
+    is_uint8 = _is_uint8(image)
     arr = to_numpy(image, what)
     if arr.ndim == 4 and arr.shape[0] == 1:
         arr = arr[0]

@@ -27,10 +27,23 @@ def _is_series(value: Any) -> bool:
     ) or (hasattr(value, "ndim") and getattr(value, "ndim", None) == 1)
 
 
+def _has_to_dict(value: Any) -> bool:
+    return callable(getattr(value, "to_dict", None))
+
+
 def _as_history(run: str, value: Any) -> dict[str, list[float]]:
-    # A history is either {metric: per-epoch values} or a list of per-epoch {metric: value}.
+    # A history is either {metric: per-epoch values} or a list of per-epoch {metric: value},
+    # or an object with to_dict() giving the former (featurescope.train.History).
     items: Iterable[tuple[Any, Any]]
-    if isinstance(value, Mapping):
+    if _has_to_dict(value) and not isinstance(value, Mapping):
+        value = value.to_dict()
+        if not isinstance(value, Mapping):
+            raise InputShapeError(
+                f"run {run!r}: to_dict() must return {{metric: [value per epoch]}}, got "
+                f"{type(value).__name__}"
+            )
+        items = value.items()
+    elif isinstance(value, Mapping):
         items = value.items()
     elif isinstance(value, Sequence) and all(isinstance(r, Mapping) for r in value):
         keys = list(dict.fromkeys(k for record in value for k in record))
@@ -49,6 +62,8 @@ def _as_history(run: str, value: Any) -> dict[str, list[float]]:
 
 
 def _as_runs(data: Any) -> dict[str, dict[str, list[float]]]:
+    if _has_to_dict(data) and not isinstance(data, Mapping):
+        return {"run": _as_history("run", data)}  # one History on its own
     if not isinstance(data, Mapping) or not data:
         raise InputShapeError(
             "curves takes {run name: history}, e.g. {'alexnet bs8': {'train_loss': [...], "
@@ -105,8 +120,9 @@ def curves(data: Any, *, title: str | None = None, size: float = 4.0) -> Figure:
     present, gives the x values.
 
     Args:
-        data: ``{run name: history}``, where a history is ``{metric: [value per epoch]}`` or a
-            list of per-epoch ``{metric: value}`` records; a single history also works.
+        data: ``{run name: history}``, where a history is ``{metric: [value per epoch]}``, a
+            list of per-epoch ``{metric: value}`` records, or a :class:`featurescope.train.History`
+            (anything with a ``to_dict()`` giving the first form); a single history also works.
         title: the figure's title.
         size: each panel's height in inches.
 
