@@ -392,6 +392,31 @@ def test_wrong_input_size_and_device_are_clear_errors():
         FeatureTap(meta, ["conv1"])(torch.zeros(1, 3, 227, 227))
 
 
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_wrong_input_dtype_is_a_dtype_error_not_a_shape_error(backend):
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    tap = FeatureTap(model, ["0", "2"], backend=backend)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.raises(FeaturescopeError) as error:
+        tap(x)
+    assert not isinstance(error.value, InputShapeError)
+    message = str(error.value)
+    assert "torch.float64" in message and "torch.float32" in message
+    assert "x.to(torch.float32)" in message and "model.to(torch.float64)" in message
+    out = tap(x.to(torch.float32))
+    torch.testing.assert_close(out["2"], model(x.to(torch.float32)))
+    # Autocast casts per layer: an input of another dtype is intended there.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tap(x.to(torch.bfloat16))["2"].shape == (5, 2)
+
+    # Parameters of several dtypes: no up-front check, and PyTorch's own dtype message
+    # ("mat1 and mat2 must have the same dtype") is still not taken for a shape problem.
+    mixed = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2).double()).eval()
+    with pytest.raises(RuntimeError, match="dtype") as error:
+        FeatureTap(mixed, ["1"], backend=backend)(x.float())
+    assert not isinstance(error.value, InputShapeError)
+
+
 def test_summary_prints_and_returns_shapes_and_params(capsys):
     c = zoo("alexnet_half")
     model = c.model.train()
@@ -430,6 +455,20 @@ def test_cli_summary_and_nodes(capsys):
     assert "Did you mean" in capsys.readouterr().err
     assert main(["summary", "tv_alexnet"]) == 0
     assert "classifier.6" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks", "auto"])
+def test_cli_summary_lists_every_layer_the_backend_can_tap(capsys, backend):
+    assert main(["summary", "alexnet_half", "--backend", backend]) == 0
+    printed = capsys.readouterr().out
+    model = fs.create_model("alexnet_half")
+    leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
+    graph = get_graph_node_names(model)[1]
+    expected = leaves if backend == "hooks" else [n for n in graph if n != "x"]
+    rows = [line.split()[0] for line in printed.splitlines() if line.split()[:1] != []]
+    listed = [name for name in rows if name in set(graph) | set(leaves) | {"x"}]
+    assert listed == expected
+    assert "[-1, 128, 6, 6]" in printed and "[-1, 5]" in printed
 
 
 # ---------------------------------------------------------------- random small conv nets

@@ -305,3 +305,43 @@ def test_resume_with_a_shuffling_loader_keeps_the_first_runs_order(tmp_path, tap
 def test_empty_dataset_is_a_clear_error(tap):
     with pytest.raises(FeaturescopeError, match="empty"):
         tap.extract(Images(0), progress=False)
+
+
+class Files(Images):
+    """``Images`` that name a file per sample, like an ``ImageFolder``'s ``samples``."""
+
+    def __init__(self, n: int, seed: int, folder: str) -> None:
+        super().__init__(n)
+        self.x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+        self.samples = [(f"{folder}/{i}.png", int(self.y[i])) for i in range(n)]
+
+
+def test_overwrite_replaces_even_a_resumable_looking_extraction(tmp_path, tap):
+    first, second = Files(4, seed=1, folder="a"), Files(4, seed=2, folder="b")
+    tap.extract(first, batch_size=2, out=tmp_path, progress=False)
+    with pytest.raises(FeaturescopeError, match="different extraction.*overwrite=True"):
+        tap.extract(second, batch_size=2, out=tmp_path, progress=False)
+    result = tap.extract(second, batch_size=2, out=tmp_path, overwrite=True, progress=False)
+    ref = reference(tap, second)
+    assert result.paths == [path for path, _ in second.samples]
+    for alias in NODES.values():
+        np.testing.assert_allclose(result[alias], ref[alias], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(load_features(tmp_path)[alias], ref[alias], atol=1e-6)
+
+    # Same files, new values: nothing on disk tells them apart, but overwrite=True still
+    # recomputes every row instead of handing back the complete old extraction.
+    third = Files(4, seed=3, folder="b")
+    result = tap.extract(third, batch_size=2, out=tmp_path, overwrite=True, progress=False)
+    assert third.reads == 4
+    np.testing.assert_allclose(result["logits"], reference(tap, third)["logits"], atol=1e-6)
+
+
+def test_resume_checks_preprocessing(tmp_path, tap, monkeypatch):
+    from featurescope import _tap_extract
+
+    tap.extract(Images(4), batch_size=2, out=tmp_path, progress=False)
+    monkeypatch.setattr(
+        _tap_extract, "_describe_model", lambda model: ("TinyNet", {"resize": 32, "crop": 8})
+    )
+    with pytest.raises(FeaturescopeError, match="different extraction"):
+        tap.extract(Images(4), batch_size=2, out=tmp_path, progress=False)

@@ -159,7 +159,7 @@ class ShardWriter:
             ``rank`` and ``world_size`` of this extraction.
         sample_ids: the dataset indices to extract, in order.
         paths: their files, or ``None``.
-        overwrite: replace a different extraction found in ``folder``.
+        overwrite: start afresh even if ``folder`` already holds an extraction (resumable or not).
 
     Raises:
         FeaturescopeError: ``folder`` holds a different extraction and ``overwrite`` is false.
@@ -188,16 +188,18 @@ class ShardWriter:
         existing = read_manifest(folder)
         if existing is None:
             return
-        if _same_extraction(existing, header, len(sample_ids)):
+        if overwrite:
+            # Start afresh even when the old run looks resumable: overwrite=True asks for new
+            # rows, and data of the same length can still differ in ways no manifest records.
+            # Remove the old manifest first: it must not describe files we are about to reuse.
+            (folder / MANIFEST).unlink()
+        elif _same_extraction(existing, header, sample_ids, paths):
             self.manifest = existing
             self.completed = int(existing["completed"])
             # The first run fixed the order (a shuffling DataLoader would draw another).
             self.sample_ids = np.asarray(existing["sample_ids"], dtype=np.int64)
             self.paths = existing.get("paths")
             self._open_files()
-        elif overwrite:
-            # Remove the old manifest first: it must not describe files we are about to reuse.
-            (folder / MANIFEST).unlink()
         else:
             raise FeaturescopeError(
                 f"{folder} already holds a different extraction (model {existing.get('model')!r}, "
@@ -300,18 +302,43 @@ class ShardWriter:
         self._since_commit = now
 
 
-def _same_extraction(existing: Mapping[str, Any], header: Mapping[str, Any], n: int) -> bool:
+def _same_extraction(
+    existing: Mapping[str, Any],
+    header: Mapping[str, Any],
+    sample_ids: np.ndarray,
+    paths: list[str] | None,
+) -> bool:
     nodes = {alias: entry.get("node") for alias, entry in existing.get("nodes", {}).items()}
     return (
         existing.get("version") == VERSION
         and existing.get("model") == header["model"]
+        # Through JSON, as the manifest stored it (tuples come back as lists).
+        and existing.get("preprocessing") == json.loads(json.dumps(header.get("preprocessing")))
         and nodes == dict(header["nodes"])
         and existing.get("reduce") == header["reduce"]
         and existing.get("rank") == header["rank"]
         and existing.get("world_size") == header["world_size"]
-        and existing.get("num_samples") == n
+        and existing.get("num_samples") == len(sample_ids)
         and "shards" not in existing
+        and _same_paths(existing, sample_ids, paths)
     )
+
+
+def _same_paths(
+    existing: Mapping[str, Any], sample_ids: np.ndarray, paths: list[str] | None
+) -> bool:
+    """Whether both runs read the same file for every sample id (when both know their files).
+
+    Compared per id, not per position: a shuffling loader draws another order on each run.
+    """
+    old_paths = existing.get("paths")
+    if old_paths is None and paths is None:
+        return True
+    if old_paths is None or paths is None:
+        return False
+    old = dict(zip((int(i) for i in existing.get("sample_ids", [])), old_paths, strict=False))
+    new = dict(zip((int(i) for i in sample_ids), paths, strict=False))
+    return old == new
 
 
 def _load_shard(folder: Path, manifest: dict[str, Any]) -> Extraction:

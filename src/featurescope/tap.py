@@ -61,6 +61,9 @@ Backend = Literal["auto", "fx", "hooks"]
 _BACKENDS = ("auto", "fx", "hooks")
 # Words of PyTorch's messages for a tensor that does not fit a layer.
 _SHAPE_WORDS = ("size", "shape", "mat1", "channels", "dimension")
+# ... and for one of the wrong dtype ("mat1 and mat2 must have the same dtype", "Input type
+# (double) and bias type (float) should be the same", "expected scalar type Float").
+_DTYPE_WORDS = ("dtype", "scalar type", " type (")
 
 
 def get_graph_node_names(
@@ -253,9 +256,11 @@ class FeatureTap:
 
         Raises:
             InputShapeError: the input does not fit the model.
-            FeaturescopeError: the input is on another device than the model.
+            FeaturescopeError: the input is on another device than the model, or is a floating
+                tensor of another dtype than the model's parameters (outside autocast).
         """
         self._check_device(args, kwargs)
+        self._check_dtype(args, kwargs)
         try:
             if self._fx is not None:
                 result: dict[str, Any] = self._fx[self.model.training].module(*args, **kwargs)
@@ -264,7 +269,11 @@ class FeatureTap:
             return self._hooks(self.model, *args, **kwargs)
         except RuntimeError as exc:
             message = str(exc)
-            if "device" not in message and any(word in message for word in _SHAPE_WORDS):
+            if (
+                "device" not in message
+                and not any(word in message for word in _DTYPE_WORDS)
+                and any(word in message for word in _SHAPE_WORDS)
+            ):
                 shapes = ", ".join(str(list(a.shape)) for a in args if isinstance(a, torch.Tensor))
                 raise InputShapeError(
                     f"{type(self.model).__name__} cannot run on an input of shape {shapes}: "
@@ -282,6 +291,19 @@ class FeatureTap:
             raise FeaturescopeError(
                 f"the model is on {device} but the input is on {tensors[0].device}; move one "
                 f"to the other: model.to({str(tensors[0].device)!r}) or x.to({str(device)!r})."
+            )
+
+    def _check_dtype(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        dtype = _model_dtype(self.model)
+        if not tensors or dtype is None or not tensors[0].is_floating_point():
+            return
+        x = tensors[0]
+        # Autocast casts the inputs of each layer itself, so other dtypes are meant there.
+        if x.dtype != dtype and not _autocast_enabled(x.device):
+            raise FeaturescopeError(
+                f"the input is {x.dtype} but the model's parameters are {dtype}; convert one to "
+                f"the other: x.to({dtype}) or model.to({x.dtype})."
             )
 
     def summary(
@@ -363,7 +385,9 @@ class FeatureTap:
                 interrupted extraction into the same folder resumes where it stopped.
             progress: show a tqdm progress bar.
             num_workers: DataLoader workers when ``data`` is a Dataset.
-            overwrite: replace a different extraction already in ``out``.
+            overwrite: discard whatever extraction ``out`` holds and start afresh; without it
+                a different extraction there (model, preprocessing, nodes, ``reduce``, number
+                of samples or, where the dataset names them, files) is an error.
 
         Returns:
             An :class:`~featurescope._tap_extract.Extraction`: ``features`` (``{alias: array}``),
@@ -442,6 +466,16 @@ def _model_device(model: nn.Module) -> torch.device | None:
     for buffer in model.buffers():
         return buffer.device
     return None
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of all the model's parameters; ``None`` if none or several."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    return bool(torch.is_autocast_enabled(device.type))
 
 
 def _zoo_input_size(model: nn.Module) -> tuple[int, ...] | None:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import inspect
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def register(subparsers: Any) -> None:
@@ -17,7 +21,12 @@ def register(subparsers: Any) -> None:
         ),
     )
     s.add_argument("model", help="zoo model name, e.g. alexnet (see 'featurescope models')")
-    s.add_argument("--nodes", nargs="+", metavar="NODE", help="only these nodes (default: all)")
+    s.add_argument(
+        "--nodes",
+        nargs="+",
+        metavar="NODE",
+        help="only these nodes (default: every graph node; every leaf module with --backend hooks)",
+    )
     s.add_argument(
         "--input-size",
         nargs=3,
@@ -45,16 +54,32 @@ def _summary(args: argparse.Namespace) -> int:
     import featurescope as fs
 
     model = fs.create_model(args.model).eval()
-    nodes = args.nodes
-    if not nodes:
-        from featurescope._tap_fx import trace
-
-        traced = trace(model, training=False)
-        # Inputs are not layers; torchsummary does not list them either.
-        nodes = [name for node, name in traced.qualnames.items() if node.op != "placeholder"]
+    nodes = args.nodes or _default_nodes(model, args.backend)
     tap = fs.FeatureTap(model, nodes, backend=args.backend)
     tap.summary(args.input_size)
     return 0
+
+
+def _default_nodes(model: nn.Module, backend: str) -> list[str]:
+    """Every layer ``backend`` can tap: leaf modules for hooks, graph nodes for fx."""
+    import featurescope as fs
+    from featurescope.errors import FeaturescopeError
+
+    # Hooks only see modules, and a container's output is its last leaf's, so leaves suffice.
+    leaves = [
+        name for name, m in model.named_modules() if name and next(m.children(), None) is None
+    ]
+    if backend == "hooks":
+        return leaves
+    try:
+        eval_nodes = fs.get_graph_node_names(model)[1]
+    except FeaturescopeError:
+        if backend == "fx":
+            raise
+        return leaves  # auto falls back to hooks, which take module names only
+    # Inputs are not layers; torchsummary does not list them either.
+    inputs = set(inspect.signature(model.forward).parameters)
+    return [name for name in eval_nodes if name not in inputs]
 
 
 def _nodes(args: argparse.Namespace) -> int:
