@@ -72,8 +72,13 @@ def test_python_dash_m():
 def test_models(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert "26,830,213" in out and "14,591,685" in out
-    assert "conv3 [128, 6, 6]" in out
+    for name in fs.list_models():
+        params = sum(p.numel() for p in fs.create_model(name).parameters())
+        assert f"{name} " in out and f"{params:,} params" in out
+    half = fs.create_model("alexnet_half")
+    with torch.no_grad():
+        conv3 = half.conv3(half.conv2(half.conv1(torch.zeros(1, 3, 227, 227))))
+    assert f"conv3 {list(conv3.shape[1:])}" in out
 
 
 def test_train_then_resume(tmp_path, data, tiny_preset, capsys):
@@ -160,6 +165,44 @@ def test_index_build_and_search(tmp_path, data, capsys):
     assert float(first_hit[1]) == pytest.approx(0.0, abs=1e-3)  # the query itself is indexed
     assert first_hit[-1] == str(query)
     assert montage.stat().st_size > 0
+
+
+def test_index_of_random_weights_searches_with_the_same_weights(tmp_path, data, capsys):
+    index_path = tmp_path / "random.safetensors"
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(data / "train"),
+                "--model",
+                "alexnet_half",
+                "--out",
+                str(index_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    query = sorted((data / "train" / "circle").glob("*.png"))[0]
+    assert (
+        main(
+            [
+                "index",
+                "search",
+                str(index_path),
+                str(query),
+                "-k",
+                "1",
+                "--out",
+                str(tmp_path / "m.png"),
+            ]
+        )
+        == 0
+    )
+    first_hit = capsys.readouterr().out.splitlines()[-2].split()
+    assert float(first_hit[1]) == pytest.approx(0.0, abs=1e-3)
+    assert first_hit[-1] == str(query)
 
 
 def test_index_search_without_sidecar(tmp_path, capsys):

@@ -16,6 +16,7 @@ from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
 from featurescope.errors import (
     CheckpointError,
     EmbeddingIndexError,
+    EmptyDatasetError,
     FeaturescopeError,
     FeaturescopeWarning,
     IndexFileError,
@@ -58,6 +59,7 @@ __all__ = [
     "CheckpointError",
     "EmbeddingIndex",
     "EmbeddingIndexError",
+    "EmptyDatasetError",
     "FeatureTap",
     "FeaturescopeError",
     "FeaturescopeWarning",

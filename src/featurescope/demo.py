@@ -21,12 +21,13 @@ from featurescope import study
 from featurescope._io import atomic_open
 from featurescope.data import ImageFolder
 from featurescope.data.folders import DatasetSplits
+from featurescope.data.transforms import STUDY_PREPROCESSING
 from featurescope.errors import FeaturescopeError
 from featurescope.index import retrieval_metrics
 from featurescope.presets import Preset, get_preset
 from featurescope.visualizers import save as save_figure
 from featurescope.visualizers import visualize
-from featurescope.zoo import create_model, get_model_info
+from featurescope.zoo import model_info_of
 
 __all__ = ["run_demo"]
 
@@ -94,29 +95,13 @@ def _maps_experiment(model: torch.nn.Module, splits: DatasetSplits, out: Path) -
     image, label = dataset[0]
     path = dataset.samples[0][0]
     maps = study.stage_maps(model, image)
-    figures: dict[str, dict[str, str]] = {}
-    for stage, tensor in maps.items():
-        if tensor.dim() != 3:
-            continue  # fc's output is a vector of class scores, not a map
-        files = {"grid": f"maps_{stage}_grid.png", "sum": f"maps_{stage}_sum.png"}
-        title = f"{stage} {list(tensor.shape)}"
-        save_figure(
-            visualize(
-                "grid",
-                tensor,
-                max_channels=None,
-                order=None,
-                title=f"{title}, per channel",
-                panel_size=0.9 if tensor.shape[0] <= 96 else 0.6,
-            ),
-            out / files["grid"],
-        )
-        save_figure(
-            visualize("sum", tensor, title=f"{title}, summed over channels"), out / files["sum"]
-        )
-        figures[stage] = files
-    original = get_model_info("alexnet").preprocessing
-    assert original is not None
+    drawn = study.draw_stage_maps(maps, out / "maps")
+    figures = {
+        stage: {kind: str(path.relative_to(out)) for kind, path in files.items()}
+        for stage, files in drawn.items()
+    }
+    info = model_info_of(model)
+    original = info.preprocessing if info and info.preprocessing else STUDY_PREPROCESSING
     save_figure(
         visualize(
             "overlay",
@@ -124,7 +109,7 @@ def _maps_experiment(model: torch.nn.Module, splits: DatasetSplits, out: Path) -
             image=original.denormalize(image),
             title="conv1, summed, over the input",
         ),
-        out / "maps_overlay.png",
+        out / "maps" / "overlay.png",
     )
     scores = torch.softmax(maps["fc"], dim=0).tolist() if "fc" in maps else []
     return {
@@ -132,7 +117,7 @@ def _maps_experiment(model: torch.nn.Module, splits: DatasetSplits, out: Path) -
         "label": splits.classes[label],
         "shapes": {stage: list(t.shape) for stage, t in maps.items()},
         "figures": figures,
-        "overlay": "maps_overlay.png",
+        "overlay": "maps/overlay.png",
         "class_probabilities": dict(zip(splits.classes, scores, strict=False)),
     }
 
@@ -140,6 +125,7 @@ def _maps_experiment(model: torch.nn.Module, splits: DatasetSplits, out: Path) -
 def _retrieval_experiment(
     model: torch.nn.Module,
     splits: DatasetSplits,
+    preset: Preset,
     out: Path,
     device: Any,
     seed: int,
@@ -155,17 +141,15 @@ def _retrieval_experiment(
     index = study.index_embeddings(train_emb)
     scores = retrieval_metrics(index, query_emb["embedding"], query_emb.labels, k=k)
 
-    torch.manual_seed(seed)
-    untrained = create_model("alexnet", class_names=splits.classes)
-    base_index = study.index_embeddings(study.embed(untrained, gallery, progress=progress))
-    base_queries = study.embed(untrained, queries, progress=progress)
+    # The same network before training: what the trained embedding is worth over its init.
+    untrained = preset.build_model("alexnet", seed=seed, class_names=splits.classes)
+    base_index = study.index_embeddings(
+        study.embed(untrained, gallery, device=device, progress=progress)
+    )
+    base_queries = study.embed(untrained, queries, device=device, progress=progress)
     baseline = retrieval_metrics(base_index, base_queries["embedding"], base_queries.labels, k=k)
 
-    # One query per class (the first of each), as the study's figure shows a few queries.
-    firsts: dict[int, int] = {}
-    for row, label in enumerate(query_emb.labels.tolist()):
-        firsts.setdefault(int(label), row)
-    rows = sorted(firsts.values())
+    rows = study.first_query_per_class(query_emb.labels)
     result = index.search(query_emb["embedding"][rows], k)
     labels = dict(zip(index.ids.tolist(), index.labels.tolist(), strict=True))
     figure = visualize(
@@ -250,7 +234,7 @@ def run_demo(
 
     log("4/4 search by image")
     t = time.perf_counter()
-    retrieval = _retrieval_experiment(model, splits, out, device, seed, progress)
+    retrieval = _retrieval_experiment(model, splits, preset, out, device, seed, progress)
     timings["retrieval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 

@@ -24,22 +24,28 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from featurescope._tap_fx import training_mode
 from featurescope.data import load_image_folders, make_synthetic_dataset, train_transform
 from featurescope.data.folders import DatasetSplits
 from featurescope.errors import FeaturescopeError
 from featurescope.index import EmbeddingIndex
 from featurescope.presets import Preset
-from featurescope.tap import FeatureTap
-from featurescope.train import History, train
+from featurescope.tap import FeatureTap, _model_device
+from featurescope.train import BEST, LAST, History, train
 from featurescope.zoo import load_checkpoint, model_info_of
 
 __all__ = [
     "WidthRun",
     "compare_widths",
+    "draw_stage_maps",
     "embed",
+    "embed_images",
+    "embedding_node",
     "example_parser",
+    "first_query_per_class",
     "index_embeddings",
     "open_study_data",
+    "preprocess_image",
     "stage_maps",
     "train_run",
 ]
@@ -121,8 +127,8 @@ class WidthRun:
         """The run's best model (by validation accuracy), or its last if it had no validation."""
         if self.checkpoint_dir is None:
             raise FeaturescopeError(f"run {self.name!r} kept no checkpoints (no out= given)")
-        best = self.checkpoint_dir / "best.safetensors"
-        return load_checkpoint(best if best.exists() else self.checkpoint_dir / "last.safetensors")
+        best = self.checkpoint_dir / BEST
+        return load_checkpoint(best if best.exists() else self.checkpoint_dir / LAST)
 
 
 def compare_widths(
@@ -246,14 +252,9 @@ def stage_maps(
                 "(featurescope.get_graph_node_names(model) lists the nodes)"
             )
         stages = info.stages
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            device = next(model.parameters()).device
-            outputs = FeatureTap(model, list(stages))(_single_image(image).to(device))
-    finally:
-        model.train(was_training)
+    device = _model_device(model)
+    with training_mode(model, False), torch.inference_mode():
+        outputs = FeatureTap(model, list(stages))(_single_image(image).to(device))
     return {stage: t[0].cpu() for stage, t in outputs.items()}
 
 
@@ -281,23 +282,140 @@ def embed(
 
     Returns:
         The :class:`~featurescope.tap.Extraction`, its features under the alias
-        ``"embedding"``, with labels and paths where the dataset has them.
+        ``"embedding"``, with labels and paths where the dataset has them. The model is left
+        in eval mode, on ``device`` when one is given.
     """
-    if node is None:
-        info = model_info_of(model)
-        if info is None or info.embedding_node is None:
-            raise FeaturescopeError(
-                "this model has no known embedding layer; pass node=... "
-                "(featurescope.get_graph_node_names(model) lists the nodes)"
-            )
-        node = info.embedding_node
     model.eval()
     if device is not None:
         model.to(device)
-    tap = FeatureTap(model, {node: "embedding"})
+    tap = FeatureTap(model, {embedding_node(model, node): "embedding"})
     return tap.extract(
         data, batch_size=batch_size, device=device, reduce="flatten", out=out, progress=progress
     )
+
+
+def embedding_node(model: nn.Module, node: str | None = None) -> str:
+    """``node``, or the zoo entry's embedding layer (``"fc.4"`` for the AlexNets).
+
+    Raises:
+        FeaturescopeError: no node given and the model's embedding layer is unknown.
+    """
+    if node is not None:
+        return node
+    info = model_info_of(model)
+    if info is None or info.embedding_node is None:
+        raise FeaturescopeError(
+            "this model has no known embedding layer; pass node=... "
+            "(featurescope.get_graph_node_names(model) lists the nodes)"
+        )
+    return info.embedding_node
+
+
+def preprocess_image(model: nn.Module, image: Any) -> torch.Tensor:
+    """Read an image (a path or a PIL image) and preprocess it as ``model`` expects.
+
+    Zoo models carry their preprocessing; other models get the study's (Resize 256,
+    CenterCrop 227, ImageNet normalisation).
+
+    Raises:
+        FeaturescopeError: the file cannot be read as an image.
+
+    Example:
+        >>> import featurescope as fs
+        >>> from PIL import Image
+        >>> preprocess_image(fs.create_model("tv_alexnet"), Image.new("RGB", (300, 260))).shape
+        torch.Size([3, 224, 224])
+    """
+    from featurescope.data.folders import load_rgb
+    from featurescope.data.transforms import STUDY_PREPROCESSING
+
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            image = load_rgb(image)
+        except (OSError, ValueError) as exc:
+            raise FeaturescopeError(f"cannot read image {str(image)!r}: {exc}") from exc
+    info = model_info_of(model)
+    preprocessing = info.preprocessing if info and info.preprocessing else STUDY_PREPROCESSING
+    tensor: torch.Tensor = preprocessing.transform()(image)
+    return tensor
+
+
+def embed_images(
+    model: nn.Module, images: Sequence[Any], *, node: str | None = None
+) -> torch.Tensor:
+    """Embed a few images (file paths or PIL images) with the model's preprocessing.
+
+    For query images; use :func:`embed` for whole datasets.
+
+    Returns:
+        ``[len(images), dim]`` float32 embeddings on the CPU.
+
+    Raises:
+        FeaturescopeError: an image cannot be read.
+
+    Example:
+        >>> import featurescope as fs
+        >>> from PIL import Image
+        >>> vectors = embed_images(fs.create_model("alexnet"), [Image.new("RGB", (300, 300))])
+        >>> tuple(vectors.shape)
+        (1, 2048)
+    """
+    pictures = [preprocess_image(model, image) for image in images]
+    node = embedding_node(model, node)
+    with training_mode(model, False), torch.inference_mode():
+        batch = torch.stack(pictures).to(_model_device(model))
+        vectors: torch.Tensor = FeatureTap(model, [node])(batch)[node]
+    return vectors.flatten(1).float().cpu()
+
+
+def first_query_per_class(labels: Sequence[int] | torch.Tensor | Any) -> list[int]:
+    """The row of the first item of each class present, in class order (classes with no item
+    are skipped): the queries the study's retrieval figure shows, one per class.
+
+    Example:
+        >>> first_query_per_class([2, 0, 2, 1, 0])
+        [1, 3, 0]
+    """
+    firsts: dict[int, int] = {}
+    for row, label in enumerate(torch.as_tensor(labels).reshape(-1).tolist()):
+        firsts.setdefault(int(label), row)
+    return [firsts[label] for label in sorted(firsts)]
+
+
+def draw_stage_maps(
+    maps: dict[str, torch.Tensor], out: PathLike, *, max_channels: int | None = None
+) -> dict[str, dict[str, Path]]:
+    """Draw each ``[C, H, W]`` map of :func:`stage_maps` channel by channel and summed.
+
+    Writes ``<stage>_grid.png`` (every channel, or the ``max_channels`` strongest) and
+    ``<stage>_sum.png`` (summed over channels) into ``out``; non-map outputs (``fc``'s class
+    scores) are skipped.
+
+    Returns:
+        ``{stage: {"grid": path, "sum": path}}`` for the stages drawn.
+    """
+    from featurescope.visualizers import save, visualize
+
+    folder = Path(out)
+    written: dict[str, dict[str, Path]] = {}
+    for stage, tensor in maps.items():
+        if tensor.dim() != 3:
+            continue
+        title = f"{stage} {list(tensor.shape)}"
+        panel = 0.9 if tensor.shape[0] <= 96 else 0.6
+        grid = visualize(
+            "grid",
+            tensor,
+            max_channels=max_channels,
+            title=f"{title}, per channel",
+            panel_size=panel,
+        )
+        summed = visualize("sum", tensor, title=f"{title}, summed over channels")
+        written[stage] = {
+            "grid": save(grid, folder / f"{stage}_grid.png"),
+            "sum": save(summed, folder / f"{stage}_sum.png"),
+        }
+    return written
 
 
 def index_embeddings(extraction: Any, alias: str = "embedding") -> EmbeddingIndex:

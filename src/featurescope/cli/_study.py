@@ -35,6 +35,13 @@ def _model_options(p: argparse.ArgumentParser, *, default: str | None = "alexnet
     )
 
 
+def _run_options(p: argparse.ArgumentParser, *, out: str | None, out_help: str) -> None:
+    p.add_argument("--out", default=out, help=out_help)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def register(subparsers: Any) -> None:
     t = subparsers.add_parser(
         "train",
@@ -59,10 +66,7 @@ def register(subparsers: Any) -> None:
         help="first epoch of each learning rate, e.g. the study's 1:0.01,19:0.003",
     )
     t.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="default: the preset's")
-    t.add_argument("--out", help="checkpoint folder (default: featurescope-runs/MODEL-bsB)")
-    t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    _run_options(t, out=None, out_help="checkpoint folder (default: featurescope-runs/MODEL-bsB)")
     t.set_defaults(func=_train)
 
     m = subparsers.add_parser(
@@ -132,12 +136,9 @@ def register(subparsers: Any) -> None:
             "study's 150-epoch schedule (use a GPU). Finished training runs are reused."
         ),
     )
-    d.add_argument("--out", default="featurescope-demo", help="output folder")
     d.add_argument("--data", help=_DATA_HELP)
     d.add_argument("--preset", default="quick", help="quick (default) or study")
-    d.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quiet", action="store_true", help="no progress output")
+    _run_options(d, out="featurescope-demo", out_help="output folder (default: %(default)s)")
     d.set_defaults(func=_demo)
 
 
@@ -190,46 +191,17 @@ def _load_model(model: str | None, checkpoint: str | None) -> Any:
     return fs.load_checkpoint(checkpoint, model_name=None if meta.get("model") else model)
 
 
-def _preprocess(model: Any) -> Any:
-    import featurescope as fs
-    from featurescope.zoo import model_info_of
-
-    info = model_info_of(model)
-    preprocessing = info.preprocessing if info and info.preprocessing else fs.STUDY_PREPROCESSING
-    return preprocessing, preprocessing.transform()
-
-
 def _maps(args: argparse.Namespace) -> int:
-    import featurescope as fs
-    from featurescope.study import stage_maps
+    from featurescope.study import draw_stage_maps, preprocess_image, stage_maps
 
     model = _load_model(args.model, args.checkpoint)
-    _, transform = _preprocess(model)
-    image = transform(_read_image(args.image))
-    maps = stage_maps(model, image, args.layers)
-    out = Path(args.out)
+    maps = stage_maps(model, preprocess_image(model, args.image), args.layers)
+    drawn = draw_stage_maps(maps, args.out, max_channels=args.max_channels)
     for layer, tensor in maps.items():
-        if tensor.dim() != 3:
-            print(f"{layer}: {list(tensor.shape)} is not a [C, H, W] map; skipped")
-            continue
-        title = f"{layer} {list(tensor.shape)}"
-        grid = fs.visualize("grid", tensor, max_channels=args.max_channels, title=title)
-        fs.save_figure(grid, out / f"{layer}_grid.png")
-        fs.save_figure(
-            fs.visualize("sum", tensor, title=f"{title}, summed"), out / f"{layer}_sum.png"
-        )
-        print(f"{layer}: {list(tensor.shape)} -> {out / f'{layer}_grid.png'}, {layer}_sum.png")
+        files = drawn.get(layer)
+        where = f"{files['grid']}, {files['sum']}" if files else "not a [C, H, W] map; not drawn"
+        print(f"{layer}: {list(tensor.shape)} -> {where}")
     return 0
-
-
-def _read_image(path: str) -> Any:
-    from featurescope.data.folders import load_rgb
-    from featurescope.errors import FeaturescopeError
-
-    try:
-        return load_rgb(path)
-    except (OSError, ValueError) as exc:
-        raise FeaturescopeError(f"cannot read image {path!r}: {exc}") from exc
 
 
 def _sidecar(index_path: str | Path) -> Path:
@@ -237,22 +209,29 @@ def _sidecar(index_path: str | Path) -> Path:
 
 
 def _index_build(args: argparse.Namespace) -> int:
+    import featurescope as fs
     from featurescope._io import atomic_open
     from featurescope.data import ImageFolder
     from featurescope.study import embed, index_embeddings
+    from featurescope.zoo import model_info_of
 
     folder = Path(args.folder)
     model = _load_model(args.model, args.checkpoint)
-    _, transform = _preprocess(model)
+    info = model_info_of(model)
+    transform = info.preprocessing.transform() if info and info.preprocessing else None
     dataset = ImageFolder(folder / "train" if (folder / "train").is_dir() else folder, transform)
     extraction = embed(
         model, dataset, node=args.node, batch_size=args.batch_size, progress=not args.quiet
     )
     index = index_embeddings(extraction)
     path = index.save(args.out)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if checkpoint is None:
+        # Random weights differ on every build: keep these so that searches embed alike.
+        checkpoint = fs.save_checkpoint(model, f"{path}.model.safetensors")
     record = {
         "model": model.featurescope_info["model"],
-        "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+        "checkpoint": str(checkpoint.resolve()),
         "node": args.node or extraction.nodes.get("embedding"),
         "classes": dataset.classes,
     }
@@ -263,9 +242,8 @@ def _index_build(args: argparse.Namespace) -> int:
 
 
 def _index_search(args: argparse.Namespace) -> int:
-    import torch
-
     import featurescope as fs
+    from featurescope.study import embed_images
 
     sidecar = _sidecar(args.index)
     if not sidecar.is_file():
@@ -276,10 +254,7 @@ def _index_search(args: argparse.Namespace) -> int:
     record = json.loads(sidecar.read_text())
     index = fs.EmbeddingIndex.load(args.index)
     model = _load_model(record["model"], record["checkpoint"])
-    _, transform = _preprocess(model)
-    batch = torch.stack([transform(_read_image(path)) for path in args.images])
-    with torch.inference_mode():
-        vectors = fs.FeatureTap(model, [record["node"]])(batch)[record["node"]].flatten(1)
+    vectors = embed_images(model, args.images, node=record["node"])
     k = min(args.k, len(index))
     result = index.search(vectors, k)
     classes = record.get("classes") or []
