@@ -15,7 +15,14 @@ import dataclasses
 
 import featurescope as fs
 from featurescope.presets import get_preset
-from featurescope.study import compare_widths, embed, example_parser, open_study_data
+from featurescope.study import (
+    compare_widths,
+    embed,
+    example_parser,
+    first_query_per_class,
+    index_embeddings,
+    open_study_data,
+)
 
 args = example_parser(__doc__).parse_args()
 preset = dataclasses.replace(get_preset(args.preset), models=("alexnet",))
@@ -23,30 +30,26 @@ splits = open_study_data(args.data, preset)
 model = compare_widths(splits, preset, out=args.out / "checkpoints")[0].load_best()
 
 gallery = embed(model, splits.train)  # the node "fc.4", flattened
-index = fs.EmbeddingIndex(gallery["embedding"].shape[1])
-index.add(gallery["embedding"], labels=gallery.labels, metadata=gallery.paths)
+index = index_embeddings(gallery)  # ids: dataset indices, labels, and image paths as metadata
 print(index)
 
 # %%
 # Query with test images
 # ----------------------
 queries = embed(model, splits.test or splits.eval)
-rows = [list(queries.labels).index(c) for c in range(len(splits.classes))]  # one per class
+rows = first_query_per_class(queries.labels)
 k = min(10, len(index))
 result = index.search(queries["embedding"][rows], k)
-for row, ids, distances in zip(rows, result.ids, result.distances, strict=True):
-    hits = [
-        f"{splits.classes[int(index.labels[i])]} {d:.3g}"
-        for i, d in zip(ids, distances, strict=True)
-    ]
+for row, labels, distances in zip(rows, result.labels, result.distances, strict=True):
+    hits = [f"{splits.classes[label]} {d:.3g}" for label, d in zip(labels, distances, strict=True)]
     print(queries.paths[row], "->", hits)
 
 figure = fs.visualize(
     "montage",
     result,
-    images=dict(enumerate(index.metadata)),
+    images=dict(zip(index.ids.tolist(), index.metadata, strict=True)),
     queries=[queries.paths[r] for r in rows],
-    labels=index.labels.tolist(),
+    labels=dict(zip(index.ids.tolist(), index.labels.tolist(), strict=True)),
     query_labels=[int(queries.labels[r]) for r in rows],
     class_names=splits.classes,
     title=f"each query, then its {k} nearest training images",

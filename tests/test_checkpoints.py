@@ -276,10 +276,12 @@ def test_not_a_state_dict(tmp_path):
 def test_atomic_writes_get_ordinary_permissions(tmp_path):
     import os
 
+    from featurescope import _io
     from featurescope._io import atomic_open
 
     umask = os.umask(0o022)
     try:
+        assert _io._UMASK == umask  # read once at import; the process's umask is unchanged
         with atomic_open(tmp_path / "new.txt") as fh:
             fh.write("x")
         assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o644

@@ -237,3 +237,25 @@ def test_torch_version_is_the_environment_s_pin():
     assert torch.__version__.split("+")[0] == expected
     expected_tv = os.environ["FEATURESCOPE_EXPECT_TORCHVISION"]
     assert torchvision.__version__.split("+")[0] == expected_tv
+
+
+def test_bad_widths_and_weights_are_featurescope_errors():
+    with pytest.raises(fs.FeaturescopeError, match="five conv widths"):
+        fs.AlexNet(widths=(1, 2, 3))
+    with pytest.raises(fs.FeaturescopeError, match="IMAGENET1K_V1"):
+        fs.create_model("tv_alexnet", weights="bogus")
+
+
+def test_register_model_records_stages_and_embedding_node():
+    from featurescope.zoo import _registry
+
+    @fs.register_model("probe_test_net", stages=("body",), embedding_node="body")
+    def probe(num_classes=5):
+        return nn.Sequential()
+
+    try:
+        info = fs.get_model_info("probe_test_net")
+        assert info.stages == ("body",)
+        assert info.embedding_node == "body"
+    finally:
+        _registry._DECORATED.pop("probe_test_net", None)

@@ -10,13 +10,21 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; do that once, before any thread writes files.
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def _default_mode(target: Path) -> int:
     try:
         return target.stat().st_mode & 0o7777  # keep a replaced file's permissions
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_UMASK
 
 
 @contextlib.contextmanager

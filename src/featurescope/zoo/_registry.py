@@ -99,11 +99,13 @@ def register_model(
     preprocessing: Preprocessing | None = None,
     description: str = "",
     stages: tuple[str, ...] = (),
+    embedding_node: str | None = None,
 ) -> Any:
     """Register a model builder under ``name`` (default: the function's name).
 
     Usable bare (``@register_model``) or with arguments. The builder takes ``num_classes`` and
-    any keyword arguments :func:`create_model` passes on.
+    any keyword arguments :func:`create_model` passes on. ``preprocessing``, ``description``,
+    ``stages`` and ``embedding_node`` are as for :class:`ModelSpec`.
 
     Raises:
         FeaturescopeError: the name is already taken by another ``register_model`` call.
@@ -131,6 +133,7 @@ def register_model(
             preprocessing=preprocessing,
             description=description or (doc[0] if doc else ""),
             stages=stages,
+            embedding_node=embedding_node,
         )
         return fn
 

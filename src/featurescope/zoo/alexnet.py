@@ -13,7 +13,7 @@ import torch.fx
 from torch import nn
 
 from featurescope.data.transforms import STUDY_PREPROCESSING
-from featurescope.errors import InputShapeError
+from featurescope.errors import FeaturescopeError, InputShapeError
 from featurescope.hookspecs import hookimpl
 from featurescope.zoo._registry import ModelSpec
 
@@ -75,7 +75,7 @@ class AlexNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(widths) != 5:
-            raise ValueError(f"AlexNet needs five conv widths, got {list(widths)}")
+            raise FeaturescopeError(f"AlexNet needs five conv widths, got {list(widths)}")
         w1, w2, w3, w4, w5 = (int(w) for w in widths)
         self.widths = (w1, w2, w3, w4, w5)
         self.conv1 = nn.Sequential(

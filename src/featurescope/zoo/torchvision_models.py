@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from featurescope.data.transforms import Preprocessing
-from featurescope.errors import WeightsUnavailableError
+from featurescope.errors import FeaturescopeError, WeightsUnavailableError
 from featurescope.hookspecs import hookimpl
 from featurescope.zoo._registry import ModelSpec
 
@@ -59,7 +59,13 @@ def tv_alexnet(
 
     if not weights:
         return alexnet(weights=None, num_classes=num_classes, **kwargs)  # type: ignore[no-any-return]
-    enum = AlexNet_Weights.DEFAULT if weights is True else AlexNet_Weights.verify(weights)
+    try:
+        enum = AlexNet_Weights.DEFAULT if weights is True else AlexNet_Weights.verify(weights)
+    except (ValueError, KeyError) as exc:
+        known = ", ".join(w.name for w in AlexNet_Weights)
+        raise FeaturescopeError(
+            f"unknown weights {weights!r} for tv_alexnet; use one of {known}, True, or None"
+        ) from exc
     model = alexnet(weights=None, num_classes=1000, **kwargs)
     model.load_state_dict(_imagenet_state_dict(enum, progress))
     if num_classes != 1000:
