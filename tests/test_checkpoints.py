@@ -276,18 +276,17 @@ def test_not_a_state_dict(tmp_path):
 def test_atomic_writes_get_ordinary_permissions(tmp_path):
     import os
 
-    from featurescope import _io
     from featurescope._io import atomic_open
 
     umask = os.umask(0o022)
-    try:
-        assert _io._UMASK == umask  # read once at import; the process's umask is unchanged
-        with atomic_open(tmp_path / "new.txt") as fh:
-            fh.write("x")
-        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o644
-        (tmp_path / "new.txt").chmod(0o600)
-        with atomic_open(tmp_path / "new.txt") as fh:
-            fh.write("y")
-        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o600  # kept on replace
-    finally:
-        os.umask(umask)
+    os.umask(umask)  # reading the umask means setting it; put it straight back
+    with atomic_open(tmp_path / "new.txt") as fh:
+        fh.write("x")
+    with open(tmp_path / "plain.txt", "w") as fh:
+        fh.write("x")
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "new.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+    (tmp_path / "new.txt").chmod(0o600)
+    with atomic_open(tmp_path / "new.txt") as fh:
+        fh.write("y")
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o600  # kept on replace
