@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch
 
 import featurescope as fs
+from _distributed import gloo_group, spawn_ranks
 from featurescope.errors import EmbeddingIndexError
 
 pytestmark = pytest.mark.distributed
@@ -27,13 +26,10 @@ def _data():
     return g, ids, labels, q
 
 
-def _worker(rank: int, port: int) -> None:
+def _worker(rank: int, init_method: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
+    with gloo_group(init_method, rank, WORLD):
         torch.set_num_threads(1)
         g, ids, labels, q = _data()
         # Unequal shards: rank 1 holds only 5 vectors, fewer than k.
@@ -59,22 +55,12 @@ def _worker(rank: int, port: int) -> None:
             pass
         else:
             raise AssertionError("k above the total size must fail")
-    finally:
-        dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_two_ranks_equal_one_index():
-    import torch.multiprocessing as mp
-
+def test_two_ranks_equal_one_index(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (), WORLD, tmp_path)
 
 
 def test_needs_initialised_process_group():

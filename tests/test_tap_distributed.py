@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _distributed import gloo_group, spawn_ranks
 from featurescope.tap import FeatureTap, load_features
 
 pytestmark = pytest.mark.distributed
@@ -33,17 +31,8 @@ def dataset() -> TensorDataset:
     return TensorDataset(torch.randn(N, 3, 6, 6, generator=g), torch.arange(N))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
+def _worker(rank: int, init_method: str, world: int, out: str) -> None:
+    with gloo_group(init_method, rank, world):
         torch.set_num_threads(1)
         result = FeatureTap(tiny_model(), NODES).extract(
             dataset(), batch_size=2, out=out, progress=False
@@ -57,13 +46,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         shuffled = FeatureTap(tiny_model(), NODES).extract(loader, progress=False)
         with open(f"{out}.ids{rank}.json", "w") as fh:
             json.dump([int(i) for i in shuffled.sample_ids], fh)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_write_shards_that_merge_into_the_whole(tmp_path):
     out = tmp_path / "features"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    spawn_ranks(_worker, (2, str(out)), 2, tmp_path)
 
     shards = [json.loads((out / f"rank{r}" / "manifest.json").read_text()) for r in (0, 1)]
     assert [s["sample_ids"] for s in shards] == [[0, 2, 4, 6], [1, 3, 5]]
