@@ -4,7 +4,7 @@ Width: the full AlexNet against its single-GPU half
 
 The study halved every conv layer of AlexNet (96-256-384-384-256 becomes 48-128-192-192-128,
 one GPU's half of the original) and compared training curves at batch sizes 8 and 16. This
-script trains both widths with a :mod:`featurescope.presets` recipe and draws the curves.
+script trains both widths with a :mod:`featurescope.train.presets` recipe and draws the curves.
 
 ``--preset quick`` (the default) learns in minutes on a CPU; ``--preset study`` runs the study's
 schedule: SGD with momentum, lr 0.01 up to epoch 18 and 0.003 after, 150 epochs, batch sizes
@@ -15,8 +15,8 @@ schedule: SGD with momentum, lr 0.01 up to epoch 18 and 0.003 after, 150 epochs,
 # Data and recipe
 # ---------------
 import featurescope as fs
-from featurescope.presets import get_preset
 from featurescope.study import compare_widths, example_parser, open_study_data
+from featurescope.train.presets import get_preset
 
 args = example_parser(__doc__).parse_args()
 preset = get_preset(args.preset)

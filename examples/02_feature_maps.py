@@ -17,8 +17,8 @@ import dataclasses
 import torch
 
 import featurescope as fs
-from featurescope.presets import get_preset
 from featurescope.study import compare_widths, example_parser, open_study_data
+from featurescope.train.presets import get_preset
 
 args = example_parser(__doc__).parse_args()
 preset = dataclasses.replace(get_preset(args.preset), models=("alexnet",))

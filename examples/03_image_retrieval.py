@@ -14,7 +14,6 @@ training images with the trained network, indexes them in an exact
 import dataclasses
 
 import featurescope as fs
-from featurescope.presets import get_preset
 from featurescope.study import (
     compare_widths,
     embed,
@@ -23,6 +22,7 @@ from featurescope.study import (
     index_embeddings,
     open_study_data,
 )
+from featurescope.train.presets import get_preset
 
 args = example_parser(__doc__).parse_args()
 preset = dataclasses.replace(get_preset(args.preset), models=("alexnet",))

@@ -12,8 +12,8 @@ from PIL import Image
 import featurescope as fs
 from featurescope.cli import build_parser, main
 from featurescope.data import make_synthetic_dataset
-from featurescope.presets import PRESETS, Preset
 from featurescope.train import History
+from featurescope.train.presets import PRESETS, Preset
 
 TINY = Preset(
     "tiny",

@@ -12,8 +12,8 @@ import torch
 import featurescope as fs
 from featurescope import study
 from featurescope.data import load_image_folders, make_synthetic_dataset
-from featurescope.demo import run_demo
-from featurescope.presets import Preset
+from featurescope.study.demo import run_demo
+from featurescope.train.presets import Preset
 
 TINY = Preset(
     "tiny",

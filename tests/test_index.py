@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import featurescope as fs
-from featurescope import _index_search
 from featurescope.errors import EmbeddingIndexError, InputShapeError
+from featurescope.index.search import _kernel as _index_search
 
 
 def brute_force(gallery, ids, queries, k):
@@ -400,7 +400,7 @@ def test_worker_threads_match_single_lane_and_restore_thread_count():
 
 
 def test_worker_errors_propagate():
-    from featurescope._index_parallel import run_in_threads
+    from featurescope.index.search._parallel import run_in_threads
 
     before = torch.get_num_threads()
 

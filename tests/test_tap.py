@@ -18,7 +18,6 @@ from torchvision.models.feature_extraction import (
 )
 
 import featurescope as fs
-from featurescope._tap_fx import resolve_node
 from featurescope.cli import main
 from featurescope.errors import (
     FeaturescopeError,
@@ -27,6 +26,7 @@ from featurescope.errors import (
     NodeNotFoundError,
 )
 from featurescope.tap import FeatureTap, get_graph_node_names
+from featurescope.tap._fx import resolve_node
 
 ZOO = ("alexnet", "alexnet_half", "tv_alexnet")
 STUDY_NODES = {"conv1": "output1", "conv2": "output2", "conv3": "output3", "fc": "output4"}

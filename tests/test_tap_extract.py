@@ -13,11 +13,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import featurescope as fs
-from featurescope import _tap_store
 from featurescope.errors import FeaturescopeError
 from featurescope.hookspecs import hookimpl
 from featurescope.plugins import register_plugin, unregister_plugin
 from featurescope.tap import FeatureTap, load_features, merge_features
+from featurescope.tap import _store as _tap_store
 
 NODES = {"features.0": "conv", "features": "pooled", "fc.1": "hidden", "fc": "logits"}
 
@@ -337,7 +337,7 @@ def test_overwrite_replaces_even_a_resumable_looking_extraction(tmp_path, tap):
 
 
 def test_resume_checks_preprocessing(tmp_path, tap, monkeypatch):
-    from featurescope import _tap_extract
+    from featurescope.tap import _extract as _tap_extract
 
     tap.extract(Images(4), batch_size=2, out=tmp_path, progress=False)
     monkeypatch.setattr(

@@ -13,8 +13,8 @@ from torch.utils.data import TensorDataset
 
 import featurescope as fs
 from featurescope.data import load_image_folders, make_synthetic_dataset
-from featurescope.presets import PRESETS, QUICK, get_preset
 from featurescope.train import STUDY_LR_SCHEDULE, History, kaiming_init_, lr_at, train
+from featurescope.train.presets import PRESETS, QUICK, get_preset
 from featurescope.zoo.checkpoints import load_weights
 
 

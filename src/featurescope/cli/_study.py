@@ -145,8 +145,8 @@ def register(subparsers: Any) -> None:
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from featurescope.presets import get_preset
     from featurescope.study import open_study_data, train_run
+    from featurescope.train.presets import get_preset
 
     preset = get_preset(args.preset)
     overrides = {
@@ -283,7 +283,7 @@ def _index_search(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from featurescope.demo import run_demo
+    from featurescope.study.demo import run_demo
 
     run_demo(
         args.out,

@@ -9,10 +9,9 @@ requested node whose storage a later op overwrites in place (``ReLU(inplace=True
 
 from __future__ import annotations
 
-import contextlib
 import operator
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from featurescope._tap_inplace import mutated_args
+from featurescope._torch_utils import training_mode
 from featurescope.errors import FeaturescopeError, NodeNotFoundError, did_you_mean
+from featurescope.tap._inplace import mutated_args
 
 __all__ = [
     "FxProgram",
@@ -30,7 +30,6 @@ __all__ = [
     "node_not_found",
     "resolve_node",
     "trace",
-    "training_mode",
 ]
 
 # Ops known to return a new tensor; any other op may return a view of (alias) its inputs.
@@ -170,22 +169,6 @@ _FRESH_METHODS = frozenset(
         "clone",
     }
 )
-
-
-@contextlib.contextmanager
-def training_mode(model: nn.Module, training: bool) -> Iterator[None]:
-    """Put ``model`` in training or eval mode, then restore every submodule's own flag.
-
-    ``model.train(was_training)`` would not do: it would flip a deliberately frozen BatchNorm of a
-    model in training mode back to training.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.train(training)
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def _tracer_kwargs(user: Mapping[str, Any] | None) -> dict[str, Any]:

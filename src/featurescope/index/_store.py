@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from featurescope._index_search import Gallery
 from featurescope.errors import EmbeddingIndexError
+from featurescope.index.search import Gallery
 
 __all__ = ["Store"]
 

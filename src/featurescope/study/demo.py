@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from featurescope import study
 from featurescope._io import atomic_open
 from featurescope.data import ImageFolder
 from featurescope.data.folders import DatasetSplits
 from featurescope.data.transforms import STUDY_PREPROCESSING
 from featurescope.errors import FeaturescopeError
 from featurescope.index import retrieval_metrics
-from featurescope.presets import Preset, get_preset
+from featurescope.study import _experiments as study
+from featurescope.train.presets import Preset, get_preset
 from featurescope.visualizers import save as save_figure
 from featurescope.visualizers import visualize
 from featurescope.zoo import model_info_of
@@ -192,7 +192,7 @@ def run_demo(
         data: an image folder with ``train/`` (and ``val/``, ``test/``) of class subfolders;
             default: the bundled synthetic dataset of the preset.
         preset: ``"quick"`` (minutes on a CPU) or ``"study"`` (the study's 150-epoch schedule,
-            for a GPU), or a :class:`~featurescope.presets.Preset`.
+            for a GPU), or a :class:`~featurescope.train.presets.Preset`.
         device: where to train and embed; default CUDA when available.
         seed: seeds the weights, the training and the baseline.
         progress: print each step and show progress bars.
@@ -200,7 +200,7 @@ def run_demo(
     Returns:
         What ``metrics.json`` holds.
     """
-    from featurescope.report import write_report
+    from featurescope.study.report import write_report
 
     log = _log(progress)
     preset = get_preset(preset) if isinstance(preset, str) else preset

@@ -198,7 +198,7 @@ def _retrieval_section(page: _Page, retrieval: Mapping[str, Any]) -> None:
 
 
 def write_report(folder: str | os.PathLike[str], metrics: Mapping[str, Any]) -> Path:
-    """Write ``report.html`` into ``folder`` from what :func:`featurescope.demo.run_demo` measured.
+    """Write ``report.html`` into ``folder`` from what :func:`featurescope.study.demo.run_demo` measured.
 
     Args:
         folder: the demo's output folder, holding the figures named in ``metrics``.

@@ -1,7 +1,7 @@
 """The study's three experiments as plain functions over the public API.
 
 1. :func:`compare_widths`: train ``alexnet`` and ``alexnet_half`` at each batch size of a
-   :class:`~featurescope.presets.Preset` and keep their histories.
+   :class:`~featurescope.train.presets.Preset` and keep their histories.
 2. :func:`stage_maps`: one image's feature maps at each stage (``conv1``, ``conv2``, ``conv3``,
    ``fc``), for the ``grid`` and ``sum`` visualizers.
 3. :func:`embed` and :func:`index_embeddings`: the last hidden layer of every image, in an
@@ -24,14 +24,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from featurescope._tap_fx import training_mode
+from featurescope._torch_utils import model_device, training_mode
 from featurescope.data import load_image_folders, make_synthetic_dataset, train_transform
 from featurescope.data.folders import DatasetSplits
 from featurescope.errors import FeaturescopeError
 from featurescope.index import EmbeddingIndex
-from featurescope.presets import Preset
-from featurescope.tap import FeatureTap, _model_device
+from featurescope.tap import FeatureTap
 from featurescope.train import BEST, LAST, History, train
+from featurescope.train.presets import Preset
 from featurescope.zoo import load_checkpoint, model_info_of
 
 __all__ = [
@@ -157,7 +157,7 @@ def compare_widths(
     Example:
         >>> import tempfile
         >>> from featurescope.data import make_synthetic_dataset, load_image_folders
-        >>> from featurescope.presets import Preset
+        >>> from featurescope.train.presets import Preset
         >>> root = make_synthetic_dataset(tempfile.mkdtemp(), train_per_class=2,
         ...                               val_per_class=1, test_per_class=0, size=32)
         >>> tiny = Preset("tiny", "one epoch", models=("alexnet_half",), batch_sizes=(5,),
@@ -198,7 +198,7 @@ def train_run(
 ) -> WidthRun:
     """Train one zoo model on ``splits`` with ``preset``'s recipe: one run of the comparison.
 
-    The model is built by :meth:`Preset.build_model <featurescope.presets.Preset.build_model>`
+    The model is built by :meth:`Preset.build_model <featurescope.train.presets.Preset.build_model>`
     from ``seed`` and trained with :func:`featurescope.train.train`; ``out`` keeps its checkpoints, and a run
     found there resumes.
     """
@@ -252,7 +252,7 @@ def stage_maps(
                 "(featurescope.get_graph_node_names(model) lists the nodes)"
             )
         stages = info.stages
-    device = _model_device(model)
+    device = model_device(model)
     with training_mode(model, False), torch.inference_mode():
         outputs = FeatureTap(model, list(stages))(_single_image(image).to(device))
     return {stage: t[0].cpu() for stage, t in outputs.items()}
@@ -363,7 +363,7 @@ def embed_images(
     pictures = [preprocess_image(model, image) for image in images]
     node = embedding_node(model, node)
     with training_mode(model, False), torch.inference_mode():
-        batch = torch.stack(pictures).to(_model_device(model))
+        batch = torch.stack(pictures).to(model_device(model))
         vectors: torch.Tensor = FeatureTap(model, [node])(batch)[node]
     return vectors.flatten(1).float().cpu()
 

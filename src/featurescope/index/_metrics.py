@@ -18,7 +18,7 @@ from torch import Tensor
 from featurescope.errors import EmbeddingIndexError
 
 if TYPE_CHECKING:
-    from featurescope.index import EmbeddingIndex
+    from featurescope.index._embedding import EmbeddingIndex
 
 __all__ = ["metrics_from_hits", "retrieval_metrics"]
 

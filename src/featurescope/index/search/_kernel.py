@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from featurescope._index_gemm import blas_single_threaded, choose_backend, scores_into
-from featurescope._index_parallel import run_in_threads, single_threaded_ops
+from featurescope.index.search._gemm import blas_single_threaded, choose_backend, scores_into
+from featurescope.index.search._parallel import run_in_threads, single_threaded_ops
 
 __all__ = ["Gallery", "TilePlan", "exact_distances", "plan_tiles", "search_exact"]
 

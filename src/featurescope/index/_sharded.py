@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from featurescope._index_checks import as_vectors, check_k
-from featurescope._index_result import SearchResult
 from featurescope.errors import EmbeddingIndexError
+from featurescope.index._checks import as_vectors, check_k
+from featurescope.index._result import SearchResult
 
 if TYPE_CHECKING:
-    from featurescope.index import EmbeddingIndex
+    from featurescope.index._embedding import EmbeddingIndex
 
 __all__ = ["ShardedEmbeddingIndex"]
 

@@ -25,37 +25,30 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from featurescope._tap_fx import (
-    FxProgram,
-    Trace,
-    build_program,
-    node_not_found,
-    resolve_node,
-    trace,
-    training_mode,
-)
-from featurescope._tap_hooks import HookProgram
-from featurescope._tap_store import Extraction, load_features, merge_features
+from featurescope._torch_utils import model_device, model_dtype, training_mode
 from featurescope.errors import (
     FeaturescopeError,
     FeaturescopeWarning,
     InputShapeError,
     NodeNotFoundError,
 )
+from featurescope.tap._fx import (
+    FxProgram,
+    Trace,
+    build_program,
+    node_not_found,
+    resolve_node,
+    trace,
+)
+from featurescope.tap._hooks import HookProgram
+from featurescope.tap._store import Extraction
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader, Dataset
 
-    from featurescope._tap_extract import Reduce
+    from featurescope.tap._extract import Reduce
 
-__all__ = [
-    "Extraction",
-    "FeatureTap",
-    "NodeSummary",
-    "get_graph_node_names",
-    "load_features",
-    "merge_features",
-]
+__all__ = ["FeatureTap", "NodeSummary", "get_graph_node_names"]
 
 Backend = Literal["auto", "fx", "hooks"]
 _BACKENDS = ("auto", "fx", "hooks")
@@ -284,7 +277,7 @@ class FeatureTap:
 
     def _check_device(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        device = _model_device(self.model)
+        device = model_device(self.model)
         if not tensors or device is None:
             return
         if tensors[0].device != device:
@@ -295,7 +288,7 @@ class FeatureTap:
 
     def _check_dtype(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        dtype = _model_dtype(self.model)
+        dtype = model_dtype(self.model)
         if not tensors or dtype is None or not tensors[0].is_floating_point():
             return
         x = tensors[0]
@@ -340,7 +333,7 @@ class FeatureTap:
                 f"summary needs input_size=(C, H, W) for {type(self.model).__name__}, which is "
                 "not a featurescope zoo model"
             )
-        device = _model_device(self.model) or torch.device("cpu")
+        device = model_device(self.model) or torch.device("cpu")
         x = torch.zeros(2, *size, device=device)
         with training_mode(self.model, False), torch.no_grad():
             outputs = self(x)
@@ -371,7 +364,7 @@ class FeatureTap:
     ) -> Extraction:
         """Run the tap over a whole dataset, in memory or streamed to disk.
 
-        See :func:`featurescope._tap_extract.extract` for the details and the on-disk format.
+        See :func:`featurescope.tap._extract.extract` for the details and the on-disk format.
 
         Args:
             data: a map-style ``Dataset`` whose items are an image tensor or a tuple
@@ -390,10 +383,10 @@ class FeatureTap:
                 of samples or, where the dataset names them, files) is an error.
 
         Returns:
-            An :class:`~featurescope._tap_extract.Extraction`: ``features`` (``{alias: array}``),
+            An :class:`~featurescope.tap._extract.Extraction`: ``features`` (``{alias: array}``),
             ``sample_ids``, ``labels`` and ``paths`` where the dataset has them.
         """
-        from featurescope._tap_extract import extract
+        from featurescope.tap._extract import extract
 
         return extract(
             self,
@@ -458,20 +451,6 @@ def _check_names(
                 "branches on self.training); FeatureTap needs nodes present in both modes. "
                 "Compare the two lists of featurescope.get_graph_node_names(model)."
             )
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    for param in model.parameters():
-        return param.device
-    for buffer in model.buffers():
-        return buffer.device
-    return None
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype | None:
-    """The floating dtype of all the model's parameters; ``None`` if none or several."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def _autocast_enabled(device: torch.device) -> bool:

@@ -3,7 +3,7 @@
 The order of the samples is fixed before the first batch (the dataset's order, a DataLoader's
 sampler drawn once, or this rank's part under ``torch.distributed``), so every row carries its
 dataset index, and an extraction to disk can be resumed in the same order. See
-:mod:`featurescope._tap_store` for the files written.
+:mod:`featurescope.tap._store` for the files written.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from featurescope._tap_store import Extraction, ShardWriter, load_features, merge_features
+from featurescope._torch_utils import model_device
 from featurescope.errors import FeaturescopeError, did_you_mean
+from featurescope.tap._store import Extraction, ShardWriter, load_features, merge_features
 
 if TYPE_CHECKING:
-    from featurescope.tap import FeatureTap
+    from featurescope.tap._tap import FeatureTap
 
 __all__ = ["Reduce", "extract"]
 
@@ -280,17 +281,15 @@ def extract(
         FeaturescopeError: the model is not on ``device``, ``reduce`` is unknown, the data is not
             a map-style dataset, or ``out`` holds a different extraction.
     """
-    from featurescope.tap import _model_device
 
     reduce_fn, reduce_name = _reduction(reduce)
     rank, world = _dist()
     plan = _plan(data, batch_size, num_workers, rank, world)
-    model_device = _model_device(tap.model)
-    target = torch.device(device) if device is not None else (model_device or torch.device("cpu"))
-    if model_device is not None and not _same_device(model_device, target):
+    on = model_device(tap.model)
+    target = torch.device(device) if device is not None else (on or torch.device("cpu"))
+    if on is not None and not _same_device(on, target):
         raise FeaturescopeError(
-            f"the model is on {model_device}, not on {target}; move it first: "
-            f"model.to({str(target)!r})"
+            f"the model is on {on}, not on {target}; move it first: model.to({str(target)!r})"
         )
     model_name, preprocessing = _describe_model(tap.model)
     nodes = tap.nodes

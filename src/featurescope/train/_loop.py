@@ -31,6 +31,8 @@ from featurescope._io import atomic_open, atomic_path
 from featurescope.errors import CheckpointError, FeaturescopeError, UnknownNameError, did_you_mean
 
 __all__ = [
+    "BEST",
+    "LAST",
     "OPTIMIZERS",
     "STUDY_LR_SCHEDULE",
     "History",

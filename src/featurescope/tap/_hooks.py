@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from featurescope._tap_inplace import mutated_args
 from featurescope.errors import FeaturescopeError, NodeNotFoundError, did_you_mean
+from featurescope.tap._inplace import mutated_args
 
 __all__ = ["HookProgram"]
 

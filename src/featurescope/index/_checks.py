@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from featurescope._index_search import MAX_NORM
 from featurescope.errors import EmbeddingIndexError, InputShapeError
+from featurescope.index.search import MAX_NORM
 
 __all__ = ["as_ids", "as_labels", "as_metadata", "as_vectors", "check_k"]
 

@@ -19,15 +19,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from featurescope._index_checks import as_ids, as_labels, as_metadata, as_vectors, check_k
-from featurescope._index_metrics import retrieval_metrics
-from featurescope._index_result import SearchResult
-from featurescope._index_search import Gallery, plan_tiles, search_exact
-from featurescope._index_sharded import ShardedEmbeddingIndex
-from featurescope._index_store import Store
 from featurescope.errors import EmbeddingIndexError, InputShapeError
+from featurescope.index._checks import as_ids, as_labels, as_metadata, as_vectors, check_k
+from featurescope.index._result import SearchResult
+from featurescope.index._store import Store
+from featurescope.index.search import Gallery, plan_tiles, search_exact
 
-__all__ = ["EmbeddingIndex", "SearchResult", "ShardedEmbeddingIndex", "retrieval_metrics"]
+__all__ = ["EmbeddingIndex"]
 
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -286,7 +284,7 @@ class EmbeddingIndex:
         Returns:
             The path written.
         """
-        from featurescope._index_io import save_index
+        from featurescope.index._persist import save_index
 
         return save_index(self, path)
 
@@ -317,7 +315,7 @@ class EmbeddingIndex:
             >>> again.ids.tolist(), again.metadata
             ([5, 6, 7], ['a', 'b', 'c'])
         """
-        from featurescope._index_io import load_index
+        from featurescope.index._persist import load_index
 
         return load_index(cls, path, device=device, memory_budget=memory_budget)
 

@@ -6,7 +6,7 @@ many epochs, and how large a synthetic dataset to draw. ``preset.train_kwargs(ba
 gives the keyword arguments of :func:`featurescope.train.train`.
 
 Example:
-    >>> from featurescope.presets import get_preset
+    >>> from featurescope.train.presets import get_preset
     >>> study = get_preset("study")
     >>> study.epochs, study.batch_sizes, study.lr_schedule
     (150, (8, 16), {1: 0.01, 19: 0.003})
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from featurescope.errors import FeaturescopeError, UnknownNameError, did_you_mean
-from featurescope.train import STUDY_LR_SCHEDULE
+from featurescope.train._loop import STUDY_LR_SCHEDULE
 
 __all__ = ["PRESETS", "QUICK", "STUDY", "Preset", "get_preset"]
 
@@ -78,7 +78,7 @@ class Preset:
 
         ``num_classes`` and ``class_names`` are passed to :func:`featurescope.create_model`.
         """
-        from featurescope.train import kaiming_init_
+        from featurescope.train._loop import kaiming_init_
         from featurescope.zoo import create_model
 
         torch.manual_seed(seed)

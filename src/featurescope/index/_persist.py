@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from featurescope._index_checks import as_ids, as_vectors
 from featurescope._io import atomic_path
 from featurescope._version import __version__
 from featurescope.errors import FeaturescopeError, IndexFileError
+from featurescope.index._checks import as_ids, as_vectors
 
 if TYPE_CHECKING:
-    from featurescope.index import EmbeddingIndex
+    from featurescope.index._embedding import EmbeddingIndex
 
 __all__ = ["FORMAT", "load_index", "save_index"]
 
