@@ -36,7 +36,7 @@ def test_safetensors_round_trip(tmp_path, name):
 
     loaded = fs.load_checkpoint(path)
     assert not loaded.training
-    assert loaded.featurescope_info["class_names"] == ["a", "b", "c"]
+    assert fs.model_metadata(loaded).class_names == ("a", "b", "c")
     _same_weights(model, loaded)
     again = fs.create_model(name, checkpoint=path)
     _same_weights(model, again)

@@ -122,7 +122,7 @@ def test_only_nodes_overwritten_in_place_are_copied(case):
     # The node just before an in-place ReLU is the one it overwrites.
     expected = {case.names[case.names.index(r) - 1] for r in relus}
     assert set(case.fx_tap.copied) == expected
-    stages = fs.get_model_info(case.name).stages
+    stages = fs.model_metadata(case.model).stage_nodes
     assert FeatureTap(case.model, list(stages)).copied == []
 
 

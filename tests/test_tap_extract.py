@@ -287,6 +287,22 @@ def test_hook_featurescope_features_extracted(tmp_path, tap):
     assert info["model"] == "TinyNet" and info["num_samples"] == 5
     assert info["nodes"]["conv"] == "features.0" and info["out"] == str(tmp_path)
     np.testing.assert_array_equal(info["sample_ids"], np.arange(5))
+    # Exactly the keys the hook specification documents.
+    assert set(info) == {
+        "model",
+        "nodes",
+        "num_samples",
+        "reduce",
+        "out",
+        "labels",
+        "sample_ids",
+        "paths",
+        "rank",
+        "world_size",
+    }
+    assert (info["rank"], info["world_size"]) == (0, 1)
+    spec = fs.hookspecs.featurescope_features_extracted.__doc__
+    assert all(f"``{key}``" in spec for key in info)
 
 
 def test_resume_with_a_shuffling_loader_keeps_the_first_runs_order(tmp_path, tap):
@@ -345,3 +361,24 @@ def test_resume_checks_preprocessing(tmp_path, tap, monkeypatch):
     )
     with pytest.raises(FeaturescopeError, match="different extraction"):
         tap.extract(Images(4), batch_size=2, out=tmp_path, progress=False)
+
+
+def test_resume_refuses_rows_from_other_weights(tmp_path, tap):
+    """Training between two runs must not mix two sets of weights' features in one folder."""
+    data = Images(6, fail_at=3)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        tap.extract(data, batch_size=2, out=tmp_path, progress=False)
+    with torch.no_grad():
+        tap.model.fc[-1].weight.add_(0.5)  # "more training"
+    with pytest.raises(FeaturescopeError, match="other weights.*overwrite=True"):
+        tap.extract(Images(6), batch_size=2, out=tmp_path, progress=False)
+    # The folder is untouched by the refusal, and overwrite=True starts afresh.
+    before = json.loads((tmp_path / "manifest.json").read_text())
+    assert before["completed"] < 6
+    fresh = tap.extract(Images(6), batch_size=2, out=tmp_path, progress=False, overwrite=True)
+    with torch.no_grad():
+        expected = tap(torch.stack([Images(6)[i][0] for i in range(6)]))["logits"]
+    np.testing.assert_allclose(fresh["logits"], expected.numpy(), rtol=1e-5, atol=1e-6)
+    # Same weights again: it resumes (nothing to do) rather than refusing.
+    again = tap.extract(Images(6), batch_size=2, out=tmp_path, progress=False)
+    np.testing.assert_array_equal(again["logits"], fresh["logits"])

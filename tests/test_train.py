@@ -138,8 +138,8 @@ def test_alexnet_half_learns_real_images_and_checkpoints_them(tmp_path: Path) ->
     assert loss_now() < before
 
     reloaded = fs.load_checkpoint(tmp_path / "ck" / "last.safetensors")
-    assert reloaded.featurescope_info["model"] == "alexnet_half"
-    assert reloaded.featurescope_info["class_names"] == data.classes
+    assert fs.model_metadata(reloaded).architecture == "alexnet_half"
+    assert list(fs.model_metadata(reloaded).class_names) == data.classes
     a, b = model.state_dict(), reloaded.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -199,16 +199,13 @@ def test_register_model_decorator_and_duplicates():
         assert "tiny_test_net" in fs.list_models("tiny*")
         model = fs.create_model("tiny_test_net", num_classes=3, width=2)
         assert model[0].out_channels == 2
-        assert model.featurescope_info == {
-            "model": "tiny_test_net",
-            "num_classes": 3,
-            "class_names": None,
-        }
+        assert fs.model_metadata(model) == fs.ModelMetadata("tiny_test_net", 3)
         assert fs.get_model_info("tiny_test_net").description == "A tiny test net."
         with pytest.raises(fs.FeaturescopeError, match="already registered"):
             fs.register_model("tiny_test_net")(tiny)
     finally:
         _registry._DECORATED.pop("tiny_test_net", None)
+        _registry.MODELS.invalidate()
     assert "tiny_test_net" not in fs.list_models()
 
 
@@ -221,6 +218,7 @@ def test_builder_must_return_a_module():
             fs.create_model("not_a_module")
     finally:
         _registry._DECORATED.pop("not_a_module", None)
+        _registry.MODELS.invalidate()
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5])
@@ -259,3 +257,4 @@ def test_register_model_records_stages_and_embedding_node():
         assert info.embedding_node == "body"
     finally:
         _registry._DECORATED.pop("probe_test_net", None)
+        _registry.MODELS.invalidate()

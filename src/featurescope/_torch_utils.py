@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["model_device", "model_dtype", "training_mode"]
+__all__ = ["model_device", "model_dtype", "training_mode", "weights_fingerprint"]
 
 
 @contextlib.contextmanager
@@ -40,3 +40,20 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
     """The floating dtype of all the model's parameters; ``None`` if none or several."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A SHA-256 of every parameter and buffer (names, dtypes, shapes, bytes), in hex.
+
+    Two models give the same fingerprint exactly when their state dicts are bit-identical:
+    more training, another checkpoint or a changed layer all change it.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -68,14 +68,20 @@ def featurescope_register_visualizers() -> Mapping[str, Callable[..., Any]]:  # 
 
 @hookspec
 def featurescope_features_extracted(features: Mapping[str, Any], info: Mapping[str, Any]) -> None:
-    """Called once after :meth:`featurescope.FeatureTap.extract` has finished.
+    """Called after :meth:`featurescope.FeatureTap.extract` has extracted its part of the data.
+
+    Under ``torch.distributed`` it is called on every rank, with that rank's own part and before
+    rank 0 merges the shards of an on-disk extraction (``info["rank"]`` and
+    ``info["world_size"]`` tell which); in a single process, once, with everything.
 
     Args:
-        features: ``{alias: array}`` of what was extracted, as returned to the caller (NumPy
-            arrays, memory-mapped when the extraction was written to disk).
-        info: a description of the run: ``model`` (the model's name or class), ``nodes``,
-            ``num_samples``, ``reduce``, ``out`` (the output folder or ``None``), ``labels`` and
-            ``sample_ids`` where known.
+        features: ``{alias: array}`` of what this rank extracted, as returned to the caller
+            (NumPy arrays, memory-mapped when the extraction was written to disk).
+        info: a description of the run, with exactly these keys: ``model`` (the model's zoo
+            name, else its class name), ``nodes`` (``{alias: node}``), ``num_samples`` (rows on
+            this rank), ``reduce`` (the reduction's name or ``None``), ``out`` (the output
+            folder or ``None``), ``labels``, ``sample_ids`` and ``paths`` (this rank's rows,
+            ``None`` where unknown), ``rank`` and ``world_size``.
 
     Returns:
         Nothing; return values are ignored. Not ``firstresult``: every plugin is called, so

@@ -23,16 +23,16 @@ def register(subparsers: Any) -> None:
 
 def _winners() -> dict[str, dict[str, str]]:
     from featurescope.errors import PluginError
-    from featurescope.plugins import REGISTRY_HOOKS, call_registry_hook
+    from featurescope.visualizers import VISUALIZERS
+    from featurescope.zoo import MODELS
 
     winners: dict[str, dict[str, str]] = {}
-    for kind, hook in REGISTRY_HOOKS.items():
-        merged: dict[str, tuple[Any, str]]
+    for kind, registry in (("models", MODELS), ("visualizers", VISUALIZERS)):
         try:
-            merged = call_registry_hook(hook, kind.rstrip("s"))
+            entries = registry.entries()
         except PluginError:
-            merged = {}  # the per-plugin listing below reports the culprit
-        winners[kind] = {name: plugin for name, (_, plugin) in merged.items()}
+            entries = {}  # the per-plugin listing below reports the culprit
+        winners[kind] = {name: entry.plugin for name, entry in entries.items()}
     return winners
 
 

@@ -213,12 +213,11 @@ def _index_build(args: argparse.Namespace) -> int:
     from featurescope._io import atomic_open
     from featurescope.data import ImageFolder
     from featurescope.study import embed, index_embeddings
-    from featurescope.zoo import model_info_of
+    from featurescope.zoo import model_metadata, resolve_preprocessing
 
     folder = Path(args.folder)
     model = _load_model(args.model, args.checkpoint)
-    info = model_info_of(model)
-    transform = info.preprocessing.transform() if info and info.preprocessing else None
+    transform = resolve_preprocessing(model).transform()
     dataset = ImageFolder(folder / "train" if (folder / "train").is_dir() else folder, transform)
     extraction = embed(
         model, dataset, node=args.node, batch_size=args.batch_size, progress=not args.quiet
@@ -230,7 +229,7 @@ def _index_build(args: argparse.Namespace) -> int:
         # Random weights differ on every build: keep these so that searches embed alike.
         checkpoint = fs.save_checkpoint(model, f"{path}.model.safetensors")
     record = {
-        "model": model.featurescope_info["model"],
+        "model": model_metadata(model).architecture,
         "checkpoint": str(checkpoint.resolve()),
         "node": args.node or extraction.nodes.get("embedding"),
         "classes": dataset.classes,

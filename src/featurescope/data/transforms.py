@@ -8,8 +8,12 @@ from typing import Any
 
 import torch
 
+from featurescope.errors import FeaturescopeError
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# torchvision's InterpolationMode values, without importing torchvision here.
+_INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,9 @@ class Preprocessing:
         crop: the centre crop's side, i.e. the model's input size.
         mean: per-channel mean subtracted after scaling to [0, 1].
         std: per-channel standard deviation divided by.
+        interpolation: the resize's interpolation, a
+            :class:`torchvision.transforms.InterpolationMode` value (``"bilinear"``,
+            ``"bicubic"``, ``"nearest"``).
 
     Example:
         >>> p = Preprocessing(resize=256, crop=227)
@@ -34,6 +41,14 @@ class Preprocessing:
     crop: int = 227
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _INTERPOLATIONS:
+            raise FeaturescopeError(
+                f"unknown interpolation {self.interpolation!r}; use one of "
+                f"{', '.join(_INTERPOLATIONS)}"
+            )
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -46,7 +61,7 @@ class Preprocessing:
 
         transform: Callable[[Any], torch.Tensor] = T.Compose(
             [
-                T.Resize(self.resize),
+                T.Resize(self.resize, interpolation=T.InterpolationMode(self.interpolation)),
                 T.CenterCrop(self.crop),
                 T.ToTensor(),
                 T.Normalize(self.mean, self.std),
@@ -74,6 +89,7 @@ class Preprocessing:
             crop=int(d["crop"]),
             mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
             std=tuple(float(v) for v in d["std"]),  # type: ignore[arg-type]
+            interpolation=str(d.get("interpolation", "bilinear")),
         )
 
 

@@ -32,7 +32,7 @@ from featurescope.index import EmbeddingIndex
 from featurescope.tap import FeatureTap
 from featurescope.train import BEST, LAST, History, train
 from featurescope.train.presets import Preset
-from featurescope.zoo import load_checkpoint, model_info_of
+from featurescope.zoo import load_checkpoint, model_metadata, resolve_preprocessing
 
 __all__ = [
     "WidthRun",
@@ -245,13 +245,13 @@ def stage_maps(
         {'conv1': [96, 27, 27], 'conv2': [256, 13, 13], 'conv3': [256, 6, 6], 'fc': [5]}
     """
     if stages is None:
-        info = model_info_of(model)
-        if info is None or not info.stages:
+        info = model_metadata(model)
+        if info is None or not info.stage_nodes:
             raise FeaturescopeError(
                 "this model has no known stages; pass stages=[...] "
                 "(featurescope.get_graph_node_names(model) lists the nodes)"
             )
-        stages = info.stages
+        stages = info.stage_nodes
     device = model_device(model)
     with training_mode(model, False), torch.inference_mode():
         outputs = FeatureTap(model, list(stages))(_single_image(image).to(device))
@@ -302,7 +302,7 @@ def embedding_node(model: nn.Module, node: str | None = None) -> str:
     """
     if node is not None:
         return node
-    info = model_info_of(model)
+    info = model_metadata(model)
     if info is None or info.embedding_node is None:
         raise FeaturescopeError(
             "this model has no known embedding layer; pass node=... "
@@ -327,15 +327,13 @@ def preprocess_image(model: nn.Module, image: Any) -> torch.Tensor:
         torch.Size([3, 224, 224])
     """
     from featurescope.data.folders import load_rgb
-    from featurescope.data.transforms import STUDY_PREPROCESSING
 
     if isinstance(image, (str, os.PathLike)):
         try:
             image = load_rgb(image)
         except (OSError, ValueError) as exc:
             raise FeaturescopeError(f"cannot read image {str(image)!r}: {exc}") from exc
-    info = model_info_of(model)
-    preprocessing = info.preprocessing if info and info.preprocessing else STUDY_PREPROCESSING
+    preprocessing = resolve_preprocessing(model)
     tensor: torch.Tensor = preprocessing.transform()(image)
     return tensor
 

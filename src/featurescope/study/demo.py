@@ -20,14 +20,13 @@ import torch
 from featurescope._io import atomic_open
 from featurescope.data import ImageFolder
 from featurescope.data.folders import DatasetSplits
-from featurescope.data.transforms import STUDY_PREPROCESSING
 from featurescope.errors import FeaturescopeError
 from featurescope.index import retrieval_metrics
 from featurescope.study import _experiments as study
 from featurescope.train.presets import Preset, get_preset
 from featurescope.visualizers import save as save_figure
 from featurescope.visualizers import visualize
-from featurescope.zoo import model_info_of
+from featurescope.zoo import resolve_preprocessing
 
 __all__ = ["run_demo"]
 
@@ -100,8 +99,7 @@ def _maps_experiment(model: torch.nn.Module, splits: DatasetSplits, out: Path) -
         stage: {kind: str(path.relative_to(out)) for kind, path in files.items()}
         for stage, files in drawn.items()
     }
-    info = model_info_of(model)
-    original = info.preprocessing if info and info.preprocessing else STUDY_PREPROCESSING
+    original = resolve_preprocessing(model)
     save_figure(
         visualize(
             "overlay",

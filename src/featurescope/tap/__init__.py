@@ -4,8 +4,8 @@
 ``create_feature_extractor`` does. It runs one of two backends behind one small interface, a
 torch.fx program (``_fx``) or forward hooks (``_hooks``); ``_inplace`` finds the nodes a later
 in-place op would overwrite, ``_extract`` streams a dataset through the tap and ``_store`` keeps
-what it writes on disk. The tap knows nothing of the zoo: it reads a model's embedding node from
-:func:`featurescope.zoo.model_info_of`-style metadata only through the model itself.
+what it writes on disk. The tap knows nothing of the zoo's registry: it reads what a model is only through
+:func:`featurescope.model_metadata`.
 """
 
 from featurescope.tap._store import Extraction, load_features, merge_features

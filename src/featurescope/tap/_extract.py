@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from featurescope._torch_utils import model_device
+from featurescope._torch_utils import model_device, weights_fingerprint
 from featurescope.errors import FeaturescopeError, did_you_mean
 from featurescope.tap._store import Extraction, ShardWriter, load_features, merge_features
 
@@ -251,12 +251,12 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def _describe_model(model: torch.nn.Module) -> tuple[str, dict[str, Any] | None]:
-    from featurescope.zoo import model_info_of
+    from featurescope.zoo.metadata import model_metadata
 
-    info = model_info_of(model)
-    if info is None:
+    meta = model_metadata(model)
+    if meta is None:
         return type(model).__name__, None
-    return info.name, info.preprocessing.to_dict() if info.preprocessing else None
+    return meta.architecture, meta.preprocessing.to_dict() if meta.preprocessing else None
 
 
 def extract(
@@ -296,6 +296,9 @@ def extract(
     header = {
         "model": model_name,
         "preprocessing": preprocessing,
+        # Resume only onto rows from these very weights: after more training the same model
+        # name gives other features, and mixing the two would be silent.
+        "weights": weights_fingerprint(tap.model),
         "nodes": nodes,
         "reduce": reduce_name,
         "rank": rank,
@@ -381,7 +384,7 @@ def _run(
 
 
 def _call_hook(result: Extraction, header: dict[str, Any], out: Any) -> None:
-    from featurescope.plugins import get_plugin_manager
+    from featurescope.plugins import call_hook
 
     info = {
         "model": header["model"],
@@ -395,4 +398,4 @@ def _call_hook(result: Extraction, header: dict[str, Any], out: Any) -> None:
         "rank": header["rank"],
         "world_size": header["world_size"],
     }
-    get_plugin_manager().hook.featurescope_features_extracted(features=result.features, info=info)
+    call_hook("featurescope_features_extracted", features=result.features, info=info)

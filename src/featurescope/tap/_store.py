@@ -155,7 +155,8 @@ class ShardWriter:
 
     Args:
         folder: the shard's folder (created if needed).
-        header: ``model``, ``preprocessing``, ``nodes`` (``{alias: node}``), ``reduce``,
+        header: ``model``, ``preprocessing``, ``weights`` (a fingerprint), ``nodes``
+            (``{alias: node}``), ``reduce``,
             ``rank`` and ``world_size`` of this extraction.
         sample_ids: the dataset indices to extract, in order.
         paths: their files, or ``None``.
@@ -200,6 +201,15 @@ class ShardWriter:
             self.sample_ids = np.asarray(existing["sample_ids"], dtype=np.int64)
             self.paths = existing.get("paths")
             self._open_files()
+        elif existing.get("weights") != header.get("weights") and _same_extraction(
+            existing, {**header, "weights": existing.get("weights")}, sample_ids, paths
+        ):
+            raise FeaturescopeError(
+                f"{folder} holds an extraction of {existing.get('model')!r} made with other "
+                f"weights (fingerprint {str(existing.get('weights'))[:12]}, now "
+                f"{str(header.get('weights'))[:12]}): resuming would mix features of two sets of "
+                "weights. Pass overwrite=True to start afresh, or choose another folder."
+            )
         else:
             raise FeaturescopeError(
                 f"{folder} already holds a different extraction (model {existing.get('model')!r}, "
@@ -314,6 +324,7 @@ def _same_extraction(
         and existing.get("model") == header["model"]
         # Through JSON, as the manifest stored it (tuples come back as lists).
         and existing.get("preprocessing") == json.loads(json.dumps(header.get("preprocessing")))
+        and existing.get("weights") == header.get("weights")
         and nodes == dict(header["nodes"])
         and existing.get("reduce") == header["reduce"]
         and existing.get("rank") == header["rank"]
@@ -429,7 +440,7 @@ def merge_features(folder: str | os.PathLike[str]) -> dict[str, Any]:
             f"{root} has {len(shards)} shard(s) but the extraction ran on "
             f"{first.get('world_size')} processes; wait for every rank to finish"
         )
-    keys = ("model", "reduce", "nodes", "world_size", "preprocessing")
+    keys = ("model", "reduce", "nodes", "world_size", "preprocessing", "weights")
     for d, m in shards[1:]:
         for key in keys:
             if m.get(key) != first.get(key):

@@ -458,10 +458,10 @@ def _autocast_enabled(device: torch.device) -> bool:
 
 
 def _zoo_input_size(model: nn.Module) -> tuple[int, ...] | None:
-    from featurescope.zoo import model_info_of
+    from featurescope.zoo.metadata import model_metadata
 
-    info = model_info_of(model)
-    return info.input_size if info is not None else None
+    meta = model_metadata(model)
+    return meta.input_size if meta is not None else None
 
 
 def _format_summary(rows: Sequence[NodeSummary], model: nn.Module) -> str:

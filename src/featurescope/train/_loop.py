@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from featurescope._io import atomic_open, atomic_path
 from featurescope.errors import CheckpointError, FeaturescopeError, UnknownNameError, did_you_mean
+from featurescope.zoo.metadata import model_metadata
 
 __all__ = [
     "BEST",
@@ -239,17 +240,16 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _model_name(model: nn.Module) -> str:
-    info = getattr(model, "featurescope_info", None)
-    name = info.get("model") if isinstance(info, dict) else None
-    return str(name) if name else type(model).__name__
+    meta = model_metadata(model)
+    return meta.architecture if meta is not None else type(model).__name__
 
 
 def _class_names(model: nn.Module, data: Dataset[Any]) -> list[str] | None:
     classes = getattr(data, "classes", None)
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         return None
-    info = getattr(model, "featurescope_info", None)
-    n = info.get("num_classes") if isinstance(info, dict) else None
+    meta = model_metadata(model)
+    n = meta.num_classes if meta is not None else None
     return classes if n is None or n == len(classes) else None
 
 
@@ -573,7 +573,7 @@ def _save_epoch(
         "lr": history.lr[-1],
         "seed": fingerprint["seed"],
     }
-    name = fingerprint["model"] if getattr(model, "featurescope_info", None) else None
+    name = fingerprint["model"] if model_metadata(model) is not None else None
     if history.best_epoch == epoch or (history.best_epoch is None):
         save_checkpoint(model, folder / BEST, model_name=name, class_names=classes, **meta)
     save_checkpoint(model, folder / LAST, model_name=name, class_names=classes, **meta)

@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import os
 from collections.abc import Callable
@@ -29,28 +28,30 @@ from featurescope.errors import (
     VisualizationError,
     did_you_mean,
 )
+from featurescope.plugins import Registry
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["get_visualizer", "list_visualizers", "save", "save_figure", "visualize"]
+__all__ = ["VISUALIZERS", "get_visualizer", "list_visualizers", "save", "save_figure", "visualize"]
 
 _HOOK = "featurescope_register_visualizers"
 _FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 
 
-def _registry() -> dict[str, tuple[Callable[..., Any], str]]:
-    from featurescope.plugins import call_registry_hook
+def _as_visualizer(name: str, value: Any, plugin: str) -> Callable[..., Any]:
+    if not callable(value):
+        raise PluginError(
+            f"plugin {plugin!r} registered visualizer {name!r} as {type(value).__name__}; "
+            "expected a callable(data, **options) returning a matplotlib Figure"
+        )
+    return value  # type: ignore[no-any-return]
 
-    def check(name: str, value: Any, plugin: str) -> Callable[..., Any]:
-        if not callable(value):
-            raise PluginError(
-                f"plugin {plugin!r} registered visualizer {name!r} as {type(value).__name__}; "
-                "expected a callable(data, **options) returning a matplotlib Figure"
-            )
-        return value  # type: ignore[no-any-return]
 
-    return call_registry_hook(_HOOK, "visualizer", check)
+#: Every visualizer the plugins give, by name.
+VISUALIZERS: Registry[Callable[..., Any]] = Registry(
+    _HOOK, "visualizer", _as_visualizer, lister="featurescope.list_visualizers()"
+)
 
 
 def list_visualizers(pattern: str | None = None) -> list[str]:
@@ -60,21 +61,12 @@ def list_visualizers(pattern: str | None = None) -> list[str]:
         >>> list_visualizers()
         ['curves', 'grid', 'montage', 'overlay', 'sum']
     """
-    names = sorted(_registry())
-    if pattern is not None:
-        names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-    return names
+    return VISUALIZERS.list(pattern)
 
 
 def _lookup(name: str) -> tuple[Callable[..., Any], str]:
-    registry = _registry()
-    try:
-        return registry[name]
-    except KeyError:
-        raise UnknownNameError(
-            f"unknown visualizer {name!r}.{did_you_mean(name, registry)} Known visualizers: "
-            f"{', '.join(sorted(registry))} (featurescope.list_visualizers())."
-        ) from None
+    entry = VISUALIZERS.get(name)
+    return entry.value, entry.plugin
 
 
 def get_visualizer(name: str) -> Callable[..., Any]:

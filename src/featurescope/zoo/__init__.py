@@ -1,37 +1,59 @@
-"""The model zoo: both AlexNets of the study, torchvision's, and any plugin's models."""
+"""The model zoo: both AlexNets of the study, torchvision's classification models, timm's when
+installed, and any plugin's models.
 
+``_registry`` holds the names (one :class:`~featurescope.plugins.Registry` fed by the
+``featurescope_register_models`` hook and :func:`register_model`), ``_factory`` builds
+(:func:`create_model`), :mod:`~featurescope.zoo.metadata` types what a built model is, and
+:mod:`~featurescope.zoo.checkpoints` reads and writes weight files. The builtin models are
+ordinary plugin modules: :mod:`~featurescope.zoo.alexnet`, :mod:`~featurescope.zoo.torchvision_models`.
+"""
+
+from featurescope.zoo._factory import (
+    DEFAULT_NUM_CLASSES,
+    convert_checkpoint,
+    create_model,
+    load_checkpoint,
+)
 from featurescope.zoo._registry import (
+    MODELS,
     ModelInfo,
     ModelSpec,
-    create_model,
     get_model_info,
     list_models,
-    model_info_of,
     register_model,
 )
 from featurescope.zoo.alexnet import AlexNet
 from featurescope.zoo.checkpoints import (
-    convert_checkpoint,
-    load_checkpoint,
     load_weights,
     read_checkpoint_metadata,
     read_state_dict,
     save_checkpoint,
 )
+from featurescope.zoo.metadata import (
+    ModelMetadata,
+    attach_metadata,
+    model_metadata,
+    resolve_preprocessing,
+)
 
 __all__ = [
+    "DEFAULT_NUM_CLASSES",
+    "MODELS",
     "AlexNet",
     "ModelInfo",
+    "ModelMetadata",
     "ModelSpec",
+    "attach_metadata",
     "convert_checkpoint",
     "create_model",
     "get_model_info",
     "list_models",
     "load_checkpoint",
     "load_weights",
-    "model_info_of",
+    "model_metadata",
     "read_checkpoint_metadata",
     "read_state_dict",
     "register_model",
+    "resolve_preprocessing",
     "save_checkpoint",
 ]

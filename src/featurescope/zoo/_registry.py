@@ -7,31 +7,22 @@ Models come from plugins (the builtin AlexNets are plugins too, see
 
 from __future__ import annotations
 
-import fnmatch
-import os
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from torch import nn
 
 from featurescope.data.transforms import Preprocessing
-from featurescope.errors import FeaturescopeError, UnknownNameError, did_you_mean
+from featurescope.errors import FeaturescopeError, PluginError
+from featurescope.plugins import Registry
 
-__all__ = [
-    "ModelInfo",
-    "ModelSpec",
-    "create_model",
-    "get_model_info",
-    "list_models",
-    "model_info_of",
-    "register_model",
-]
+__all__ = ["MODELS", "ModelInfo", "ModelSpec", "get_model_info", "list_models", "register_model"]
 
 Builder = Callable[..., nn.Module]
+Describer = Callable[[nn.Module, tuple[int, int, int]], Mapping[str, Any]]
 F = TypeVar("F", bound=Builder)
-
-DEFAULT_NUM_CLASSES = 5
 
 
 @dataclass(frozen=True)
@@ -45,6 +36,13 @@ class ModelSpec:
         stages: names of the submodules that make the study's stages, in order.
         embedding_node: the graph node whose output is the image embedding used for search by
             image (the last hidden layer), e.g. ``"fc.4"`` for the zoo AlexNets.
+        weights: the tag of its default pretrained weights (``"IMAGENET1K_V1"``), passed to the
+            builder as ``weights=`` by ``create_model(name, pretrained=True)``; ``None`` if it
+            has none.
+        pretrained_classes: the number of classes those weights were trained for (1000).
+        describe: ``describe(model, input_size) -> {"embedding_node": ..., "stage_nodes": ...}``
+            finds those nodes by rule on the built model, where ``embedding_node`` or
+            ``stages`` is not given.
 
     Example:
         A plugin returns specs from its ``featurescope_register_models`` hook:
@@ -65,6 +63,9 @@ class ModelSpec:
     description: str = ""
     stages: tuple[str, ...] = ()
     embedding_node: str | None = None
+    weights: str | None = None
+    pretrained_classes: int | None = None
+    describe: Describer | None = None
 
     @property
     def input_size(self) -> tuple[int, int, int] | None:
@@ -117,7 +118,7 @@ def register_model(
         ...     return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
         >>> "tiny_doc" in list_models("tiny*")
         True
-        >>> _ = _DECORATED.pop("tiny_doc")  # keep the doctest's registry clean
+        >>> _ = _DECORATED.pop("tiny_doc"); MODELS.invalidate()  # keep the registry clean
     """
 
     def decorator(fn: F) -> F:
@@ -135,6 +136,7 @@ def register_model(
             stages=stages,
             embedding_node=embedding_node,
         )
+        MODELS.invalidate()
         return fn
 
     if callable(name):
@@ -142,41 +144,42 @@ def register_model(
     return decorator
 
 
-def _as_spec(name: str, value: Any, plugin: str) -> ModelSpec:
+def _as_info(name: str, value: Any, plugin: str) -> ModelInfo:
     if isinstance(value, ModelSpec):
-        return value
-    if callable(value):
+        spec = value
+    elif callable(value):
         doc = (getattr(value, "__doc__", None) or "").strip().splitlines()
-        return ModelSpec(builder=value, description=doc[0] if doc else "")
-    from featurescope.errors import PluginError
+        spec = ModelSpec(builder=value, description=doc[0] if doc else "")
+    else:
+        raise PluginError(
+            f"plugin {plugin!r} registered model {name!r} as {type(value).__name__}; "
+            "expected a ModelSpec or a callable returning an nn.Module"
+        )
+    return ModelInfo(**_spec_fields(spec), name=name, plugin=plugin)
 
-    raise PluginError(
-        f"plugin {plugin!r} registered model {name!r} as {type(value).__name__}; "
-        "expected a ModelSpec or a callable returning an nn.Module"
-    )
 
-
-def _registry() -> dict[str, ModelInfo]:
-    from featurescope.plugins import call_registry_hook
-
-    merged = call_registry_hook("featurescope_register_models", "model", _as_spec)
-    infos = {
-        name: ModelInfo(**_spec_fields(spec), name=name, plugin=plugin)
-        for name, (spec, plugin) in merged.items()
+def _decorated() -> dict[str, tuple[ModelInfo, str]]:
+    return {
+        name: (
+            ModelInfo(**_spec_fields(spec), name=name, plugin=_DECORATOR_SOURCE),
+            _DECORATOR_SOURCE,
+        )
+        for name, spec in _DECORATED.items()
     }
-    for name, spec in _DECORATED.items():
-        infos[name] = ModelInfo(**_spec_fields(spec), name=name, plugin=_DECORATOR_SOURCE)
-    return infos
 
 
 def _spec_fields(spec: ModelSpec) -> dict[str, Any]:
-    return {
-        "builder": spec.builder,
-        "preprocessing": spec.preprocessing,
-        "description": spec.description,
-        "stages": spec.stages,
-        "embedding_node": spec.embedding_node,
-    }
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelSpec)}
+
+
+#: Every model the plugins and :func:`register_model` give, by name.
+MODELS: Registry[ModelInfo] = Registry(
+    "featurescope_register_models",
+    "model",
+    _as_info,
+    extra=_decorated,
+    lister="featurescope.list_models()",
+)
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -186,10 +189,7 @@ def list_models(pattern: str | None = None) -> list[str]:
         >>> list_models("alexnet*")
         ['alexnet', 'alexnet_half']
     """
-    names = sorted(_registry())
-    if pattern is not None:
-        names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-    return names
+    return MODELS.list(pattern)
 
 
 def get_model_info(name: str) -> ModelInfo:
@@ -202,88 +202,4 @@ def get_model_info(name: str) -> ModelInfo:
         >>> get_model_info("alexnet").input_size
         (3, 227, 227)
     """
-    registry = _registry()
-    try:
-        return registry[name]
-    except KeyError:
-        raise UnknownNameError(
-            f"unknown model {name!r}.{did_you_mean(name, registry)} "
-            f"Known models: {', '.join(sorted(registry))} (featurescope.list_models())."
-        ) from None
-
-
-def create_model(
-    name: str,
-    *,
-    num_classes: int | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    class_names: Sequence[str] | None = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """Build a registered model by name, optionally loading a checkpoint into it.
-
-    Args:
-        name: a name from :func:`list_models`.
-        num_classes: size of the classifier's output. Defaults to 5 (the study's classes), to
-            the number recorded in ``checkpoint``, or to ``len(class_names)``.
-        checkpoint: a featurescope ``.safetensors`` checkpoint or a ``.pt``/``.pth`` state
-            dict (read with ``weights_only=True``). Pickled whole models are refused; see
-            ``featurescope convert``.
-        class_names: the label names in class-index order, kept in ``featurescope_info`` and
-            written into checkpoints (default: the checkpoint's).
-        **kwargs: passed to the model's builder.
-
-    Returns:
-        The model, in eval mode when a checkpoint was loaded. ``model.featurescope_info`` holds
-        its name, number of classes and class names.
-
-    Example:
-        >>> model = create_model("alexnet")
-        >>> sum(p.numel() for p in model.parameters())
-        26830213
-    """
-    info = get_model_info(name)
-    names = list(class_names) if class_names is not None else None
-    if names is not None and num_classes is None:
-        num_classes = len(names)
-    if checkpoint is not None:
-        from featurescope.zoo.checkpoints import read_checkpoint_metadata
-
-        meta = read_checkpoint_metadata(checkpoint)
-        if num_classes is None and meta.get("num_classes") is not None:
-            num_classes = int(meta["num_classes"])
-        if names is None:
-            names = meta.get("class_names")
-    num_classes = DEFAULT_NUM_CLASSES if num_classes is None else num_classes
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise FeaturescopeError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if names is not None and len(names) != num_classes:
-        raise FeaturescopeError(f"{len(names)} class names given for {num_classes} classes")
-    model = info.builder(num_classes=num_classes, **kwargs)
-    if not isinstance(model, nn.Module):
-        raise FeaturescopeError(
-            f"the builder of model {name!r} (plugin {info.plugin!r}) returned "
-            f"{type(model).__name__}, not a torch.nn.Module"
-        )
-    model.featurescope_info = {  # type: ignore[assignment]
-        "model": name,
-        "num_classes": num_classes,
-        "class_names": names,
-    }
-    if checkpoint is not None:
-        from featurescope.zoo.checkpoints import load_weights
-
-        load_weights(model, checkpoint)
-        model.eval()
-    return model
-
-
-def model_info_of(model: nn.Module) -> ModelInfo | None:
-    """The zoo entry a model was created from, or ``None`` for a model built elsewhere."""
-    meta = getattr(model, "featurescope_info", None)
-    if not isinstance(meta, dict) or "model" not in meta:
-        return None
-    try:
-        return get_model_info(meta["model"])
-    except UnknownNameError:
-        return None
+    return MODELS.get(name).value

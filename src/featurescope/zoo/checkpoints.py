@@ -1,7 +1,8 @@
-"""Safe checkpoints: safetensors with metadata, ``weights_only`` state dicts, no pickles.
+"""Safe checkpoint files: safetensors with metadata, ``weights_only`` state dicts, no pickles.
 
-A checkpoint written by :func:`save_checkpoint` records the architecture, so
-:func:`load_checkpoint` rebuilds the model from the file alone. ``.pt``/``.pth`` state dicts are
+File I/O only: building a model from a file is the factory's (:func:`~featurescope.create_model`,
+:func:`~featurescope.load_checkpoint`). A checkpoint written by :func:`save_checkpoint` records the
+architecture, so the factory rebuilds the model from the file alone. ``.pt``/``.pth`` state dicts are
 read with ``torch.load(..., weights_only=True)``; a pickled whole model is refused, and
 :func:`convert_checkpoint` (``featurescope convert --trust-pickle``) turns one into a safetensors
 checkpoint once its source is trusted.
@@ -9,6 +10,7 @@ checkpoint once its source is trusted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -22,14 +24,16 @@ from torch import nn
 from featurescope._io import atomic_path
 from featurescope._version import __version__
 from featurescope.errors import CheckpointError, UnsafeCheckpointError
+from featurescope.zoo.metadata import model_metadata
 
 __all__ = [
-    "convert_checkpoint",
-    "load_checkpoint",
+    "infer_num_classes",
     "load_weights",
     "read_checkpoint_metadata",
+    "read_pickled_state_dict",
     "read_state_dict",
     "save_checkpoint",
+    "weights_tag",
 ]
 
 FORMAT = "featurescope-checkpoint/1"
@@ -37,8 +41,11 @@ PathLike = str | os.PathLike[str]
 
 
 def _model_meta(model: nn.Module) -> dict[str, Any]:
-    meta = getattr(model, "featurescope_info", None)
-    return dict(meta) if isinstance(meta, dict) else {}
+    meta = model_metadata(model)
+    if meta is None:
+        return {}
+    names = list(meta.class_names) if meta.class_names is not None else None
+    return {"model": meta.architecture, "num_classes": meta.num_classes, "class_names": names}
 
 
 def save_checkpoint(
@@ -249,44 +256,10 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
     return model
 
 
-def _infer_num_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+def infer_num_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+    """The output size of a state dict's last 2-D weight (its classifier), or ``None``."""
     weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
     return int(weights[-1].shape[0]) if weights else None
-
-
-def load_checkpoint(
-    path: PathLike,
-    *,
-    model_name: str | None = None,
-    num_classes: int | None = None,
-    map_location: str | torch.device = "cpu",
-) -> nn.Module:
-    """Rebuild a model from a checkpoint, in eval mode.
-
-    A featurescope checkpoint names its architecture. A plain ``.pt``/``.pth`` state dict does
-    not: pass ``model_name`` (and ``num_classes`` if its last layer's size is not the number of
-    classes).
-
-    Example:
-        >>> import tempfile, featurescope as fs
-        >>> path = fs.save_checkpoint(fs.create_model("alexnet"), tempfile.mkdtemp() + "/a.safetensors")
-        >>> fs.load_checkpoint(path).featurescope_info["model"]
-        'alexnet'
-    """
-    from featurescope.zoo._registry import create_model
-
-    meta = read_checkpoint_metadata(path)
-    name = model_name or meta.get("model")
-    if name is None:
-        raise CheckpointError(
-            f"{path} does not record its architecture (a plain state dict); pass "
-            "model_name=... (see featurescope.list_models()), or re-save it with "
-            "featurescope.save_checkpoint"
-        )
-    if num_classes is None and not meta:
-        num_classes = _infer_num_classes(read_state_dict(path))
-    model = create_model(name, num_classes=num_classes, checkpoint=path)
-    return model.to(map_location)
 
 
 class _StubModule(nn.Module):
@@ -309,54 +282,30 @@ class _StubbingPickleModule:
     __name__ = "featurescope_stubbing_pickle"
 
 
-def convert_checkpoint(
-    src: PathLike,
-    dst: PathLike,
-    *,
-    model_name: str,
-    num_classes: int | None = None,
-    class_names: list[str] | None = None,
-    trust_pickle: bool = False,
-) -> Path:
-    """Convert a ``.pt``/``.pth`` checkpoint, even a pickled whole model, to a safe checkpoint.
+def read_pickled_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """Recover the tensors of a pickled checkpoint, even a whole model whose class is gone.
 
-    The weights are loaded into ``model_name``'s architecture (so both of the study's layouts
-    work) and written with :func:`save_checkpoint`. A pickled model's class need not be
-    importable: its tensors are recovered without its code.
+    This unpickles the file, which runs code it contains: only for files from a trusted
+    source (``featurescope convert --trust-pickle``).
+    """
+    source = _existing(path)
+    obj = torch.load(
+        source, map_location="cpu", weights_only=False, pickle_module=_StubbingPickleModule
+    )
+    return _unwrap_state_dict(obj, source)
 
-    Args:
-        trust_pickle: required to read a file that needs unpickling, which runs code the file
-            contains. Only set it for files from a source you trust.
 
-    Raises:
-        UnsafeCheckpointError: the file needs unpickling and ``trust_pickle`` is false.
+def weights_tag(path: PathLike) -> str:
+    """``"checkpoint:<first 16 hex digits of the file's sha256>"``, for :class:`ModelMetadata`.
 
     Example:
-        >>> import tempfile, torch, featurescope as fs
-        >>> folder = tempfile.mkdtemp()
-        >>> torch.save(fs.create_model("alexnet_half"), folder + "/pickled.pt")  # a whole model
-        >>> out = fs.convert_checkpoint(folder + "/pickled.pt", folder + "/safe.safetensors",
-        ...                             model_name="alexnet_half", trust_pickle=True)
-        >>> fs.load_checkpoint(out).featurescope_info["model"]
-        'alexnet_half'
+        >>> import tempfile, featurescope as fs
+        >>> path = fs.save_checkpoint(fs.create_model("alexnet_half"), tempfile.mkdtemp() + "/m.safetensors")
+        >>> weights_tag(path).startswith("checkpoint:")
+        True
     """
-    from featurescope.zoo._registry import create_model
-
-    source = _existing(src)
-    try:
-        state = read_state_dict(source)
-    except UnsafeCheckpointError:
-        if not trust_pickle:
-            raise
-        obj = torch.load(
-            source, map_location="cpu", weights_only=False, pickle_module=_StubbingPickleModule
-        )
-        state = _unwrap_state_dict(obj, source)
-    if num_classes is None:
-        num_classes = _infer_num_classes(state)
-    model = create_model(model_name, num_classes=num_classes)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"the weights in {source} do not fit {model_name!r}: {exc}") from exc
-    return save_checkpoint(model, dst, class_names=class_names, converted_from=source.name)
+    digest = hashlib.sha256()
+    with open(_existing(path), "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return f"checkpoint:{digest.hexdigest()[:16]}"
