@@ -275,6 +275,10 @@ def test_a_head_trains_through_a_tapped_resnet18():
     assert not any(n.startswith("fc.") for n in moved)  # after the tapped nodes: no gradient
 
 
+def _ddp_loss(features: dict[str, torch.Tensor]) -> torch.Tensor:
+    return features["conv"].mean() + features["conv2"].square().mean()
+
+
 def _ddp_worker(rank: int, init_method: str, world: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -282,27 +286,29 @@ def _ddp_worker(rank: int, init_method: str, world: int) -> None:
         torch.set_num_threads(1)
         model = tiny_model().eval()
         reference = copy.deepcopy(model)
-        tap = FeatureTap(model, NODES)
-        # The tap keeps the whole model, so parameters after the deepest node get no
-        # gradient: DDP must be told (find_unused_parameters=True). Here "4" is the last
-        # layer, so every parameter is used; the flag is what a pruned tap needs.
-        ddp = DistributedDataParallel(tap, find_unused_parameters=True)
+        # The tap keeps the whole model, and the Linear after the deepest node gets no
+        # gradient, so DDP is told (without the flag the second step fails).
+        ddp = DistributedDataParallel(
+            FeatureTap(model, {"0": "conv", "2": "conv2"}), find_unused_parameters=True
+        )
         g = torch.Generator().manual_seed(0)
         x = torch.randn(2 * world, 3, 8, 8, generator=g)
-        mine = x[2 * rank : 2 * rank + 2]
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
         for _ in range(2):
             optimizer.zero_grad()
-            ddp(mine)["logits"].square().mean().backward()
+            _ddp_loss(ddp(x[2 * rank : 2 * rank + 2])).backward()
             optimizer.step()
         # One process on the whole batch: the mean of equal halves' gradients.
         ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
         for _ in range(2):
             ref_optimizer.zero_grad()
-            tiny_reference(reference, x)["logits"].square().mean().backward()
+            conv = reference[0](x)
+            conv2 = reference[2](F.relu(conv))
+            _ddp_loss({"conv": conv, "conv2": conv2}).backward()
             ref_optimizer.step()
         for got, want in zip(model.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(got, want)
+        assert torch.equal(model[4].weight, tiny_model()[4].weight)  # unused, untouched
 
 
 @pytest.mark.distributed
