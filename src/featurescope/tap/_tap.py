@@ -278,7 +278,7 @@ class FeatureTap(nn.Module):
                 raise FeaturescopeError(
                     f"torch.export cannot capture this FeatureTap of {type(self.model).__name__}: "
                     f"{program.export_blocker}. Export a tap built with backend='fx' (module or "
-                    "graph node names), or use torch.compile(tap), which runs hooks eagerly."
+                    "graph node names); torch.compile(tap) does run a hooks tap."
                 )
             return program(self.model, *args, **kwargs)
         if torch.compiler.is_compiling():
