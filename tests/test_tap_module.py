@@ -129,6 +129,19 @@ def test_to_moves_the_model_and_the_tap_follows(backend):
     torch.testing.assert_close(out, model.body(x))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_to_cuda_moves_the_model_and_the_tap_follows(backend):
+    model = Wrapper().eval()
+    tap = FeatureTap(model, {"body.conv": "conv"}, backend=backend).to("cuda")
+    assert model.body.mean.is_cuda and model.body.conv.weight.is_cuda
+    x = torch.randn(2, 3, 6, 6, device="cuda")
+    torch.testing.assert_close(tap(x)["conv"], model.body(x))
+    tap.cpu()
+    torch.testing.assert_close(tap(x.cpu())["conv"], model.body(x.cpu()))
+
+
 def test_fx_tap_reads_buffers_and_parameters_the_model_replaced():
     # The graph reads body.mean and body.gain with get_attr; the model swaps both objects.
     model = Wrapper().eval()
@@ -138,6 +151,21 @@ def test_fx_tap_reads_buffers_and_parameters_the_model_replaced():
     model.body.mean = torch.full((3, 1, 1), -3.0)
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(tap(x)["conv"], model.body(x))
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_deepcopy_of_a_tap_taps_the_copy_of_the_model(backend):
+    # As an EMA or a frozen teacher copies a model that holds a tap.
+    model = tiny_model().eval()
+    tap = FeatureTap(model, NODES, backend=backend)
+    twin = copy.deepcopy(tap)
+    assert twin.model is not model
+    with torch.no_grad():
+        for p in twin.model.parameters():
+            p.mul_(-1.0)
+    x = torch.randn(2, 3, 8, 8)
+    assert_outputs_equal(twin(x), tiny_reference(twin.model, x))
+    assert_outputs_equal(tap(x), tiny_reference(model, x))
 
 
 def test_rejected_call_leaves_the_model_untouched():
