@@ -7,8 +7,13 @@
     extractor = FeatureTap(model, return_nodes=nodes)
     features = extractor(images)          # {"output1": ..., "output4": ...}
 
-Two backends: ``"fx"`` (a torch.fx graph, node names as torchvision's, pruned after the deepest
-requested node) and ``"hooks"`` (forward hooks on modules, for models torch.fx cannot trace).
+A tap is an ``nn.Module`` whose one submodule is the model itself, so it nests in a larger model
+as a trainable backbone, moves with it, compiles and (fx) exports. ``train_return_nodes`` and
+``eval_return_nodes`` name separate nodes per mode, as torchvision takes them.
+
+Two backends, picked once and run through one interface (``_program.Program``): ``"fx"`` (a
+torch.fx graph, node names as torchvision's, pruned after the deepest requested node) and
+``"hooks"`` (forward hooks on modules, for models torch.fx cannot trace).
 ``"auto"`` tries fx and falls back to hooks with one warning. Both return each node's true output:
 where a later op writes into the same storage in place (the study's ``ReLU(inplace=True)``), that
 node alone is copied first.
