@@ -393,6 +393,25 @@ class FxProgram:
     nodes: dict[str, str]  # alias -> resolved node name
     ops: dict[str, str]  # alias -> what the node computes, e.g. "Conv2d"
     copied: list[str]  # aliases copied because a later in-place op overwrites them
+    export_blocker: str | None = None  # torch.export captures the graph as is
+
+    def __post_init__(self) -> None:
+        # A pytree codegen (structured concrete_args) reads the GraphModule's own input spec.
+        self._on_model = type(self.module.graph._codegen) is fx.graph.CodeGen
+
+    def __call__(self, model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Run the graph's code on ``model`` itself.
+
+        The GraphModule holds its own references to the buffers and parameters the graph reads
+        (``get_attr``), which go stale once the model replaces them (``model.to(dtype)`` swaps
+        buffers, ``load_state_dict(assign=True)`` swaps both), so its code runs with the model
+        as ``self``: every attribute is looked up on the model at each call.
+        """
+        if self._on_model:
+            result: dict[str, Any] = type(self.module).forward(model, *args, **kwargs)
+        else:
+            result = self.module(*args, **kwargs)
+        return result
 
 
 def build_program(traced: Trace, return_nodes: Mapping[str, str], model: nn.Module) -> FxProgram:

@@ -113,6 +113,15 @@ class HookProgram:
             self.targets[alias] = (query, module)
         self.nodes = {alias: name for alias, (name, _) in self.targets.items()}
         self.ops = {alias: type(m).__name__ for alias, (_, m) in self.targets.items()}
+        #: Copies are decided while the model runs, so none is known beforehand.
+        self.copied: list[str] = []
+        #: torch.export cannot capture hooks registered during the forward, a
+        #: TorchFunctionMode and the early stop.
+        self.export_blocker: str | None = (
+            "the hooks backend registers forward hooks during the forward, watches in-place "
+            "writes with a TorchFunctionMode and stops the forward early with an exception, "
+            "none of which torch.export can capture"
+        )
 
     @staticmethod
     def _not_a_module(

@@ -7,8 +7,13 @@
     extractor = FeatureTap(model, return_nodes=nodes)
     features = extractor(images)          # {"output1": ..., "output4": ...}
 
-Two backends: ``"fx"`` (a torch.fx graph, node names as torchvision's, pruned after the deepest
-requested node) and ``"hooks"`` (forward hooks on modules, for models torch.fx cannot trace).
+A tap is an ``nn.Module`` whose one submodule is the model itself, so it nests in a larger model
+as a trainable backbone, moves with it, compiles and (fx) exports. ``train_return_nodes`` and
+``eval_return_nodes`` name separate nodes per mode, as torchvision takes them.
+
+Two backends, picked once and run through one interface (``_program.Program``): ``"fx"`` (a
+torch.fx graph, node names as torchvision's, pruned after the deepest requested node) and
+``"hooks"`` (forward hooks on modules, for models torch.fx cannot trace).
 ``"auto"`` tries fx and falls back to hooks with one warning. Both return each node's true output:
 where a later op writes into the same storage in place (the study's ``ReLU(inplace=True)``), that
 node alone is copied first.
@@ -33,7 +38,6 @@ from featurescope.errors import (
     NodeNotFoundError,
 )
 from featurescope.tap._fx import (
-    FxProgram,
     Trace,
     build_program,
     node_not_found,
@@ -41,6 +45,7 @@ from featurescope.tap._fx import (
     trace,
 )
 from featurescope.tap._hooks import HookProgram
+from featurescope.tap._program import Program
 from featurescope.tap._store import Extraction
 
 if TYPE_CHECKING:
@@ -123,8 +128,15 @@ class NodeSummary:
     params: int
 
 
-class FeatureTap:
+class FeatureTap(nn.Module):
     """Returns the outputs of any nodes of a model: ``tap(x) -> {alias: tensor}``.
+
+    A tap is an ``nn.Module`` whose one submodule, ``tap.model``, is the tapped model itself,
+    never a copy: it shares the model's weights, device, dtype and ``train()``/``eval()`` mode.
+    So it nests in a larger model as a trainable backbone (gradients flow into the model's
+    weights), moves with ``tap.to(...)``, lists the model's parameters and, for the fx backend,
+    compiles (``torch.compile``) and exports (``torch.export``). Its ``state_dict()`` is the
+    model's under the prefix ``model.``.
 
     Args:
         model: the model to tap. It is not copied: the tap follows its weights, its device and
@@ -133,16 +145,26 @@ class FeatureTap:
             ``torchvision.models.feature_extraction.create_feature_extractor`` takes them. A name
             may be a module that torch.fx traced through (``"conv1"``), meaning its last node.
             See :func:`get_graph_node_names`.
+        train_return_nodes: instead of ``return_nodes``, the nodes to return while the model is
+            in training mode, for a model whose graph differs between the modes (it branches
+            on ``self.training``); needs ``eval_return_nodes`` too, as in torchvision.
+        eval_return_nodes: the nodes to return in eval mode, with ``train_return_nodes``.
         backend: ``"fx"``, ``"hooks"`` (module names only), or ``"auto"``: fx, falling back to
             hooks with one :class:`~featurescope.FeaturescopeWarning` if the model cannot be
             traced.
-        tracer_kwargs: for the fx backend, passed to torchvision's ``NodePathTracer``.
+        tracer_kwargs: for the fx backend, passed to torchvision's ``NodePathTracer``
+            (``leaf_modules``, ``autowrap_functions``, ...).
+        suppress_diff_warning: accepted for torchvision compatibility; the tap never warns
+            that the training and eval graphs differ.
         concrete_args: for the fx backend, passed to ``torch.fx.Tracer.trace``.
 
     Raises:
-        NodeNotFoundError: a node name is unknown; the message lists the closest ones.
-        FeaturescopeError: ``return_nodes`` is empty, asks for one node twice or uses one alias
-            twice; ``backend`` is unknown; or fx was asked for and cannot trace the model.
+        NodeNotFoundError: a node name is unknown (the message lists the closest ones), or is
+            in only one mode's graph.
+        FeaturescopeError: no nodes are given; ``return_nodes`` is given together with
+            ``train_return_nodes``/``eval_return_nodes``, or only one of those two; a set of
+            nodes is empty, asks for one node twice or uses one alias twice; ``backend`` is
+            unknown; or fx was asked for and cannot trace the model.
 
     Example:
         >>> import torch, featurescope as fs
@@ -156,60 +178,60 @@ class FeatureTap:
         >>> pre = fs.FeatureTap(model, ["conv1.0", "conv1.1"])(torch.randn(1, 3, 227, 227))
         >>> bool((pre["conv1.0"] < 0).any()), bool((pre["conv1.1"] < 0).any())  # before/after ReLU
         (True, False)
+        >>> isinstance(tap, torch.nn.Module), tap.model is model
+        (True, True)
+        >>> heads = torch.nn.ModuleDict({"backbone": tap, "head": torch.nn.Linear(5, 2)})
+        >>> heads["head"](heads["backbone"](torch.randn(1, 3, 227, 227))["output4"]).shape
+        torch.Size([1, 2])
     """
 
     def __init__(
         self,
         model: nn.Module,
-        return_nodes: Sequence[str] | Mapping[str, str],
+        return_nodes: Sequence[str] | Mapping[str, str] | None = None,
         *,
+        train_return_nodes: Sequence[str] | Mapping[str, str] | None = None,
+        eval_return_nodes: Sequence[str] | Mapping[str, str] | None = None,
         backend: Backend = "auto",
         tracer_kwargs: Mapping[str, Any] | None = None,
+        suppress_diff_warning: bool = False,
         concrete_args: dict[str, Any] | None = None,
     ) -> None:
+        del suppress_diff_warning
         if not isinstance(model, nn.Module):
             raise FeaturescopeError(
                 f"FeatureTap needs a torch.nn.Module, got {type(model).__name__}"
             )
         if backend not in _BACKENDS:
             raise FeaturescopeError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        node_sets = _node_sets(return_nodes, train_return_nodes, eval_return_nodes)
+        backend_in_use, reason, programs = _build_programs(
+            model, node_sets, backend, tracer_kwargs, concrete_args
+        )
+        super().__init__()
         self.model = model
+        # A new module starts in training mode; the tap starts in the model's.
+        self.training = model.training
         #: The backend in use, ``"fx"`` or ``"hooks"``.
-        self.backend: str = backend
-        self.return_nodes = _normalize_return_nodes(return_nodes)
+        self.backend: str = backend_in_use
         #: Why fx was not used, when ``backend="auto"`` fell back to hooks.
-        self.fallback_reason: str | None = None
-        self._fx: dict[bool, FxProgram] | None = None
-        self._hooks: HookProgram | None = None
-        traces: list[Trace] | None = None
-        if backend in ("auto", "fx"):
-            try:
-                traces = [
-                    trace(model, mode, tracer_kwargs, concrete_args) for mode in (True, False)
-                ]
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-                if backend == "fx":
-                    raise FeaturescopeError(
-                        f"torch.fx cannot trace {type(model).__name__} ({reason}). Use "
-                        "backend='hooks' (module names only) or backend='auto'."
-                    ) from exc
-                self.fallback_reason = reason
-                warnings.warn(
-                    f"torch.fx cannot trace {type(model).__name__}, so FeatureTap uses forward "
-                    f"hooks instead (module names only, whole modules). Reason: {reason}",
-                    FeaturescopeWarning,
-                    stacklevel=2,
-                )
-        if traces is not None:
-            _check_names(traces, self.return_nodes, model)
-            self._fx = {t.training: build_program(t, self.return_nodes, model) for t in traces}
-            self.backend = "fx"
-        else:
-            # Only asked when a name is not a module, to tell an op ("add") from a typo.
-            fx_names = (lambda: _eval_node_names(model)) if backend == "hooks" else None
-            self._hooks = HookProgram(model, self.return_nodes, fx_names)
-            self.backend = "hooks"
+        self.fallback_reason: str | None = reason
+        #: ``{node: alias}`` returned in training mode.
+        self.train_return_nodes: dict[str, str] = node_sets[True]
+        #: ``{node: alias}`` returned in eval mode.
+        self.eval_return_nodes: dict[str, str] = node_sets[False]
+        # Not nn.Modules, so the GraphModules' references to the model's submodules do not
+        # show up a second time in parameters(), state_dict() or .to().
+        self._programs: dict[bool, Program] = programs
+
+    @property
+    def _program(self) -> Program:
+        return self._programs[self.model.training]
+
+    @property
+    def return_nodes(self) -> dict[str, str]:
+        """``{node: alias}`` returned in the model's current mode."""
+        return self.train_return_nodes if self.model.training else self.eval_return_nodes
 
     @property
     def aliases(self) -> list[str]:
@@ -219,47 +241,58 @@ class FeatureTap:
     @property
     def nodes(self) -> dict[str, str]:
         """``{alias: node}``: the graph node (or module) each alias resolved to, in the current mode."""
-        return dict(self._current_nodes())
+        return dict(self._program.nodes)
 
     @property
     def copied(self) -> list[str]:
         """Aliases the fx backend copies because a later in-place op overwrites them."""
-        return list(self._fx[self.model.training].copied) if self._fx else []
+        return list(self._program.copied)
 
-    def _current_nodes(self) -> Mapping[str, str]:
-        if self._fx is not None:
-            return self._fx[self.model.training].nodes
-        assert self._hooks is not None
-        return self._hooks.nodes
+    def extra_repr(self) -> str:
+        """The request and the backend, printed by ``repr`` above the model."""
+        if self.train_return_nodes is self.eval_return_nodes:
+            nodes = f"return_nodes={self.return_nodes!r}"
+        else:
+            nodes = (
+                f"train_return_nodes={self.train_return_nodes!r}, "
+                f"eval_return_nodes={self.eval_return_nodes!r}"
+            )
+        return f"{nodes}, backend={self.backend!r}"
 
-    def _ops(self) -> Mapping[str, str]:
-        if self._fx is not None:
-            return self._fx[self.model.training].ops
-        assert self._hooks is not None
-        return self._hooks.ops
-
-    def __repr__(self) -> str:
-        return (
-            f"FeatureTap({type(self.model).__name__}, {self.return_nodes!r}, "
-            f"backend={self.backend!r})"
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript is not supported; ``torch.jit.script(tap)`` raises this clear error."""
+        raise FeaturescopeError(
+            "FeatureTap does not support TorchScript (torch.jit.script), which PyTorch keeps in "
+            "maintenance mode: use torch.compile(tap), or torch.export.export(tap, (x,)) with "
+            "backend='fx'. For a scripted extractor use torchvision's "
+            "create_feature_extractor(model, return_nodes), which takes the same node names."
         )
 
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Run the model on ``args`` and return ``{alias: output}`` of the requested nodes.
 
         Raises:
             InputShapeError: the input does not fit the model.
             FeaturescopeError: the input is on another device than the model, or is a floating
-                tensor of another dtype than the model's parameters (outside autocast).
+                tensor of another dtype than the model's parameters (outside autocast); or
+                ``torch.export`` traces a tap of the hooks backend.
         """
+        program = self._program
+        if _is_exporting():
+            if program.export_blocker is not None:
+                raise FeaturescopeError(
+                    f"torch.export cannot capture this FeatureTap of {type(self.model).__name__}: "
+                    f"{program.export_blocker}. Export a tap built with backend='fx' (module or "
+                    "graph node names); torch.compile(tap) does run a hooks tap."
+                )
+            return program(self.model, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            # The checks below only reword eager errors; the compiler raises its own.
+            return program(self.model, *args, **kwargs)
         self._check_device(args, kwargs)
         self._check_dtype(args, kwargs)
         try:
-            if self._fx is not None:
-                result: dict[str, Any] = self._fx[self.model.training].module(*args, **kwargs)
-                return result
-            assert self._hooks is not None
-            return self._hooks(self.model, *args, **kwargs)
+            return program(self.model, *args, **kwargs)
         except RuntimeError as exc:
             message = str(exc)
             if (
@@ -315,7 +348,8 @@ class FeatureTap:
             print_fn: where to print the table; ``None`` prints nothing.
 
         Returns:
-            One :class:`NodeSummary` per tapped node, in the order of ``return_nodes``.
+            One :class:`NodeSummary` per tapped node, in the order of ``eval_return_nodes``
+            (the same as ``return_nodes`` unless the modes have their own).
 
         Raises:
             FeaturescopeError: no ``input_size`` was given and the model is not from the zoo.
@@ -337,10 +371,11 @@ class FeatureTap:
         x = torch.zeros(2, *size, device=device)
         with training_mode(self.model, False), torch.no_grad():
             outputs = self(x)
-            nodes, ops = dict(self._current_nodes()), dict(self._ops())
+            program = self._program
+            nodes, ops = dict(program.nodes), dict(program.ops)
         modules = dict(self.model.named_modules())
         rows = []
-        for query, alias in self.return_nodes.items():
+        for query, alias in self.eval_return_nodes.items():
             value = outputs[alias]
             shape = (-1, *value.shape[1:]) if isinstance(value, torch.Tensor) else ()
             module = modules.get(query)
@@ -401,7 +436,47 @@ class FeatureTap:
         )
 
 
-def _normalize_return_nodes(return_nodes: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+NodeRequest = Sequence[str] | Mapping[str, str]
+
+
+def _node_sets(
+    return_nodes: NodeRequest | None,
+    train_return_nodes: NodeRequest | None,
+    eval_return_nodes: NodeRequest | None,
+) -> dict[bool, dict[str, str]]:
+    """``{training: {node: alias}}``; one shared dict when ``return_nodes`` serves both modes."""
+    separate = train_return_nodes is not None or eval_return_nodes is not None
+    if return_nodes is not None and separate:
+        raise FeaturescopeError(
+            "give either return_nodes (the same nodes in both modes) or train_return_nodes and "
+            "eval_return_nodes (one set per mode), not both."
+        )
+    if return_nodes is None and not separate:
+        raise FeaturescopeError(
+            "FeatureTap needs the nodes to return: return_nodes=['conv1', ...], or "
+            "train_return_nodes and eval_return_nodes for a model whose graph differs between "
+            "training and eval (featurescope.get_graph_node_names(model) lists them)."
+        )
+    if return_nodes is not None:
+        shared = _normalize_return_nodes(return_nodes, "return_nodes")
+        return {True: shared, False: shared}
+    if train_return_nodes is None or eval_return_nodes is None:
+        given, missing = (
+            ("train_return_nodes", "eval_return_nodes")
+            if eval_return_nodes is None
+            else ("eval_return_nodes", "train_return_nodes")
+        )
+        raise FeaturescopeError(
+            f"{given} needs {missing} too (as in torchvision); for the same nodes in both "
+            "modes give return_nodes instead."
+        )
+    return {
+        True: _normalize_return_nodes(train_return_nodes, "train_return_nodes"),
+        False: _normalize_return_nodes(eval_return_nodes, "eval_return_nodes"),
+    }
+
+
+def _normalize_return_nodes(return_nodes: NodeRequest, argument: str) -> dict[str, str]:
     if isinstance(return_nodes, str):
         return_nodes = [return_nodes]
     if isinstance(return_nodes, Mapping):
@@ -410,22 +485,61 @@ def _normalize_return_nodes(return_nodes: Sequence[str] | Mapping[str, str]) -> 
         pairs = [(str(n), str(n)) for n in return_nodes]
     if not pairs:
         raise FeaturescopeError(
-            "return_nodes is empty; name at least one node, e.g. ['conv1'] "
+            f"{argument} is empty; name at least one node, e.g. ['conv1'] "
             "(featurescope.get_graph_node_names(model) lists them)."
         )
     result: dict[str, str] = {}
     by_alias: dict[str, str] = {}
     for node, alias in pairs:
         if node in result:
-            raise FeaturescopeError(f"return_nodes names node {node!r} twice; name it once.")
+            raise FeaturescopeError(f"{argument} names node {node!r} twice; name it once.")
         if alias in by_alias:
             raise FeaturescopeError(
-                f"return_nodes gives alias {alias!r} to both {by_alias[alias]!r} and {node!r}; "
+                f"{argument} gives alias {alias!r} to both {by_alias[alias]!r} and {node!r}; "
                 "aliases are the output's keys and must differ."
             )
         result[node] = alias
         by_alias[alias] = node
     return result
+
+
+def _build_programs(
+    model: nn.Module,
+    node_sets: dict[bool, dict[str, str]],
+    backend: Backend,
+    tracer_kwargs: Mapping[str, Any] | None,
+    concrete_args: dict[str, Any] | None,
+) -> tuple[str, str | None, dict[bool, Program]]:
+    """Pick the backend once: ``(backend in use, why fx was not, {training: program})``."""
+    reason: str | None = None
+    if backend in ("auto", "fx"):
+        try:
+            traces = [trace(model, mode, tracer_kwargs, concrete_args) for mode in (True, False)]
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if backend == "fx":
+                raise FeaturescopeError(
+                    f"torch.fx cannot trace {type(model).__name__} ({reason}). Use "
+                    "backend='hooks' (module names only) or backend='auto'."
+                ) from exc
+            warnings.warn(
+                f"torch.fx cannot trace {type(model).__name__}, so FeatureTap uses forward "
+                f"hooks instead (module names only, whole modules). Reason: {reason}",
+                FeaturescopeWarning,
+                stacklevel=3,  # the caller of FeatureTap(...)
+            )
+        else:
+            _check_names(traces, node_sets, model)
+            fx_programs: dict[bool, Program] = {
+                t.training: build_program(t, node_sets[t.training], model) for t in traces
+            }
+            return "fx", None, fx_programs
+    # Only asked when a name is not a module, to tell an op ("add") from a typo.
+    fx_names = (lambda: _eval_node_names(model)) if backend == "hooks" else None
+    train = HookProgram(model, node_sets[True], fx_names)
+    same = node_sets[False] is node_sets[True]
+    evaluation = train if same else HookProgram(model, node_sets[False], fx_names)
+    return "hooks", reason, {True: train, False: evaluation}
 
 
 def _eval_node_names(model: nn.Module) -> list[str] | None:
@@ -436,21 +550,37 @@ def _eval_node_names(model: nn.Module) -> list[str] | None:
 
 
 def _check_names(
-    traces: Sequence[Trace], return_nodes: Mapping[str, str], model: nn.Module
+    traces: Sequence[Trace], node_sets: Mapping[bool, Mapping[str, str]], model: nn.Module
 ) -> None:
-    """Raise for a name in neither graph, or in only one of the training and eval graphs."""
-    for query in return_nodes:
-        found = [t for t in traces if resolve_node(query, t.names) is not None]
-        if not found:
-            names = list(dict.fromkeys(n for t in traces for n in t.names))
-            raise node_not_found(query, names, model, "in training or eval mode")
-        if len(found) < len(traces):
-            mode = "training" if found[0].training else "eval"
+    """Raise for a name in neither graph, or missing from the graph of a mode that asks for it."""
+    by_mode = {t.training: t for t in traces}
+    shared = node_sets[True] is node_sets[False]
+    for training, nodes in node_sets.items():
+        for query in nodes:
+            if resolve_node(query, by_mode[training].names) is not None:
+                continue
+            if resolve_node(query, by_mode[not training].names) is None:
+                names = list(dict.fromkeys(n for t in traces for n in t.names))
+                raise node_not_found(query, names, model, "in training or eval mode")
+            mode, other = ("eval", "training") if training else ("training", "eval")
+            if shared:
+                fix = (
+                    "return_nodes must be in both modes; give train_return_nodes and "
+                    "eval_return_nodes instead, one set per mode, as in torchvision."
+                )
+            else:
+                fix = f"list it in {'eval' if training else 'train'}_return_nodes only."
             raise NodeNotFoundError(
-                f"node {query!r} of {type(model).__name__} exists only in {mode} mode (the model "
-                "branches on self.training); FeatureTap needs nodes present in both modes. "
-                "Compare the two lists of featurescope.get_graph_node_names(model)."
+                f"node {query!r} of {type(model).__name__} exists only in {mode} mode (the "
+                f"model branches on self.training), not in {other} mode: {fix} Compare the "
+                "two lists of featurescope.get_graph_node_names(model)."
             )
+
+
+def _is_exporting() -> bool:
+    # torch.compiler.is_exporting is missing from some older releases.
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting()) if is_exporting is not None else False
 
 
 def _autocast_enabled(device: torch.device) -> bool:
