@@ -32,6 +32,7 @@ DISABLE_AUTOLOAD_ENV = "FEATURESCOPE_DISABLE_PLUGIN_AUTOLOAD"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "featurescope.zoo.alexnet",
     "featurescope.zoo.torchvision_models",
+    "featurescope.zoo.timm_models",
     "featurescope.visualizers.grid",
     "featurescope.visualizers.sum",
     "featurescope.visualizers.overlay",

@@ -12,6 +12,7 @@ torchvision's ``alexnet`` is ``tv_alexnet`` here: ``alexnet`` is the study's.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -143,9 +144,17 @@ def tv_alexnet(num_classes: int = 5, weights: Any = None, **kwargs: Any) -> nn.M
 
 
 def _node_names(model: nn.Module) -> tuple[Any, dict[Any, str]]:
+    import torchvision.ops
     from torchvision.models.feature_extraction import NodePathTracer
 
-    tracer = NodePathTracer()
+    # The tracer settings of torchvision's get_graph_node_names (and so of FeatureTap): its ops'
+    # modules are leaves and its ops' functions are wrapped, which gives their nodes their names.
+    ops = [
+        m
+        for m in vars(torchvision.ops).values()
+        if isinstance(m, type) and issubclass(m, nn.Module)
+    ]
+    tracer = NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=ops)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = tracer.trace(model)
@@ -275,6 +284,10 @@ def describe(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, An
     try:
         gm, qualname = _node_names(model)
         _propagate(gm, input_size)
+    except Exception:
+        # Not traceable, or not at this input size (a ViT built for another image_size): no
+        # nodes by rule; FeatureTap still taps it by name.
+        return {}
     finally:
         model.train(was_training)
     head, _ = _classifier(model)
