@@ -544,3 +544,32 @@ def test_random_conv_nets_match_manual_forward(case, backend, seed):
     assert list(out) == [f"out{j}" for j in range(len(nodes))]
     for j, node in enumerate(nodes):
         assert torch.equal(out[f"out{j}"], ref[node]), (node, net)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_summary_runs_models_of_any_floating_dtype(dtype):
+    model = fs.create_model("alexnet_half").to(dtype)
+    rows = FeatureTap(model, ["conv1", "fc.4"]).summary(print_fn=None)
+    assert [r.output_shape for r in rows] == [(-1, 48, 27, 27), (-1, 2048)]
+
+
+def test_wrong_channels_are_refused_before_the_model_runs():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten()).eval()
+    runs = []
+    model[0].register_forward_pre_hook(lambda m, args: runs.append(1))
+    tap = FeatureTap(model, ["1"], backend="fx")
+    with pytest.raises(InputShapeError, match=r"\[2, 1, 8, 8\].*takes 3 channels"):
+        tap(torch.zeros(2, 1, 8, 8))
+    assert runs == []
+    assert tap(torch.zeros(2, 3, 8, 8))["1"].shape == (2, 4, 6, 6)
+    mlp = FeatureTap(nn.Sequential(nn.Linear(5, 2)), ["0"], backend="fx")
+    with pytest.raises(InputShapeError, match="takes 5 features"):
+        mlp(torch.zeros(3, 4))
+
+
+def test_errors_the_model_raises_itself_pass_unchanged():
+    """Without a known first layer, the model's own exception reaches the caller as it was."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    with pytest.raises(RuntimeError) as error:
+        FeatureTap(model, ["0"], backend="hooks")(torch.zeros(1, 2, 8, 8))
+    assert type(error.value) is RuntimeError and "channels" in str(error.value)

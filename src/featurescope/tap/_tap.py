@@ -57,11 +57,6 @@ __all__ = ["FeatureTap", "NodeSummary", "get_graph_node_names"]
 
 Backend = Literal["auto", "fx", "hooks"]
 _BACKENDS = ("auto", "fx", "hooks")
-# Words of PyTorch's messages for a tensor that does not fit a layer.
-_SHAPE_WORDS = ("size", "shape", "mat1", "channels", "dimension")
-# ... and for one of the wrong dtype ("mat1 and mat2 must have the same dtype", "Input type
-# (double) and bias type (float) should be the same", "expected scalar type Float").
-_DTYPE_WORDS = ("dtype", "scalar type", " type (")
 
 
 def get_graph_node_names(
@@ -291,22 +286,9 @@ class FeatureTap(nn.Module):
             return program(self.model, *args, **kwargs)
         self._check_device(args, kwargs)
         self._check_dtype(args, kwargs)
-        try:
-            return program(self.model, *args, **kwargs)
-        except RuntimeError as exc:
-            message = str(exc)
-            if (
-                "device" not in message
-                and not any(word in message for word in _DTYPE_WORDS)
-                and any(word in message for word in _SHAPE_WORDS)
-            ):
-                shapes = ", ".join(str(list(a.shape)) for a in args if isinstance(a, torch.Tensor))
-                raise InputShapeError(
-                    f"{type(self.model).__name__} cannot run on an input of shape {shapes}: "
-                    f"{message}. Check the image size and channels the model expects "
-                    "(featurescope.get_model_info(name).input_size for zoo models)."
-                ) from exc
-            raise
+        self._check_shape(args)
+        # Anything else the model raises is the model's own error, passed on unchanged.
+        return program(self.model, *args, **kwargs)
 
     def _check_device(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
@@ -330,6 +312,27 @@ class FeatureTap(nn.Module):
             raise FeaturescopeError(
                 f"the input is {x.dtype} but the model's parameters are {dtype}; convert one to "
                 f"the other: x.to({dtype}) or model.to({x.dtype})."
+            )
+
+    def _check_shape(self, args: Sequence[Any]) -> None:
+        """Refuse, before running, an input whose channels the model's first layer cannot take."""
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        expected = _first_layer_input(self.model, self._program)
+        if x is None or expected is None or not x.is_floating_point():
+            return
+        dims, channels = expected
+        batched = x.dim() == dims
+        if (dims and x.dim() not in (dims, dims - 1)) or (
+            x.shape[1 if batched or not dims else 0] if dims else x.shape[-1]
+        ) != channels:
+            where = "channels" if dims else "features (last dimension)"
+            size = _zoo_input_size(self.model)
+            hint = f" (the zoo's input size for it is {list(size)})" if size else ""
+            raise InputShapeError(
+                f"{type(self.model).__name__} cannot run on an input of shape {list(x.shape)}: "
+                f"its first layer takes {channels} {where}{hint}. Check the image size and "
+                "channels the model expects (featurescope.model_metadata(model).input_size for "
+                "zoo models)."
             )
 
     def summary(
@@ -368,7 +371,8 @@ class FeatureTap(nn.Module):
                 "not a featurescope zoo model"
             )
         device = model_device(self.model) or torch.device("cpu")
-        x = torch.zeros(2, *size, device=device)
+        # The model's own floating dtype: a half or bfloat16 model would refuse float32 zeros.
+        x = torch.zeros(2, *size, device=device, dtype=model_dtype(self.model) or torch.float32)
         with training_mode(self.model, False), torch.no_grad():
             outputs = self(x)
             program = self._program
@@ -585,6 +589,29 @@ def _is_exporting() -> bool:
 
 def _autocast_enabled(device: torch.device) -> bool:
     return bool(torch.is_autocast_enabled(device.type))
+
+
+_LAYER_DIMS = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5, nn.Linear: 0}
+
+
+def _first_layer_input(model: nn.Module, program: Any) -> tuple[int, int] | None:
+    """``(input dims, channels)`` the model's first layer takes, where that is known for sure.
+
+    Known from the traced graph (the module the input goes into first), else from the zoo's
+    input size; ``dims`` is 0 for a ``Linear`` (which checks only the last dimension).
+    """
+    graph = getattr(getattr(program, "module", None), "graph", None)
+    if graph is not None:
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        users = list(placeholders[0].users) if placeholders else []
+        if len(users) == 1 and users[0].op == "call_module":
+            layer = model.get_submodule(str(users[0].target))
+            for kind, dims in _LAYER_DIMS.items():
+                if type(layer) is kind:
+                    channels = layer.in_features if dims == 0 else layer.in_channels
+                    return dims, int(channels)
+    size = _zoo_input_size(model)
+    return (len(size) + 1, int(size[0])) if size else None
 
 
 def _zoo_input_size(model: nn.Module) -> tuple[int, ...] | None:
