@@ -60,7 +60,7 @@ def test_every_subcommand_has_help(capsys):
 
 def test_python_dash_m():
     done = subprocess.run(
-        [sys.executable, "-m", "featurescope", "models", "alexnet*"],
+        [sys.executable, "-m", "featurescope", "models", "alexnet*", "--details"],
         capture_output=True,
         text=True,
         check=True,
@@ -71,10 +71,14 @@ def test_python_dash_m():
 
 def test_models(capsys):
     assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    assert all(f"{name} " in listing for name in fs.list_models())
+    assert main(["models", "*alexnet*", "--details"]) == 0
     out = capsys.readouterr().out
-    for name in fs.list_models():
+    for name in fs.list_models("*alexnet*"):
         params = sum(p.numel() for p in fs.create_model(name).parameters())
         assert f"{name} " in out and f"{params:,} params" in out
+    assert main(["models", "no-such-model*"]) == 1
     half = fs.create_model("alexnet_half")
     with torch.no_grad():
         conv3 = half.conv3(half.conv2(half.conv1(torch.zeros(1, 3, 227, 227))))

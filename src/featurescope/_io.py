@@ -91,7 +91,11 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
         'hello'
     """
     kinds = [flag for flag in mode if flag in "rwax"]
-    if kinds not in (["w"], ["a"], ["x"]) or set(mode) - set("waxbt+") or len(set(mode)) != len(mode):
+    if (
+        kinds not in (["w"], ["a"], ["x"])
+        or set(mode) - set("waxbt+")
+        or len(set(mode)) != len(mode)
+    ):
         raise ValueError(
             f"atomic_open writes files: mode must hold one of 'w', 'a' or 'x' (with 'b', 't' or "
             f"'+'), got {mode!r}"

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import inspect
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from torch import nn
+from typing import Any
 
 
 def register(subparsers: Any) -> None:
@@ -54,32 +50,10 @@ def _summary(args: argparse.Namespace) -> int:
     import featurescope as fs
 
     model = fs.create_model(args.model).eval()
-    nodes = args.nodes or _default_nodes(model, args.backend)
+    nodes = args.nodes or fs.tap.tappable_nodes(model, args.backend)
     tap = fs.FeatureTap(model, nodes, backend=args.backend)
     tap.summary(args.input_size)
     return 0
-
-
-def _default_nodes(model: nn.Module, backend: str) -> list[str]:
-    """Every layer ``backend`` can tap: leaf modules for hooks, graph nodes for fx."""
-    import featurescope as fs
-    from featurescope.errors import FeaturescopeError
-
-    # Hooks only see modules, and a container's output is its last leaf's, so leaves suffice.
-    leaves = [
-        name for name, m in model.named_modules() if name and next(m.children(), None) is None
-    ]
-    if backend == "hooks":
-        return leaves
-    try:
-        eval_nodes = fs.get_graph_node_names(model)[1]
-    except FeaturescopeError:
-        if backend == "fx":
-            raise
-        return leaves  # auto falls back to hooks, which take module names only
-    # Inputs are not layers; torchsummary does not list them either.
-    inputs = set(inspect.signature(model.forward).parameters)
-    return [name for name in eval_nodes if name not in inputs]
 
 
 def _nodes(args: argparse.Namespace) -> int:

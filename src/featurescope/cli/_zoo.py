@@ -5,19 +5,23 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch
-
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "models",
-        help="list the model zoo with each model's input and stage shapes",
+        help="list the model zoo: names, input sizes, plugins (--details: stages too)",
         description=(
-            "List the registered models (builtin and plugin) with their input size and, for "
-            "models built from named stages, the output shape of each stage."
+            "List the registered models (the study's AlexNets, every torchvision classification "
+            "model, timm's as timm/<name> when timm is installed, and plugins') with their "
+            "input size and the plugin that provides them. With --details each listed model is "
+            "built with random weights to show its parameter count, embedding node and the "
+            "output shape of each stage node (slow for many models: give a pattern)."
         ),
     )
-    p.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'alexnet*'")
+    p.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'alexnet*' or 'resnet*'")
+    p.add_argument(
+        "--details", action="store_true", help="build each model: parameters and stage shapes"
+    )
     p.set_defaults(func=_models)
 
     c = subparsers.add_parser(
@@ -43,42 +47,28 @@ def register(subparsers: Any) -> None:
     c.set_defaults(func=_convert)
 
 
-def _stage_shapes(model: torch.nn.Module, stages: tuple[str, ...], size: tuple[int, ...]) -> str:
-    shapes: dict[str, list[int]] = {}
-    modules = dict(model.named_modules())
-    handles = [
-        modules[stage].register_forward_hook(
-            lambda _m, _i, out, stage=stage: shapes.__setitem__(stage, list(out.shape[1:]))
-        )
-        for stage in stages
-        if stage in modules
-    ]
-    try:
-        with torch.inference_mode():
-            model(torch.zeros(1, *size))
-    finally:
-        for h in handles:
-            h.remove()
-    return ", ".join(f"{stage} {shapes[stage]}" for stage in stages if stage in shapes)
-
-
 def _models(args: argparse.Namespace) -> int:
     import featurescope as fs
 
-    for name in fs.list_models(args.pattern):
+    names = fs.list_models(args.pattern)
+    for name in names:
         info = fs.get_model_info(name)
-        model = fs.create_model(name).eval()
-        params = sum(p.numel() for p in model.parameters())
-        size = info.input_size
-        print(
-            f"{name:<14} {params:>12,} params  input {list(size) if size else '?'}  [{info.plugin}]"
-        )
+        size = list(info.input_size) if info.input_size else "?"
+        print(f"{name:<24} input {size}  [{info.plugin}]")
         if info.description:
             print(f"    {info.description}")
-        if size and info.stages:
-            shapes = _stage_shapes(model, info.stages, size)
-            if shapes:
+        if args.details:
+            model = fs.create_model(name).eval()
+            meta = fs.model_metadata(model)
+            params = sum(p.numel() for p in model.parameters())
+            print(f"    {params:,} params; embedding node {meta.embedding_node}")
+            if meta.stage_nodes and meta.input_size:
+                rows = fs.FeatureTap(model, list(meta.stage_nodes)).summary(print_fn=None)
+                shapes = ", ".join(f"{r.alias} {list(r.output_shape[1:])}" for r in rows)
                 print(f"    stages: {shapes}")
+    if not names:
+        print(f"no model matches {args.pattern!r}; 'featurescope models' lists them all")
+        return 1
     return 0
 
 

@@ -9,7 +9,7 @@ what it writes on disk. The tap knows nothing of the zoo's registry: it reads wh
 """
 
 from featurescope.tap._store import Extraction, load_features, merge_features
-from featurescope.tap._tap import FeatureTap, NodeSummary, get_graph_node_names
+from featurescope.tap._tap import FeatureTap, NodeSummary, get_graph_node_names, tappable_nodes
 
 __all__ = [
     "Extraction",
@@ -18,4 +18,5 @@ __all__ = [
     "get_graph_node_names",
     "load_features",
     "merge_features",
+    "tappable_nodes",
 ]
