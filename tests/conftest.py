@@ -27,3 +27,17 @@ def _deterministic_torch():
     import torch
 
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_plugins():
+    """Start from a newly built plugin manager and leave none behind.
+
+    Test modules that register plugins use it for every test:
+    ``pytestmark = pytest.mark.usefixtures("fresh_plugins")``.
+    """
+    from featurescope import plugins
+
+    plugins._reset()
+    yield
+    plugins._reset()

@@ -29,9 +29,14 @@ def test_append_keeps_what_was_there(tmp_path):
 def test_failed_append_leaves_the_old_content(tmp_path):
     target = tmp_path / "log.txt"
     target.write_text("kept\n")
-    with pytest.raises(RuntimeError), atomic_open(target, "a") as fh:
-        fh.write("lost\n")
-        raise RuntimeError("crash")
+
+    def crash() -> None:
+        with atomic_open(target, "a") as fh:
+            fh.write("lost\n")
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        crash()
     assert target.read_text() == "kept\n"
     assert [p.name for p in tmp_path.iterdir()] == ["log.txt"]
 
@@ -48,9 +53,14 @@ def test_exclusive_creates_once(tmp_path):
 
 def test_exclusive_refuses_a_file_that_appears_meanwhile(tmp_path):
     target = tmp_path / "x.txt"
-    with pytest.raises(FileExistsError), atomic_open(target, "x") as fh:
-        fh.write("mine")
-        target.write_text("theirs")  # another writer got there first
+
+    def race() -> None:
+        with atomic_open(target, "x") as fh:
+            fh.write("mine")
+            target.write_text("theirs")  # another writer got there first
+
+    with pytest.raises(FileExistsError):
+        race()
     assert target.read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]
 

@@ -25,12 +25,8 @@ from featurescope.cli import main as cli_main
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugins" / "featurescope-histogram"
 
 
-@pytest.fixture(autouse=True)
-def fresh_plugins():
-    """Every test starts from a newly built plugin manager and leaves none behind."""
-    plugins._reset()
-    yield
-    plugins._reset()
+# Every test starts from a newly built plugin manager and leaves none behind (conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_plugins")
 
 
 @pytest.fixture

@@ -18,17 +18,14 @@ from PIL import Image, ImageOps
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import featurescope as fs
-from featurescope import hookimpl, plugins
+from featurescope import hookimpl
 from featurescope.visualizers import overlay as overlay_module
 
 NODES = {"conv1.1": "conv1", "conv2.1": "conv2", "conv3.5": "conv5"}
 
 
-@pytest.fixture(autouse=True)
-def fresh_plugins():
-    plugins._reset()
-    yield
-    plugins._reset()
+# Every test starts from a newly built plugin manager and leaves none behind (conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_plugins")
 
 
 @pytest.fixture(scope="module")
