@@ -229,7 +229,7 @@ def _index_build(args: argparse.Namespace) -> int:
         # Random weights differ on every build: keep these so that searches embed alike.
         checkpoint = fs.save_checkpoint(model, f"{path}.model.safetensors")
     record = {
-        "model": model_metadata(model).architecture,
+        "model": model_metadata(model).architecture,  # type: ignore[union-attr]
         "checkpoint": str(checkpoint.resolve()),
         "node": args.node or extraction.nodes.get("embedding"),
         "classes": dataset.classes,

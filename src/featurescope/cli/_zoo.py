@@ -60,6 +60,7 @@ def _models(args: argparse.Namespace) -> int:
         if args.details:
             model = fs.create_model(name).eval()
             meta = fs.model_metadata(model)
+            assert meta is not None  # every zoo model carries it
             params = sum(p.numel() for p in model.parameters())
             print(f"    {params:,} params; embedding node {meta.embedding_node}")
             if meta.stage_nodes and meta.input_size:

@@ -57,7 +57,7 @@ class Registry(Generic[T]):
 
     Example:
         >>> models = Registry("featurescope_register_models", "model", lambda n, v, p: v)
-        >>> models.list("alexnet*")
+        >>> models.names("alexnet*")
         ['alexnet', 'alexnet_half']
         >>> models.get("alexnett")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
@@ -91,7 +91,7 @@ class Registry(Generic[T]):
                 self._built = (now, self._build(pm))
             return self._built[1]
 
-    def list(self, pattern: str | None = None) -> list[str]:
+    def names(self, pattern: str | None = None) -> list[str]:
         """The names, sorted, optionally filtered by a shell-style pattern (``"resnet*"``)."""
         names = sorted(self.entries())
         if pattern is not None:

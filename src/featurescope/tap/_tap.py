@@ -610,7 +610,7 @@ def _first_layer_input(model: nn.Module, program: Any) -> tuple[int, int] | None
             for kind, dims in _LAYER_DIMS.items():
                 if type(layer) is kind:
                     channels = layer.in_features if dims == 0 else layer.in_channels
-                    return dims, int(channels)
+                    return dims, int(channels)  # type: ignore[arg-type]
     size = _zoo_input_size(model)
     return (len(size) + 1, int(size[0])) if size else None
 

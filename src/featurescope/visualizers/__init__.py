@@ -61,7 +61,7 @@ def list_visualizers(pattern: str | None = None) -> list[str]:
         >>> list_visualizers()
         ['curves', 'grid', 'montage', 'overlay', 'sum']
     """
-    return VISUALIZERS.list(pattern)
+    return VISUALIZERS.names(pattern)
 
 
 def _lookup(name: str) -> tuple[Callable[..., Any], str]:

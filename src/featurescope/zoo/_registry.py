@@ -189,7 +189,7 @@ def list_models(pattern: str | None = None) -> list[str]:
         >>> list_models("alexnet*")
         ['alexnet', 'alexnet_half']
     """
-    return MODELS.list(pattern)
+    return MODELS.names(pattern)
 
 
 def get_model_info(name: str) -> ModelInfo:

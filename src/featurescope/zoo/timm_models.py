@@ -80,7 +80,7 @@ def _local_weights(name: str, tag: str | None) -> Path:
             f"(huggingface-cli download {repo} on a machine with network access, then copy the "
             "cache folder; HF_HOME moves it)"
         )
-    if cfg.url:
+    if isinstance(cfg.url, str) and cfg.url:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
         if cached.is_file():
             return cached
@@ -100,16 +100,20 @@ def build(name: str, num_classes: int = 1000, weights: Any = None, **kwargs: Any
     import timm
 
     if not weights:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)  # type: ignore[no-any-return]
+        model: nn.Module = timm.create_model(
+            name, pretrained=False, num_classes=num_classes, **kwargs
+        )
+        return model
     tag = None if weights is True else str(weights)
     path = _local_weights(name, tag)
-    return timm.create_model(  # type: ignore[no-any-return]
+    pretrained: nn.Module = timm.create_model(
         f"{name}.{tag}" if tag else name,
         pretrained=True,
         pretrained_cfg_overlay={"file": str(path)},
         num_classes=num_classes,
         **kwargs,
     )
+    return pretrained
 
 
 def _describe(model: nn.Module, input_size: tuple[int, int, int]) -> Mapping[str, Any]:

@@ -107,7 +107,7 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
         new: nn.Module = nn.Linear(head.in_features, num_classes, bias=bias)
     else:
         assert isinstance(head, nn.Conv2d)
-        new = nn.Conv2d(head.in_channels, num_classes, head.kernel_size, head.stride, bias=bias)
+        new = nn.Conv2d(head.in_channels, num_classes, 1, bias=bias)  # torchvision's heads are 1×1
     setattr(parent, attr, new)
 
 
@@ -306,12 +306,13 @@ def describe(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, An
         ),
         None,
     )
+    stages: list[str]
     if container is not None:
-        stages = [
+        found = [
             _last_inside(names, f"{container}.{child}")
             for child in model.get_submodule(container)._modules
         ]
-        stages = [s for s in stages if s]
+        stages = [s for s in found if s]
     else:
         stages = _resolution_stages(nodes, qualname, input_size)
     if len(stages) < 2:
