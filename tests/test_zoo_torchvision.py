@@ -131,7 +131,7 @@ def test_pretrained_weights_load_from_the_hub_cache(tmp_path, monkeypatch):
     torch.save(reference.state_dict(), cache / url.rsplit("/", 1)[-1])
     model = fs.create_model("resnet18", pretrained=True)
     meta = fs.model_metadata(model)
-    assert meta.num_classes == 1000 and meta.weights == "torchvision_models:IMAGENET1K_V1"
+    assert meta.num_classes == 1000 and meta.weights == "torchvision:IMAGENET1K_V1"
     for (key, a), b in zip(
         model.state_dict().items(), reference.state_dict().values(), strict=True
     ):

@@ -44,7 +44,8 @@ def _pretrained_kwargs(info: ModelInfo, pretrained: bool | str) -> tuple[dict[st
             "load your own with checkpoint=..."
         )
     tag = info.weights if pretrained is True else str(pretrained)
-    return {"weights": tag}, f"{info.plugin.rsplit('.', 1)[-1]}:{tag}"
+    source = info.plugin.rsplit(".", 1)[-1].removesuffix("_models")
+    return {"weights": tag}, f"{source}:{tag}"
 
 
 def _num_classes(
