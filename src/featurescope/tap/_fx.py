@@ -1,7 +1,8 @@
 """The torch.fx backend of FeatureTap: torchvision's node names, a pruned graph, in-place safety.
 
-The model is traced with torchvision's ``NodePathTracer`` (so node names are exactly those of
-``create_feature_extractor`` and ``get_graph_node_names``), once in training and once in eval mode.
+The model is traced with torchvision's ``NodePathTracer`` (so node names are those of
+``create_feature_extractor`` and ``get_graph_node_names``, except where torchvision names a module
+by another's path: see :func:`_tracer_class`), once in training and once in eval mode.
 Each graph returns the requested nodes and loses everything they do not depend on. Then every
 requested node whose storage a later op overwrites in place (``ReLU(inplace=True)``, ``add_``,
 ``x += y``) gets one ``clone`` right after it; no other node is copied.
@@ -9,6 +10,7 @@ requested node whose storage a later op overwrites in place (``ReLU(inplace=True
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from collections.abc import Mapping
@@ -196,6 +198,54 @@ class Trace:
         return list(self.qualnames.values())
 
 
+# torch.fx makes node names unique graph-wide with a ``_<n>`` suffix; names here count per module.
+_FX_SUFFIX = re.compile(r"(.+)_[0-9]+$")
+
+
+@functools.cache
+def _tracer_class() -> type[Any]:
+    """torchvision's ``NodePathTracer`` with node names that say which module call they are.
+
+    torchvision strips a trailing ``_<n>`` from every name to undo torch.fx's counter, module
+    paths included, so ViT's module ``encoder_layer_0.ln_1`` is named ``...ln`` and
+    ``encoder_layer_0.ln_2`` is named ``...ln_1``: asking torchvision for ``ln_1`` returns
+    ``ln_2``'s output. Here a leaf module's node is named by its exact path (``name`` for its
+    first call, ``name_1`` for its second, ...), an op's node by its module's path and the op,
+    counted per module as torchvision does; no op or repeated call takes a module's path.
+    """
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    class _NodePathTracer(NodePathTracer):  # type: ignore[misc]
+        def trace(self, root: Any, *args: Any, **kwargs: Any) -> fx.Graph:
+            if isinstance(root, nn.Module):
+                self._module_paths = {name for name, _ in root.named_modules()}
+            self._used: set[str] = set()
+            self._next: dict[str, int] = {}
+            return super().trace(root, *args, **kwargs)  # type: ignore[no-any-return]
+
+        def _get_node_qualname(self, module_qualname: str, node: fx.Node) -> str:
+            if node.op == "call_module":
+                base = module_qualname
+            else:
+                match = _FX_SUFFIX.match(str(node))
+                op = match.group(1) if match else str(node)
+                base = f"{module_qualname}.{op}" if module_qualname else op
+            taken = getattr(self, "_module_paths", set())
+            index = self._next.get(base, 0)
+            name = base if index == 0 else f"{base}_{index}"
+            # Only the module's own first call may take its path.
+            while name in self._used or (
+                name in taken and not (index == 0 and node.op == "call_module")
+            ):
+                index += 1
+                name = f"{base}_{index}"
+            self._next[base] = index + 1
+            self._used.add(name)
+            return name
+
+    return _NodePathTracer
+
+
 def trace(
     model: nn.Module,
     training: bool,
@@ -208,9 +258,7 @@ def trace(
         Exception: whatever torch.fx raises when the model cannot be traced (e.g.
             ``TraceError`` for a branch on a tensor's value); callers decide what to do.
     """
-    from torchvision.models.feature_extraction import NodePathTracer
-
-    tracer = NodePathTracer(**_tracer_kwargs(tracer_kwargs))
+    tracer = _tracer_class()(**_tracer_kwargs(tracer_kwargs))
     with training_mode(model, training):
         graph = tracer.trace(model, concrete_args=concrete_args)
     module = fx.GraphModule(tracer.root, graph, type(model).__name__)
