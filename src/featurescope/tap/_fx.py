@@ -230,7 +230,7 @@ def _tracer_class() -> type[Any]:
                 match = _FX_SUFFIX.match(str(node))
                 op = match.group(1) if match else str(node)
                 base = f"{module_qualname}.{op}" if module_qualname else op
-            taken = getattr(self, "_module_paths", set())
+            taken: set[str] = getattr(self, "_module_paths", set())
             index = self._next.get(base, 0)
             name = base if index == 0 else f"{base}_{index}"
             # Only the module's own first call may take its path.

@@ -29,11 +29,19 @@ from featurescope.errors import (
     VisualizationError,
     did_you_mean,
 )
+from featurescope.visualizers._layout import as_maps
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["get_visualizer", "list_visualizers", "save", "save_figure", "visualize"]
+__all__ = [
+    "as_maps",
+    "get_visualizer",
+    "list_visualizers",
+    "save",
+    "save_figure",
+    "visualize",
+]
 
 _HOOK = "featurescope_register_visualizers"
 _FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
