@@ -163,7 +163,7 @@ def _table(folder: Path) -> str:
         "input",
         "eval nodes",
         "modules (hooks)",
-        "fx copies",
+        "kept from in-place writes",
         "torchvision wrong",
         "why (torchvision)",
     )

@@ -166,3 +166,55 @@ def test_torchvision_misnames_vit_layer_norms_and_featuretap_does_not() -> None:
     assert ref.same(ours[f"{layer}.ln_2"], calls[f"{layer}.ln_2"])
     assert ref.same(theirs[f"{layer}.ln_1"], calls[f"{layer}.ln_2"])
     assert not ref.same(theirs[f"{layer}.ln_1"], calls[f"{layer}.ln_1"])
+
+
+class _Writes(torch.nn.Module):
+    """A conv whose output an in-place activation overwrites, read in several ways after it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.act = torch.nn.ReLU(inplace=True)
+        self.leaky = torch.nn.LeakyReLU(0.3, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv(x)
+        if self.how == "module":
+            b = self.act(a)
+        elif self.how == "leaky":
+            b = self.leaky(a)
+        elif self.how == "functional":
+            b = torch.nn.functional.hardswish(a, inplace=True)
+        elif self.how == "method":
+            b = a.relu_()
+        elif self.how == "read_after":  # reads the written storage through ``a`` itself
+            b = self.act(a) + a
+        elif self.how == "view_before":  # a view taken before the write sees it
+            v = a.flatten(1)
+            b = self.act(a)
+            return b.sum() + v.sum()
+        return b * 2
+
+
+@pytest.mark.parametrize(
+    "how", ["module", "leaky", "functional", "method", "read_after", "view_before"]
+)
+def test_in_place_writes_made_out_of_place_only_where_nothing_else_sees_them(how: str) -> None:
+    torch.manual_seed(0)
+    model = _Writes(how).eval()
+    x = torch.randn(2, 3, 8, 8)
+    traced = trace(model, training=False)
+    with torch.no_grad():
+        calls = ref.module_calls(model, x)
+        snapshots = ref.node_snapshots(traced.module, traced.qualnames, x)
+        tap = FeatureTap(model, traced.names, backend="fx")
+        got = tap(x)
+        model_out = model(x)
+    for name in traced.names:
+        assert ref.same(got[name], snapshots[name]), name
+    assert ref.same(got["conv"], calls["conv"])
+    assert ref.same(got[traced.names[-1]], model_out)
+    assert "conv" in tap.copied  # kept intact either way: copied or the write made out of place
+    # The model itself is untouched: its activation modules still work in place.
+    assert model.act.inplace and model.leaky.inplace

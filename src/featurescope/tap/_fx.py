@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 import operator
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from featurescope._torch_utils import training_mode
 from featurescope.errors import FeaturescopeError, NodeNotFoundError, did_you_mean
-from featurescope.tap._inplace import mutated_args
+from featurescope.tap._inplace import _inplace_position, mutated_args
 
 __all__ = [
     "FxProgram",
@@ -119,6 +119,12 @@ _FRESH_FUNCTIONS: frozenset[Any] = frozenset(
         F.leaky_relu,
         F.elu,
         F.hardtanh,
+        F.hardswish,
+        F.hardsigmoid,
+        F.mish,
+        F.celu,
+        F.selu,
+        F.threshold,
         F.gelu,
         F.silu,
         F.sigmoid,
@@ -341,7 +347,7 @@ def _is_fresh(node: fx.Node, module: fx.GraphModule) -> bool:
     if _mutated_nodes(node, module):
         return False  # an in-place op returns the storage it wrote into
     if node.op == "call_module":
-        return isinstance(module.get_submodule(str(node.target)), _FRESH_MODULES)
+        return isinstance(module.get_submodule(str(node.target)), (*_FRESH_MODULES, _OutOfPlace))
     if node.op == "call_method":
         return node.target in _FRESH_METHODS
     try:
@@ -408,6 +414,145 @@ def _eliminate_dead_code(graph: fx.Graph, module: fx.GraphModule) -> None:
             graph.erase_node(node)
 
 
+# An in-place activation module's out-of-place form, reading the module's current settings.
+_OUT_OF_PLACE: dict[type[nn.Module], Callable[[Any, torch.Tensor], torch.Tensor]] = {
+    nn.ReLU: lambda m, x: F.relu(x),
+    nn.ReLU6: lambda m, x: F.hardtanh(x, m.min_val, m.max_val),
+    nn.Hardtanh: lambda m, x: F.hardtanh(x, m.min_val, m.max_val),
+    nn.Hardswish: lambda m, x: F.hardswish(x),
+    nn.Hardsigmoid: lambda m, x: F.hardsigmoid(x),
+    nn.SiLU: lambda m, x: F.silu(x),
+    nn.Mish: lambda m, x: F.mish(x),
+    nn.LeakyReLU: lambda m, x: F.leaky_relu(x, m.negative_slope),
+    nn.ELU: lambda m, x: F.elu(x, m.alpha),
+    nn.CELU: lambda m, x: F.celu(x, m.alpha),
+    nn.SELU: lambda m, x: F.selu(x),
+    nn.Threshold: lambda m, x: F.threshold(x, m.threshold, m.value),
+}
+# Functions whose ``inplace=True`` may be turned off without changing what they compute.
+_OUT_OF_PLACE_FUNCTIONS = frozenset(
+    {
+        F.relu,
+        F.relu6,
+        F.hardtanh,
+        F.hardswish,
+        F.hardsigmoid,
+        F.silu,
+        F.mish,
+        F.leaky_relu,
+        F.elu,
+        F.celu,
+        F.selu,
+        F.threshold,
+    }
+)
+# Unary in-place methods and their out-of-place twins (same dtype, same kernel).
+_OUT_OF_PLACE_METHODS = {
+    "relu_": "relu",
+    "sigmoid_": "sigmoid",
+    "tanh_": "tanh",
+    "neg_": "neg",
+    "abs_": "abs",
+    "exp_": "exp",
+    "sqrt_": "sqrt",
+}
+
+
+class _OutOfPlace(nn.Module):
+    """Runs one of the model's in-place activation modules without writing into its input.
+
+    It holds the model's own module and reads its settings at each call, so it follows them.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OUT_OF_PLACE[type(self.inner)](self.inner, x)
+
+
+def _make_out_of_place(node: fx.Node, module: fx.GraphModule) -> bool:
+    """Rewrite the in-place call ``node`` to return new storage; ``False`` if it cannot be."""
+    if node.op == "call_module":
+        sub = module.get_submodule(str(node.target))
+        if type(sub) not in _OUT_OF_PLACE or len(node.args) != 1 or node.kwargs:
+            return False
+        name = f"_featurescope_out_of_place_{len(list(module.children()))}"
+        while hasattr(module, name):
+            name += "_"
+        module.add_submodule(name, _OutOfPlace(sub))
+        node.target = name
+        return True
+    if node.op == "call_function":
+        target = node.target
+        try:
+            known = callable(target) and target in _OUT_OF_PLACE_FUNCTIONS
+        except TypeError:  # unhashable target
+            return False
+        if not known or not callable(target):
+            return False
+        position = _inplace_position(target)
+        if "inplace" in node.kwargs:
+            node.kwargs = {**node.kwargs, "inplace": False}
+            return True
+        if position is not None and len(node.args) > position:
+            node.args = (*node.args[:position], False, *node.args[position + 1 :])
+            return True
+        return False
+    if node.op == "call_method" and node.target in _OUT_OF_PLACE_METHODS and len(node.args) == 1:
+        node.target = _OUT_OF_PLACE_METHODS[str(node.target)]
+        return True
+    return False
+
+
+def _rewrite_inplace(
+    graph: fx.Graph, module: fx.GraphModule, outputs: dict[str, fx.Node]
+) -> list[str]:
+    """Make a later in-place write out of place where that alone keeps an output intact.
+
+    ``relu_(bn)`` reads and writes ``bn`` once; ``clone(bn)`` then ``relu_`` does it twice. So
+    where the first write into a requested node's storage is an in-place activation applied to
+    that very node, no other node shares the storage up to it, and nothing reads the node after
+    it, the activation is made out of place (same kernel, same values) and nothing is copied.
+
+    Returns:
+        The aliases kept intact so.
+    """
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    storages = _storages(nodes, module)
+    members: dict[fx.Node, list[fx.Node]] = {}
+    writes: dict[fx.Node, list[fx.Node]] = {}  # per storage, the nodes writing into it, in order
+    for n in nodes:
+        members.setdefault(storages.find(n), []).append(n)
+        for t in _mutated_nodes(n, module):
+            writes.setdefault(storages.find(t), []).append(n)
+    rewritten = []
+    for alias, node in sorted(outputs.items(), key=lambda item: position[item[1]]):
+        if node.op == "placeholder":
+            continue
+        root = storages.find(node)
+        later = [w for w in writes.get(root, []) if position[w] > position[node]]
+        if not later:
+            continue
+        write, at = later[0], position[later[0]]
+        if not write.args or write.args[0] is not node or len(write.all_input_nodes) != 1:
+            continue
+        if any(m is not node and m is not write and position[m] <= at for m in members[root]):
+            continue  # another alias of the storage exists: it may be read later
+        if any(position[u] > at for u in node.users if u is not write and u.op != "output"):
+            continue  # something reads the node after the write, expecting written values
+        if not _make_out_of_place(write, module):
+            continue
+        rewritten.append(alias)
+        # ``write`` now returns new storage: the node keeps its own, and everything after the
+        # write shares the write's (no other path joins them, as just checked).
+        members[root] = [m for m in members[root] if m is not node]
+        writes[root] = [w for w in writes[root] if w is not write]
+    return rewritten
+
+
 def _protect_inplace(
     graph: fx.Graph, module: fx.GraphModule, outputs: dict[str, fx.Node]
 ) -> list[str]:
@@ -440,7 +585,10 @@ class FxProgram:
     module: fx.GraphModule
     nodes: dict[str, str]  # alias -> resolved node name
     ops: dict[str, str]  # alias -> what the node computes, e.g. "Conv2d"
-    copied: list[str]  # aliases copied because a later in-place op overwrites them
+    # Aliases a later in-place op would overwrite: copied, or (``rewritten``) kept intact by
+    # making that op out of place.
+    copied: list[str]
+    rewritten: list[str] = field(default_factory=list)
 
 
 def build_program(traced: Trace, return_nodes: Mapping[str, str], model: nn.Module) -> FxProgram:
@@ -477,8 +625,10 @@ def build_program(traced: Trace, return_nodes: Mapping[str, str], model: nn.Modu
         output = graph.output(dict(outputs))
     # Prune everything after the deepest requested node (and any branch it does not need).
     _eliminate_dead_code(graph, module)
+    rewritten = _rewrite_inplace(graph, module, outputs)
     copied = _protect_inplace(graph, module, outputs)
     output.args = (dict(outputs),)
     graph.lint()
     module.recompile()
-    return FxProgram(module, resolved, ops, copied)
+    protected = [a for a in outputs if a in set(rewritten) | set(copied)]
+    return FxProgram(module, resolved, ops, protected, rewritten)
