@@ -52,8 +52,13 @@ def _input_side(name: str) -> int:
     return 32
 
 
+#: The slowest to build and run, started first so that parallel workers finish together.
+_SLOWEST = ("regnet_y_128gf", "maxvit_t", "vit_h_14", "convnext_large", "vit_l_16", "vit_l_32")
+
+
 def _models() -> list[pytest.param]:
     names = torchvision.models.list_models(module=torchvision.models)
+    names = [n for n in _SLOWEST if n in names] + [n for n in names if n not in _SLOWEST]
     newest = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= NEWEST_TORCH
     return [
         pytest.param(
