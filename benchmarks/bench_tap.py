@@ -154,10 +154,8 @@ def bench_architectures(
             "torchvision 4 stages": lambda t=tv_tap, x=x: t(x),
             "torchvision every node": lambda t=tv_every, x=x: t(x),
         }
-        notes = {
-            "FeatureTap every node": f"{len(every)} nodes, {len(every_tap.copied)} copied",
-            "FeatureTap 4 stages": f"{len(stage_tap.copied)} copied",
-        }
+        notes = {"FeatureTap every node": f"{len(every)} nodes, {_kept(every_tap)}"}
+        notes["FeatureTap 4 stages"] = _kept(stage_tap)
         with torch.inference_mode():
             times = _round_robin(contenders, repeats, clock)
         ratios = _ratios(times, "model(x)")
@@ -166,6 +164,14 @@ def bench_architectures(
         ]
         del model, stage_tap, every_tap, tv_every, contenders
     return rows
+
+
+def _kept(tap: fs.FeatureTap) -> str:
+    """How many tapped nodes a later in-place op would overwrite, and how each is kept intact."""
+    program = getattr(tap, "_fx", None)  # private: the eval program's own account, if there
+    rewritten = len(program[False].rewritten) if program else 0
+    kept = len(tap.copied)
+    return f"{kept} kept from in-place writes ({kept - rewritten} copied)"
 
 
 def bench_extract(
