@@ -429,7 +429,8 @@ def load_image_folders(
     """Open a dataset laid out as ``root/train``, ``root/val`` and ``root/test``.
 
     Only ``train`` is required; the study itself had ``pokeman/train`` and ``pokeman/test``.
-    Every split uses the training split's classes, so labels agree across splits.
+    Every split uses the training split's classes, so labels agree across splits; a split of
+    images without class subfolders has none (every label ``-1``, see :class:`ImageFolder`).
 
     Args:
         root: the dataset's root folder.
