@@ -472,3 +472,14 @@ def test_load_image_folders_takes_an_unlabelled_train_split(tmp_path: Path) -> N
     assert len(splits.train) == 3 and len(splits.val) == 2
     assert set(splits.train.targets) | set(splits.val.targets) == {NO_LABEL}
     assert not set(splits.train.paths) & set(splits.val.paths)
+
+
+def test_load_image_folders_splits_without_classes(tmp_path: Path) -> None:
+    _write_images(tmp_path / "train", ["a.png", "b.png", "c/d.png"])
+    _write_images(
+        tmp_path / "val", ["e/f.png"]
+    )  # a subfolder, but the training split has no classes
+    _write_images(tmp_path / "test", ["g.png"])
+    splits = load_image_folders(tmp_path, transform=_pil)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (3, 1, 1)
+    assert splits.val.classes == [] and splits.val.targets == [NO_LABEL]

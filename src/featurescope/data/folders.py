@@ -487,6 +487,8 @@ def load_image_folders(
         folder = base / name
         if not folder.is_dir():
             return None
+        if not train.labelled:  # the training images have no classes: nor have the others
+            return ImageFolder(folder, transform, verify=verify, labels=False)
         return ImageFolder(folder, transform, classes=classes, verify=verify)
 
     val, test = split("val"), split("test")
