@@ -8,7 +8,11 @@ Measured side by side in one run, on the study's ``alexnet`` (eval mode, inferen
    the hooks backend. Each ratio is against ``model(x)`` measured in the same round.
 2. **Extraction.** Images per second of ``tap.extract`` (in memory, and streamed to disk) against
    a plain ``for x, _ in loader: model(x)`` over the same DataLoader.
-3. **Memory.** Peak RSS and peak ``tracemalloc`` of an extraction to disk at two dataset sizes,
+3. **Real architectures.** torchvision's ``resnet50``, ``convnext_tiny``, ``vit_b_16`` and
+   ``mobilenet_v3_large`` (random weights, 224 px): ``model(x)`` against a tap of four stages,
+   a tap of *every* node of the eval graph (each returned, the in-place-overwritten ones copied),
+   and torchvision's extractor of the same four stages.
+4. **Memory.** Peak RSS and peak ``tracemalloc`` of an extraction to disk at two dataset sizes,
    each in a fresh process, with in-memory extraction alongside to show the measure can see
    growth. The dataset makes each image from its index, so it holds nothing itself.
 
@@ -21,6 +25,7 @@ done (``--clock wall --threads 2`` measures elapsed time instead). Usage::
 
     python benchmarks/bench_tap.py                   # batch 64, a few minutes on 2 cores
     python benchmarks/bench_tap.py --quick           # a smoke run
+    python benchmarks/bench_tap.py --sections architectures --arch-batch 4
 """
 
 from __future__ import annotations
@@ -45,6 +50,14 @@ from torch.utils.data import DataLoader, Dataset
 import featurescope as fs
 
 STUDY_NODES = {"conv1": "output1", "conv2": "output2", "conv3": "output3", "fc": "output4"}
+#: Four stages of each torchvision architecture measured: the usual feature-pyramid taps.
+ARCHITECTURES: dict[str, list[str]] = {
+    "resnet50": ["layer1", "layer2", "layer3", "layer4"],
+    "convnext_tiny": ["features.1", "features.3", "features.5", "features.7"],
+    "vit_b_16": [f"encoder.layers.encoder_layer_{i}" for i in (2, 5, 8, 11)],
+    "mobilenet_v3_large": ["features.3", "features.6", "features.12", "features.16"],
+}
+SECTIONS = ("forward", "extract", "memory", "architectures")
 
 
 class SyntheticImages(Dataset[tuple[torch.Tensor, int]]):
@@ -110,6 +123,55 @@ def bench_forward(
         times = _round_robin(contenders, repeats, clock)
     ratios = _ratios(times, "model(x)")
     return [(name, statistics.median(t), ratios[name]) for name, t in times.items()]
+
+
+def bench_architectures(
+    names: list[str], batch: int, repeats: int, clock: Callable[[], float]
+) -> list[tuple[str, str, float, float, str]]:
+    """Per model: ``(model, contender, median s, × model(x), note)``, measured side by side."""
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+    from torchvision.models.feature_extraction import (
+        get_graph_node_names as tv_get_graph_node_names,
+    )
+
+    rows = []
+    for name in names:
+        model = torchvision.models.get_model(name, weights=None).eval()
+        x = torch.randn(batch, 3, 224, 224)
+        stages = ARCHITECTURES[name]
+        train_nodes, eval_nodes = fs.get_graph_node_names(model)
+        every = [n for n in eval_nodes if n in set(train_nodes)]
+        stage_tap = fs.FeatureTap(model, stages, backend="fx")
+        every_tap = fs.FeatureTap(model, every, backend="fx")
+        tv_tap = create_feature_extractor(model, stages)
+        tv_train, tv_eval = tv_get_graph_node_names(model)
+        tv_every = create_feature_extractor(model, [n for n in tv_eval if n in set(tv_train)])
+        contenders: dict[str, Callable[[], Any]] = {
+            "model(x)": lambda model=model, x=x: model(x),
+            "FeatureTap 4 stages": lambda t=stage_tap, x=x: t(x),
+            "FeatureTap every node": lambda t=every_tap, x=x: t(x),
+            "torchvision 4 stages": lambda t=tv_tap, x=x: t(x),
+            "torchvision every node": lambda t=tv_every, x=x: t(x),
+        }
+        notes = {"FeatureTap every node": f"{len(every)} nodes, {_kept(every_tap)}"}
+        notes["FeatureTap 4 stages"] = _kept(stage_tap)
+        with torch.inference_mode():
+            times = _round_robin(contenders, repeats, clock)
+        ratios = _ratios(times, "model(x)")
+        rows += [
+            (name, c, statistics.median(t), ratios[c], notes.get(c, "")) for c, t in times.items()
+        ]
+        del model, stage_tap, every_tap, tv_every, contenders
+    return rows
+
+
+def _kept(tap: fs.FeatureTap) -> str:
+    """How many tapped nodes a later in-place op would overwrite, and how each is kept intact."""
+    program = getattr(tap, "_fx", None)  # private: the eval program's own account, if there
+    rewritten = len(program[False].rewritten) if program else 0
+    kept = len(tap.copied)
+    return f"{kept} kept from in-place writes ({kept - rewritten} copied)"
 
 
 def bench_extract(
@@ -201,9 +263,27 @@ def main() -> None:
         help="cpu: the process's CPU time (default; steady on a shared machine), or wall-clock",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--arch-batch", type=int, default=4, help="batch of the architectures")
+    parser.add_argument("--arch-repeats", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument(
+        "--malloc-reuse",
+        action="store_true",
+        help="rerun under glibc malloc settings that keep freed memory for reuse "
+        "(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), as jemalloc or tcmalloc would",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
     parser.add_argument("--memory-child", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.malloc_reuse and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # glibc reads these at start-up only, so the process starts again with them.
+        env = {
+            **os.environ,
+            "MALLOC_MMAP_THRESHOLD_": str(2**40),
+            "MALLOC_TRIM_THRESHOLD_": str(2**40),
+        }
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
@@ -212,52 +292,89 @@ def main() -> None:
     if args.quick:
         args.batch, args.repeats, args.extract_images, args.extract_repeats = 8, 1, 16, 1
         args.memory_sizes = (16, 48)
+        args.arch_batch, args.arch_repeats = 1, 1
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), alexnet, CPU, "
-        f"{args.clock} time\n"
-    )
-    forward = bench_forward(args.batch, args.repeats, clock)
-    print(
-        _table(
-            f"Forward, batch {args.batch} ({args.repeats} rounds)",
-            ("contender", "median s", "× model(x), median of rounds"),
-            [(n, f"{t:.3f}", f"{r:.2f}") for n, t, r in forward],
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, {args.clock} time")
+    malloc = "freed memory kept for reuse" if "MALLOC_MMAP_THRESHOLD_" in os.environ else "default"
+    print(f"CPU: {_cpu()}\nglibc malloc: {malloc}\n")
+    if "forward" in args.sections:
+        forward = bench_forward(args.batch, args.repeats, clock)
+        print(
+            _table(
+                f"Forward, alexnet, batch {args.batch} ({args.repeats} rounds)",
+                ("contender", "median s", "× model(x), median of rounds"),
+                [(n, f"{t:.3f}", f"{r:.2f}") for n, t, r in forward],
+            )
         )
-    )
-    extract = bench_extract(args.extract_images, args.batch, args.extract_repeats, clock)
-    print(
-        _table(
-            f"Extraction of {args.extract_images} images, batch {args.batch} "
-            f"({args.extract_repeats} rounds)",
-            ("contender", "median images/s", "× plain loop, median of rounds"),
-            [(n, f"{ips:.1f}", f"{r:.2f}") for n, ips, r in extract],
+        ratio = {name: r for name, _, r in forward}
+        print("Targets:")
+        print(f"  4 stages / model(x)       {ratio['FeatureTap 4 stages (fx)']:.2f}  (<= 1.05)")
+        print(f"  conv1 only / model(x)     {ratio['FeatureTap conv1 (fx)']:.2f}  (<= 0.50)\n")
+    if "architectures" in args.sections:
+        arch = bench_architectures(args.models, args.arch_batch, args.arch_repeats, clock)
+        print(
+            _table(
+                f"Forward, torchvision architectures, 224 px, batch {args.arch_batch} "
+                f"({args.arch_repeats} rounds)",
+                ("model", "contender", "median s", "× model(x), median of rounds", "note"),
+                [(m, c, f"{t:.3f}", f"{r:.2f}", note) for m, c, t, r, note in arch],
+            )
         )
-    )
-    memory = bench_memory(tuple(args.memory_sizes))
-    print(
-        _table(
-            "Peak memory of extract (conv1 maps + fc.4), fresh process each",
-            ("where", "images", "peak RSS MB", "tracemalloc peak MB"),
-            [
-                (mode, str(n), f"{m['peak_rss_mb']:.0f}", f"{m['tracemalloc_peak_mb']:.1f}")
-                for mode, n, m in memory
-            ],
+        print("Targets:")
+        for m, c, _, r, _ in arch:
+            goal = {"FeatureTap 4 stages": 1.05, "FeatureTap every node": 1.3}.get(c)
+            if goal is not None:
+                print(f"  {m:20s} {c:22s} {r:.2f}  (<= {goal})")
+        print()
+    if "extract" in args.sections:
+        extract = bench_extract(args.extract_images, args.batch, args.extract_repeats, clock)
+        print(
+            _table(
+                f"Extraction of {args.extract_images} images, batch {args.batch} "
+                f"({args.extract_repeats} rounds)",
+                ("contender", "median images/s", "× plain loop, median of rounds"),
+                [(n, f"{ips:.1f}", f"{r:.2f}") for n, ips, r in extract],
+            )
         )
+        print("Targets:")
+        print(f"  extract / plain loop      {extract[1][2]:.2f}  (>= 0.90, in memory)")
+        print(f"  extract to disk / plain   {extract[3][2]:.2f}  (>= 0.90)\n")
+    if "memory" in args.sections:
+        memory = bench_memory(tuple(args.memory_sizes))
+        print(
+            _table(
+                "Peak memory of extract (conv1 maps + fc.4), fresh process each",
+                ("where", "images", "peak RSS MB", "tracemalloc peak MB"),
+                [
+                    (mode, str(n), f"{m['peak_rss_mb']:.0f}", f"{m['tracemalloc_peak_mb']:.1f}")
+                    for mode, n, m in memory
+                ],
+            )
+        )
+        disk = {n: m for mode, n, m in memory if mode == "disk"}
+        small, large = args.memory_sizes
+        print(
+            f"Target: disk peak RSS {large} vs {small} images  "
+            f"{disk[large]['peak_rss_mb'] / disk[small]['peak_rss_mb']:.2f}  (~1.00: no growth)"
+        )
+
+
+def _cpu() -> str:
+    """The processor's model and its vector flags, from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "unknown"
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "?"
     )
-    ratio = {name: r for name, _, r in forward}
-    disk = {n: m for mode, n, m in memory if mode == "disk"}
-    small, large = args.memory_sizes
-    print("Targets:")
-    print(f"  4 stages / model(x)       {ratio['FeatureTap 4 stages (fx)']:.2f}  (<= 1.05)")
-    print(f"  conv1 only / model(x)     {ratio['FeatureTap conv1 (fx)']:.2f}  (<= 0.50)")
-    print(f"  extract / plain loop      {extract[1][2]:.2f}  (>= 0.90, in memory)")
-    print(f"  extract to disk / plain   {extract[3][2]:.2f}  (>= 0.90)")
-    print(
-        f"  disk peak RSS {large} vs {small} images  "
-        f"{disk[large]['peak_rss_mb'] / disk[small]['peak_rss_mb']:.2f}  (~1.00: no growth)"
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []
     )
+    vector = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    return f"{model}, {os.cpu_count()} cores, {' '.join(vector)}"
 
 
 if __name__ == "__main__":

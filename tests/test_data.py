@@ -17,10 +17,13 @@ from PIL import Image
 
 import featurescope as fs
 from featurescope.data import (
+    NO_LABEL,
     SYNTHETIC_CLASSES,
     EmptyDatasetError,
     ImageFolder,
+    SkippedFilesWarning,
     load_image_folders,
+    load_rgb,
     make_synthetic_dataset,
     synthetic_image,
     train_transform,
@@ -189,14 +192,20 @@ def test_folder_without_train_split_names_what_it_found(tmp_path: Path) -> None:
 
 
 def test_empty_folders_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(EmptyDatasetError, match=r"no readable image.*expected images in it"):
+        ImageFolder(tmp_path)
     with pytest.raises(EmptyDatasetError, match="no class subfolders"):
-        ImageFolder(tmp_path)
+        ImageFolder(tmp_path, labels=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "loose.png")
-    with pytest.raises(EmptyDatasetError, match="1 image"):
-        ImageFolder(tmp_path)
+    with pytest.raises(EmptyDatasetError, match=r"1 image\(s\) directly.*labels=False"):
+        ImageFolder(tmp_path, labels=True)
+    (tmp_path / "loose.png").unlink()
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "notes.txt").write_text("not an image")
-    with pytest.raises(EmptyDatasetError, match="no readable image"):
+    with (
+        pytest.warns(SkippedFilesWarning, match=r"notes.txt \(not an image file \(.txt\)\)"),
+        pytest.raises(EmptyDatasetError, match=r"no readable image in class folders \['a'\]"),
+    ):
         ImageFolder(tmp_path)
 
 
@@ -303,3 +312,174 @@ def test_empty_dataset_error_lives_in_errors() -> None:
     assert "EmptyDatasetError" in errors.__all__
     assert issubclass(EmptyDatasetError, fs.FeaturescopeError)
     assert issubclass(EmptyDatasetError, FileNotFoundError)
+
+
+# --- any image folder ----------------------------------------------------------------------------
+
+
+def _pil(image: Image.Image) -> Image.Image:
+    return image
+
+
+def _write_images(folder: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Small distinct RGB images at ``folder/name``; returns their pixels by relative name."""
+    pixels = {}
+    for i, name in enumerate(names):
+        arr = np.zeros((6, 8, 3), np.uint8)
+        arr[..., 0], arr[..., 1], arr[:, : i + 1, 2] = 20 * i, 255 - 20 * i, 200
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(path)
+        pixels[name] = arr
+    return pixels
+
+
+@pytest.mark.parametrize("labels", [None, False])
+def test_flat_folder_without_classes(tmp_path: Path, labels: bool | None) -> None:
+    pixels = _write_images(tmp_path, ["b.png", "a.png", "c.bmp"])
+    data = ImageFolder(tmp_path, _pil, labels=labels)
+    assert data.classes == [] and data.class_to_idx == {} and not data.labelled
+    assert data.paths == [str(tmp_path / n) for n in ("a.png", "b.png", "c.bmp")]
+    assert data.targets == [NO_LABEL] * 3 and data.class_counts() == {}
+    for i, name in enumerate(("a.png", "b.png", "c.bmp")):
+        image, label = data[i]
+        assert label == -1
+        np.testing.assert_array_equal(np.asarray(image), pixels[name])
+    assert "no classes" in repr(data)
+
+
+def test_nested_folder_without_classes_is_read_recursively(tmp_path: Path) -> None:
+    names = ["top.png", "2024/06/x.png", "2024/y.png", "2025/z.png"]
+    _write_images(tmp_path, names)
+    (tmp_path / ".cache").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / ".cache" / "hidden.png")
+    # Images directly in root: no classes, whatever the subfolders are called.
+    data = ImageFolder(tmp_path)
+    assert sorted(data.paths) == sorted(str(tmp_path / n) for n in names)
+    assert set(data.targets) == {NO_LABEL}
+    # Subfolders only: classes by default, no classes when asked.
+    (tmp_path / "top.png").unlink()
+    assert ImageFolder(tmp_path).classes == ["2024", "2025"]
+    flat = ImageFolder(tmp_path, labels=False)
+    assert len(flat) == 3 and flat.classes == []
+    with pytest.raises(fs.FeaturescopeError, match="labels=False"):
+        ImageFolder(tmp_path, labels=False, classes=["2024"])
+
+
+def test_class_subfolders_still_give_labels_at_any_depth(tmp_path: Path) -> None:
+    _write_images(tmp_path, ["cat/a.png", "cat/indoor/b.png", "dog/c.png"])
+    data = ImageFolder(tmp_path, _pil)
+    assert data.classes == ["cat", "dog"] and data.labelled
+    assert [(Path(p).relative_to(tmp_path).as_posix(), y) for p, y in data.samples] == [
+        ("cat/a.png", 0),
+        ("cat/indoor/b.png", 0),
+        ("dog/c.png", 1),
+    ]
+
+
+def test_unreadable_files_are_skipped_counted_and_listed_in_one_warning(tmp_path: Path) -> None:
+    _write_images(tmp_path, ["ok.png", "sub/ok2.png"])
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "sub" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (tmp_path / "sub" / "README").write_text("no extension")
+    with pytest.warns(SkippedFilesWarning) as record:
+        data = ImageFolder(tmp_path)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "skipped 3 unreadable file(s)" in message
+    for listed in ("notes.txt (not an image file (.txt))", "README (not an image file (no "):
+        assert listed in message
+    assert "sub/broken.jpg (UnidentifiedImageError" in message
+    assert sorted(Path(p).name for p, _ in data.skipped) == ["README", "broken.jpg", "notes.txt"]
+    assert len(data) == 2 and data.num_skipped == 3
+
+
+def test_a_long_list_of_skipped_files_is_cut_in_the_warning_not_in_skipped(tmp_path: Path) -> None:
+    _write_images(tmp_path, ["ok.png"])
+    for i in range(25):
+        (tmp_path / f"note{i:02d}.txt").write_text("x")
+    with pytest.warns(SkippedFilesWarning, match=r"skipped 25 .*note19.txt.*; and 5 more\."):
+        data = ImageFolder(tmp_path)
+    assert data.num_skipped == 25
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    # Stored landscape, 32 wide and 16 high: left half red, right half blue. Orientation 6
+    # means "rotate 90 degrees clockwise to display": upright it is 16 wide, 32 high, red on top.
+    stored = np.zeros((16, 32, 3), np.uint8)
+    stored[:, :16] = (255, 0, 0)
+    stored[:, 16:] = (0, 0, 255)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "portrait.jpg", exif=exif, quality=100)
+    upright = np.asarray(load_rgb(tmp_path / "portrait.jpg"), dtype=np.int64)
+    expected = np.rot90(stored, k=-1).astype(np.int64)  # clockwise
+    assert upright.shape == (32, 16, 3)
+    away_from_edge = np.r_[0:12, 20:32]  # JPEG blurs the edge between the halves (row 16)
+    assert np.abs(upright - expected)[away_from_edge].max() < 12
+    data = ImageFolder(tmp_path, _pil)
+    assert data[0][0].size == (16, 32)
+
+
+def test_grey_palette_transparent_and_16_bit_images_become_rgb(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    deep = rng.integers(0, 65536, (5, 7), dtype=np.uint16)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+
+    def over_white(colour: np.ndarray, a: np.ndarray) -> np.ndarray:
+        weight = a[..., None].astype(np.float64) / 255.0
+        return colour.astype(np.float64) * weight + 255.0 * (1.0 - weight)
+
+    Image.fromarray(grey, "L").save(tmp_path / "l.png")
+    Image.fromarray(np.dstack([grey, alpha]), "LA").save(tmp_path / "la.png")
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    p = Image.fromarray(index, "P")
+    p.putpalette(palette.flatten().tolist())
+    p.save(tmp_path / "p.png")
+    p.save(tmp_path / "p_transparent.png", transparency=int(index[0, 0]))
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+
+    expected = {
+        "l.png": np.repeat(grey[..., None], 3, axis=2).astype(np.float64),
+        "la.png": over_white(np.repeat(grey[..., None], 3, axis=2), alpha),
+        "rgba.png": over_white(rgb, alpha),
+        "deep.png": np.repeat(np.rint(deep / 257.0)[..., None], 3, axis=2),
+        "p.png": palette[index].astype(np.float64),
+        "p_transparent.png": np.where(
+            (index == index[0, 0])[..., None], 255.0, palette[index].astype(np.float64)
+        ),
+    }
+    data = ImageFolder(tmp_path, _pil)
+    assert len(data) == len(expected)
+    for path, image in zip(data.paths, (data[i][0] for i in range(len(data))), strict=True):
+        assert image.mode == "RGB"
+        got = np.asarray(image, dtype=np.float64)
+        np.testing.assert_allclose(got, expected[Path(path).name], atol=1.0, err_msg=path)
+    # 16-bit values are scaled, not clipped: PIL's own convert would give 255 almost everywhere.
+    assert np.asarray(data[data.paths.index(str(tmp_path / "deep.png"))][0]).std() > 30
+
+
+def test_load_image_folders_takes_an_unlabelled_train_split(tmp_path: Path) -> None:
+    _write_images(tmp_path / "train", [f"{i}.png" for i in range(5)])
+    splits = load_image_folders(tmp_path, transform=_pil, val_fraction=0.4)
+    assert splits.classes == []
+    assert len(splits.train) == 3 and len(splits.val) == 2
+    assert set(splits.train.targets) | set(splits.val.targets) == {NO_LABEL}
+    assert not set(splits.train.paths) & set(splits.val.paths)
+
+
+def test_load_image_folders_splits_without_classes(tmp_path: Path) -> None:
+    _write_images(tmp_path / "train", ["a.png", "b.png", "c/d.png"])
+    _write_images(
+        tmp_path / "val", ["e/f.png"]
+    )  # a subfolder, but the training split has no classes
+    _write_images(tmp_path / "test", ["g.png"])
+    splits = load_image_folders(tmp_path, transform=_pil)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (3, 1, 1)
+    assert splits.val.classes == [] and splits.val.targets == [NO_LABEL]

@@ -134,7 +134,8 @@ def test_grid_global_normalization_keeps_strengths_comparable(tapped):
 )
 def test_grid_panel_count(channels, height, width, cap, batched):
     maps = torch.randn(channels, height, width)
-    fig = fs.visualize("grid", maps[None] if batched else maps, max_channels=cap)
+    # layout="chw": small random shapes such as [2, 2, 5] could also be read channels-last.
+    fig = fs.visualize("grid", maps[None] if batched else maps, max_channels=cap, layout="chw")
     assert len(fig.axes) == min(channels, cap or channels)
     for ax in fig.axes:
         panel = panel_array(ax)
@@ -528,3 +529,103 @@ def test_curves_draws_train_history_objects():
         fig = fs.visualize("curves", data)
         lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[1].get_lines()}
         assert lines == {"run train_acc": [0.3, 0.5], "run val_acc": [0.4, 0.6]}
+
+
+# --- token and channels-last maps -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vit_tokens():
+    """A ViT-B/16 block's output on a 64-pixel image: ``[1, 1 + 4*4, 768]``, and the image."""
+    import torchvision
+
+    torch.manual_seed(0)
+    vit = torchvision.models.get_model("vit_b_16", weights=None, image_size=64).eval()
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        out = fs.FeatureTap(vit, ["encoder.layers.encoder_layer_3.ln_1"])(image)
+    return out["encoder.layers.encoder_layer_3.ln_1"], image[0], vit
+
+
+def _token_reference(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``[1, prefix + h*w, C]`` -> ``[C, h, w]``: class tokens dropped, patches row by row."""
+    patches = tokens[0, tokens.shape[1] - h * w :]
+    return patches.reshape(h, w, -1).permute(2, 0, 1).double()
+
+
+def test_grid_draws_vit_tokens_on_the_patch_grid(vit_tokens):
+    tokens, _, vit = vit_tokens
+    assert tokens.shape == (1, 17, 768)
+    reference = per_channel_01(_token_reference(tokens, 4, 4))
+    for kwargs in ({}, {"image_size": vit.image_size, "patch_size": vit.patch_size}):
+        fig = fs.visualize("grid", tokens, max_channels=6, order=None, **kwargs)
+        assert [ax.get_title() for ax in fig.axes] == ["0", "1", "2", "3", "4", "5"]
+        for channel, ax in enumerate(fig.axes):
+            np.testing.assert_allclose(panel_array(ax), reference[channel].numpy(), atol=1e-6)
+    # One sample without its batch dimension reads the same.
+    fig = fs.visualize("grid", tokens[0], max_channels=1, order=None)
+    np.testing.assert_allclose(panel_array(fig.axes[0]), reference[0].numpy(), atol=1e-6)
+
+
+def test_sum_and_overlay_draw_vit_tokens(vit_tokens):
+    tokens, image, _ = vit_tokens
+    reference = _token_reference(tokens, 4, 4).sum(0)
+    fig = fs.visualize("sum", tokens)
+    np.testing.assert_allclose(panel_array(fig.axes[0]), reference.numpy(), rtol=1e-6)
+    fig = fs.visualize("overlay", tokens, image=image)
+    heat = torch.nn.functional.interpolate(
+        reference[None, None], size=(64, 64), mode="bilinear", align_corners=False
+    )[0, 0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min())
+    np.testing.assert_allclose(fig.axes[0].images[1].get_array(), heat.numpy(), atol=1e-6)
+
+
+def test_grid_draws_swin_channels_last_maps():
+    import torchvision
+
+    swin = torchvision.models.get_model("swin_t", weights=None).eval()
+    with torch.no_grad():
+        out = fs.FeatureTap(swin, ["features.1"])(torch.rand(1, 3, 64, 64))["features.1"]
+    assert out.shape == (1, 16, 16, 96)  # [N, H, W, C]
+    reference = per_channel_01(out[0].permute(2, 0, 1))
+    fig = fs.visualize("grid", out, max_channels=3, order=None)
+    for channel, ax in enumerate(fig.axes):
+        assert panel_array(ax).shape == (16, 16)
+        np.testing.assert_allclose(panel_array(ax), reference[channel].numpy(), atol=1e-6)
+    summed = fs.visualize("sum", out[0])
+    np.testing.assert_allclose(panel_array(summed.axes[0]), out[0].double().sum(-1).numpy())
+
+
+def test_tokens_on_a_non_square_patch_grid_from_image_and_patch_size():
+    tokens = torch.randn(1, 1 + 2 * 6, 5)  # a class token, then a 2x6 grid of patches
+    maps = fs.visualizers.as_maps(tokens, image_size=(32, 96), patch_size=16)
+    torch.testing.assert_close(torch.from_numpy(maps), _token_reference(tokens, 2, 6))
+    fig = fs.visualize("sum", tokens, image_size=(32, 96), patch_size=16)
+    assert panel_array(fig.axes[0]).shape == (2, 6)
+
+
+def test_layout_override():
+    data = torch.randn(4, 4, 9)
+    auto = fs.visualize("grid", data, max_channels=None, order=None)
+    assert len(auto.axes) == 9  # read channels-last: 9 channels of 4x4
+    np.testing.assert_allclose(panel_array(auto.axes[2]), per_channel_01(data.permute(2, 0, 1))[2])
+    chw = fs.visualize("grid", data, max_channels=None, order=None, layout="chw")
+    assert len(chw.axes) == 4 and panel_array(chw.axes[0]).shape == (4, 9)
+    tokens = torch.randn(10, 3)  # a class token and a 3x3 grid, said explicitly
+    fig = fs.visualize("sum", tokens, layout="tokens")
+    np.testing.assert_allclose(panel_array(fig.axes[0]), tokens[1:].double().sum(1).reshape(3, 3))
+
+
+def test_no_layout_fits_is_a_clear_error():
+    with pytest.raises(fs.InputShapeError, match=r"\[1, 51, 8\].*51 tokens"):
+        fs.visualize("grid", torch.randn(1, 51, 8), layout="tokens")
+    with pytest.raises(fs.InputShapeError, match=r"\[1, 17, 8\].*3×3 patch grid"):
+        fs.visualize("sum", torch.randn(1, 17, 8), layout="tokens", image_size=48, patch_size=16)
+    with pytest.raises(fs.InputShapeError, match=r"\[2, 3, 4, 5, 6\] fits no layout"):
+        fs.visualize("grid", torch.randn(2, 3, 4, 5, 6))
+    with pytest.raises(fs.InputShapeError, match=r"\[4, 17, 8\].*batch of 4"):
+        fs.visualize("grid", torch.randn(4, 17, 8), layout="tokens")
+    with pytest.raises(fs.VisualizationError, match="layout must be one of"):
+        fs.visualize("grid", torch.randn(3, 4, 4), layout="nhwc")
+    with pytest.raises(fs.VisualizationError, match="go together"):
+        fs.visualize("grid", torch.randn(1, 17, 8), image_size=64)

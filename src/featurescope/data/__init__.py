@@ -3,10 +3,13 @@
 from featurescope.data.augment import train_transform
 from featurescope.data.folders import (
     IMAGE_EXTENSIONS,
+    NO_LABEL,
     DatasetSplits,
     EmptyDatasetError,
     ImageFolder,
+    SkippedFilesWarning,
     load_image_folders,
+    load_rgb,
 )
 from featurescope.data.synthetic import (
     SYNTHETIC_CLASSES,
@@ -25,14 +28,17 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "NO_LABEL",
     "STUDY_PREPROCESSING",
     "SYNTHETIC_CLASSES",
     "DatasetSplits",
     "EmptyDatasetError",
     "ImageFolder",
     "Preprocessing",
+    "SkippedFilesWarning",
     "default_data_dir",
     "load_image_folders",
+    "load_rgb",
     "make_synthetic_dataset",
     "synthetic_image",
     "train_transform",

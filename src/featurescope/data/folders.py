@@ -1,11 +1,14 @@
-"""Image folders: ``root/<class>/<image>`` datasets, and the study's ``root/{train,val,test}``.
+"""Image folders: ``root/<class>/<image>`` datasets, any folder of images, and ``root/{train,val,test}``.
 
 :class:`ImageFolder` reads the same layout as torchvision's and exposes the same ``samples``,
 ``targets``, ``classes`` and ``class_to_idx``, so code written for torchvision keeps working and
-:meth:`featurescope.FeatureTap.extract` finds each image's label and path. Unlike torchvision's,
-it checks every image once when the folder is opened and skips those it cannot read, with a
-count and one warning, instead of crashing mid-epoch; and a missing or empty folder is an error
-that says what was expected.
+:meth:`featurescope.FeatureTap.extract` finds each image's label and path. It also takes a folder
+of images with no classes (flat or nested, read recursively; every label is ``-1``). Unlike
+torchvision's, it checks every image once when the folder is opened and skips the files it
+cannot read (not images, or not decodable), counted and listed in one warning and in
+``.skipped``, instead of crashing mid-epoch; and a missing or empty folder is an error that says
+what was expected. Images are read as a viewer shows them: EXIF orientation applied, grey,
+palette, transparent and 16-bit images converted to 8-bit RGB.
 """
 
 from __future__ import annotations
@@ -25,11 +28,29 @@ from featurescope.errors import EmptyDatasetError, FeaturescopeError, Featuresco
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "NO_LABEL",
     "DatasetSplits",
     "EmptyDatasetError",
     "ImageFolder",
+    "SkippedFilesWarning",
     "load_image_folders",
+    "load_rgb",
 ]
+
+#: The label of every image of a folder without classes.
+NO_LABEL = -1
+# How many skipped files the warning names; all of them are in ``.skipped``.
+_LISTED = 20
+
+
+class SkippedFilesWarning(FeaturescopeWarning):
+    """Some files of an image folder were left out: not images, or not decodable.
+
+    Example:
+        >>> issubclass(SkippedFilesWarning, FeaturescopeWarning)
+        True
+    """
+
 
 #: File extensions (lower case) treated as images.
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -40,10 +61,50 @@ PathLike = str | os.PathLike[str]
 Transform = Callable[[Image.Image], Any]
 
 
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB as a viewer shows ``img``: 16-bit scaled (not clipped), transparency on white."""
+    import numpy as np
+
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        # PIL's own convert clips 16-bit values at 255: scale 0..65535 to 0..255 instead.
+        values = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_rgb(path: PathLike) -> Image.Image:
-    """Open an image file as RGB, decoding it fully (so a truncated file fails here)."""
+    """Open an image file as 8-bit RGB, decoding it fully (so a truncated file fails here).
+
+    The EXIF orientation is applied (a phone's portrait photo stands upright); grey, palette,
+    CMYK and 16-bit images are converted (16-bit values scaled to 8 bits, not clipped), and
+    transparent ones are composited over white.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from PIL import Image
+        >>> path = tempfile.mkdtemp() + "/deep.png"
+        >>> Image.fromarray(np.full((2, 3), 65535, np.uint16)).save(path)  # 16-bit white
+        >>> image = load_rgb(path)
+        >>> image.mode, image.size, image.getpixel((0, 0))
+        ('RGB', (3, 2), (255, 255, 255))
+    """
+    from PIL import ImageOps
+
     with Image.open(path) as img:
-        rgb: Image.Image = img.convert("RGB")
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+        rgb: Image.Image = _to_rgb(upright if upright is not None else img)
     return rgb
 
 
@@ -66,41 +127,70 @@ def _class_folders(root: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def _image_files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
-    files = [
-        Path(dirpath) / name
-        for dirpath, dirnames, names in os.walk(folder, followlinks=True)
-        for name in names
-        if name.lower().endswith(extensions) and not name.startswith(".")
-    ]
+def _files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, recursively and sorted; hidden files and folders left out."""
+    files = []
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files += [Path(dirpath) / n for n in names if not n.startswith(".")]
     return sorted(files)
 
 
+def _has_images(folder: Path, extensions: tuple[str, ...]) -> bool:
+    with os.scandir(folder) as entries:
+        return any(
+            e.is_file() and e.name.lower().endswith(extensions) and not e.name.startswith(".")
+            for e in entries
+        )
+
+
+def _skipped_message(root: Path, skipped: Sequence[tuple[str, str]]) -> str:
+    listed = "; ".join(f"{os.path.relpath(p, root)} ({why})" for p, why in skipped[:_LISTED])
+    more = f"; and {len(skipped) - _LISTED} more" if len(skipped) > _LISTED else ""
+    return (
+        f"skipped {len(skipped)} unreadable file(s) in {root}: {listed}{more}. All of them are "
+        "in the dataset's .skipped"
+    )
+
+
 class ImageFolder(Dataset[tuple[Any, int]]):
-    """Images in one folder per class, returned as ``(transform(image), label)``.
+    """Images of a folder, returned as ``(transform(image), label)``: one subfolder per class, or none.
+
+    With one subfolder per class (``root/cat/001.jpg``), each image's label is its class's
+    index, as in torchvision. A folder of images without classes (flat, or nested to any depth,
+    e.g. ``photos/2024/06/x.jpg``) gives every image the label ``-1`` (:data:`NO_LABEL`) and no
+    ``classes``. By default a folder holding images directly is read without classes and one
+    holding only subfolders with classes; ``labels=`` decides instead. Either way subfolders are
+    read recursively, and hidden files and folders (``.name``) are left out.
 
     Args:
-        root: a folder with one subfolder per class, e.g. ``pokeman/train``.
+        root: the folder, e.g. ``pokeman/train`` or ``~/Pictures``.
         transform: applied to each RGB PIL image; default: the study's preprocessing
             (Resize 256, CenterCrop 227, ImageNet normalisation), giving ``[3, 227, 227]``
             tensors. Pass ``transform=lambda image: image`` to get the PIL images.
         classes: the class names, in label order. Default: the subfolders, sorted. Give the
             training split's classes to a validation split so labels agree even where a class
             has no validation images.
-        extensions: file name endings treated as images.
-        verify: decode every image once now and skip (with a warning) those that fail. Set
-            ``False`` for a huge folder you trust; a bad image then fails when it is loaded.
+        extensions: file name endings treated as images; other files are skipped (and listed).
+        verify: decode every image once now and skip those that fail. Set ``False`` for a huge
+            folder you trust; a bad image then fails when it is loaded.
+        labels: ``True``: the subfolders are classes; ``False``: no classes, every image under
+            ``root`` with label ``-1``; ``None`` (default): classes unless ``root`` holds
+            images itself or has no subfolders.
 
     Attributes:
         samples: ``(path, label)`` per image, sorted by class then path.
         targets: the labels, in sample order.
-        classes: class names, in label order.
+        classes: class names, in label order (empty without classes).
         class_to_idx: class name → label.
-        skipped: ``(path, reason)`` for each image that could not be read.
+        skipped: ``(path, reason)`` for each file left out, also listed in one
+            :class:`SkippedFilesWarning`.
 
     Raises:
-        EmptyDatasetError: ``root`` does not exist, has no class folders, or no readable image.
-        FeaturescopeError: ``classes`` is given and ``root`` has a class folder not in it.
+        EmptyDatasetError: ``root`` does not exist, has no readable image, or (``labels=True``)
+            no class folders.
+        FeaturescopeError: ``classes`` is given and ``root`` has a class folder not in it, or
+            ``classes`` is given with ``labels=False``.
 
     Example:
         >>> import tempfile, pathlib
@@ -115,6 +205,9 @@ class ImageFolder(Dataset[tuple[Any, int]]):
         >>> image, label = ds[1]
         >>> tuple(image.shape), label
         ((3, 227, 227), 1)
+        >>> unlabelled = ImageFolder(root, labels=False)
+        >>> unlabelled.classes, unlabelled.targets
+        ([], [-1, -1])
     """
 
     def __init__(
@@ -125,18 +218,29 @@ class ImageFolder(Dataset[tuple[Any, int]]):
         classes: Sequence[str] | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         verify: bool = True,
+        labels: bool | None = None,
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             what = "is a file, not a folder" if self.root.exists() else "does not exist"
             raise EmptyDatasetError(
-                f"image folder {str(self.root)!r} {what}; expected one subfolder per class, "
-                f"e.g. {self.root / 'cat' / '001.jpg'}"
+                f"image folder {str(self.root)!r} {what}; expected images in it, or one "
+                f"subfolder per class, e.g. {self.root / 'cat' / '001.jpg'}"
             )
+        exts = tuple(e.lower() for e in extensions)
         found = _class_folders(self.root)
-        if not found:
-            raise EmptyDatasetError(_no_classes_message(self.root, tuple(extensions)))
-        if classes is None:
+        if labels is None:
+            labels = bool(found) and not _has_images(self.root, exts)
+        if labels and not found:
+            raise EmptyDatasetError(_no_classes_message(self.root, exts))
+        if not labels and classes is not None:
+            raise FeaturescopeError(
+                f"classes={list(classes)} was given for {self.root}, read without classes "
+                "(labels=False, or images directly in it); drop classes= or pass labels=True"
+            )
+        if not labels:
+            classes = []
+        elif classes is None:
             classes = found
         else:
             unknown = sorted(set(found) - set(classes))
@@ -149,29 +253,40 @@ class ImageFolder(Dataset[tuple[Any, int]]):
         self.classes: list[str] = list(classes)
         self.class_to_idx: dict[str, int] = {c: i for i, c in enumerate(self.classes)}
         self.transform: Transform = transform if transform is not None else _study_transform()
-        exts = tuple(e.lower() for e in extensions)
 
         self.skipped: list[tuple[str, str]] = []
         self.samples: list[tuple[str, int]] = []
-        for name in found:
-            for path in _image_files(self.root / name, exts):
+        groups = [(self.root / c, self.class_to_idx[c]) for c in found] if labels else []
+        for folder, label in groups or [(self.root, NO_LABEL)]:
+            for path in _files(folder):
+                if not path.name.lower().endswith(exts):
+                    self.skipped.append(
+                        (str(path), f"not an image file ({path.suffix or 'no extension'})")
+                    )
+                    continue
                 reason = _check_readable(path) if verify else None
                 if reason is None:
-                    self.samples.append((str(path), self.class_to_idx[name]))
+                    self.samples.append((str(path), label))
                 else:
                     self.skipped.append((str(path), reason))
+        if labels:  # loose files beside the class folders are not part of any class
+            self.skipped += [
+                (str(self.root / e.name), "outside the class folders")
+                for e in sorted(os.scandir(self.root), key=lambda e: e.name)
+                if e.is_file() and not e.name.startswith(".")
+            ]
         if self.skipped:
-            first_path, first_reason = self.skipped[0]
             warnings.warn(
-                f"skipped {len(self.skipped)} unreadable image(s) in {self.root} "
-                f"(first: {first_path}: {first_reason}); see the dataset's .skipped",
-                FeaturescopeWarning,
-                stacklevel=2,
+                _skipped_message(self.root, self.skipped), SkippedFilesWarning, stacklevel=2
             )
         if not self.samples:
+            where = f"class folders {found}" if labels else "it or its subfolders"
+            expected = (
+                "" if found else f"; expected images in it, or {self.root / '<class>' / '<image>'}"
+            )
             raise EmptyDatasetError(
-                f"{self.root} has class folders {found} but no readable image in them "
-                f"({len(self.skipped)} unreadable); image files end in {', '.join(exts)}"
+                f"{self.root} has no readable image in {where} ({len(self.skipped)} "
+                f"unreadable file(s)){expected}; image files end in {', '.join(exts)}"
             )
 
     @property
@@ -189,11 +304,17 @@ class ImageFolder(Dataset[tuple[Any, int]]):
         """How many images could not be read and were left out."""
         return len(self.skipped)
 
+    @property
+    def labelled(self) -> bool:
+        """Whether the images have classes (else every label is ``-1``)."""
+        return bool(self.classes)
+
     def class_counts(self) -> dict[str, int]:
-        """Images per class, every class listed (zero where a class has none)."""
+        """Images per class, every class listed (zero where a class has none); ``{}`` without classes."""
         counts = dict.fromkeys(self.classes, 0)
         for _, label in self.samples:
-            counts[self.classes[label]] += 1
+            if label != NO_LABEL:
+                counts[self.classes[label]] += 1
         return counts
 
     def subset(self, indices: Sequence[int]) -> ImageFolder:
@@ -219,9 +340,10 @@ class ImageFolder(Dataset[tuple[Any, int]]):
         return self.transform(image), label
 
     def __repr__(self) -> str:
+        classes = f"{len(self.classes)} classes" if self.classes else "no classes"
         return (
             f"{type(self).__name__}({str(self.root)!r}, {len(self)} images, "
-            f"{len(self.classes)} classes, {self.num_skipped} skipped)"
+            f"{classes}, {self.num_skipped} skipped)"
         )
 
 
@@ -234,7 +356,8 @@ def _study_transform() -> Transform:
 def _no_classes_message(root: Path, extensions: tuple[str, ...]) -> str:
     loose = [p.name for p in root.iterdir() if p.name.lower().endswith(extensions)]
     hint = (
-        f" It holds {len(loose)} image(s) directly; move them into one subfolder per class."
+        f" It holds {len(loose)} image(s) directly; move them into one subfolder per class, "
+        "or read them without classes (labels=False)."
         if loose
         else ""
     )
@@ -306,7 +429,8 @@ def load_image_folders(
     """Open a dataset laid out as ``root/train``, ``root/val`` and ``root/test``.
 
     Only ``train`` is required; the study itself had ``pokeman/train`` and ``pokeman/test``.
-    Every split uses the training split's classes, so labels agree across splits.
+    Every split uses the training split's classes, so labels agree across splits; a split of
+    images without class subfolders has none (every label ``-1``, see :class:`ImageFolder`).
 
     Args:
         root: the dataset's root folder.
@@ -363,6 +487,8 @@ def load_image_folders(
         folder = base / name
         if not folder.is_dir():
             return None
+        if not train.labelled:  # the training images have no classes: nor have the others
+            return ImageFolder(folder, transform, verify=verify, labels=False)
         return ImageFolder(folder, transform, classes=classes, verify=verify)
 
     val, test = split("val"), split("test")

@@ -1,7 +1,8 @@
 """The torch.fx backend of FeatureTap: torchvision's node names, a pruned graph, in-place safety.
 
-The model is traced with torchvision's ``NodePathTracer`` (so node names are exactly those of
-``create_feature_extractor`` and ``get_graph_node_names``), once in training and once in eval mode.
+The model is traced with torchvision's ``NodePathTracer`` (so node names are those of
+``create_feature_extractor`` and ``get_graph_node_names``, except where torchvision names a module
+by another's path: see :func:`_tracer_class`), once in training and once in eval mode.
 Each graph returns the requested nodes and loses everything they do not depend on. Then every
 requested node whose storage a later op overwrites in place (``ReLU(inplace=True)``, ``add_``,
 ``x += y``) gets one ``clone`` right after it; no other node is copied.
@@ -9,10 +10,11 @@ requested node whose storage a later op overwrites in place (``ReLU(inplace=True
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ from torch import fx, nn
 
 from featurescope._torch_utils import training_mode
 from featurescope.errors import FeaturescopeError, NodeNotFoundError, did_you_mean
-from featurescope.tap._inplace import mutated_args
+from featurescope.tap._inplace import _inplace_position, mutated_args
 
 __all__ = [
     "FxProgram",
@@ -117,6 +119,12 @@ _FRESH_FUNCTIONS: frozenset[Any] = frozenset(
         F.leaky_relu,
         F.elu,
         F.hardtanh,
+        F.hardswish,
+        F.hardsigmoid,
+        F.mish,
+        F.celu,
+        F.selu,
+        F.threshold,
         F.gelu,
         F.silu,
         F.sigmoid,
@@ -196,6 +204,54 @@ class Trace:
         return list(self.qualnames.values())
 
 
+# torch.fx makes node names unique graph-wide with a ``_<n>`` suffix; names here count per module.
+_FX_SUFFIX = re.compile(r"(.+)_[0-9]+$")
+
+
+@functools.cache
+def _tracer_class() -> type[Any]:
+    """torchvision's ``NodePathTracer`` with node names that say which module call they are.
+
+    torchvision strips a trailing ``_<n>`` from every name to undo torch.fx's counter, module
+    paths included, so ViT's module ``encoder_layer_0.ln_1`` is named ``...ln`` and
+    ``encoder_layer_0.ln_2`` is named ``...ln_1``: asking torchvision for ``ln_1`` returns
+    ``ln_2``'s output. Here a leaf module's node is named by its exact path (``name`` for its
+    first call, ``name_1`` for its second, ...), an op's node by its module's path and the op,
+    counted per module as torchvision does; no op or repeated call takes a module's path.
+    """
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    class _NodePathTracer(NodePathTracer):  # type: ignore[misc]
+        def trace(self, root: Any, *args: Any, **kwargs: Any) -> fx.Graph:
+            if isinstance(root, nn.Module):
+                self._module_paths = {name for name, _ in root.named_modules()}
+            self._used: set[str] = set()
+            self._next: dict[str, int] = {}
+            return super().trace(root, *args, **kwargs)  # type: ignore[no-any-return]
+
+        def _get_node_qualname(self, module_qualname: str, node: fx.Node) -> str:
+            if node.op == "call_module":
+                base = module_qualname
+            else:
+                match = _FX_SUFFIX.match(str(node))
+                op = match.group(1) if match else str(node)
+                base = f"{module_qualname}.{op}" if module_qualname else op
+            taken: set[str] = getattr(self, "_module_paths", set())
+            index = self._next.get(base, 0)
+            name = base if index == 0 else f"{base}_{index}"
+            # Only the module's own first call may take its path.
+            while name in self._used or (
+                name in taken and not (index == 0 and node.op == "call_module")
+            ):
+                index += 1
+                name = f"{base}_{index}"
+            self._next[base] = index + 1
+            self._used.add(name)
+            return name
+
+    return _NodePathTracer
+
+
 def trace(
     model: nn.Module,
     training: bool,
@@ -208,9 +264,7 @@ def trace(
         Exception: whatever torch.fx raises when the model cannot be traced (e.g.
             ``TraceError`` for a branch on a tensor's value); callers decide what to do.
     """
-    from torchvision.models.feature_extraction import NodePathTracer
-
-    tracer = NodePathTracer(**_tracer_kwargs(tracer_kwargs))
+    tracer = _tracer_class()(**_tracer_kwargs(tracer_kwargs))
     with training_mode(model, training):
         graph = tracer.trace(model, concrete_args=concrete_args)
     module = fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -296,6 +350,8 @@ def _is_fresh(node: fx.Node, module: fx.GraphModule) -> bool:
         return isinstance(module.get_submodule(str(node.target)), _FRESH_MODULES)
     if node.op == "call_method":
         return node.target in _FRESH_METHODS
+    if node.target is _out_of_place:
+        return True
     try:
         return node.target in _FRESH_FUNCTIONS
     except TypeError:  # unhashable target
@@ -360,6 +416,139 @@ def _eliminate_dead_code(graph: fx.Graph, module: fx.GraphModule) -> None:
             graph.erase_node(node)
 
 
+# An in-place activation module's out-of-place form, reading the module's current settings.
+_OUT_OF_PLACE: dict[type[nn.Module], Callable[[Any, torch.Tensor], torch.Tensor]] = {
+    nn.ReLU: lambda m, x: F.relu(x),
+    nn.ReLU6: lambda m, x: F.hardtanh(x, m.min_val, m.max_val),
+    nn.Hardtanh: lambda m, x: F.hardtanh(x, m.min_val, m.max_val),
+    nn.Hardswish: lambda m, x: F.hardswish(x),
+    nn.Hardsigmoid: lambda m, x: F.hardsigmoid(x),
+    nn.SiLU: lambda m, x: F.silu(x),
+    nn.Mish: lambda m, x: F.mish(x),
+    nn.LeakyReLU: lambda m, x: F.leaky_relu(x, m.negative_slope),
+    nn.ELU: lambda m, x: F.elu(x, m.alpha),
+    nn.CELU: lambda m, x: F.celu(x, m.alpha),
+    nn.SELU: lambda m, x: F.selu(x),
+    nn.Threshold: lambda m, x: F.threshold(x, m.threshold, m.value),
+}
+# Functions whose ``inplace=True`` may be turned off without changing what they compute.
+_OUT_OF_PLACE_FUNCTIONS = frozenset(
+    {
+        F.relu,
+        F.relu6,
+        F.hardtanh,
+        F.hardswish,
+        F.hardsigmoid,
+        F.silu,
+        F.mish,
+        F.leaky_relu,
+        F.elu,
+        F.celu,
+        F.selu,
+        F.threshold,
+    }
+)
+# Unary in-place methods and their out-of-place twins (same dtype, same kernel).
+_OUT_OF_PLACE_METHODS = {
+    "relu_": "relu",
+    "sigmoid_": "sigmoid",
+    "tanh_": "tanh",
+    "neg_": "neg",
+    "abs_": "abs",
+    "exp_": "exp",
+    "sqrt_": "sqrt",
+}
+
+
+def _out_of_place(inner: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run one of the model's in-place activation modules without writing into its input.
+
+    It takes the model's own module (a ``get_attr`` node, looked up on the model at each call)
+    and reads its settings then, so it follows them.
+    """
+    return _OUT_OF_PLACE[type(inner)](inner, x)
+
+
+def _make_out_of_place(node: fx.Node, module: fx.GraphModule) -> bool:
+    """Rewrite the in-place call ``node`` to return new storage; ``False`` if it cannot be."""
+    if node.op == "call_module":
+        sub = module.get_submodule(str(node.target))
+        if type(sub) not in _OUT_OF_PLACE or len(node.args) != 1 or node.kwargs:
+            return False
+        # Nothing is added to the module: the graph's code runs on the model itself.
+        with node.graph.inserting_before(node):
+            inner = node.graph.get_attr(str(node.target))
+        node.op, node.target, node.args = "call_function", _out_of_place, (inner, node.args[0])
+        return True
+    if node.op == "call_function":
+        target = node.target
+        try:
+            known = callable(target) and target in _OUT_OF_PLACE_FUNCTIONS
+        except TypeError:  # unhashable target
+            return False
+        if not known or not callable(target):
+            return False
+        position = _inplace_position(target)
+        if "inplace" in node.kwargs:
+            node.kwargs = {**node.kwargs, "inplace": False}
+            return True
+        if position is not None and len(node.args) > position:
+            node.args = (*node.args[:position], False, *node.args[position + 1 :])
+            return True
+        return False
+    if node.op == "call_method" and node.target in _OUT_OF_PLACE_METHODS and len(node.args) == 1:
+        node.target = _OUT_OF_PLACE_METHODS[str(node.target)]
+        return True
+    return False
+
+
+def _rewrite_inplace(
+    graph: fx.Graph, module: fx.GraphModule, outputs: dict[str, fx.Node]
+) -> list[str]:
+    """Make a later in-place write out of place where that alone keeps an output intact.
+
+    ``relu_(bn)`` reads and writes ``bn`` once; ``clone(bn)`` then ``relu_`` does it twice. So
+    where the first write into a requested node's storage is an in-place activation applied to
+    that very node, no other node shares the storage up to it, and nothing reads the node after
+    it, the activation is made out of place (same kernel, same values) and nothing is copied.
+
+    Returns:
+        The aliases kept intact so.
+    """
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    storages = _storages(nodes, module)
+    members: dict[fx.Node, list[fx.Node]] = {}
+    writes: dict[fx.Node, list[fx.Node]] = {}  # per storage, the nodes writing into it, in order
+    for n in nodes:
+        members.setdefault(storages.find(n), []).append(n)
+        for t in _mutated_nodes(n, module):
+            writes.setdefault(storages.find(t), []).append(n)
+    rewritten = []
+    for alias, node in sorted(outputs.items(), key=lambda item: position[item[1]]):
+        if node.op == "placeholder":
+            continue
+        root = storages.find(node)
+        later = [w for w in writes.get(root, []) if position[w] > position[node]]
+        if not later:
+            continue
+        write, at = later[0], position[later[0]]
+        if not write.args or write.args[0] is not node or len(write.all_input_nodes) != 1:
+            continue
+        if any(m is not node and m is not write and position[m] <= at for m in members[root]):
+            continue  # another alias of the storage exists: it may be read later
+        if any(position[u] > at for u in node.users if u is not write and u.op != "output"):
+            continue  # something reads the node after the write, expecting written values
+        if not _make_out_of_place(write, module):
+            continue
+        rewritten.append(alias)
+        # ``write`` now returns new storage: the node keeps its own, and everything after the
+        # write shares the write's (no other path joins them, as just checked).
+        members[root] = [m for m in members[root] if m is not node]
+        writes[root] = [w for w in writes[root] if w is not write]
+    return rewritten
+
+
 def _protect_inplace(
     graph: fx.Graph, module: fx.GraphModule, outputs: dict[str, fx.Node]
 ) -> list[str]:
@@ -392,7 +581,10 @@ class FxProgram:
     module: fx.GraphModule
     nodes: dict[str, str]  # alias -> resolved node name
     ops: dict[str, str]  # alias -> what the node computes, e.g. "Conv2d"
-    copied: list[str]  # aliases copied because a later in-place op overwrites them
+    # Aliases a later in-place op would overwrite: copied, or (``rewritten``) kept intact by
+    # making that op out of place.
+    copied: list[str]
+    rewritten: list[str] = field(default_factory=list)
     export_blocker: str | None = None  # torch.export captures the graph as is
 
     def __post_init__(self) -> None:
@@ -448,8 +640,10 @@ def build_program(traced: Trace, return_nodes: Mapping[str, str], model: nn.Modu
         output = graph.output(dict(outputs))
     # Prune everything after the deepest requested node (and any branch it does not need).
     _eliminate_dead_code(graph, module)
+    rewritten = _rewrite_inplace(graph, module, outputs)
     copied = _protect_inplace(graph, module, outputs)
     output.args = (dict(outputs),)
     graph.lint()
     module.recompile()
-    return FxProgram(module, resolved, ops, copied)
+    protected = [a for a in outputs if a in set(rewritten) | set(copied)]
+    return FxProgram(module, resolved, ops, protected, rewritten)

@@ -29,11 +29,20 @@ from featurescope.errors import (
     did_you_mean,
 )
 from featurescope.plugins import Registry
+from featurescope.visualizers._layout import as_maps
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["VISUALIZERS", "get_visualizer", "list_visualizers", "save", "save_figure", "visualize"]
+__all__ = [
+    "VISUALIZERS",
+    "as_maps",
+    "get_visualizer",
+    "list_visualizers",
+    "save",
+    "save_figure",
+    "visualize",
+]
 
 _HOOK = "featurescope_register_visualizers"
 _FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}

@@ -10,7 +10,8 @@ import numpy as np
 
 from featurescope.errors import VisualizationError
 from featurescope.hookspecs import hookimpl
-from featurescope.visualizers._common import as_chw, check_positive_int, new_figure, normalize01
+from featurescope.visualizers._common import check_positive_int, new_figure, normalize01
+from featurescope.visualizers._layout import as_maps
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,6 +41,9 @@ def grid(
     ncols: int | None = None,
     title: str | None = None,
     panel_size: float = 1.0,
+    layout: str | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    patch_size: int | tuple[int, int] | None = None,
 ) -> Figure:
     """Draw every channel of a ``[C, H, W]`` feature map as its own small image.
 
@@ -58,12 +62,19 @@ def grid(
         ncols: panels per row; default about the square root of the number shown.
         title: the figure's title.
         panel_size: each panel's side in inches.
+        layout: how ``data`` is laid out: ``"chw"``, ``"hwc"`` (channels last, as Swin's
+            stages) or ``"tokens"`` (``[tokens, C]``, as ViT's blocks); ``None`` reads it from
+            the shape (see :func:`featurescope.visualizers.as_maps`).
+        image_size: with ``patch_size``, the model's input side (or ``(height, width)``), to
+            lay tokens out on its patch grid; without them a token map must fit a square
+            (after a class token).
+        patch_size: the model's patch side (or ``(height, width)``), e.g. ``model.patch_size``.
 
     Returns:
         A figure with one axes per channel shown.
 
     Raises:
-        InputShapeError: ``data`` is not a single feature map.
+        InputShapeError: ``data`` is not a single feature map (of any layout above).
         VisualizationError: an option has a value this function cannot use.
 
     Example:
@@ -72,7 +83,7 @@ def grid(
         >>> len(fig.axes)
         6
     """
-    maps = as_chw(data)
+    maps = as_maps(data, layout, image_size=image_size, patch_size=patch_size)
     cap = check_positive_int(max_channels, "max_channels", allow_none=True)
     if order not in _ORDERS:
         raise VisualizationError(f"order must be one of {_ORDERS}, got {order!r}")

@@ -10,11 +10,11 @@ import numpy as np
 from featurescope.errors import VisualizationError
 from featurescope.hookspecs import hookimpl
 from featurescope.visualizers._common import (
-    as_chw,
     new_figure,
     normalize01,
     to_display_image,
 )
+from featurescope.visualizers._layout import as_maps
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -48,6 +48,9 @@ def overlay(
     title: str | None = None,
     colorbar: bool = False,
     size: float = 4.0,
+    layout: str | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    patch_size: int | tuple[int, int] | None = None,
 ) -> Figure:
     """Draw a feature map, upsampled bilinearly, over the input image: where the layer fires.
 
@@ -64,6 +67,13 @@ def overlay(
         title: the axes' title.
         colorbar: add a colour bar (a second axes) for the scaled map.
         size: the figure's height in inches.
+        layout: how ``data`` is laid out: ``"chw"``, ``"hwc"`` (channels last, as Swin's
+            stages) or ``"tokens"`` (``[tokens, C]``, as ViT's blocks); ``None`` reads it from
+            the shape (see :func:`featurescope.visualizers.as_maps`).
+        image_size: with ``patch_size``, the model's input side (or ``(height, width)``), to
+            lay tokens out on its patch grid; without them a token map must fit a square
+            (after a class token).
+        patch_size: the model's patch side (or ``(height, width)``), e.g. ``model.patch_size``.
 
     Returns:
         A figure with one axes (two with ``colorbar``).
@@ -80,7 +90,7 @@ def overlay(
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise VisualizationError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    heat = as_chw(data).sum(axis=0)
+    heat = as_maps(data, layout, image_size=image_size, patch_size=patch_size).sum(axis=0)
     picture = to_display_image(image)
     height, width = picture.shape[:2]
     heat = normalize01(upsample(heat, height, width))

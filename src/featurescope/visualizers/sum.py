@@ -6,7 +6,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from featurescope.hookspecs import hookimpl
-from featurescope.visualizers._common import as_chw, new_figure
+from featurescope.visualizers._common import new_figure
+from featurescope.visualizers._layout import as_maps
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -21,6 +22,9 @@ def channel_sum(
     title: str | None = None,
     colorbar: bool = True,
     size: float = 4.0,
+    layout: str | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    patch_size: int | tuple[int, int] | None = None,
 ) -> Figure:
     """Draw the sum over channels of a ``[C, H, W]`` feature map, in activation units.
 
@@ -34,12 +38,19 @@ def channel_sum(
         title: the axes' title; default ``"sum over C channels"``.
         colorbar: draw a colour bar (a second axes) with the summed values.
         size: the figure's height in inches.
+        layout: how ``data`` is laid out: ``"chw"``, ``"hwc"`` (channels last, as Swin's
+            stages) or ``"tokens"`` (``[tokens, C]``, as ViT's blocks); ``None`` reads it from
+            the shape (see :func:`featurescope.visualizers.as_maps`).
+        image_size: with ``patch_size``, the model's input side (or ``(height, width)``), to
+            lay tokens out on its patch grid; without them a token map must fit a square
+            (after a class token).
+        patch_size: the model's patch side (or ``(height, width)``), e.g. ``model.patch_size``.
 
     Returns:
         A figure with the map's axes, and the colour bar's axes when ``colorbar`` is true.
 
     Raises:
-        InputShapeError: ``data`` is not a single feature map.
+        InputShapeError: ``data`` is not a single feature map (of any layout above).
 
     Example:
         >>> import torch
@@ -47,7 +58,7 @@ def channel_sum(
         >>> len(fig.axes)
         2
     """
-    maps = as_chw(data)
+    maps = as_maps(data, layout, image_size=image_size, patch_size=patch_size)
     total = maps.sum(axis=0)
     fig = new_figure(size * 1.25 if colorbar else size, size)
     ax = fig.add_subplot(1, 1, 1)

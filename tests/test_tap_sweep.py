@@ -1,0 +1,225 @@
+"""FeatureTap proven node by node on every torchvision classification model.
+
+For each model of ``torchvision.models.list_models(module=torchvision.models)`` (random weights,
+eval mode, about the smallest input it accepts, one thread), every node of the eval graph is
+tapped at once with the fx backend and every module that runs with the hooks backend, and each
+value is compared bit for bit with an independent reference (``tests/_tap_reference.py``): the
+eager module call cloned when it returned, and the graph re-executed with a clone after every
+node. torchvision's ``create_feature_extractor`` is run on the same nodes and its errors are
+counted (``docs/tap_models.rst`` tabulates them); ``FEATURESCOPE_SWEEP_REPORT=dir`` writes one
+JSON row per model there.
+
+The full sweep takes a few minutes on two cores (``pytest -n 2``) and runs on the newest torch
+only (older ones run a subset), since node names and graphs differ slightly between versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torchvision.models import feature_extraction as tv_fx
+
+import _tap_reference as ref
+from featurescope import FeatureTap
+from featurescope.tap._fx import _tracer_kwargs, trace
+
+NEWEST_TORCH = (2, 14)
+#: Models every torch version runs; the rest run on the newest torch only.
+SUBSET = ("resnet18", "vit_b_16", "densenet121", "mobilenet_v3_small", "swin_t")
+
+#: About the smallest input side each family accepts (ViTs get ``image_size=`` to match).
+_INPUT = {
+    "alexnet": 63,
+    "googlenet": 32,
+    "inception_v3": 75,
+    "maxvit_t": 224,  # its 7x7 partitions need every stage's side divisible by 7
+    "squeezenet1_0": 32,
+    "squeezenet1_1": 32,
+}
+
+
+def _input_side(name: str) -> int:
+    if name in _INPUT:
+        return _INPUT[name]
+    if name.startswith("vit_"):
+        return int(name.rsplit("_", 1)[1])  # one patch
+    return 32
+
+
+#: The slowest to build and run, started first so that parallel workers finish together.
+_SLOWEST = ("regnet_y_128gf", "maxvit_t", "vit_h_14", "convnext_large", "vit_l_16", "vit_l_32")
+
+
+def _models() -> list[pytest.param]:
+    names = torchvision.models.list_models(module=torchvision.models)
+    names = [n for n in _SLOWEST if n in names] + [n for n in names if n not in _SLOWEST]
+    newest = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= NEWEST_TORCH
+    return [
+        pytest.param(
+            n,
+            marks=()
+            if newest or n in SUBSET
+            else pytest.mark.skip(reason="the full sweep runs on the newest torch only"),
+        )
+        for n in names
+    ]
+
+
+def _build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    side = _input_side(name)
+    kwargs = {"image_size": side} if name.startswith("vit_") else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # googlenet/inception init notices
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    return model.eval(), torch.randn(2, 3, side, side)
+
+
+def _torchvision_names(model: torch.nn.Module) -> list[str]:
+    tracer = tv_fx.NodePathTracer(**_tracer_kwargs(None))
+    tracer.trace(model)
+    return list(tracer.node_to_qualname.values())
+
+
+def _wrong(got: dict[str, object], expected: dict[str, object], **tolerance: float) -> list[str]:
+    return [n for n, value in expected.items() if not ref.same(got[n], value, **tolerance)]
+
+
+@pytest.mark.parametrize("name", _models())
+def test_every_node_of_a_torchvision_model(name: str) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _sweep(name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sweep(name: str) -> None:
+    model, x = _build(name)
+    with torch.no_grad():
+        calls = ref.module_calls(model, x)
+        traced = trace(model, training=False)
+        nodes = {q: n for n, q in traced.qualnames.items()}
+        snapshots = ref.node_snapshots(traced.module, traced.qualnames, x)
+
+        # Every leaf module's node is named by its path: the eager call of that very module.
+        for qual, node in nodes.items():
+            if node.op == "call_module":
+                assert qual in calls, f"{name}: node {qual!r} names no module call"
+                assert ref.same(snapshots[qual], calls[qual]), f"{name}: {qual} != eager"
+
+        # fx backend: every eval node also present in training mode, tapped at once.
+        train_names = set(trace(model, training=True).names)
+        tapped = [q for q in traced.names if q in train_names]
+        tap = FeatureTap(model, tapped, backend="fx")
+        got = tap(x)
+        expected = {q: ref.expected_value(q, nodes[q], calls, snapshots) for q in tapped}
+        wrong = _wrong(got, expected)
+        assert not wrong, f"{name}: fx backend wrong on {len(wrong)} nodes: {wrong[:8]}"
+
+        # hooks backend: every module that ran, its first call.
+        modules = [n for n, _ in model.named_modules() if n and n in calls]
+        hooks = FeatureTap(model, modules, backend="hooks")(x)
+        # Rounding only: the in-place guard (a TorchFunctionMode) takes MultiheadAttention off
+        # its fused fast path; an overwritten output differs by far more.
+        wrong = _wrong(hooks, {m: calls[m] for m in modules}, rtol=1e-4, atol=1e-5)
+        assert not wrong, f"{name}: hooks backend wrong on {len(wrong)} modules: {wrong[:8]}"
+
+        # torchvision's extractor on its own names for the same nodes.
+        tv_names = _torchvision_names(model)
+        assert len(tv_names) == len(traced.names)
+        extractor = tv_fx.create_feature_extractor(
+            model,
+            train_return_nodes=tv_names[-1:],
+            eval_return_nodes=tv_names,
+            suppress_diff_warning=True,
+        ).eval()
+        tv = ref.compare_torchvision(tv_names, traced.names, extractor(x), nodes, calls, snapshots)
+
+    report = os.environ.get("FEATURESCOPE_SWEEP_REPORT")
+    if report:
+        row = {
+            "model": name,
+            "input": x.shape[-1],
+            "nodes": len(traced.names),
+            "tapped": len(tapped),
+            "modules": len(modules),
+            "copied": len(tap.copied),
+            **{f"tv_{k}": len(v) for k, v in tv.items()},
+            "tv_examples": {k: v[:3] for k, v in tv.items() if k != "right"},
+        }
+        Path(report).mkdir(parents=True, exist_ok=True)
+        (Path(report) / f"{name}.json").write_text(json.dumps(row, indent=1))
+
+
+def test_torchvision_misnames_vit_layer_norms_and_featuretap_does_not() -> None:
+    """The root cause, shown on one layer: torchvision strips ``_1`` from the module path ``ln_1``."""
+    model, x = _build("vit_b_16")
+    layer = "encoder.layers.encoder_layer_0"
+    with torch.no_grad():
+        calls = ref.module_calls(model, x)
+        ours = FeatureTap(model, [f"{layer}.ln_1", f"{layer}.ln_2"], backend="fx")(x)
+        extractor = tv_fx.create_feature_extractor(model, [f"{layer}.ln_1"]).eval()
+        theirs = extractor(x)
+    assert ref.same(ours[f"{layer}.ln_1"], calls[f"{layer}.ln_1"])
+    assert ref.same(ours[f"{layer}.ln_2"], calls[f"{layer}.ln_2"])
+    assert ref.same(theirs[f"{layer}.ln_1"], calls[f"{layer}.ln_2"])
+    assert not ref.same(theirs[f"{layer}.ln_1"], calls[f"{layer}.ln_1"])
+
+
+class _Writes(torch.nn.Module):
+    """A conv whose output an in-place activation overwrites, read in several ways after it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.act = torch.nn.ReLU(inplace=True)
+        self.leaky = torch.nn.LeakyReLU(0.3, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv(x)
+        if self.how == "module":
+            b = self.act(a)
+        elif self.how == "leaky":
+            b = self.leaky(a)
+        elif self.how == "functional":
+            b = torch.nn.functional.hardswish(a, inplace=True)
+        elif self.how == "method":
+            b = a.relu_()
+        elif self.how == "read_after":  # reads the written storage through ``a`` itself
+            b = self.act(a) + a
+        elif self.how == "view_before":  # a view taken before the write sees it
+            v = a.flatten(1)
+            b = self.act(a)
+            return b.sum() + v.sum()
+        return b * 2
+
+
+@pytest.mark.parametrize(
+    "how", ["module", "leaky", "functional", "method", "read_after", "view_before"]
+)
+def test_in_place_writes_made_out_of_place_only_where_nothing_else_sees_them(how: str) -> None:
+    torch.manual_seed(0)
+    model = _Writes(how).eval()
+    x = torch.randn(2, 3, 8, 8)
+    traced = trace(model, training=False)
+    with torch.no_grad():
+        calls = ref.module_calls(model, x)
+        snapshots = ref.node_snapshots(traced.module, traced.qualnames, x)
+        tap = FeatureTap(model, traced.names, backend="fx")
+        got = tap(x)
+        model_out = model(x)
+    for name in traced.names:
+        assert ref.same(got[name], snapshots[name]), name
+    assert ref.same(got["conv"], calls["conv"])
+    assert ref.same(got[traced.names[-1]], model_out)
+    assert "conv" in tap.copied  # kept intact either way: copied or the write made out of place
+    # The model itself is untouched: its activation modules still work in place.
+    assert model.act.inplace and model.leaky.inplace
