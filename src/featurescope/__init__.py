@@ -36,6 +36,7 @@ from featurescope.index import (
     retrieval_metrics,
 )
 from featurescope.plugins import list_plugins, register_plugin, unregister_plugin
+from featurescope.study import ImageSearch
 from featurescope.tap import FeatureTap, get_graph_node_names
 from featurescope.train import History, train
 from featurescope.visualizers import get_visualizer, list_visualizers, save_figure, visualize
@@ -65,6 +66,7 @@ __all__ = [
     "FeaturescopeWarning",
     "History",
     "ImageFolder",
+    "ImageSearch",
     "IndexFileError",
     "InputShapeError",
     "ModelInfo",

@@ -142,9 +142,9 @@ STUDY = Preset(
 #: init, Adam at lr 3e-4, and 4 epochs of 200 images at batch size 8.
 QUICK = Preset(
     name="quick",
-    description="two minutes on a CPU: He init, Adam lr 3e-4, 4 epochs at batch 8 on "
-    "200 synthetic images",
-    batch_sizes=(8,),
+    description="minutes on a CPU: He init, Adam lr 3e-4, 4 epochs at batch sizes 8 and 16 "
+    "on 200 synthetic images",
+    batch_sizes=(8, 16),
     epochs=4,
     lr_schedule={1: 3e-4},
     optimizer="adam",
