@@ -55,6 +55,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "featurescope.visualizers.overlay",
     "featurescope.visualizers.montage",
     "featurescope.visualizers.curves",
+    "featurescope.study.gradcam",
 )
 
 #: The ``{name: thing}`` hooks, keyed by what they register (as ``featurescope plugins`` shows).
