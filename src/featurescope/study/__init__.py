@@ -27,6 +27,7 @@ from featurescope.study._experiments import (
     train_run,
 )
 from featurescope.study._search import ImageSearch
+from featurescope.study.explorer import write_explorer
 
 __all__ = [
     "ImageSearch",
@@ -43,4 +44,5 @@ __all__ = [
     "preprocess_image",
     "stage_maps",
     "train_run",
+    "write_explorer",
 ]

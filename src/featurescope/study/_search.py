@@ -47,6 +47,7 @@ class _ZooFacts:
     class_names: list[str] | None
     preprocessing: Preprocessing | None
     embedding_node: str | None
+    stages: tuple[str, ...] = ()
 
 
 def _zoo_facts(model: nn.Module) -> _ZooFacts:
@@ -63,6 +64,7 @@ def _zoo_facts(model: nn.Module) -> _ZooFacts:
         class_names=list(names) if names is not None else None,
         preprocessing=info.preprocessing if info is not None else None,
         embedding_node=info.embedding_node if info is not None else None,
+        stages=tuple(info.stages) if info is not None else (),
     )
 
 
@@ -213,7 +215,9 @@ class ImageSearch:
 
     # -- searching ----------------------------------------------------------------------------
 
-    def _batch(self, images: Any) -> torch.Tensor:
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """Query images as one ``[N, 3, H, W]`` batch: paths and PIL images preprocessed,
+        tensors passed through."""
         from featurescope.data.folders import load_rgb
 
         if isinstance(images, torch.Tensor):
@@ -252,7 +256,7 @@ class ImageSearch:
         """
         if self._tap is None:
             self._tap = FeatureTap(self.model, {self.node: "embedding"})
-        batch = self._batch(images)
+        batch = self.preprocess(images)
         with training_mode(self.model, False), torch.inference_mode():
             out = self._tap(batch.to(model_device(self.model) or torch.device("cpu")))
         vectors: torch.Tensor = out["embedding"].flatten(1).float().cpu()
@@ -286,7 +290,7 @@ class ImageSearch:
         result = self.search_images(images, k)
         queries: Any = images
         if isinstance(images, torch.Tensor):
-            queries = self.preprocessing.denormalize(self._batch(images))
+            queries = self.preprocessing.denormalize(self.preprocess(images))
         elif isinstance(images, (str, os.PathLike)):
             queries = [images]
         return visualize(
