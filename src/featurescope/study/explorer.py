@@ -35,7 +35,7 @@ from featurescope.index import retrieval_metrics
 from featurescope.study._search import ImageSearch, _zoo_facts
 from featurescope.tap import FeatureTap, last_spatial_node
 
-__all__ = ["write_explorer"]
+__all__ = ["explore_index", "query_images", "write_explorer"]
 
 PathLike = str | os.PathLike[str]
 
@@ -336,6 +336,77 @@ def write_explorer(
     with atomic_open(target, encoding="utf-8") as fh:
         fh.write(page)
     return target
+
+
+def query_images(
+    images: PathLike, class_names: Sequence[str] | None = None, *, limit: int = 100
+) -> tuple[list[str], list[int]]:
+    """Image files under ``images`` (a folder, searched recursively, or one file), sorted, with
+    labels: the index of the parent folder's name in ``class_names``, else ``-1``.
+
+    At most ``limit`` files are taken, evenly spaced through the sorted list.
+
+    Raises:
+        EmptyDatasetError: no image file there.
+    """
+    from featurescope.data.folders import IMAGE_EXTENSIONS
+    from featurescope.errors import EmptyDatasetError
+
+    root = Path(images)
+    suffixes = tuple(e.lower() for e in IMAGE_EXTENSIONS)
+    files = (
+        [root]
+        if root.is_file()
+        else sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
+    )
+    if not files:
+        raise EmptyDatasetError(f"no image files ({', '.join(suffixes)}) under {str(root)!r}")
+    if len(files) > limit:
+        files = [files[round(i * (len(files) - 1) / (limit - 1))] for i in range(limit)]
+    lookup = {name: i for i, name in enumerate(class_names or [])}
+    return [str(f) for f in files], [lookup.get(f.parent.name, -1) for f in files]
+
+
+def explore_index(
+    index: PathLike,
+    images: PathLike | None = None,
+    out: PathLike = "explorer.html",
+    *,
+    k: int = 10,
+    queries: int = 40,
+) -> Path:
+    """Write the explorer page of a saved :class:`~featurescope.ImageSearch`.
+
+    Args:
+        index: a folder written by :meth:`ImageSearch.save <featurescope.ImageSearch.save>` or
+            ``featurescope index build``.
+        images: the query images: a folder (class subfolders named as the index's classes
+            mark hits and score precision) or one file; default: ``queries`` of the indexed
+            images themselves, evenly spaced.
+        out: the HTML file to write.
+        k: neighbours shown per query.
+        queries: how many query images at most.
+
+    Returns:
+        The page's path.
+    """
+    search = ImageSearch.load(index)
+    if images is not None:
+        paths, labels = query_images(images, search.class_names, limit=queries)
+    else:
+        where, by_id = search.image_paths(), search.labels()
+        ids = sorted(where)
+        step = max(1, -(-len(ids) // queries))
+        picked = [i for i in ids[::step] if where[i]]
+        paths, labels = [where[i] or "" for i in picked], [by_id[i] for i in picked]
+    return write_explorer(
+        out,
+        search,
+        paths,
+        query_labels=labels,
+        k=k,
+        title=f"featurescope explorer: {Path(index).name}",
+    )
 
 
 _CSS = """
