@@ -193,7 +193,9 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
     forced = _Terminal()
     with Progress(50, "extract", stream=forced) as bar:
         bar.update(50)
-    assert "\r" not in forced.getvalue() and forced.getvalue().startswith("extract: 50/50 it (100%)")
+    assert "\r" not in forced.getvalue() and forced.getvalue().startswith(
+        "extract: 50/50 it (100%)"
+    )
 
 
 def test_training_logs_one_plain_line_per_epoch(tiny_data, capsys):

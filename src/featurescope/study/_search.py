@@ -228,7 +228,8 @@ class ImageSearch:
                     "search_images takes preprocessed image tensors [3, H, W] or [N, 3, H, W], "
                     f"got shape {list(images.shape)}"
                 )
-            return images.float()
+            batch: torch.Tensor = images.float()
+            return batch
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
             images = [images]
         if not images:
@@ -274,9 +275,9 @@ class ImageSearch:
         """
         return self.index.search(self.embed_images(images), k)
 
-    def image_paths(self) -> dict[int, str]:
-        """``{id: image path}`` of every indexed image."""
-        return dict(zip(self.index.ids.tolist(), self.index.metadata, strict=True))  # type: ignore[arg-type]
+    def image_paths(self) -> dict[int, str | None]:
+        """``{id: image path}`` of every indexed image (``None`` where it has none)."""
+        return dict(zip(self.index.ids.tolist(), self.index.metadata, strict=True))
 
     def labels(self) -> dict[int, int]:
         """``{id: label}`` of every indexed image (``-1`` where unlabelled)."""

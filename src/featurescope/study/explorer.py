@@ -72,7 +72,7 @@ def _crop(tensor: torch.Tensor, search: ImageSearch) -> str:
 
     rgb = search.preprocessing.denormalize(tensor).permute(1, 2, 0).numpy()
     picture = Image.fromarray((rgb * 255).round().astype(np.uint8))
-    return _data_url(picture.resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.BILINEAR))
+    return _data_url(picture.resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.Resampling.BILINEAR))
 
 
 def _to_bytes(values: torch.Tensor) -> str:
@@ -278,11 +278,13 @@ def write_explorer(
     used = {i for hits in query_hits + point_hits for i, _ in hits} | set(point_ids.tolist())
     where = search.image_paths()
     gallery_labels = search.labels()
-    gallery = [
-        {"id": i, "label": gallery_labels[i], "path": where[i] or "", "thumb": _thumbnail(where[i])}
-        for i in sorted(used)
-        if where.get(i)
-    ]
+    gallery = []
+    for i in sorted(used):
+        path = where.get(i)
+        if path:
+            gallery.append(
+                {"id": i, "label": gallery_labels[i], "path": path, "thumb": _thumbnail(path)}
+            )
     model_name = facts.name or type(search.model).__name__
     data = {
         "title": title,

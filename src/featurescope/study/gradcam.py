@@ -99,7 +99,8 @@ def _as_tensor(data: Any, prep: Preprocessing) -> torch.Tensor:
             raise VisualizationError(
                 f"gradcam draws one preprocessed image [3, H, W], got shape {list(data.shape)}"
             )
-        return data.float()
+        image: torch.Tensor = data.float()
+        return image
     if isinstance(data, (str, os.PathLike)):
         from featurescope.data.folders import load_rgb
 
