@@ -192,7 +192,8 @@ def test_index_built_by_the_cli_is_searched_in_python_and_back(tmp_path, data, c
 
     python = fs.ImageSearch.build(fs.create_model("alexnet_half"), data, progress=False)
     saved = python.save(tmp_path / "py.fsindex")
-    assert main(["index", "search", str(saved), *map(str, queries), "-k", "4"]) == 0
+    argv = ["index", "search", str(saved), *map(str, queries), "-k", "4"]
+    assert main([*argv, "--out", str(tmp_path / "m.png")]) == 0
     printed = capsys.readouterr().out.splitlines()
     expected = python.search_images(queries, k=4)
     rows = [line.split() for line in printed if line.startswith("  ")]
