@@ -138,7 +138,8 @@ STUDY = Preset(
 #: 16, four runs. Each learns visibly (validation accuracy 0.64-0.76 after 4 epochs, chance
 #: 0.2). Measured for the whole ``featurescope demo`` (four runs, maps, search, explorer): 488
 #: CPU-seconds, 999 s of wall time while other jobs held the 2-core machine at load average
-#: ~7.5; quiet epochs took 5-9 s, about 150 s for the demo. The study's recipe cannot learn in
+#: ~7.5. Epochs that ran while it was quiet took 5-9 s, which puts a quiet demo near 150 s (an
+#: estimate from those epochs, not a measurement). The study's recipe cannot learn in
 #: such a budget: with PyTorch's default init and no normalisation, AlexNet sits at chance for
 #: many epochs under SGD at lr 0.01, and under Adam too for the hundred-odd steps a CPU affords.
 #: So this preset differs from the study in three ways, each needed: He (Kaiming) init, Adam at
