@@ -139,7 +139,7 @@ def test_maps_unreadable_image(tmp_path, capsys):
 
 def test_index_build_and_search(tmp_path, data, capsys):
     checkpoint = fs.save_checkpoint(fs.create_model("alexnet_half"), tmp_path / "m.safetensors")
-    index_path = tmp_path / "train.safetensors"
+    index_path = tmp_path / "train.fsindex"
     assert (
         main(
             [
@@ -155,9 +155,9 @@ def test_index_build_and_search(tmp_path, data, capsys):
         )
         == 0
     )
-    index = fs.EmbeddingIndex.load(index_path)
-    assert len(index) == 10
-    assert index.dim == 2048
+    search = fs.ImageSearch.load(index_path)
+    assert len(search.index) == 10
+    assert search.index.dim == 2048
     query = sorted((data / "train" / "star").glob("*.png"))[0]
     montage = tmp_path / "montage.png"
     assert (
@@ -167,49 +167,48 @@ def test_index_build_and_search(tmp_path, data, capsys):
     out = capsys.readouterr().out
     first_hit = out.splitlines()[2].split()
     assert float(first_hit[1]) == pytest.approx(0.0, abs=1e-3)  # the query itself is indexed
-    assert first_hit[-1] == str(query)
+    assert first_hit[-1] == str(query.resolve())
     assert montage.stat().st_size > 0
 
 
 def test_index_of_random_weights_searches_with_the_same_weights(tmp_path, data, capsys):
-    index_path = tmp_path / "random.safetensors"
-    assert (
-        main(
-            [
-                "index",
-                "build",
-                str(data / "train"),
-                "--model",
-                "alexnet_half",
-                "--out",
-                str(index_path),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    index_path = tmp_path / "random.fsindex"
+    args = ["index", "build", str(data / "train"), "--model", "alexnet_half"]
+    assert main([*args, "--out", str(index_path), "--quiet"]) == 0
     query = sorted((data / "train" / "circle").glob("*.png"))[0]
-    assert (
-        main(
-            [
-                "index",
-                "search",
-                str(index_path),
-                str(query),
-                "-k",
-                "1",
-                "--out",
-                str(tmp_path / "m.png"),
-            ]
-        )
-        == 0
-    )
+    argv = ["index", "search", str(index_path), str(query), "-k", "1"]
+    assert main([*argv, "--out", str(tmp_path / "m.png")]) == 0
     first_hit = capsys.readouterr().out.splitlines()[-2].split()
     assert float(first_hit[1]) == pytest.approx(0.0, abs=1e-3)
-    assert first_hit[-1] == str(query)
+    assert first_hit[-1] == str(query.resolve())
 
 
-def test_index_search_without_sidecar(tmp_path, capsys):
+def test_index_built_by_the_cli_is_searched_in_python_and_back(tmp_path, data, capsys):
+    """``index build`` output loads with ImageSearch.load; ImageSearch.save output is searched
+    by ``index search``; both give the same neighbours."""
+    queries = [sorted((data / "test" / c).glob("*.png"))[0] for c in ("star", "circle")]
+    built = tmp_path / "cli.fsindex"
+    argv = ["index", "build", str(data), "--model", "alexnet_half", "--out", str(built)]
+    assert main([*argv, "--quiet"]) == 0
+    capsys.readouterr()
+    from_cli = fs.ImageSearch.load(built)
+    assert from_cli.search_images(queries, k=4).ids.shape == (2, 4)
+
+    python = fs.ImageSearch.build(fs.create_model("alexnet_half"), data, progress=False)
+    saved = python.save(tmp_path / "py.fsindex")
+    argv = ["index", "search", str(saved), *map(str, queries), "-k", "4"]
+    assert main([*argv, "--out", str(tmp_path / "m.png")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    expected = python.search_images(queries, k=4)
+    rows = [line.split() for line in printed if line.startswith("  ")]
+    assert [row[-1] for row in rows] == [p for hits in expected.metadata for p in hits]
+    assert [float(row[1]) for row in rows] == pytest.approx(
+        expected.distances.flatten().tolist(), abs=1e-3
+    )
+    assert from_cli.index.metadata == python.index.metadata  # same folder, same paths
+
+
+def test_index_search_of_something_else(tmp_path, capsys):
     index = fs.EmbeddingIndex(4)
     index.add(torch.zeros(1, 4))
     index.save(tmp_path / "i.safetensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html.parser
+import io
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 import featurescope as fs
 from featurescope import study
+from featurescope._progress import PLAIN_ENV, Progress
 from featurescope.data import load_image_folders, make_synthetic_dataset
 from featurescope.study.demo import run_demo
 from featurescope.train.presets import Preset
@@ -53,6 +55,7 @@ def test_demo_writes_every_file(demo_out):
     out, metrics = demo_out
     expected = [
         "report.html",
+        "explorer.html",
         "metrics.json",
         "accuracy.csv",
         "width_curves.png",
@@ -114,10 +117,117 @@ def test_demo_retrieval_scores_recomputed(demo_out, tiny_data):
     assert metrics["retrieval"]["num_queries"] == len(splits.test)
 
 
-def test_demo_reuses_finished_training(demo_out, tiny_data):
+def test_demo_reuses_finished_training_and_prints_a_summary(demo_out, tiny_data, capsys):
     out, first = demo_out
-    again = run_demo(out, data=tiny_data, preset=TINY, progress=False)
+    again = run_demo(out, data=tiny_data, preset=TINY, progress=True)
     assert again["width_comparison"]["runs"] == first["width_comparison"]["runs"]
+    printed = capsys.readouterr()
+    assert "\r" not in printed.out + printed.err  # not a terminal: plain lines only
+    table = printed.out[printed.out.index("run ") :].splitlines()
+    assert [line.split()[0] + " " + line.split()[1] for line in table[1:3]] == [
+        "alexnet bs5",
+        "alexnet_half bs5",
+    ]
+    assert f"{again['retrieval']['trained']['precision_at_k']:.3f}" in printed.out
+
+
+def test_demo_explorer_shows_the_retrieval_the_metrics_score(demo_out):
+    """The explorer's neighbours are the demo index's answer for each test image."""
+    import re
+
+    out, metrics = demo_out
+    page = (out / "explorer.html").read_text(encoding="utf-8")
+    data = json.loads(
+        re.search(r'<script id="fs-data" type="application/json">(.*?)</script>', page, re.S).group(
+            1
+        )
+    )
+    assert [r["name"] for r in data["runs"]] == ["alexnet bs5", "alexnet_half bs5"]
+    assert len(data["queries"]) == metrics["retrieval"]["num_queries"]
+    assert (
+        data["metrics"]["trained"]["precision@k"]
+        == metrics["retrieval"]["trained"]["precision_at_k"]
+    )
+    model = study.WidthRun(
+        "alexnet bs5", "alexnet", 5, fs.History(), out / "checkpoints" / "alexnet-bs5"
+    ).load_best()
+    splits = load_image_folders(metrics["data"]["root"])
+    index = study.index_embeddings(study.embed(model, splits.train, progress=False))
+    queries = study.embed(model, splits.test, progress=False)
+    expected = index.search(queries["embedding"], metrics["retrieval"]["k"])
+    shown = [[i for i, _ in q["neighbours"]] for q in data["queries"]]
+    assert shown == expected.ids.tolist()
+    assert not re.search(r"(src|href|url)\s*[=(]\s*[\"']?(https?:|//)", page)  # nothing remote
+    assert "default-src 'none'" in page  # and the browser is told to fetch nothing
+    assert (out / "explorer.html").stat().st_size < 20 * 2**20
+    assert "explorer.html" in (out / "report.html").read_text(encoding="utf-8")
+
+
+# --- progress output -------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_off_a_terminal_is_one_line_per_tenth_without_carriage_returns():
+    log = io.StringIO()
+    with Progress(1000, "extract", unit="img", stream=log) as bar:
+        for _ in range(1000):
+            bar.update(1)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert [line.split(" in ")[0] for line in lines] == [
+        f"extract: {n}/1000 img ({n // 10}%)" for n in range(100, 1001, 100)
+    ]
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
+    monkeypatch.delenv(PLAIN_ENV, raising=False)
+    tty = _Terminal()
+    with Progress(50, "extract", stream=tty) as bar:
+        bar.update(50)
+    assert "\r" in tty.getvalue()
+    monkeypatch.setenv(PLAIN_ENV, "1")
+    forced = _Terminal()
+    with Progress(50, "extract", stream=forced) as bar:
+        bar.update(50)
+    assert "\r" not in forced.getvalue() and forced.getvalue().startswith(
+        "extract: 50/50 it (100%)"
+    )
+
+
+def test_training_logs_one_plain_line_per_epoch(tiny_data, capsys):
+    splits = load_image_folders(tiny_data)
+    model = fs.create_model("alexnet_half", num_classes=len(splits.classes))
+    fs.train(
+        model,
+        splits.train,
+        splits.val,
+        epochs=3,
+        batch_size=5,
+        optimizer="adam",
+        lr_schedule={1: 1e-4},
+        progress=True,
+    )
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("alexnet_half epoch")]
+    assert [line.split(":")[0] for line in lines] == [
+        f"alexnet_half epoch {e}/3" for e in (1, 2, 3)
+    ]
+    assert all("val_acc=" in line for line in lines)
+
+
+def test_extraction_logs_plain_lines(tiny_data, capsys):
+    splits = load_image_folders(tiny_data)
+    study.embed(fs.create_model("alexnet_half"), splits.train, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines()[-1].startswith(
+        f"extract: {len(splits.train)}/{len(splits.train)} img (100%)"
+    )
 
 
 def test_stage_maps_match_a_manual_forward():

@@ -288,7 +288,9 @@ def test_builtin_models_and_visualizers_are_plugins():
     models = sorted(m for p in provides.values() for m in p["models"])
     assert models == sorted(set(fs.list_models()) - set(fs.zoo._registry._DECORATED))
     views = sorted(v for p in provides.values() for v in p["visualizers"])
-    assert views == fs.list_visualizers() == ["curves", "grid", "montage", "overlay", "sum"]
+    assert (
+        views == fs.list_visualizers() == ["curves", "gradcam", "grid", "montage", "overlay", "sum"]
+    )
 
 
 # --- discovery and the autoload switch -----------------------------------------------------------

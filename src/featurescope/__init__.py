@@ -36,7 +36,8 @@ from featurescope.index import (
     retrieval_metrics,
 )
 from featurescope.plugins import list_plugins, register_plugin, unregister_plugin
-from featurescope.tap import FeatureTap, get_graph_node_names
+from featurescope.study import ImageSearch
+from featurescope.tap import FeatureTap, get_graph_node_names, grad_cam
 from featurescope.train import History, train
 from featurescope.visualizers import get_visualizer, list_visualizers, save_figure, visualize
 from featurescope.zoo import (
@@ -68,6 +69,7 @@ __all__ = [
     "FeaturescopeWarning",
     "History",
     "ImageFolder",
+    "ImageSearch",
     "IndexFileError",
     "InputShapeError",
     "ModelInfo",
@@ -88,6 +90,7 @@ __all__ = [
     "get_graph_node_names",
     "get_model_info",
     "get_visualizer",
+    "grad_cam",
     "hookimpl",
     "list_models",
     "list_plugins",

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "featurescope.cli._plugins",
     "featurescope.cli._tap",
     "featurescope.cli._study",
+    "featurescope.cli._explore",
 )
 
 

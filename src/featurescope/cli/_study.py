@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +99,18 @@ def register(subparsers: Any) -> None:
         help="embed every image of a folder and save an EmbeddingIndex",
         description=(
             "Embed every image under FOLDER (class subfolders, or a dataset root whose train/ "
-            "holds them) with the model's last hidden layer and save an EmbeddingIndex with the "
-            "images' labels and paths. A sidecar OUT.json records the model for 'index search'."
+            "holds them) with the model's last hidden layer and save the search to the folder "
+            "OUT: the EmbeddingIndex with the images' labels and paths, the model (its weights "
+            "unless the zoo name rebuilds them) and search.json. Python reads it with "
+            "featurescope.ImageSearch.load(OUT)."
         ),
     )
     b.add_argument("folder", help="image folder (class subfolders) or dataset root with train/")
     _model_options(b)
     b.add_argument("--node", help="embedding node (default: the model's last hidden layer)")
-    b.add_argument("--out", default="featurescope-index.safetensors", help="index file")
+    b.add_argument(
+        "--out", default="featurescope-index.fsindex", help="output folder (default: %(default)s)"
+    )
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_index_build)
@@ -116,11 +119,13 @@ def register(subparsers: Any) -> None:
         "search",
         help="find the images nearest to query images, and draw a montage",
         description=(
-            "Embed each IMAGE with the model recorded beside INDEX, print its K nearest "
-            "indexed images (distance, label, path) and write a montage figure."
+            "Embed each IMAGE with the model saved in INDEX, print its K nearest indexed "
+            "images (distance, label, path) and write a montage figure."
         ),
     )
-    s.add_argument("index", help="an index file written by 'featurescope index build'")
+    s.add_argument(
+        "index", help="a folder written by 'featurescope index build' or ImageSearch.save"
+    )
     s.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
     s.add_argument("-k", type=int, default=10, help="neighbours per query (default: 10)")
     s.add_argument("--out", default="featurescope-search.png", help="montage figure")
@@ -204,62 +209,32 @@ def _maps(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sidecar(index_path: str | Path) -> Path:
-    return Path(f"{index_path}.json")
-
-
 def _index_build(args: argparse.Namespace) -> int:
     import featurescope as fs
-    from featurescope._io import atomic_open
-    from featurescope.data import ImageFolder
-    from featurescope.study import embed, index_embeddings
-    from featurescope.zoo import model_metadata, resolve_preprocessing
 
-    folder = Path(args.folder)
-    model = _load_model(args.model, args.checkpoint)
-    transform = resolve_preprocessing(model).transform()
-    dataset = ImageFolder(folder / "train" if (folder / "train").is_dir() else folder, transform)
-    extraction = embed(
-        model, dataset, node=args.node, batch_size=args.batch_size, progress=not args.quiet
+    search = fs.ImageSearch.build(
+        _load_model(args.model, args.checkpoint),
+        args.folder,
+        node=args.node,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
     )
-    index = index_embeddings(extraction)
-    path = index.save(args.out)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else None
-    if checkpoint is None:
-        # Random weights differ on every build: keep these so that searches embed alike.
-        checkpoint = fs.save_checkpoint(model, f"{path}.model.safetensors")
-    record = {
-        "model": model_metadata(model).architecture,  # type: ignore[union-attr]
-        "checkpoint": str(checkpoint.resolve()),
-        "node": args.node or extraction.nodes.get("embedding"),
-        "classes": dataset.classes,
-    }
-    with atomic_open(_sidecar(path)) as fh:
-        json.dump(record, fh, indent=1)
-    print(f"indexed {len(index)} images ({index.dim}-d, {len(dataset.classes)} classes) -> {path}")
+    path = search.save(args.out)
+    classes = len(search.class_names or [])
+    print(f"indexed {len(search.index)} images ({search.index.dim}-d, {classes} classes) -> {path}")
     return 0
 
 
 def _index_search(args: argparse.Namespace) -> int:
     import featurescope as fs
-    from featurescope.study import embed_images
 
-    sidecar = _sidecar(args.index)
-    if not sidecar.is_file():
-        raise fs.FeaturescopeError(
-            f"{sidecar} is missing: it records which model made the index; rebuild the index "
-            "with 'featurescope index build'"
-        )
-    record = json.loads(sidecar.read_text())
-    index = fs.EmbeddingIndex.load(args.index)
-    model = _load_model(record["model"], record["checkpoint"])
-    vectors = embed_images(model, args.images, node=record["node"])
-    k = min(args.k, len(index))
-    result = index.search(vectors, k)
-    classes = record.get("classes") or []
+    search = fs.ImageSearch.load(args.index)
+    k = min(args.k, len(search.index))
+    result = search.search_images(list(args.images), k)
+    classes = search.class_names or []
     names = {
         i: classes[lab] if 0 <= lab < len(classes) else str(lab)
-        for i, lab in zip(index.ids.tolist(), index.labels.tolist(), strict=True)
+        for i, lab in search.labels().items()
     }
     for query, dists, ids, paths in zip(
         args.images, result.distances.tolist(), result.ids.tolist(), result.metadata, strict=True
@@ -267,16 +242,7 @@ def _index_search(args: argparse.Namespace) -> int:
         print(f"{query}:")
         for rank, (dist, i, path) in enumerate(zip(dists, ids, paths, strict=True), start=1):
             print(f"  {rank:>3}  {dist:10.4f}  {names.get(i, '?'):<12} {path}")
-    figure = fs.visualize(
-        "montage",
-        result,
-        images=dict(zip(index.ids.tolist(), index.metadata, strict=True)),
-        queries=list(args.images),
-        labels=dict(zip(index.ids.tolist(), index.labels.tolist(), strict=True)),
-        class_names=classes or None,
-        title=f"{k} nearest images",
-    )
-    fs.save_figure(figure, args.out)
+    fs.save_figure(search.montage(list(args.images), k), args.out)
     print(f"montage -> {args.out}")
     return 0
 

@@ -2,7 +2,9 @@
 
 1. :func:`compare_widths`: train both AlexNet widths at each batch size of a preset.
 2. :func:`stage_maps`: one image's feature maps at each stage, for the visualizers.
-3. :func:`embed` and :func:`index_embeddings`: search by image over the last hidden layer.
+3. :func:`embed` and :func:`index_embeddings`: search by image over the last hidden layer;
+   :class:`ImageSearch` bundles the model, its node and preprocessing with the index, and saves
+   them as one folder.
 
 :mod:`featurescope.study.demo` runs all three (``featurescope demo``) and
 :mod:`featurescope.study.report` writes their HTML report. Nothing here holds logic that the
@@ -24,8 +26,11 @@ from featurescope.study._experiments import (
     stage_maps,
     train_run,
 )
+from featurescope.study._search import ImageSearch
+from featurescope.study.explorer import write_explorer
 
 __all__ = [
+    "ImageSearch",
     "WidthRun",
     "compare_widths",
     "draw_stage_maps",
@@ -39,4 +44,5 @@ __all__ = [
     "preprocess_image",
     "stage_maps",
     "train_run",
+    "write_explorer",
 ]

@@ -2,7 +2,8 @@
 
 :func:`run_demo` draws (or opens) a dataset, trains both AlexNet widths, draws the trained
 net's feature maps stage by stage, searches training images by the last hidden layer, and
-writes every figure, ``metrics.json`` and ``report.html`` into one folder.
+writes every figure, ``metrics.json``, ``report.html`` and the interactive ``explorer.html``
+(see :mod:`featurescope.study.explorer`) into one folder, then prints a summary table.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from featurescope.visualizers import save as save_figure
 from featurescope.visualizers import visualize
 from featurescope.zoo import resolve_preprocessing
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "summary_table"]
 
 PathLike = str | os.PathLike[str]
 #: How many neighbours the retrieval experiment shows and scores, as in the study.
@@ -74,11 +75,12 @@ def _width_experiment(
             "final_train_acc": run.history.train_acc[-1],
             "final_val_acc": run.history.val_acc[-1] if run.history.val_acc else None,
             "best_val_acc": run.history.best_val_acc,
+            "seconds": round(sum(run.history.seconds), 1),
         }
         for run in runs
     ]
     with atomic_open(out / "accuracy.csv") as fh:
-        fh.write("run,model,batch_size,epochs,final_train_acc,final_val_acc,best_val_acc\n")
+        fh.write("run,model,batch_size,epochs,final_train_acc,final_val_acc,best_val_acc,seconds\n")
         for row in table:
             fh.write(",".join("" if v is None else str(v) for v in row.values()) + "\n")
     return runs, {"runs": table, "figure": "width_curves.png", "table": "accuracy.csv"}
@@ -128,7 +130,7 @@ def _retrieval_experiment(
     device: Any,
     seed: int,
     progress: bool,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Any, Any]:
     gallery = _gallery(splits)
     queries = splits.test or splits.eval
     if queries is None:
@@ -162,7 +164,7 @@ def _retrieval_experiment(
     )
     save_figure(figure, out / "retrieval_montage.png")
     chance = float(torch.bincount(index.labels).max()) / len(index)
-    return {
+    summary = {
         "k": k,
         "gallery_size": len(index),
         "num_queries": len(queries),
@@ -171,6 +173,7 @@ def _retrieval_experiment(
         "chance_precision": chance,
         "figure": "retrieval_montage.png",
     }
+    return summary, index, query_emb
 
 
 def run_demo(
@@ -208,14 +211,14 @@ def run_demo(
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
-    log("1/4 data")
+    log("1/5 data")
     splits = study.open_study_data(data, preset)
     log(
         f"    {len(splits.train)} training images of {len(splits.classes)} classes at {splits.root}"
     )
 
     log(
-        f"2/4 width comparison: {', '.join(preset.models)} at batch sizes "
+        f"2/5 width comparison: {', '.join(preset.models)} at batch sizes "
         f"{', '.join(map(str, preset.batch_sizes))}, {preset.epochs} epochs"
     )
     t = time.perf_counter()
@@ -225,15 +228,22 @@ def run_demo(
     model = best.load_best()
     log(f"    best full-width run: {best.name}, val acc {best.history.best_val_acc}")
 
-    log("3/4 feature maps per stage")
+    log("3/5 feature maps per stage")
     t = time.perf_counter()
     maps = _maps_experiment(model, splits, out)
     timings["feature_maps"] = time.perf_counter() - t
 
-    log("4/4 search by image")
+    log("4/5 search by image")
     t = time.perf_counter()
-    retrieval = _retrieval_experiment(model, splits, preset, out, device, seed, progress)
+    retrieval, index, queries = _retrieval_experiment(
+        model, splits, preset, out, device, seed, progress
+    )
     timings["retrieval"] = time.perf_counter() - t
+
+    log("5/5 the explorer page")
+    t = time.perf_counter()
+    explorer = _explorer(model, splits, index, queries, runs, retrieval, out)
+    timings["explorer"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 
     metrics: dict[str, Any] = {
@@ -254,10 +264,80 @@ def run_demo(
         "width_comparison": width,
         "feature_maps": {**maps, "model": best.name},
         "retrieval": retrieval,
-        "seconds": timings,
+        "explorer": explorer.name,
+        "seconds": {name: round(value, 1) for name, value in timings.items()},
     }
     with atomic_open(out / "metrics.json") as fh:
         json.dump(metrics, fh, indent=2)
     report = write_report(out, metrics)
-    log(f"done in {timings['total']:.0f} s: open {report}")
+    if progress:
+        print(summary_table(metrics), flush=True)
+    log(f"done in {timings['total']:.0f} s: open {explorer} (or the static {report.name})")
     return metrics
+
+
+def _explorer(
+    model: torch.nn.Module,
+    splits: DatasetSplits,
+    index: Any,
+    queries: Any,
+    runs: list[study.WidthRun],
+    retrieval: dict[str, Any],
+    out: Path,
+) -> Path:
+    from featurescope.study._search import ImageSearch
+    from featurescope.study.explorer import write_explorer
+
+    search = ImageSearch(model, index, root=splits.train.root, class_names=splits.classes)
+    return write_explorer(
+        out / "explorer.html",
+        search,
+        queries.paths,
+        query_labels=[int(v) for v in queries.labels],
+        runs={run.name: run.history for run in runs},
+        metrics={"trained": retrieval["trained"], "random weights": retrieval["random_weights"]},
+        k=retrieval["k"],
+        title="featurescope demo: the AlexNet study, to explore",
+    )
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    """The demo's results as a plain-text table: each run, the retrieval scores, the times.
+
+    Example:
+        >>> print(summary_table({
+        ...     "width_comparison": {"runs": [{"run": "alexnet bs8", "epochs": 4,
+        ...         "seconds": 30.0, "final_train_acc": 0.6, "best_val_acc": 0.7}]},
+        ...     "retrieval": {"k": 10, "trained": {"precision_at_k": 0.5,
+        ...         "mean_average_precision_at_r": 0.4}, "random_weights": {
+        ...         "precision_at_k": 0.3, "mean_average_precision_at_r": 0.2}},
+        ...     "seconds": {"width_comparison": 31.0, "total": 40.0}}))
+        run                  epochs  seconds  train acc  best val acc
+        alexnet bs8               4     30.0      0.600         0.700
+        search by image (k=10)  precision@k  mAP@R
+          trained                     0.500  0.400
+          random weights              0.300  0.200
+        time: width_comparison 31 s, total 40 s
+    """
+
+    def num(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"{'run':<20} {'epochs':>6} {'seconds':>8} {'train acc':>10} {'best val acc':>13}"]
+    for row in metrics["width_comparison"]["runs"]:
+        lines.append(
+            f"{row['run']:<20} {row['epochs']:>6} {num(row.get('seconds'), '.1f'):>8} "
+            f"{num(row.get('final_train_acc'), '.3f'):>10} {num(row.get('best_val_acc'), '.3f'):>13}"
+        )
+    retrieval = metrics["retrieval"]
+    head = f"search by image (k={retrieval['k']})"
+    lines.append(f"{head:<22} {'precision@k':>12} {'mAP@R':>6}")
+    for name, key in (("trained", "trained"), ("random weights", "random_weights")):
+        scores = retrieval[key]
+        lines.append(
+            f"  {name:<20} {num(scores['precision_at_k'], '.3f'):>12} "
+            f"{num(scores['mean_average_precision_at_r'], '.3f'):>6}"
+        )
+    times = ", ".join(f"{name} {value:.0f} s" for name, value in metrics["seconds"].items())
+    lines.append(f"time: {times}")
+    return "\n".join(lines)

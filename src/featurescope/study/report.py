@@ -223,6 +223,12 @@ def write_report(folder: str | os.PathLike[str], metrics: Mapping[str, Any]) -> 
         f"({html.escape(', '.join(data['classes']))}), {sizes} images. "
         f"Total time {seconds.get('total', 0):.0f} s. featurescope {__version__}.</p>"
     )
+    if metrics.get("explorer"):
+        page.add(
+            f"<p class='note'>Look and click instead: <a href='{html.escape(metrics['explorer'])}'>"
+            "the explorer</a> (curves, feature maps by channel, search by image, a 2-D map of "
+            "the embeddings and Grad-CAM, offline in one page).</p>"
+        )
     _width_section(page, metrics["width_comparison"], preset)
     _maps_section(page, metrics["feature_maps"])
     _retrieval_section(page, metrics["retrieval"])

@@ -4,18 +4,23 @@
 ``create_feature_extractor`` does. It runs one of two backends behind one small interface, a
 torch.fx program (``_fx``) or forward hooks (``_hooks``); ``_inplace`` finds the nodes a later
 in-place op would overwrite, ``_extract`` streams a dataset through the tap and ``_store`` keeps
-what it writes on disk. The tap knows nothing of the zoo's registry: it reads what a model is only through
-:func:`featurescope.model_metadata`.
+what it writes on disk; :mod:`~featurescope.tap.gradcam` weighs a node's maps by their
+gradients (Grad-CAM). The tap knows nothing of the zoo's registry: it reads what a model is only
+through :func:`featurescope.model_metadata`.
 """
 
 from featurescope.tap._store import Extraction, load_features, merge_features
 from featurescope.tap._tap import FeatureTap, NodeSummary, get_graph_node_names, tappable_nodes
+from featurescope.tap.gradcam import GradCam, grad_cam, last_spatial_node
 
 __all__ = [
     "Extraction",
     "FeatureTap",
+    "GradCam",
     "NodeSummary",
     "get_graph_node_names",
+    "grad_cam",
+    "last_spatial_node",
     "load_features",
     "merge_features",
     "tappable_nodes",

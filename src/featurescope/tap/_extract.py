@@ -353,18 +353,11 @@ def _run(
     initial: int,
     progress: bool,
 ) -> None:
-    from tqdm.auto import tqdm
+    from featurescope._progress import progress as progress_bar
 
     non_blocking = device.type == "cuda"
     with (
-        tqdm(
-            total=total,
-            initial=initial,
-            disable=not progress,
-            unit="img",
-            desc="extract",
-            leave=False,
-        ) as bar,
+        progress_bar(total, "extract", unit="img", initial=initial, enabled=progress) as bar,
         torch.inference_mode(),
     ):
         for _ids, batch in loader:

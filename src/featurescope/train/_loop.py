@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from featurescope._io import atomic_open, atomic_path
+from featurescope._progress import Progress, progress
 from featurescope.errors import CheckpointError, FeaturescopeError, UnknownNameError, did_you_mean
 from featurescope.zoo.metadata import model_metadata
 
@@ -267,7 +268,7 @@ def _run_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     memory_format: torch.memory_format,
-    bar: Any,
+    bar: Progress,
     epoch: int,
 ) -> tuple[float, float]:
     model.train()
@@ -359,10 +360,9 @@ def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
-    from tqdm.auto import tqdm
-
-    with tqdm(total=total, desc=desc, unit="batch", disable=not enabled, dynamic_ncols=True) as bar:
+def _progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Progress]:
+    # A bar on a terminal; in a log, one line per epoch (train marks each one).
+    with progress(total, desc, unit="batch", enabled=enabled, per_tenth=False) as bar:
         yield bar
 
 
@@ -542,6 +542,7 @@ def train(
                 bar.set_postfix(
                     loss=f"{train_loss:.3f}", acc=f"{train_acc:.2f}", val_acc=f"{val_acc:.2f}"
                 )
+            bar.mark()
             history.seconds.append(time.perf_counter() - began)
             if folder is not None:
                 _save_epoch(folder, epoch, model, opt, history, fingerprint, train_data)

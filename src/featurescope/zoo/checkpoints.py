@@ -63,7 +63,7 @@ def save_checkpoint(
     mid-save leaves any previous file intact.
 
     Args:
-        model: a zoo model (its name and classes are read from ``model.featurescope_info``), any
+        model: a zoo model (its name and classes are read from its ModelMetadata), any
             ``nn.Module`` with ``model_name`` given, or a state dict.
         path: destination, conventionally ``*.safetensors``.
         model_name: the zoo name to rebuild it with; defaults to the model's own.

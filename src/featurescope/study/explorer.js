@@ -1,0 +1,279 @@
+// The featurescope explorer: vanilla JS over the JSON in <script id="fs-data">. No network.
+(function () {
+  "use strict";
+  const D = JSON.parse(document.getElementById("fs-data").textContent);
+  const $ = (id) => document.getElementById(id);
+  const SVG = "http://www.w3.org/2000/svg";
+  const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+                   "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+  const colour = (i) => PALETTE[((i % PALETTE.length) + PALETTE.length) % PALETTE.length];
+  const className = (label) => (label >= 0 && label < D.classes.length ? D.classes[label] : "–");
+  const gallery = new Map(D.gallery.map((g) => [g.id, g]));
+
+  function el(tag, attrs, children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "text") node.textContent = v;
+      else node.setAttribute(k, v);
+    }
+    for (const child of children || []) node.appendChild(child);
+    return node;
+  }
+  function svg(tag, attrs) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+    return node;
+  }
+  function decode(b64) {
+    const raw = atob(b64);
+    const out = new Uint8Array(raw.length);
+    for (let i = 0; i < raw.length; i++) out[i] = raw.charCodeAt(i);
+    return out;
+  }
+
+  // --- colour maps: viridis-like for maps, jet-like for overlays --------------------------
+  const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+  const JET = [[0, 0, 143], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0], [128, 0, 0]];
+  function cmap(stops, v) {
+    const x = (v / 255) * (stops.length - 1);
+    const i = Math.min(Math.floor(x), stops.length - 2);
+    const t = x - i;
+    return stops[i].map((c, j) => Math.round(c + t * (stops[i + 1][j] - c)));
+  }
+  function mapCanvas(values, w, h, stops, alpha) {
+    const c = el("canvas", { width: w, height: h });
+    const ctx = c.getContext("2d");
+    const img = ctx.createImageData(w, h);
+    for (let p = 0; p < w * h; p++) {
+      const [r, g, b] = cmap(stops, values[p]);
+      img.data.set([r, g, b, alpha], 4 * p);
+    }
+    ctx.putImageData(img, 0, 0);
+    return c;
+  }
+  function drawScaled(target, source, alpha) {
+    const ctx = target.getContext("2d");
+    ctx.imageSmoothingEnabled = true;
+    ctx.globalAlpha = alpha === undefined ? 1 : alpha;
+    ctx.drawImage(source, 0, 0, target.width, target.height);
+    ctx.globalAlpha = 1;
+  }
+
+  // --- training curves --------------------------------------------------------------------
+  const hidden = new Set();
+  function chart(host, title, series, yLabel) {
+    const W = 460, H = 260, L = 48, R = 12, T = 24, B = 36;
+    const s = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, class: "fs-chart" });
+    const all = [];
+    D.runs.forEach((run) => series.forEach(([key]) => (run[key] || []).forEach((v) => all.push(v))));
+    if (!all.length) return;
+    const epochs = Math.max(...D.runs.map((r) => r.train_loss.length));
+    const lo = Math.min(...all), hi = Math.max(...all);
+    const pad = (hi - lo) * 0.05 || 0.05;
+    const y0 = lo - pad, y1 = hi + pad;
+    const X = (e) => L + ((e - 1) / Math.max(epochs - 1, 1)) * (W - L - R);
+    const Y = (v) => T + (1 - (v - y0) / (y1 - y0)) * (H - T - B);
+    s.appendChild(svg("text", { x: W / 2, y: 16, "text-anchor": "middle", class: "fs-title" }))
+      .textContent = title;
+    for (let i = 0; i <= 4; i++) {
+      const v = y0 + (i / 4) * (y1 - y0);
+      s.appendChild(svg("line", { x1: L, x2: W - R, y1: Y(v), y2: Y(v), class: "fs-grid" }));
+      s.appendChild(svg("text", { x: L - 4, y: Y(v) + 4, "text-anchor": "end", class: "fs-tick" }))
+        .textContent = v.toFixed(2);
+    }
+    for (let e = 1; e <= epochs; e++) {
+      s.appendChild(svg("text", { x: X(e), y: H - B + 14, "text-anchor": "middle", class: "fs-tick" }))
+        .textContent = e;
+    }
+    s.appendChild(svg("text", { x: W / 2, y: H - 4, "text-anchor": "middle", class: "fs-tick" }))
+      .textContent = "epoch";
+    s.appendChild(svg("text", { x: 10, y: T - 8, class: "fs-tick" })).textContent = yLabel;
+    D.runs.forEach((run, r) => {
+      const g = svg("g", { "data-fs-run": run.name, class: "fs-series" });
+      series.forEach(([key, dash]) => {
+        const values = run[key] || [];
+        if (!values.length) return;
+        const pts = values.map((v, i) => `${X(i + 1)},${Y(v)}`).join(" ");
+        g.appendChild(svg("polyline", { points: pts, fill: "none", stroke: colour(r),
+                                        "stroke-width": 2, "stroke-dasharray": dash }));
+        values.forEach((v, i) => {
+          const dot = svg("circle", { cx: X(i + 1), cy: Y(v), r: 4, fill: colour(r), class: "fs-dot" });
+          const tip = svg("title");
+          tip.textContent = `${run.name}, epoch ${i + 1}: ${key.replace("_", " ")} ${v.toFixed(4)}`;
+          dot.appendChild(tip);
+          g.appendChild(dot);
+        });
+      });
+      s.appendChild(g);
+    });
+    host.appendChild(s);
+  }
+  function applyHidden() {
+    document.querySelectorAll("[data-fs-run]").forEach((node) => {
+      const off = hidden.has(node.getAttribute("data-fs-run"));
+      if (node.tagName.toLowerCase() === "g") node.style.display = off ? "none" : "";
+      else node.classList.toggle("fs-off", off);
+    });
+  }
+  function curves() {
+    const host = $("fs-curves");
+    if (!host) return;
+    const legend = el("div", { class: "fs-legend" });
+    D.runs.forEach((run, r) => {
+      const item = el("button", { type: "button", "data-fs-run": run.name, class: "fs-run",
+                                  title: "click to hide or show this run" });
+      item.appendChild(el("span", { class: "fs-swatch", style: `background:${colour(r)}` }));
+      item.appendChild(document.createTextNode(run.name));
+      item.addEventListener("click", () => {
+        if (hidden.has(run.name)) hidden.delete(run.name);
+        else hidden.add(run.name);
+        applyHidden();
+      });
+      legend.appendChild(item);
+    });
+    host.appendChild(legend);
+    host.appendChild(el("p", { class: "fs-note",
+      text: "solid: training, dashed: validation; hover a point for its value" }));
+    const row = el("div", { class: "fs-row" });
+    host.appendChild(row);
+    chart(row, "loss", [["train_loss", ""], ["val_loss", "5 4"]], "cross-entropy");
+    chart(row, "accuracy", [["train_acc", ""], ["val_acc", "5 4"]], "accuracy");
+  }
+
+  // --- feature maps -----------------------------------------------------------------------
+  const fm = { query: 0, stage: 0, channel: null };
+  function stageOf(i) { return D.stages[i]; }
+  function drawMaps() {
+    const stage = stageOf(fm.stage);
+    const entry = stage.maps[fm.query];
+    const [C, h, w] = stage.shape;
+    if (!entry._data) { entry._data = decode(entry.data); entry._sum = decode(entry.sum); }
+    if (fm.channel === null) fm.channel = entry.order[0];
+    const channel = entry._data.subarray(fm.channel * h * w, (fm.channel + 1) * h * w);
+    const size = D.display_size;
+    const targets = { "fs-map-channel": channel, "fs-map-sum": entry._sum };
+    for (const [id, values] of Object.entries(targets)) {
+      const c = $(id);
+      c.getContext("2d").clearRect(0, 0, c.width, c.height);
+      drawScaled(c, mapCanvas(values, w, h, VIRIDIS, 255));
+    }
+    const over = $("fs-map-overlay");
+    const picture = new Image();
+    picture.onload = () => {
+      over.getContext("2d").clearRect(0, 0, size, size);
+      drawScaled(over, picture);
+      drawScaled(over, mapCanvas(entry._sum, w, h, JET, 255), 0.5);
+    };
+    picture.src = D.queries[fm.query].crop;
+    $("fs-map-caption").textContent =
+      `${stage.name} channel ${fm.channel} of ${C} (mean ${entry.means[fm.channel].toFixed(3)}), ` +
+      `${h}×${w}; test image ${fm.query} (${className(D.queries[fm.query].label)})`;
+    document.querySelectorAll("[data-fs-channel]").forEach((b) =>
+      b.classList.toggle("fs-selected", b.getAttribute("data-fs-channel") === `${stage.name}:${fm.channel}`));
+  }
+  function channelList() {
+    const stage = stageOf(fm.stage);
+    const entry = stage.maps[fm.query];
+    const list = $("fs-channels");
+    list.textContent = "";
+    entry.order.forEach((c) => {
+      const b = el("button", { type: "button", class: "fs-chan", "data-fs-channel": `${stage.name}:${c}`,
+                               title: `mean activation ${entry.means[c].toFixed(4)}`, text: String(c) });
+      b.addEventListener("click", () => { fm.channel = c; drawMaps(); });
+      list.appendChild(b);
+    });
+  }
+  function maps() {
+    if (!$("fs-maps") || !D.stages.length) return;
+    const stageSel = $("fs-stage"), imageSel = $("fs-map-image");
+    D.stages.forEach((s, i) => stageSel.appendChild(el("option", { value: i, text: `${s.name} [${s.shape.join(", ")}]` })));
+    D.queries.forEach((q, i) => imageSel.appendChild(el("option", { value: i, text: `${i}: ${className(q.label)}` })));
+    stageSel.addEventListener("change", () => { fm.stage = +stageSel.value; fm.channel = null; channelList(); drawMaps(); });
+    imageSel.addEventListener("change", () => { fm.query = +imageSel.value; fm.channel = null; channelList(); drawMaps(); });
+    channelList();
+    drawMaps();
+  }
+
+  // --- search by image --------------------------------------------------------------------
+  function neighbourTiles(host, hits, queryLabel) {
+    host.textContent = "";
+    hits.forEach(([id, dist], rank) => {
+      const g = gallery.get(id);
+      const hit = queryLabel >= 0 && g.label === queryLabel;
+      const fig = el("figure", { class: "fs-tile " + (queryLabel < 0 ? "" : hit ? "fs-hit" : "fs-miss"),
+                                 "data-fs-neighbour": String(id), title: g.path });
+      fig.appendChild(el("img", { src: g.thumb, alt: g.path }));
+      fig.appendChild(el("figcaption", { text: `${rank + 1}. ${className(g.label)} ${dist.toFixed(3)}${hit ? " ✓" : ""}` }));
+      host.appendChild(fig);
+    });
+  }
+  function selectQuery(i) {
+    const q = D.queries[i];
+    document.querySelectorAll("[data-fs-query]").forEach((n) =>
+      n.classList.toggle("fs-selected", n.getAttribute("data-fs-query") === String(i)));
+    $("fs-query-caption").textContent =
+      `test image ${i}: ${className(q.label)}` +
+      (q.predicted !== null ? `, predicted ${className(q.predicted)}` : "") + ` — ${q.path}`;
+    const cam = $("fs-gradcam");
+    if (cam) {
+      if (q.gradcam) { cam.src = q.gradcam; cam.style.display = ""; }
+      else cam.style.display = "none";
+    }
+    neighbourTiles($("fs-search-results"), q.neighbours, q.label);
+  }
+  function search() {
+    const host = $("fs-queries");
+    if (!host) return;
+    D.queries.forEach((q, i) => {
+      const img = el("img", { src: q.thumb, alt: q.path, title: `${className(q.label)}: ${q.path}`,
+                              class: "fs-query", "data-fs-query": String(i) });
+      img.addEventListener("click", () => selectQuery(i));
+      host.appendChild(img);
+    });
+    if (D.queries.length) selectQuery(0);
+  }
+
+  // --- projection -------------------------------------------------------------------------
+  function projection() {
+    const host = $("fs-projection");
+    if (!host || !D.projection) return;
+    const W = 520, H = 420, P = 16;
+    const pts = D.projection.points;
+    const xs = pts.map((p) => p[1]), ys = pts.map((p) => p[2]);
+    const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    const X = (x) => P + ((x - x0) / ((x1 - x0) || 1)) * (W - 2 * P);
+    const Y = (y) => H - P - ((y - y0) / ((y1 - y0) || 1)) * (H - 2 * P);
+    const s = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, class: "fs-scatter" });
+    pts.forEach(([id, x, y]) => {
+      const g = gallery.get(id);
+      const dot = svg("circle", { cx: X(x), cy: Y(y), r: 5, fill: colour(g.label), "data-fs-point": String(id) });
+      const tip = svg("title");
+      tip.textContent = `${className(g.label)}: ${g.path}`;
+      dot.appendChild(tip);
+      dot.addEventListener("click", () => {
+        s.querySelectorAll(".fs-picked").forEach((n) => n.classList.remove("fs-picked"));
+        dot.classList.add("fs-picked");
+        $("fs-point-image").src = g.thumb;
+        $("fs-point-image").style.display = "";
+        $("fs-point-caption").textContent = `${className(g.label)} — ${g.path}`;
+        neighbourTiles($("fs-point-neighbours"), D.projection.neighbours[String(id)] || [], g.label);
+      });
+      s.appendChild(dot);
+    });
+    host.appendChild(s);
+    const legend = el("div", { class: "fs-legend" });
+    D.classes.forEach((c, i) => {
+      const item = el("span", { class: "fs-run" });
+      item.appendChild(el("span", { class: "fs-swatch", style: `background:${colour(i)}` }));
+      item.appendChild(document.createTextNode(c));
+      legend.appendChild(item);
+    });
+    host.appendChild(legend);
+  }
+
+  curves();
+  maps();
+  search();
+  projection();
+  document.body.setAttribute("data-fs-ready", "1");
+})();

@@ -1,0 +1,165 @@
+"""The explorer page in a real headless browser (Debian's chromium, driven by Playwright).
+
+Fails on any console error, page error, or request for anything but the page's own
+``file://`` URL and inline ``data:`` images. Clicks a query and checks that the neighbours shown
+are exactly the index's answer; switches a channel and checks the drawn map changed; hides a
+training run; clicks a projected point; saves a screenshot. Skips, saying why, where no
+browser or no Playwright is installed (``.ci/run`` installs both).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import featurescope as fs
+from featurescope.study import write_explorer
+
+CHROMIUM_CANDIDATES = (
+    os.environ.get("FEATURESCOPE_CHROMIUM", ""),
+    "/usr/bin/chromium",
+    "/usr/bin/chromium-browser",
+    "/usr/bin/google-chrome",
+)
+
+
+def _chromium() -> str:
+    for candidate in CHROMIUM_CANDIDATES:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    pytest.skip(
+        "no chromium browser installed (apt-get install -y chromium, or set "
+        "FEATURESCOPE_CHROMIUM); the explorer's browser test cannot run"
+    )
+
+
+@pytest.fixture(scope="module")
+def page_and_search(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explorer")
+    data = fs.make_synthetic_dataset(
+        root / "data", train_per_class=4, val_per_class=0, test_per_class=2, size=48
+    )
+    search = fs.ImageSearch.build(fs.create_model("alexnet_half"), data, progress=False)
+    test = fs.ImageFolder(data / "test")
+    runs = {
+        "alexnet bs8": {
+            "train_loss": [1.6, 1.2],
+            "val_loss": [1.5, 1.3],
+            "train_acc": [0.3, 0.5],
+            "val_acc": [0.3, 0.4],
+        },
+        "alexnet bs16": {
+            "train_loss": [1.6, 1.4],
+            "val_loss": [1.6, 1.5],
+            "train_acc": [0.2, 0.4],
+            "val_acc": [0.2, 0.3],
+        },
+    }
+    page = write_explorer(
+        root / "explorer.html", search, test.paths, query_labels=test.targets, runs=runs, k=5
+    )
+    return page, search, test
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install '.[test]')"
+    )
+    executable = _chromium()
+    with playwright_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(
+                executable_path=executable, headless=True, args=["--no-sandbox"]
+            )
+        except Exception as exc:  # a browser that cannot start here is a skip, with the reason
+            pytest.skip(f"chromium at {executable} does not start: {exc}")
+        yield browser
+        browser.close()
+
+
+def test_explorer_in_a_real_browser(page_and_search, browser, tmp_path):
+    page_path, search, test = page_and_search
+    problems: list[str] = []
+    url = page_path.resolve().as_uri()
+    page = browser.new_page(viewport={"width": 1280, "height": 1800})
+    page.on(
+        "console",
+        lambda m: (
+            problems.append(f"console {m.type}: {m.text}")
+            if m.type in ("error", "warning")
+            else None
+        ),
+    )
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+
+    def check_request(request):
+        if request.url != url and not request.url.startswith("data:"):
+            problems.append(f"request for {request.url}")
+
+    page.on("request", check_request)
+    page.goto(url)
+    page.wait_for_selector("body[data-fs-ready='1']", timeout=20_000)
+
+    # Search by image: the neighbours shown are exactly the index's answer.
+    query = 3
+    page.click(f"[data-fs-query='{query}']")
+    shown = page.eval_on_selector_all(
+        "#fs-search-results [data-fs-neighbour]", "nodes => nodes.map(n => +n.dataset.fsNeighbour)"
+    )
+    expected = search.search_images([test.paths[query]], k=5).ids[0].tolist()
+    assert shown == expected
+    hits = page.eval_on_selector_all(
+        "#fs-search-results [data-fs-neighbour]",
+        "nodes => nodes.map(n => n.classList.contains('fs-hit'))",
+    )
+    labels = search.labels()
+    assert hits == [labels[i] == test.targets[query] for i in expected]
+    assert page.locator("[data-fs-query]").count() == len(test)
+
+    # Feature maps: switching the channel redraws the channel's canvas.
+    before = page.evaluate("document.getElementById('fs-map-channel').toDataURL()")
+    channels = page.eval_on_selector_all(
+        "[data-fs-channel]", "nodes => nodes.map(n => n.dataset.fsChannel)"
+    )
+    assert channels[0].startswith("conv1:") and len(channels) == 48
+    page.click(f"[data-fs-channel='{channels[-1]}']")
+    after = page.evaluate("document.getElementById('fs-map-channel').toDataURL()")
+    assert after != before
+
+    # Curves: a click hides a run, a second shows it again.
+    series = "g[data-fs-run='alexnet bs16']"
+    page.click("button[data-fs-run='alexnet bs16']")
+    assert page.eval_on_selector_all(series, "gs => gs.every(g => g.style.display === 'none')")
+    page.click("button[data-fs-run='alexnet bs16']")
+    assert page.eval_on_selector_all(series, "gs => gs.every(g => g.style.display === '')")
+
+    # Projection: a point shows its neighbours.
+    point = page.eval_on_selector("[data-fs-point]", "n => +n.dataset.fsPoint")
+    page.click(f"[data-fs-point='{point}']")
+    near = page.eval_on_selector_all(
+        "#fs-point-neighbours [data-fs-neighbour]",
+        "nodes => nodes.map(n => +n.dataset.fsNeighbour)",
+    )
+    vector = search.index.vectors[search.index.ids.tolist().index(point)][None]
+    assert near == search.index.search(vector, 5, exclude_ids=[[point]]).ids[0].tolist()
+
+    shot = tmp_path / "explorer.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("FEATURESCOPE_SCREENSHOT"):  # the docs' picture: the page's first screen
+        page.click(f"[data-fs-query='{query}']")
+        page.click(f"[data-fs-channel='{channels[0]}']")
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(
+            path=os.environ["FEATURESCOPE_SCREENSHOT"],
+            clip={"x": 0, "y": 0, "width": 1280, "height": 1250},
+        )
+    page.close()
+    assert not problems, "\n".join(problems)

@@ -1,0 +1,176 @@
+"""ImageSearch: build, search, save and load, against a manual embedding and a float64 brute force."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import featurescope as fs
+from featurescope.data import make_synthetic_dataset
+from featurescope.zoo import _registry
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("search") / "data",
+        train_per_class=3,
+        val_per_class=0,
+        test_per_class=1,
+        size=32,
+    )
+
+
+@pytest.fixture(scope="module")
+def search(data):
+    return fs.ImageSearch.build(fs.create_model("alexnet_half"), data, progress=False)
+
+
+def _manual_embedding(model, images):
+    with torch.no_grad():
+        return model.fc[:5](torch.flatten(model.conv3(model.conv2(model.conv1(images))), 1))
+
+
+def test_search_matches_a_manual_embedding_and_brute_force(search, data):
+    from PIL import Image
+
+    train = fs.ImageFolder(data / "train")
+    gallery = torch.stack([train[i][0] for i in range(len(train))])
+    manual = _manual_embedding(search.model, gallery)
+    torch.testing.assert_close(search.index.vectors, manual)
+    assert search.index.metadata == [str(Path(p).resolve()) for p in train.paths]
+
+    query = sorted((data / "test" / "star").glob("*.png"))[0]
+    picture = search.preprocessing.transform()(Image.open(query).convert("RGB"))
+    distances = torch.cdist(
+        _manual_embedding(search.model, picture[None]).double(), manual.double()
+    )[0]
+    expected = sorted(range(len(distances)), key=lambda j: (distances[j].item(), j))[:5]
+    result = search.search_images([query], k=5)
+    assert result.ids[0].tolist() == expected
+    torch.testing.assert_close(result.distances[0], distances[expected], atol=1e-4, rtol=1e-4)
+    assert result.metadata[0] == [search.index.metadata[j] for j in expected]
+
+
+def test_paths_pil_and_tensors_search_alike(search, data):
+    from PIL import Image
+
+    paths = sorted((data / "test").rglob("*.png"))[:3]
+    by_path = search.search_images(paths, k=4)
+    by_pil = search.search_images([Image.open(p).convert("RGB") for p in paths], k=4)
+    tensors = torch.stack(
+        [search.preprocessing.transform()(Image.open(p).convert("RGB")) for p in paths]
+    )
+    by_tensor = search.search_images(tensors, k=4)
+    for other in (by_pil, by_tensor):
+        assert other.ids.tolist() == by_path.ids.tolist()
+        torch.testing.assert_close(other.distances, by_path.distances)
+    assert search.search_images(paths[0], k=1).ids.shape == (1, 1)
+
+
+def test_save_load_round_trip_is_one_safe_folder(search, data, tmp_path):
+    folder = search.save(tmp_path / "shapes.fsindex")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["index.safetensors", "model.safetensors", "search.json"]
+    manifest = json.loads((folder / "search.json").read_text())
+    assert manifest["model"] == "alexnet_half"
+    assert manifest["node"] == "fc.4"
+    assert manifest["checkpoint"] == "model.safetensors"  # random weights: kept
+    assert manifest["class_names"] == search.class_names
+    assert all(not p.startswith("/") for p in manifest["paths"])  # relative to the root
+    assert fs.EmbeddingIndex.load(folder / "index.safetensors").metadata == manifest["paths"]
+
+    again = fs.ImageSearch.load(folder)
+    queries = sorted((data / "test").rglob("*.png"))
+    first, second = search.search_images(queries, k=6), again.search_images(queries, k=6)
+    assert second.ids.tolist() == first.ids.tolist()
+    torch.testing.assert_close(second.distances, first.distances)
+    assert second.metadata == first.metadata
+    assert again.preprocessing == search.preprocessing
+    assert not list(tmp_path.glob(".shapes.fsindex*"))  # no staging folder left behind
+
+
+def test_moved_images_are_found_with_images_option(search, data, tmp_path):
+    folder = search.save(tmp_path / "moved.fsindex")
+    moved = shutil.copytree(data / "train", tmp_path / "elsewhere")
+    again = fs.ImageSearch.load(folder, images=moved)
+    assert all(str(p).startswith(str(moved)) for p in again.index.metadata)
+    assert all(os.path.isfile(p) for p in again.index.metadata)
+
+
+def test_weights_the_zoo_rebuilds_are_not_copied(tmp_path, data):
+    @fs.register_model("fixed_probe_test", embedding_node="1")
+    def fixed(num_classes=5):
+        net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, num_classes))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.fill_(0.01)
+        return net
+
+    try:
+        search = fs.ImageSearch.build(fs.create_model("fixed_probe_test"), data, progress=False)
+        folder = search.save(tmp_path / "fixed.fsindex")
+        assert not (folder / "model.safetensors").exists()
+        assert json.loads((folder / "search.json").read_text())["checkpoint"] is None
+        again = fs.ImageSearch.load(folder)
+        torch.testing.assert_close(again.index.vectors, search.index.vectors)
+    finally:
+        _registry._DECORATED.pop("fixed_probe_test")
+
+
+def test_resave_replaces_but_a_foreign_folder_is_refused(search, tmp_path):
+    folder = search.save(tmp_path / "s.fsindex")
+    search.save(folder)  # replacing an earlier search is fine
+    assert fs.ImageSearch.load(folder).index.ids.tolist() == search.index.ids.tolist()
+    precious = tmp_path / "photos"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    with pytest.raises(fs.FeaturescopeError, match="not a saved ImageSearch"):
+        search.save(precious)
+    assert [p.name for p in precious.iterdir()] == ["keep.txt"]
+
+
+def test_load_refuses_what_is_not_a_search(tmp_path):
+    with pytest.raises(fs.IndexFileError, match="search.json"):
+        fs.ImageSearch.load(tmp_path)
+    (tmp_path / "search.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(fs.IndexFileError, match="format"):
+        fs.ImageSearch.load(tmp_path)
+    (tmp_path / "search.json").write_text(
+        json.dumps({"format": "featurescope-image-search/1", "index": "../x", "checkpoint": None})
+    )
+    with pytest.raises(fs.IndexFileError, match="index"):
+        fs.ImageSearch.load(tmp_path)
+
+
+def test_a_model_outside_the_zoo_searches_but_cannot_be_saved(tmp_path, data):
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    with pytest.raises(fs.FeaturescopeError, match="node="):
+        fs.ImageSearch(net, fs.EmbeddingIndex(12))
+    search = fs.ImageSearch.build(net, data, node="1", progress=False)
+    assert search.index.dim == 12
+    assert search.search_images(sorted((data / "test").rglob("*.png"))[:1], k=2).ids.shape == (1, 2)
+    with pytest.raises(fs.FeaturescopeError, match="zoo model"):
+        search.save(tmp_path / "x.fsindex")
+    assert not (tmp_path / "x.fsindex").exists()
+
+
+def test_bad_query_is_a_clear_error(search, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(fs.FeaturescopeError, match="cannot read image"):
+        search.search_images([bad], k=1)
+    with pytest.raises(fs.InputShapeError, match=r"\[3, H, W\]"):
+        search.search_images(torch.zeros(2, 2), k=1)
+
+
+def test_montage_draws_each_query_and_its_neighbours(search, data):
+    queries = sorted((data / "test").rglob("*.png"))[:2]
+    figure = search.montage(queries, k=3)
+    assert len(figure.axes) == 2 * (3 + 1)
