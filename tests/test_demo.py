@@ -262,3 +262,36 @@ def test_embeddings_are_the_post_relu_second_fc(tiny_data):
 def test_bad_data_folder_is_a_clear_error(tmp_path):
     with pytest.raises(fs.FeaturescopeError, match="train"):
         run_demo(tmp_path / "out", data=tmp_path, preset=TINY, progress=False)
+
+
+def test_report_facts_are_derived_from_the_run(demo_out):
+    """Model names, widths, preprocessing and the embedding's size come from the run itself."""
+    out, metrics = demo_out
+    width = metrics["width_comparison"]
+    for name, count in width["parameters"].items():
+        assert count == sum(p.numel() for p in fs.create_model(name, num_classes=5).parameters())
+    retrieval = metrics["retrieval"]
+    model = fs.create_model(retrieval["model"])
+    assert retrieval["embedding_node"] == fs.model_metadata(model).embedding_node
+    node, size = retrieval["embedding_node"], fs.model_metadata(model).input_size
+    with torch.no_grad():
+        embedding = fs.FeatureTap(model.eval(), [node])(torch.zeros(1, *size))[node]
+    assert retrieval["embedding_dim"] == embedding.shape[-1]
+    maps = metrics["feature_maps"]
+    assert maps["overlay_stage"] == next(iter(maps["shapes"]))
+    assert maps["preprocessing"] == fs.resolve_preprocessing(model).to_dict()
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert f"{retrieval['embedding_dim']}-d" in page
+    assert f"CenterCrop {maps['preprocessing']['crop']}" in page
+
+
+def test_width_verdict_compares_by_parameter_count_not_by_name():
+    from featurescope.study.report import _width_verdict
+
+    runs = [
+        {"model": "wide_net", "parameters": 900, "best_val_acc": 0.8},
+        {"model": "thin_net", "parameters": 100, "best_val_acc": 0.6},
+    ]
+    assert "full width 0.800, half width 0.600" in _width_verdict(runs)
+    assert "did worse, as the study found" in _width_verdict(runs)
+    assert _width_verdict(runs[:1]) == ""

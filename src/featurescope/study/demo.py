@@ -27,6 +27,7 @@ from featurescope.study import _experiments as study
 from featurescope.train.presets import Preset, get_preset
 from featurescope.visualizers import save as save_figure
 from featurescope.visualizers import visualize
+from featurescope.zoo import model_metadata as fs_model_metadata
 from featurescope.zoo import resolve_preprocessing
 
 __all__ = ["run_demo", "summary_table"]
@@ -66,10 +67,12 @@ def _width_experiment(
         title=f"Width comparison ({preset.name} preset)",
     )
     save_figure(figure, out / "width_curves.png")
+    params = _parameters(preset, runs)
     table = [
         {
             "run": run.name,
             "model": run.model,
+            "parameters": params[run.model],
             "batch_size": run.batch_size,
             "epochs": run.history.epochs,
             "final_train_acc": run.history.train_acc[-1],
@@ -80,14 +83,30 @@ def _width_experiment(
         for run in runs
     ]
     with atomic_open(out / "accuracy.csv") as fh:
-        fh.write("run,model,batch_size,epochs,final_train_acc,final_val_acc,best_val_acc,seconds\n")
+        fh.write(",".join(table[0]) + "\n")
         for row in table:
             fh.write(",".join("" if v is None else str(v) for v in row.values()) + "\n")
-    return runs, {"runs": table, "figure": "width_curves.png", "table": "accuracy.csv"}
+    return runs, {
+        "runs": table,
+        "parameters": params,
+        "figure": "width_curves.png",
+        "table": "accuracy.csv",
+    }
 
 
-def _best_full_width(runs: list[study.WidthRun]) -> study.WidthRun:
-    full = [run for run in runs if run.model == "alexnet"] or runs
+def _parameters(preset: Preset, runs: list[study.WidthRun]) -> dict[str, int]:
+    """Each compared model's parameter count, as the preset builds it."""
+    counts = {}
+    for name in dict.fromkeys(run.model for run in runs):
+        model = preset.build_model(name, seed=0)
+        counts[name] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
+def _best_full_width(runs: list[study.WidthRun], params: dict[str, int]) -> study.WidthRun:
+    """The best run of the widest model compared (the one with the most parameters)."""
+    widest = max(params, key=params.__getitem__)
+    full = [run for run in runs if run.model == widest] or runs
     return max(full, key=lambda run: run.history.best_val_acc or 0.0)
 
 
@@ -102,12 +121,13 @@ def _maps_experiment(model: torch.nn.Module, splits: DatasetSplits, out: Path) -
         for stage, files in drawn.items()
     }
     original = resolve_preprocessing(model)
+    first = next(iter(maps))  # the earliest stage: the most detailed map
     save_figure(
         visualize(
             "overlay",
-            maps["conv1"],
+            maps[first],
             image=original.denormalize(image),
-            title="conv1, summed, over the input",
+            title=f"{first}, summed, over the input",
         ),
         out / "maps" / "overlay.png",
     )
@@ -118,6 +138,8 @@ def _maps_experiment(model: torch.nn.Module, splits: DatasetSplits, out: Path) -
         "shapes": {stage: list(t.shape) for stage, t in maps.items()},
         "figures": figures,
         "overlay": "maps/overlay.png",
+        "overlay_stage": first,
+        "preprocessing": original.to_dict(),
         "class_probabilities": dict(zip(splits.classes, scores, strict=False)),
     }
 
@@ -142,7 +164,9 @@ def _retrieval_experiment(
     scores = retrieval_metrics(index, query_emb["embedding"], query_emb.labels, k=k)
 
     # The same network before training: what the trained embedding is worth over its init.
-    untrained = preset.build_model("alexnet", seed=seed, class_names=splits.classes)
+    architecture = fs_model_metadata(model)
+    name = architecture.architecture if architecture is not None else preset.models[0]
+    untrained = preset.build_model(name, seed=seed, class_names=splits.classes)
     base_index = study.index_embeddings(
         study.embed(untrained, gallery, device=device, progress=progress)
     )
@@ -171,6 +195,9 @@ def _retrieval_experiment(
         "trained": scores,
         "random_weights": baseline,
         "chance_precision": chance,
+        "model": name,
+        "embedding_node": train_emb.nodes.get("embedding"),
+        "embedding_dim": index.dim,
         "figure": "retrieval_montage.png",
     }
     return summary, index, query_emb
@@ -224,7 +251,7 @@ def run_demo(
     t = time.perf_counter()
     runs, width = _width_experiment(splits, preset, out, device, seed, progress)
     timings["width_comparison"] = time.perf_counter() - t
-    best = _best_full_width(runs)
+    best = _best_full_width(runs, width["parameters"])
     model = best.load_best()
     log(f"    best full-width run: {best.name}, val acc {best.history.best_val_acc}")
 

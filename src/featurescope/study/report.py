@@ -110,12 +110,15 @@ def _width_section(page: _Page, width: Mapping[str, Any], preset: Mapping[str, A
 def _width_verdict(runs: Sequence[Mapping[str, Any]]) -> str:
     """One sentence comparing the widths' best validation accuracy with the study's finding."""
     best: dict[str, float] = {}
+    params: dict[str, int] = {}
     for run in runs:
         if run.get("best_val_acc") is not None:
             best[run["model"]] = max(best.get(run["model"], 0.0), run["best_val_acc"])
-    if "alexnet" not in best or "alexnet_half" not in best:
-        return ""
-    full, half = best["alexnet"], best["alexnet_half"]
+            params[run["model"]] = int(run.get("parameters") or 0)
+    if len(best) != 2:
+        return ""  # the verdict compares two widths
+    narrow, wide = sorted(best, key=params.__getitem__)
+    full, half = best[wide], best[narrow]
     if half < full:
         verdict = "the halved net did worse, as the study found"
     elif half > full:
@@ -131,14 +134,25 @@ def _width_verdict(runs: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+def _preprocessing_text(pre: Mapping[str, Any] | None) -> str:
+    if not pre:
+        return "unknown preprocessing"
+    mean = ", ".join(f"{v:g}" for v in pre["mean"])
+    std = ", ".join(f"{v:g}" for v in pre["std"])
+    return (
+        f"Resize {pre['resize']} ({pre.get('interpolation', 'bilinear')}), CenterCrop "
+        f"{pre['crop']}, normalised with mean ({mean}) and std ({std})"
+    )
+
+
 def _maps_section(page: _Page, maps: Mapping[str, Any]) -> None:
     page.add("<h2>2. Feature maps, stage by stage</h2>")
     shapes = ", ".join(f"{html.escape(s)} {shape}" for s, shape in maps["shapes"].items())
     page.add(
         f"<p>Model: {html.escape(maps['model'])} (best validation accuracy). Test image "
         f"<code>{html.escape(Path(maps['image']).name)}</code> of class "
-        f"<b>{html.escape(maps['label'])}</b>, preprocessed as in the study (Resize 256, "
-        f"CenterCrop 227, ImageNet normalisation). Output shapes: {shapes}.</p>"
+        f"<b>{html.escape(maps['label'])}</b>, preprocessed as the model expects "
+        f"({_preprocessing_text(maps.get('preprocessing'))}). Output shapes: {shapes}.</p>"
     )
     probs = maps.get("class_probabilities") or {}
     if probs:
@@ -148,7 +162,8 @@ def _maps_section(page: _Page, maps: Mapping[str, Any]) -> None:
                 [("class", "class"), ("p", "predicted probability")],
             )
         )
-    page.add(page.figure(maps.get("overlay"), "conv1 summed over channels, over the input"))
+    stage = html.escape(str(maps.get("overlay_stage", "")))
+    page.add(page.figure(maps.get("overlay"), f"{stage} summed over channels, over the input"))
     for stage, files in maps["figures"].items():
         shape = maps["shapes"].get(stage)
         page.add(f"<h3>{html.escape(stage)} {shape}</h3><div class='pair'>")
@@ -161,12 +176,15 @@ def _retrieval_section(page: _Page, retrieval: Mapping[str, Any]) -> None:
     k = retrieval["k"]
     page.add("<h2>3. Search by image</h2>")
     page.add(
-        f"<p>The AlexNet paper's claim: images whose last-hidden-layer vectors (2048-d, after "
-        f"the second fully connected layer's ReLU) are close in Euclidean distance look alike. "
+        f"<p>The AlexNet paper's claim: images whose last-hidden-layer vectors "
+        f"({retrieval.get('embedding_dim', '?')}-d, the output of node "
+        f"<code>{html.escape(str(retrieval.get('embedding_node')))}</code> of "
+        f"{html.escape(str(retrieval.get('model')))}) are close in Euclidean distance look alike. "
         f"Each of {retrieval['num_queries']} test images searched the "
         f"{retrieval['gallery_size']} training images for its {k} nearest, exactly.</p>"
     )
     trained, base = retrieval["trained"], retrieval["random_weights"]
+    model = html.escape(str(retrieval.get("model", "net")))
     rows = [
         {"metric": name, "trained": trained.get(key), "random": base.get(key)}
         for key, name in (
@@ -186,7 +204,7 @@ def _retrieval_section(page: _Page, retrieval: Mapping[str, Any]) -> None:
     page.add(
         _table(
             rows,
-            [("metric", "metric"), ("trained", "trained AlexNet"), ("random", "random weights")],
+            [("metric", "metric"), ("trained", f"trained {model}"), ("random", "random weights")],
         )
     )
     page.add(
