@@ -14,6 +14,7 @@ Centring the query matters: the product's rounding error grows with ``‖q−c�
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -24,10 +25,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from featurescope.index.search._gemm import blas_single_threaded, choose_backend, scores_into
-from featurescope.index.search._parallel import run_in_threads, single_threaded_ops
+from featurescope.index.search._gemm import choose_backend, scores_into
+from featurescope.index.search._merge import lex_smallest, lex_smallest_grouped
+from featurescope.index.search._parallel import caller_threads, run_in_threads, single_threaded_ops
 
-__all__ = ["Gallery", "TilePlan", "exact_distances", "plan_tiles", "search_exact"]
+__all__ = [
+    "Gallery",
+    "TilePlan",
+    "centred_sq_norms",
+    "exact_distances",
+    "plan_tiles",
+    "search_exact",
+]
 
 #: Vectors with a larger Euclidean norm would overflow the float32 pass.
 MAX_NORM = 2.0**49
@@ -47,16 +56,39 @@ _U32 = 2.0**-24
 _INT64_MAX = torch.iinfo(torch.int64).max
 
 
+#: Float64 cells per chunk when squared norms are computed on the fly (1 MiB).
+NORM_CELLS = 2**17
+
+
+def centred_sq_norms(x: Tensor, centre: Tensor) -> Tensor:
+    """``‖x[i] − centre‖²`` computed in float64, rounded once to float32, in bounded chunks.
+
+    The index stores these for in-memory galleries and recomputes them tile by tile for
+    galleries left on disk; both give the same float32 values.
+    """
+    n, d = x.shape
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    c64 = centre.to(device=x.device, dtype=torch.float64)
+    chunk = max(1, NORM_CELLS // max(d, 1))
+    for s in range(0, n, chunk):
+        rel = x[s : s + chunk].to(torch.float64) - c64
+        out[s : s + chunk] = rel.square_().sum(1)
+    return out
+
+
 @dataclass
 class Gallery:
     """What a search reads from an index; built by :class:`~featurescope.EmbeddingIndex`.
 
     ``search[i] + offset`` approximates ``vectors[i] − centre`` to within ``eps[i]`` (zero when
-    ``search`` *is* ``vectors``, with ``offset = −centre``).
+    ``search`` *is* ``vectors``, with ``offset = −centre``). ``norms`` is ``None`` for galleries
+    left on disk: tiles then compute theirs. ``subset`` (ascending rows) restricts a search to
+    those rows; the kernel then works in positions ``0 .. len(subset)-1`` and :meth:`rows_of`
+    maps them back.
     """
 
     search: Tensor  # [n, d] storage dtype, on the index device
-    norms: Tensor  # [n] float32: ‖search[i] + offset‖², rounded to nearest
+    norms: Tensor | None  # [n] float32: ‖search[i] + offset‖², rounded to nearest
     offset: Tensor  # [d] float64
     centre: Tensor  # [d] float32
     vectors: Tensor  # [n, d] float32, the exact values
@@ -64,6 +96,40 @@ class Gallery:
     eps_max: float  # max ‖search[i] + offset − (vectors[i] − centre)‖
     norm_max: float  # max norms[i]
     radius_max: float  # max ‖search[i]‖
+    subset: Tensor | None = None  # [m] int64 ascending rows searched, on the index device
+
+    @property
+    def size(self) -> int:
+        """Rows a search goes through."""
+        return int(self.subset.numel()) if self.subset is not None else int(self.search.shape[0])
+
+    @property
+    def copies_tiles(self) -> bool:
+        """Whether each tile is copied (to float32, or gathered from a subset) before use."""
+        return self.subset is not None or self.search.dtype != torch.float32
+
+    def restrict(self, rows: Tensor) -> Gallery:
+        """The same gallery searching only ``rows`` (ascending)."""
+        return dataclasses.replace(self, subset=rows.to(self.search.device))
+
+    def rows_of(self, pos: Tensor) -> Tensor:
+        """Gallery rows of search positions ``pos``."""
+        return pos if self.subset is None else self.subset[pos]
+
+    def tile(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Float32 search rows and squared norms of positions ``start:stop``."""
+        if self.subset is None:
+            tile = self.search[start:stop]
+            norms = self.norms[start:stop] if self.norms is not None else None
+        else:
+            rows = self.subset[start:stop]
+            tile = self.search.index_select(0, rows)
+            norms = self.norms.index_select(0, rows) if self.norms is not None else None
+        if tile.dtype != torch.float32:
+            tile = tile.float()
+        if norms is None:  # only float32 galleries are left on disk: search is vectors
+            norms = centred_sq_norms(tile, self.centre)
+        return tile, norms
 
 
 @dataclass(frozen=True)
@@ -189,7 +255,7 @@ def _scan_tile(
     Returns:
         ``(scores, rows)``, both ``[bq, keep]``, scores sorted ascending.
     """
-    bq, keep, n = q.shape[0], plan.keep, gal.search.shape[0]
+    bq, keep, n = q.shape[0], plan.keep, gal.size
     device = q.device
     width = keep * (MERGE_EVERY + 1)
     acc_v = torch.empty(bq, width, dtype=torch.float32, device=device)
@@ -199,11 +265,9 @@ def _scan_tile(
     for start in range(0, n, plan.gallery_tile):
         stop = min(n, start + plan.gallery_tile)
         w = stop - start
-        tile = gal.search[start:stop]
-        if tile.dtype != torch.float32:
-            tile = tile.float()
+        tile, norms = gal.tile(start, stop)
         scores = block[: bq * w].view(bq, w)
-        scores_into(q, tile, gal.norms[start:stop], scores, backend)
+        scores_into(q, tile, norms, scores, backend)
         kb = min(keep, w)
         if w % GROUP == 0 and w // GROUP >= 2 * keep:
             # Each of the kb smallest scores lies in one of the kb groups with the smallest
@@ -277,13 +341,6 @@ def _threshold(upper: Tensor, qs: _Queries) -> Tensor:
     return theta + 1e-12 * (reach * reach + qs.constant.abs() + qs.error)
 
 
-def _lex_smallest(dist: Tensor, ids: Tensor, k: int) -> Tensor:
-    """Column indices of the ``k`` smallest ``(dist, id)`` pairs of each row, in order."""
-    order = ids.argsort(dim=1, stable=True)
-    by_dist = dist.gather(1, order).argsort(dim=1, stable=True)
-    return order.gather(1, by_dist)[:, :k]
-
-
 def _rerank_rows(gal: Gallery, q64: Tensor, rows: Tensor, budget: int) -> Tensor:
     """Float64 distances of ``q64[i]`` to ``vectors[rows[i, j]]``, in cache-sized chunks."""
     r, m = rows.shape
@@ -293,7 +350,7 @@ def _rerank_rows(gal: Gallery, q64: Tensor, rows: Tensor, budget: int) -> Tensor
     d = gal.vectors.shape[1]
     per_query = 8 * m * d
     chunk = max(1, min(budget // (3 * per_query), RERANK_BYTES // per_query))
-    rows = rows.to(gal.vectors.device)
+    rows = gal.rows_of(rows).to(gal.vectors.device)
     for s in range(0, r, chunk):
         e = min(r, s + chunk)
         cand = gal.vectors.index_select(0, rows[s:e].reshape(-1)).view(e - s, m, d)
@@ -310,7 +367,7 @@ def _finish_tile(
         ``(dist, rows, incomplete, theta)``: ``[b, k]`` float64 distances and gallery rows, a
         ``[b]`` bool mask and the ``[b]`` score thresholds to search those queries again with.
     """
-    n = gal.search.shape[0]
+    n = gal.size
     keep = rows.shape[1]
     head = _rerank_rows(gal, qs.exact, rows[:, :k], budget).to(vals.device)
     # k distinct vectors lie within the largest of these distances, so every true neighbour
@@ -325,7 +382,7 @@ def _finish_tile(
         cols = torch.arange(k, most, device=vals.device)
         tail.masked_fill_(cols[None, :] >= inside[:, None], math.inf)
         dist, cand = torch.cat([head, tail], 1), rows[:, :most]
-    pick = _lex_smallest(dist, gal.ids[cand], k)
+    pick = lex_smallest(dist, gal.ids[gal.rows_of(cand)], k)
     return dist.gather(1, pick), cand.gather(1, pick), incomplete, theta
 
 
@@ -335,18 +392,11 @@ def _merge_pairs(
     """Merge scattered ``(query r, row, dist, id)`` candidates into each query's best ``k``."""
     bd, brow, bid = best
     f, k = bd.shape
-    device = bd.device
-    who = torch.cat([torch.arange(f, device=device).repeat_interleave(k), r])
+    who = torch.cat([torch.arange(f, device=bd.device).repeat_interleave(k), r])
     d_all = torch.cat([bd.reshape(-1), dist])
     row_all = torch.cat([brow.reshape(-1), rows])
     id_all = torch.cat([bid.reshape(-1), ids])
-    order = id_all.argsort(stable=True)
-    order = order[d_all[order].argsort(stable=True)]
-    order = order[who[order].argsort(stable=True)]
-    sorted_who = who[order]
-    first = torch.searchsorted(sorted_who, torch.arange(f, device=device))
-    rank = torch.arange(order.numel(), device=device) - first[sorted_who]
-    take = order[rank < k]
+    take = lex_smallest_grouped(who, d_all, id_all, f, k)
     return d_all[take].view(f, k), row_all[take].view(f, k), id_all[take].view(f, k)
 
 
@@ -371,20 +421,19 @@ def _collect(
     )
     d = gal.vectors.shape[1]
     pair_chunk = max(1, budget // (3 * 8 * d))
-    n = gal.search.shape[0]
+    n = gal.size
     for start in range(0, n, plan.gallery_tile):
         stop = min(n, start + plan.gallery_tile)
-        tile = gal.search[start:stop]
-        if tile.dtype != torch.float32:
-            tile = tile.float()
+        tile, norms = gal.tile(start, stop)
         scores = block[: f * (stop - start)].view(f, stop - start)
-        scores_into(qs.centred, tile, gal.norms[start:stop], scores, backend)
+        scores_into(qs.centred, tile, norms, scores, backend)
         r, c = (scores <= limit[:, None]).nonzero(as_tuple=True)
         for s in range(0, r.numel(), pair_chunk):
             rr, cc = r[s : s + pair_chunk], c[s : s + pair_chunk] + start
-            vecs = gal.vectors[cc.to(gal.vectors.device)]
+            real = gal.rows_of(cc)
+            vecs = gal.vectors[real.to(gal.vectors.device)]
             dist = exact_distances(qs.exact[rr.to(qs.exact.device)], vecs).to(device)
-            best = _merge_pairs(best, rr, dist, cc, gal.ids[cc])
+            best = _merge_pairs(best, rr, dist, cc, gal.ids[real])
     return best[0], best[1]
 
 
@@ -464,15 +513,19 @@ def search_exact(
 ) -> tuple[Tensor, Tensor]:
     """Exact k nearest gallery rows of each query, ties to the smaller id.
 
-    On the CPU, query batches go to ``workers`` threads (default ``torch.get_num_threads()``)
-    that each run single-threaded operations: many small operations then never wait for one
-    another at a parallel barrier, which on a busy machine costs more than they compute. On a
-    GPU, query batches are spread over ``streams`` CUDA streams.
+    On the CPU, query batches go to ``workers`` threads (default: the caller's
+    ``torch.get_num_threads()``) that each run single-threaded operations: many small
+    operations then never wait for one another at a parallel barrier, which on a busy machine
+    costs more than they compute. On a GPU, query batches are spread over ``streams`` CUDA
+    streams. When ``k`` is at least half the searched rows, or the fast pass's candidate lists
+    would not fit ``budget``, every distance is computed in float64 a query tile at a time and
+    sorted (``k`` up to the gallery size, memory bounded by the tile).
 
     Args:
-        gal: the gallery; must hold at least ``k`` vectors.
+        gal: the gallery, possibly restricted to a subset of rows.
         queries: ``[nq, d]`` float32 on the gallery's device, finite.
-        k: neighbours per query, ``1 <= k <= n``.
+        k: neighbours per query, ``k >= 1``; when fewer rows are searched, the missing
+            neighbours are padded with row ``-1`` and distance ``+inf``.
         budget: bytes the temporaries of the search may take, all workers together.
         streams: CUDA streams (ignored on the CPU).
         workers: CPU worker threads (ignored on a GPU).
@@ -481,43 +534,103 @@ def search_exact(
         ``(distances, rows)``: ``[nq, k]`` float64 Euclidean distances, ascending, and the
         gallery rows they belong to.
     """
-    n, d = gal.search.shape
+    n, d = gal.size, gal.search.shape[1]
     nq = queries.shape[0]
     device = queries.device
-    keep = min(n, k + max(8, k))
+    out_d = torch.full((nq, k), math.inf, dtype=torch.float64, device=device)
+    out_r = torch.full((nq, k), -1, dtype=torch.int64, device=device)
+    kk = min(k, n)
+    if nq == 0 or kk == 0:
+        return out_d, out_r
+    keep = min(n, kk + max(8, kk))
     if device.type == "cuda":
         lanes = max(1, streams)
     else:
-        lanes = torch.get_num_threads() if workers is None else workers
+        lanes = caller_threads() if workers is None else workers
         lanes = max(1, min(lanes, nq // MIN_QUERIES_PER_WORKER))
     per_lane = -(-nq // lanes) if device.type == "cpu" else nq
-    plan = plan_tiles(
-        per_lane,
-        n,
-        d,
-        keep,
-        budget // lanes,
-        upcast=gal.search.dtype != torch.float32,
-        device_type=device.type,
-    )
+    plan: TilePlan | None = None
+    if 2 * kk < n:
+        try:
+            plan = plan_tiles(
+                per_lane,
+                n,
+                d,
+                keep,
+                budget // lanes,
+                upcast=gal.copies_tiles,
+                device_type=device.type,
+            )
+        except ValueError:
+            plan = None
+    if plan is None:
+        sorted_d, sorted_r = _exhaustive(gal, queries, kk, budget)
+    else:
+        sorted_d, sorted_r = _fast(gal, queries, kk, budget, plan, lanes, per_lane)
+    out_d[:, :kk] = sorted_d
+    out_r[:, :kk] = gal.rows_of(sorted_r)
+    return out_d, out_r
+
+
+def _fast(
+    gal: Gallery,
+    queries: Tensor,
+    k: int,
+    budget: int,
+    plan: TilePlan,
+    lanes: int,
+    per_lane: int,
+) -> tuple[Tensor, Tensor]:
+    """The float32 pass with its bound, the float64 re-rank and, if needed, the second pass."""
+    nq, d = queries.shape
+    device = queries.device
     rel, absolute = _error_coefficients(d, device)
     out_d = torch.empty(nq, k, dtype=torch.float64, device=device)
     out_r = torch.empty(nq, k, dtype=torch.int64, device=device)
-    if nq == 0:
-        return out_d, out_r
     job = _Job(gal, queries, k, plan, budget // lanes, rel, absolute, out_d, out_r)
     if device.type == "cuda" and lanes > 1:
         _run_on_streams(job, lanes)
     elif lanes > 1:
         ranges = [(a, min(nq, a + per_lane)) for a in range(0, nq, per_lane)]
         with single_threaded_ops():
-            job.backend = choose_backend(
-                queries, gal.search, gal.norms, plan.query_tile, plan.gallery_tile
-            )
-        with blas_single_threaded(job.backend):
+            tile, norms = gal.tile(0, min(gal.size, plan.gallery_tile, 4096))
+            job.backend = choose_backend(queries, tile, norms, plan.query_tile, gal.size)
+            del tile, norms
             run_in_threads([functools.partial(_run_tiles, job, a, b) for a, b in ranges])
     else:
         _run_tiles(job, 0, nq)
+    return out_d, out_r
+
+
+def _exhaustive(gal: Gallery, queries: Tensor, k: int, budget: int) -> tuple[Tensor, Tensor]:
+    """Every float64 distance of a query tile, then the (distance, id) sort: for large ``k``.
+
+    A query tile holds its ``[bq, n]`` distances and the sort's index arrays (about 40 bytes a
+    cell), sized to ``budget``; a single query always runs, whatever its row costs.
+    """
+    nq, d = queries.shape
+    n = gal.size
+    device = queries.device
+    out_d = torch.empty(nq, k, dtype=torch.float64, device=device)
+    out_r = torch.empty(nq, k, dtype=torch.int64, device=device)
+    bq = max(1, min(nq, budget // (40 * n)))
+    # Float64 differences of one query chunk against one gallery chunk.
+    cells = max(d, min(RERANK_BYTES, budget // 4) // 8)
+    ids = gal.ids[gal.rows_of(torch.arange(n, device=gal.ids.device))]
+    for a in range(0, nq, bq):
+        b = min(nq, a + bq)
+        q64 = queries[a:b].to(device=gal.vectors.device, dtype=torch.float64)
+        dist = torch.empty(b - a, n, dtype=torch.float64, device=gal.vectors.device)
+        cols = max(1, cells // ((b - a) * d))
+        for s in range(0, n, cols):
+            e = min(n, s + cols)
+            pos = torch.arange(s, e, device=gal.search.device)
+            vecs = gal.vectors.index_select(0, gal.rows_of(pos).to(gal.vectors.device))
+            dist[:, s:e] = exact_distances(q64, vecs[None].expand(b - a, e - s, d))
+        dist = dist.to(device)
+        pick = lex_smallest(dist, ids.expand(b - a, n), k)
+        out_d[a:b] = dist.gather(1, pick)
+        out_r[a:b] = pick
     return out_d, out_r
 
 
