@@ -81,7 +81,7 @@ def index_from_features(
         raise EmbeddingIndexError(f"{root}: invalid sample_ids: {exc}") from exc
     vectors = feats.reshape(done, -1)
     if labels_file:
-        labels = as_labels(np.asarray(np.load(root / labels_file, mmap_mode="r")[:done]), done)
+        labels = as_labels(np.array(np.load(root / labels_file, mmap_mode="r")[:done]), done)
     else:
         labels = torch.full((done,), -1, dtype=torch.int64)
     metadata = [None] * done if paths is None else [str(p) for p in paths[:done]]

@@ -16,6 +16,7 @@ from featurescope.index.search._kernel import (
     plan_tiles,
     search_exact,
 )
+from featurescope.index.search._merge import lex_smallest
 
 __all__ = [
     "MAX_NORM",
@@ -24,6 +25,7 @@ __all__ = [
     "TilePlan",
     "centred_sq_norms",
     "exact_distances",
+    "lex_smallest",
     "plan_tiles",
     "search_exact",
 ]

@@ -60,19 +60,27 @@ _INT64_MAX = torch.iinfo(torch.int64).max
 NORM_CELLS = 2**17
 
 
-def centred_sq_norms(x: Tensor, centre: Tensor) -> Tensor:
+def centred_sq_norms(
+    x: Tensor, centre: Tensor, out: Tensor | None = None, work: Tensor | None = None
+) -> Tensor:
     """``‖x[i] − centre‖²`` computed in float64, rounded once to float32, in bounded chunks.
 
     The index stores these for in-memory galleries and recomputes them tile by tile for
-    galleries left on disk; both give the same float32 values.
+    galleries left on disk; both give the same float32 values. ``work`` (float64, at least
+    ``min(NORM_CELLS, n·d)`` cells) and ``out`` let a search reuse its buffers tile after
+    tile instead of leaving the allocator to cache fresh ones.
     """
     n, d = x.shape
-    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    out = torch.empty(n, dtype=torch.float32, device=x.device) if out is None else out[:n]
     c64 = centre.to(device=x.device, dtype=torch.float64)
     chunk = max(1, NORM_CELLS // max(d, 1))
+    if work is None:
+        work = torch.empty(min(n, chunk) * d, dtype=torch.float64, device=x.device)
     for s in range(0, n, chunk):
-        rel = x[s : s + chunk].to(torch.float64) - c64
-        out[s : s + chunk] = rel.square_().sum(1)
+        e = min(n, s + chunk)
+        rel = work[: (e - s) * d].view(e - s, d)
+        torch.sub(x[s:e], c64, out=rel)
+        out[s:e] = rel.square_().sum(1)
     return out
 
 
@@ -116,7 +124,20 @@ class Gallery:
         """Gallery rows of search positions ``pos``."""
         return pos if self.subset is None else self.subset[pos]
 
-    def tile(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    def workspace(self, width: int) -> tuple[Tensor, Tensor] | None:
+        """Buffers :meth:`tile` reuses for tiles up to ``width`` rows (``None``: norms stored)."""
+        if self.norms is not None:
+            return None
+        d = self.search.shape[1]
+        device = self.search.device
+        return (
+            torch.empty(min(width * d, max(d, NORM_CELLS)), dtype=torch.float64, device=device),
+            torch.empty(width, dtype=torch.float32, device=device),
+        )
+
+    def tile(
+        self, start: int, stop: int, work: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Float32 search rows and squared norms of positions ``start:stop``."""
         if self.subset is None:
             tile = self.search[start:stop]
@@ -128,7 +149,8 @@ class Gallery:
         if tile.dtype != torch.float32:
             tile = tile.float()
         if norms is None:  # only float32 galleries are left on disk: search is vectors
-            norms = centred_sq_norms(tile, self.centre)
+            buf, into = work if work is not None else (None, None)
+            norms = centred_sq_norms(tile, self.centre, into, buf)
         return tile, norms
 
 
@@ -141,6 +163,7 @@ class TilePlan:
     keep: int
     dim: int
     upcast: bool  # gallery tiles are copied to float32 before the product
+    fresh_norms: bool = False  # each tile's squared norms are computed (gallery on disk)
 
     def scan_bytes(self) -> int:
         """Peak bytes of the fast pass's temporaries for one query tile."""
@@ -151,7 +174,8 @@ class TilePlan:
         buffered = bq * keep * (MERGE_EVERY + 1) * (4 + 8)
         upcast = 4 * bn * self.dim if self.upcast else 0
         query = 4 * bq * self.dim
-        return block + minima + select + buffered + upcast + query
+        fresh = 8 * min(bn * self.dim, max(self.dim, NORM_CELLS)) + 4 * bn if self.fresh_norms else 0
+        return block + minima + select + buffered + upcast + query + fresh
 
 
 def plan_tiles(
@@ -163,6 +187,7 @@ def plan_tiles(
     *,
     upcast: bool = False,
     device_type: str = "cpu",
+    fresh_norms: bool = False,
 ) -> TilePlan:
     """Choose tile sizes whose temporaries stay within ``budget`` bytes.
 
@@ -186,20 +211,20 @@ def plan_tiles(
         bq_pref, bn_pref = 8192, 4 * GALLERY_TILE
     bn = min(nb, bn_pref)
     while True:
-        plan = TilePlan(1, bn, keep, dim, upcast)
+        plan = TilePlan(1, bn, keep, dim, upcast, fresh_norms)
         if plan.scan_bytes() <= budget or bn <= keep:
             break
         bn = max(keep, bn // 2)
     if plan.scan_bytes() > budget:
         raise ValueError(f"memory_budget={budget} bytes is too small for one query (dim={dim})")
-    per_row = TilePlan(2, bn, keep, dim, upcast).scan_bytes() - plan.scan_bytes()
+    per_row = TilePlan(2, bn, keep, dim, upcast, fresh_norms).scan_bytes() - plan.scan_bytes()
     bq = min(nq, bq_pref, 1 + (budget - plan.scan_bytes()) // max(per_row, 1))
     while bn < nb:
-        wider = TilePlan(bq, min(nb, 2 * bn), keep, dim, upcast)
+        wider = TilePlan(bq, min(nb, 2 * bn), keep, dim, upcast, fresh_norms)
         if bq * wider.gallery_tile > cells or wider.scan_bytes() > budget:
             break
         bn = wider.gallery_tile
-    return TilePlan(bq, bn, keep, dim, upcast)
+    return TilePlan(bq, bn, keep, dim, upcast, fresh_norms)
 
 
 def exact_distances(queries: Tensor, candidates: Tensor) -> Tensor:
@@ -262,10 +287,11 @@ def _scan_tile(
     acc_p = torch.empty(bq, width, dtype=torch.int64, device=device)
     filled = 0
     steps: dict[int, Tensor] = {}
+    work = gal.workspace(plan.gallery_tile)
     for start in range(0, n, plan.gallery_tile):
         stop = min(n, start + plan.gallery_tile)
         w = stop - start
-        tile, norms = gal.tile(start, stop)
+        tile, norms = gal.tile(start, stop, work)
         scores = block[: bq * w].view(bq, w)
         scores_into(q, tile, norms, scores, backend)
         kb = min(keep, w)
@@ -422,9 +448,10 @@ def _collect(
     d = gal.vectors.shape[1]
     pair_chunk = max(1, budget // (3 * 8 * d))
     n = gal.size
+    work = gal.workspace(plan.gallery_tile)
     for start in range(0, n, plan.gallery_tile):
         stop = min(n, start + plan.gallery_tile)
-        tile, norms = gal.tile(start, stop)
+        tile, norms = gal.tile(start, stop, work)
         scores = block[: f * (stop - start)].view(f, stop - start)
         scores_into(qs.centred, tile, norms, scores, backend)
         r, c = (scores <= limit[:, None]).nonzero(as_tuple=True)
@@ -560,6 +587,7 @@ def search_exact(
                 budget // lanes,
                 upcast=gal.copies_tiles,
                 device_type=device.type,
+                fresh_norms=gal.norms is None,
             )
         except ValueError:
             plan = None
