@@ -185,3 +185,27 @@ def test_large_k_temporaries_stay_in_budget(monkeypatch):
     _, found = index.search(q, 3000)
     assert rows and max(rows) * 4000 * 40 <= budget
     assert torch.equal(found, brute_force(g, ids, q, 3000)[1])
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    kind=st.sampled_from(["random", "duplicates", "grid", "offset", "approaching"]),
+    k=st.integers(1, 20),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_threshold_selection_across_tiles(kind, k, seed):
+    # Tiles wide enough for the grouped, threshold-based selection; "approaching" orders the
+    # gallery from far to near the queries, so every tile brings better candidates.
+    g, q, ids, rng = make("random" if kind == "approaching" else kind, 12000, 4, 20, seed)
+    if kind == "approaching":
+        q = np.repeat(q[:1], 20, 0) + 1e-3 * rng.standard_normal((20, 4)).astype(np.float32)
+        g = g[np.argsort(-((g - q[0]) ** 2).sum(1))]
+    index = fs.EmbeddingIndex(4, memory_budget=1 << 20)
+    index.add(g, ids=ids)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_kernel, "GALLERY_TILE", 1024)
+        mp.setattr(_kernel, "BLOCK_CELLS", 20 * 1024)
+        dist, found = index.search(q, k)
+    ref_d, ref_i = brute_force(g, ids, q, k)
+    assert torch.equal(found, ref_i)
+    assert torch.equal(dist, ref_d)
