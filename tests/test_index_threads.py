@@ -74,3 +74,24 @@ def test_search_restores_a_caller_thread_count_of_one():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_few_queries_split_the_gallery_exactly(workers):
+    # Under 16 queries per worker, workers take gallery ranges; duplicates straddle the ranges.
+    from featurescope.index.search import _kernel
+
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((500, 6)).astype(np.float32)
+    g = base[rng.integers(0, 500, 20000)]
+    ids = rng.permutation(20000)
+    index = fs.EmbeddingIndex(6)
+    index.add(g, ids=ids)
+    q = torch.from_numpy(np.concatenate([g[:3], rng.standard_normal((4, 6)).astype(np.float32)]))
+    gal = index._gallery()
+    dist, rows = _kernel.search_exact(gal, q, 7, 1 << 22, workers=workers)
+    d64 = ((q.double()[:, None] - torch.from_numpy(g).double()[None]) ** 2).sum(-1).sqrt()
+    for r in range(len(q)):
+        order = np.lexsort((ids, d64[r].numpy()))[:7]
+        assert index.ids[rows[r]].tolist() == ids[order].tolist()
+        assert torch.equal(dist[r], d64[r, order])

@@ -32,7 +32,7 @@ from featurescope.index._checks import (
 from featurescope.index._result import SearchResult
 from featurescope.index._mapped import MappedStore
 from featurescope.index._store import Store
-from featurescope.index.search import Gallery, plan_tiles, search_exact
+from featurescope.index.search import Gallery, plan_tiles, search_exact, single_threaded_ops
 
 __all__ = ["EmbeddingIndex"]
 
@@ -50,9 +50,11 @@ class EmbeddingIndex:
     The index stores the float32 values of what is added; "exact" refers to those values.
 
     On the CPU a search of many queries splits them over ``torch.get_num_threads()`` worker
-    threads that run single-threaded operations (``torch.set_num_threads(1)`` while the search
-    runs, then restored): on a machine shared with other work that keeps every core busy
-    without stalling at parallel barriers. On a GPU, batches of queries go to CUDA streams.
+    threads, and a search of few queries splits the gallery instead; every operation runs
+    single-threaded (``torch.set_num_threads(1)`` and numpy's BLAS at one thread while the
+    search runs, then restored, also when searches run from several threads at once): on a
+    machine shared with other work that keeps every core busy without stalling at parallel
+    barriers. On a GPU, batches of queries go to CUDA streams.
 
     Args:
         dim: length of every vector.
@@ -289,6 +291,15 @@ class EmbeddingIndex:
         """
         if not len(self):
             raise EmbeddingIndexError("the index is empty; add vectors before searching")
+        if self.device.type != "cpu":
+            return self._search(queries, k, where, exclude_ids)
+        # Every CPU operation of a search runs single-threaded (on worker threads where it
+        # pays): a two-thread operation waits at a barrier whenever another process holds a
+        # core, which on a shared machine costs more than small operations compute.
+        with single_threaded_ops():
+            return self._search(queries, k, where, exclude_ids)
+
+    def _search(self, queries: Any, k: int, where: Any, exclude_ids: Any) -> SearchResult:
         q = as_vectors(queries, self._dim, "queries")
         excl = as_exclusions(exclude_ids, q.shape[0])
         k = check_k(k, len(self))

@@ -16,7 +16,10 @@ from featurescope.index.search._kernel import (
     plan_tiles,
     search_exact,
 )
+from featurescope.index.search._gemm import chosen_backends
 from featurescope.index.search._merge import lex_smallest
+from featurescope.index.search._parallel import single_threaded_ops
+from featurescope.index.search._profile import time_breakdown
 
 __all__ = [
     "MAX_NORM",
@@ -24,8 +27,11 @@ __all__ = [
     "Gallery",
     "TilePlan",
     "centred_sq_norms",
+    "chosen_backends",
     "exact_distances",
     "lex_smallest",
     "plan_tiles",
     "search_exact",
+    "single_threaded_ops",
+    "time_breakdown",
 ]

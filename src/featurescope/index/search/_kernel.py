@@ -51,6 +51,8 @@ BLOCK_CELLS = 2 * 2**20
 RERANK_BYTES = 4 * 2**20
 #: Fewest queries worth a CPU worker thread of their own.
 MIN_QUERIES_PER_WORKER = 16
+#: Fewest gallery rows worth a CPU worker thread when few queries split the gallery instead.
+MIN_ROWS_PER_WORKER = 4096
 #: Block results buffered before they are merged down to ``keep`` per query.
 MERGE_EVERY = 16
 _U32 = 2.0**-24
@@ -274,7 +276,13 @@ def _error_coefficients(dim: int, device: torch.device) -> tuple[float, float]:
 
 
 def _scan_tile(
-    q: Tensor, gal: Gallery, plan: TilePlan, block: Tensor, backend: str = "torch"
+    q: Tensor,
+    gal: Gallery,
+    plan: TilePlan,
+    block: Tensor,
+    backend: str = "torch",
+    lo: int = 0,
+    hi: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fast pass for one query tile: the ``keep`` smallest float32 scores and their rows.
 
@@ -288,10 +296,11 @@ def _scan_tile(
     Returns:
         ``(scores, rows)``, both ``[bq, keep]``, scores sorted ascending.
     """
-    bq, keep, n = q.shape[0], plan.keep, gal.size
+    bq, keep = q.shape[0], plan.keep
+    n = gal.size if hi is None else hi
     sel = _Selection(bq, keep, q.device)
     work = gal.workspace(plan.gallery_tile)
-    for start in range(0, n, plan.gallery_tile):
+    for start in range(lo, n, plan.gallery_tile):
         stop = min(n, start + plan.gallery_tile)
         w = stop - start
         tile, norms = gal.tile(start, stop, work)
@@ -598,7 +607,8 @@ def _scan(job: _Job, a: int, b: int, block: Tensor) -> _Scanned:
 
 def _finish(job: _Job, t: _Scanned) -> None:
     gal, k, qs = job.gal, job.k, t.queries
-    dist, found, incomplete, theta = _finish_tile(gal, qs, t.scores, t.rows, k, job.budget)
+    with phase("re-rank"):
+        dist, found, incomplete, theta = _finish_tile(gal, qs, t.scores, t.rows, k, job.budget)
     redo = incomplete.nonzero().flatten()
     if redo.numel():
         sub = _Queries(
@@ -608,9 +618,10 @@ def _finish(job: _Job, t: _Scanned) -> None:
             qs.slack[redo],
             qs.error[redo],
         )
-        dist[redo], found[redo] = _collect(
-            gal, sub, theta[redo], k, job.plan, t.block, job.budget, job.backend
-        )
+        with phase("second pass"):
+            dist[redo], found[redo] = _collect(
+                gal, sub, theta[redo], k, job.plan, t.block, job.budget, job.backend
+            )
     job.out_d[t.start : t.stop] = dist
     job.out_r[t.start : t.stop] = found
 
@@ -668,21 +679,25 @@ def search_exact(
     if nq == 0 or kk == 0:
         return out_d, out_r
     keep = min(n, kk + max(8, kk))
+    split = 1
     if device.type == "cuda":
         lanes = max(1, streams)
     else:
-        lanes = caller_threads() if workers is None else workers
-        lanes = max(1, min(lanes, nq // MIN_QUERIES_PER_WORKER))
+        threads = caller_threads() if workers is None else workers
+        lanes = max(1, min(threads, nq // MIN_QUERIES_PER_WORKER))
+        if lanes == 1:
+            # Few queries: the workers split the gallery instead, for latency.
+            split = max(1, min(threads, n // MIN_ROWS_PER_WORKER))
     per_lane = -(-nq // lanes) if device.type == "cpu" else nq
     plan: TilePlan | None = None
     if 2 * kk < n:
         try:
             plan = plan_tiles(
                 per_lane,
-                n,
+                -(-n // split),
                 d,
                 keep,
-                budget // lanes,
+                budget // max(lanes, split),
                 upcast=gal.copies_tiles,
                 device_type=device.type,
                 fresh_norms=gal.norms is None,
@@ -692,7 +707,7 @@ def search_exact(
     if plan is None:
         sorted_d, sorted_r = _exhaustive(gal, queries, kk, budget)
     else:
-        sorted_d, sorted_r = _fast(gal, queries, kk, budget, plan, lanes, per_lane)
+        sorted_d, sorted_r = _fast(gal, queries, kk, budget, plan, lanes, per_lane, split)
     out_d[:, :kk] = sorted_d
     out_r[:, :kk] = gal.rows_of(sorted_r)
     return out_d, out_r
@@ -706,26 +721,64 @@ def _fast(
     plan: TilePlan,
     lanes: int,
     per_lane: int,
+    split: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """The float32 pass with its bound, the float64 re-rank and, if needed, the second pass."""
+    """The float32 pass with its bound, the float64 re-rank and, if needed, the second pass.
+
+    On the CPU everything runs on single-threaded operations: query ranges on ``lanes``
+    workers, or, for few queries, gallery ranges on ``split`` workers whose candidate lists
+    are merged before the re-rank.
+    """
     nq, d = queries.shape
     device = queries.device
     rel, absolute = _error_coefficients(d, device)
     out_d = torch.empty(nq, k, dtype=torch.float64, device=device)
     out_r = torch.empty(nq, k, dtype=torch.int64, device=device)
-    job = _Job(gal, queries, k, plan, budget // lanes, rel, absolute, out_d, out_r)
-    if device.type == "cuda" and lanes > 1:
-        _run_on_streams(job, lanes)
-    elif lanes > 1:
-        ranges = [(a, min(nq, a + per_lane)) for a in range(0, nq, per_lane)]
-        with single_threaded_ops():
+    job = _Job(gal, queries, k, plan, budget // max(lanes, split), rel, absolute, out_d, out_r)
+    if device.type == "cuda":
+        if lanes > 1:
+            _run_on_streams(job, lanes)
+        else:
+            _run_tiles(job, 0, nq)
+        return out_d, out_r
+    with single_threaded_ops():
+        if lanes > 1 or split > 1:
             tile, norms = gal.tile(0, min(gal.size, plan.gallery_tile, 4096))
             job.backend = choose_backend(queries, tile, norms, plan.query_tile, gal.size)
             del tile, norms
+        if lanes > 1:
+            ranges = [(a, min(nq, a + per_lane)) for a in range(0, nq, per_lane)]
             run_in_threads([functools.partial(_run_tiles, job, a, b) for a, b in ranges])
-    else:
-        _run_tiles(job, 0, nq)
+        elif split > 1:
+            _run_split(job, split)
+        else:
+            _run_tiles(job, 0, nq)
     return out_d, out_r
+
+
+def _run_split(job: _Job, split: int) -> None:
+    """Few queries: ``split`` workers scan a gallery range each; merge, then re-rank."""
+    n, tile = job.gal.size, job.plan.gallery_tile
+    per = -(-n // split)
+    bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)]
+    blocks = [_new_block(job) for _ in bounds]
+    nq = job.queries.shape[0]
+    for a in range(0, nq, job.plan.query_tile):
+        b = min(nq, a + job.plan.query_tile)
+        qs = _prepare(job.queries[a:b], job.gal, job.rel, job.absolute)
+        parts: list[tuple[Tensor, Tensor]] = [(qs.centred, qs.centred)] * len(bounds)
+
+        def scan(i: int, qs: _Queries = qs, parts: list[tuple[Tensor, Tensor]] = parts) -> None:
+            lo, hi = bounds[i]
+            parts[i] = _scan_tile(qs.centred, job.gal, job.plan, blocks[i], job.backend, lo, hi)
+
+        run_in_threads([functools.partial(scan, i) for i in range(len(bounds))])
+        vals = torch.cat([p[0] for p in parts], 1)
+        rows = torch.cat([p[1] for p in parts], 1)
+        with phase("selection"):
+            vals, j = vals.topk(min(job.plan.keep, vals.shape[1]), dim=1, largest=False)
+        _finish(job, _Scanned(a, b, qs, vals, rows.gather(1, j), blocks[0]))
+    del tile
 
 
 def _exhaustive(gal: Gallery, queries: Tensor, k: int, budget: int) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,7 @@ _lock = threading.Lock()
 _depth = 0
 _saved = 1
 _blas_limits: Any = None
+_blas_controller: Any = None
 
 
 def caller_threads() -> int:
@@ -34,10 +35,18 @@ def caller_threads() -> int:
 
 
 def _limit_blas() -> Any:
-    # threadpoolctl is a declared dependency; numpy's OpenBLAS is one of the two backends.
-    import threadpoolctl  # type: ignore[import-untyped]
+    """Limit the BLAS libraries (numpy's OpenBLAS) to one thread, OpenMP left alone.
 
-    return threadpoolctl.threadpool_limits(1, user_api="blas")
+    The controller, which scans the loaded libraries (a millisecond), is made once;
+    ``select`` keeps only the BLAS libraries, so restoring never touches OpenMP (torch's
+    thread count) the way ``threadpool_limits(user_api="blas")`` does.
+    """
+    global _blas_controller
+    if _blas_controller is None:
+        import threadpoolctl  # type: ignore[import-untyped]
+
+        _blas_controller = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    return _blas_controller.limit(limits=1)
 
 
 @contextlib.contextmanager
@@ -46,8 +55,6 @@ def single_threaded_ops() -> Iterator[None]:
     global _depth, _saved, _blas_limits
     with _lock:
         if _depth == 0:
-            # threadpoolctl saves (and later restores) OpenMP's setting too, which is torch's:
-            # limit BLAS first and restore it first, so torch's count is restored last.
             _saved = torch.get_num_threads()
             _blas_limits = _limit_blas()
             torch.set_num_threads(1)
