@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -60,10 +61,8 @@ def _cpu() -> tuple[str, list[str]]:
 def header(threads: int) -> None:
     model, flags = _cpu()
     print(f"CPU: {model}; {os.cpu_count()} logical cores; SIMD: {' '.join(flags) or '?'}")
-    try:
+    with contextlib.suppress(OSError):
         print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    except OSError:
-        pass
     print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), numpy "
           f"{np.__version__}, featurescope {fs.__version__}")  # fmt: skip
     blas = "MKL" if torch.backends.mkl.is_available() else "its own BLAS (OpenBLAS?)"
@@ -129,11 +128,13 @@ def _latency(index: fs.EmbeddingIndex, flat: Any, q: torch.Tensor, k: int, repea
         calls = max(3, int(20 / nq))
         sub = q[:nq]
         methods: dict[str, Callable[[], Any]] = {
-            "EmbeddingIndex": lambda sub=sub: [index.search(sub, k) for _ in range(calls)]
+            "EmbeddingIndex": lambda sub=sub, c=calls: [index.search(sub, k) for _ in range(c)]
         }
         if flat is not None:
             qn = sub.numpy()
-            methods["faiss IndexFlatL2"] = lambda qn=qn: [flat.search(qn, k) for _ in range(calls)]
+            methods["faiss IndexFlatL2"] = lambda qn=qn, c=calls: [
+                flat.search(qn, k) for _ in range(c)
+            ]
         med = {n: statistics.median(t) / calls for n, t in _round_robin(methods, repeats).items()}
         line = ", ".join(f"{n} {v * 1e3:.2f} ms" for n, v in med.items())
         ratio = med.get("faiss IndexFlatL2", float("nan")) / med["EmbeddingIndex"]
@@ -157,7 +158,7 @@ def _filtered(
             sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
             params = faiss.SearchParameters(sel=sel)
             qn = q.numpy()
-            methods["faiss IDSelectorBitmap"] = lambda p=params, b=bits: flat.search(
+            methods["faiss IDSelectorBitmap"] = lambda p=params, b=bits, qn=qn: flat.search(
                 qn, k, params=p
             )
         med = {name: statistics.median(t) for name, t in _round_robin(methods, repeats).items()}
@@ -182,7 +183,6 @@ def _mapped(index: fs.EmbeddingIndex, q: torch.Tensor, k: int, repeats: int) -> 
         print(f"memory-mapped gallery (page cache warm; opened in {opened:.2f} s): in RAM "
               f"{med['in RAM']:.4f} s, mmap {med['mmap']:.4f} s, throughput "
               f"{med['in RAM'] / med['mmap']:.0%} of in-RAM; same ids: {same}")  # fmt: skip
-        del mapped
 
 
 def _exact_ids(x: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
@@ -274,10 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     header(threads)
     for nb, d in shapes:
         run(nb, d, nq, args.k, repeats, args)
-    try:
+    with contextlib.suppress(OSError):
         print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def test_where_never_scores_excluded_rows(monkeypatch):
 
 
 def test_where_with_exclude_ids_and_padding():
-    g, q, ids, rng = make("duplicates", 50, 3, 4, 7)
+    g, q, ids, _rng = make("duplicates", 50, 3, 4, 7)
     index = fs.EmbeddingIndex(3)
     index.add(g, ids=ids, labels=np.arange(50) % 5, metadata=[f"{i}.png" for i in range(50)])
     mask = index.select(labels=[2])

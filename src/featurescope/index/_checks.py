@@ -173,7 +173,6 @@ def as_mask(where: Any, n: int) -> Tensor:
         )
     if t.dim() != 1 or t.shape[0] != n:
         raise InputShapeError(
-            f"where must be 1-D with one entry per indexed vector ({n}), got shape "
-            f"{tuple(t.shape)}"
+            f"where must be 1-D with one entry per indexed vector ({n}), got shape {tuple(t.shape)}"
         )
     return t.cpu()

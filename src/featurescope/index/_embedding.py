@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from featurescope.errors import EmbeddingIndexError, InputShapeError
+from featurescope.errors import EmbeddingIndexError
 from featurescope.index._checks import (
     as_exclusions,
     as_ids,
@@ -29,8 +29,8 @@ from featurescope.index._checks import (
     as_vectors,
     check_k,
 )
-from featurescope.index._result import SearchResult
 from featurescope.index._mapped import MappedStore
+from featurescope.index._result import SearchResult
 from featurescope.index._store import Store
 from featurescope.index.search import Gallery, plan_tiles, search_exact, single_threaded_ops
 
@@ -473,7 +473,8 @@ def _unique_ints(data: Any, what: str) -> Tensor:
     t = data.detach().cpu() if isinstance(data, Tensor) else torch.as_tensor(np.asarray(data))
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise EmbeddingIndexError(f"{what} must be integers, got dtype {t.dtype}")
-    return torch.unique(t.reshape(-1).to(torch.int64))
+    unique: Tensor = torch.unique(t.reshape(-1).to(torch.int64))
+    return unique
 
 
 def _pad(dist: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:

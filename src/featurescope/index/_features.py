@@ -84,7 +84,7 @@ def index_from_features(
         labels = as_labels(np.array(np.load(root / labels_file, mmap_mode="r")[:done]), done)
     else:
         labels = torch.full((done,), -1, dtype=torch.int64)
-    metadata = [None] * done if paths is None else [str(p) for p in paths[:done]]
+    metadata: list[str | None] = [None] * done if paths is None else [str(p) for p in paths[:done]]
     index = cls(vectors.shape[1], memory_budget=memory_budget)
     if done == 0:
         return index

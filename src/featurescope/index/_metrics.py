@@ -125,4 +125,3 @@ def retrieval_metrics(
         raise EmbeddingIndexError(f"k={k} is larger than the vectors a query can retrieve")
     result = index.search(queries, width, exclude_ids=excl)
     return metrics_from_hits(result.labels.cpu(), qlab, relevant, k)
-

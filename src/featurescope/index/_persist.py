@@ -50,7 +50,7 @@ def _digest(tensors: dict[str, Tensor]) -> str:
         if t.numel():
             flat = t.reshape(-1).view(torch.uint8).numpy()
             for s in range(0, flat.size, _HASH_CHUNK):
-                h.update(flat[s : s + _HASH_CHUNK])
+                h.update(flat[s : s + _HASH_CHUNK].data)
     return h.hexdigest()
 
 

@@ -6,6 +6,7 @@ proven rounding bound, a two-level selection, a float64 re-rank and one (distanc
 of ids, labels or files: :class:`~featurescope.EmbeddingIndex` does that.
 """
 
+from featurescope.index.search._gemm import chosen_backends
 from featurescope.index.search._kernel import (
     MAX_NORM,
     NORM_CELLS,
@@ -16,7 +17,6 @@ from featurescope.index.search._kernel import (
     plan_tiles,
     search_exact,
 )
-from featurescope.index.search._gemm import chosen_backends
 from featurescope.index.search._merge import lex_smallest
 from featurescope.index.search._parallel import single_threaded_ops
 from featurescope.index.search._profile import time_breakdown

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["chosen_backends", "choose_backend", "scores_into"]
+__all__ = ["choose_backend", "chosen_backends", "scores_into"]
 
 _chosen: dict[int, str] = {}
 _chosen_lock = threading.Lock()
@@ -71,7 +71,9 @@ def choose_backend(q: Tensor, tile: Tensor, norms: Tensor, rows: int, nb: int) -
     qt = q[: min(rows, 128)].contiguous()
     tile = tile.contiguous()
     out = torch.empty(qt.shape[0], tile.shape[0], dtype=torch.float32)
-    timing = {b: _time(lambda b=b: scores_into(qt, tile, norms, out, b)) for b in ("torch", "numpy")}
+    timing = {
+        b: _time(lambda b=b: scores_into(qt, tile, norms, out, b)) for b in ("torch", "numpy")
+    }
     best = min(timing, key=lambda b: timing[b])
     with _chosen_lock:
         return _chosen.setdefault(dim, best)

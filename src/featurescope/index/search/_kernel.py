@@ -27,8 +27,8 @@ from torch import Tensor
 
 from featurescope.index.search._gemm import choose_backend, scores_into
 from featurescope.index.search._merge import lex_smallest, lex_smallest_grouped
-from featurescope.index.search._profile import phase
 from featurescope.index.search._parallel import caller_threads, run_in_threads, single_threaded_ops
+from featurescope.index.search._profile import phase
 
 __all__ = [
     "Gallery",
@@ -177,7 +177,9 @@ class TilePlan:
         buffered = bq * keep * (MERGE_EVERY + 1) * (4 + 8)
         upcast = 4 * bn * self.dim if self.upcast else 0
         query = 4 * bq * self.dim
-        fresh = 8 * min(bn * self.dim, max(self.dim, NORM_CELLS)) + 4 * bn if self.fresh_norms else 0
+        fresh = (
+            8 * min(bn * self.dim, max(self.dim, NORM_CELLS)) + 4 * bn if self.fresh_norms else 0
+        )
         return block + minima + select + buffered + upcast + query + fresh
 
 
@@ -406,7 +408,9 @@ class _Selection:
         span = w // GROUP
         minima = scores.view(bq, GROUP, span).amin(1)
         # A score equal to tau cannot change the multiset of the keep smallest: strict <.
-        r, c = _below(minima, self.tau, self._step(span, scores.device) if span % GROUP == 0 else None)
+        r, c = _below(
+            minima, self.tau, self._step(span, scores.device) if span % GROUP == 0 else None
+        )
         if r.numel() == 0:
             return
         cols = c[:, None] + self._step(w, scores.device)
