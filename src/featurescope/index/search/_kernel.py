@@ -747,7 +747,7 @@ def _fast(
         return out_d, out_r
     with single_threaded_ops():
         if lanes > 1 or split > 1:
-            tile, norms = gal.tile(0, min(gal.size, plan.gallery_tile, 4096))
+            tile, norms = gal.tile(0, min(gal.size, plan.gallery_tile))
             job.backend = choose_backend(queries, tile, norms, plan.query_tile, gal.size)
             del tile, norms
         if lanes > 1:
