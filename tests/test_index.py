@@ -233,11 +233,15 @@ def test_exclude_ids_leaves_out_own_entry():
         assert found[i].tolist() == ref_i[0].tolist()
 
 
-def test_exclude_ids_errors_when_too_few_remain():
+def test_exclude_ids_pad_when_too_few_remain():
+    # As FAISS pads: id -1 at distance +inf, label -1, metadata None.
     index = fs.EmbeddingIndex(1)
-    index.add(torch.zeros(2, 1))
-    with pytest.raises(EmbeddingIndexError, match="fewer than k"):
-        index.search(torch.zeros(1, 1), 2, exclude_ids=[[0]])
+    index.add(torch.zeros(2, 1), labels=[3, 4], metadata=["a", "b"])
+    result = index.search(torch.zeros(1, 1), 2, exclude_ids=[[0]])
+    assert result.ids.tolist() == [[1, -1]]
+    assert result.distances.tolist() == [[0.0, float("inf")]]
+    assert result.labels.tolist() == [[4, -1]]
+    assert result.metadata == [["b", None]]
 
 
 def test_small_budget_same_answers_as_large_budget():

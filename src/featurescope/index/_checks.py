@@ -12,7 +12,15 @@ from torch import Tensor
 from featurescope.errors import EmbeddingIndexError, InputShapeError
 from featurescope.index.search import MAX_NORM
 
-__all__ = ["as_ids", "as_labels", "as_metadata", "as_vectors", "check_k"]
+__all__ = [
+    "as_exclusions",
+    "as_ids",
+    "as_labels",
+    "as_mask",
+    "as_metadata",
+    "as_vectors",
+    "check_k",
+]
 
 
 def _as_tensor(data: Any, what: str) -> Tensor:
@@ -132,3 +140,39 @@ def check_k(k: Any, available: int) -> int:
             f"k={value} is larger than the {available} vectors that can be returned; lower k"
         )
     return value
+
+
+def as_exclusions(exclude_ids: Any, nq: int) -> Tensor | None:
+    """Return per-query ids to leave out as an ``[nq, m]`` int64 CPU tensor (``None`` for none).
+
+    The one rule for :meth:`~featurescope.EmbeddingIndex.search` and
+    :func:`~featurescope.retrieval_metrics`: ``[nq]`` (one id per query) or ``[nq, m]``
+    integers; ids that are not in the index exclude nothing.
+    """
+    if exclude_ids is None:
+        return None
+    t = _as_tensor(exclude_ids, "exclude_ids")
+    if t.dim() == 1:
+        t = t[:, None]
+    if t.dim() != 2 or t.shape[0] != nq:
+        raise InputShapeError(
+            f"exclude_ids must be [nq] or [nq, m] with nq={nq}, got shape {tuple(t.shape)}"
+        )
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise EmbeddingIndexError(f"exclude_ids must be integers, got dtype {t.dtype}")
+    return t.to(dtype=torch.int64, device="cpu")
+
+
+def as_mask(where: Any, n: int) -> Tensor:
+    """Return ``where`` as a ``[n]`` bool CPU mask over the gallery, in insertion order."""
+    t = _as_tensor(where, "where")
+    if t.dtype != torch.bool:
+        raise EmbeddingIndexError(
+            f"where must be a boolean mask over the index, got dtype {t.dtype}; build one "
+            "with index.select(ids=..., labels=...) or compare, e.g. index.labels == 3"
+        )
+    if t.dim() != 1 or t.shape[0] != n:
+        raise InputShapeError(
+            f"where must be 1-D with one entry per indexed vector ({n}), got shape {tuple(t.shape)}"
+        )
+    return t.cpu()

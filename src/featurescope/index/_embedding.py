@@ -19,11 +19,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from featurescope.errors import EmbeddingIndexError, InputShapeError
-from featurescope.index._checks import as_ids, as_labels, as_metadata, as_vectors, check_k
+from featurescope.errors import EmbeddingIndexError
+from featurescope.index._checks import (
+    as_exclusions,
+    as_ids,
+    as_labels,
+    as_mask,
+    as_metadata,
+    as_vectors,
+    check_k,
+)
+from featurescope.index._mapped import MappedStore
 from featurescope.index._result import SearchResult
 from featurescope.index._store import Store
-from featurescope.index.search import Gallery, plan_tiles, search_exact
+from featurescope.index.search import Gallery, plan_tiles, search_exact, single_threaded_ops
 
 __all__ = ["EmbeddingIndex"]
 
@@ -41,9 +50,11 @@ class EmbeddingIndex:
     The index stores the float32 values of what is added; "exact" refers to those values.
 
     On the CPU a search of many queries splits them over ``torch.get_num_threads()`` worker
-    threads that run single-threaded operations (``torch.set_num_threads(1)`` while the search
-    runs, then restored): on a machine shared with other work that keeps every core busy
-    without stalling at parallel barriers. On a GPU, batches of queries go to CUDA streams.
+    threads, and a search of few queries splits the gallery instead; every operation runs
+    single-threaded (``torch.set_num_threads(1)`` and numpy's BLAS at one thread while the
+    search runs, then restored, also when searches run from several threads at once): on a
+    machine shared with other work that keeps every core busy without stalling at parallel
+    barriers. On a GPU, batches of queries go to CUDA streams.
 
     Args:
         dim: length of every vector.
@@ -91,7 +102,7 @@ class EmbeddingIndex:
         self._dim = dim
         self._dtype = dtype
         self._budget = budget
-        self._store = Store(dim, torch.device(device), dtype, budget)
+        self._store: Store | MappedStore = Store(dim, torch.device(device), dtype, budget)
 
     # -- properties -------------------------------------------------------------------------
 
@@ -114,6 +125,11 @@ class EmbeddingIndex:
     def memory_budget(self) -> int:
         """Bytes the temporaries of one search may take."""
         return self._budget
+
+    @property
+    def mapped(self) -> Path | None:
+        """The file the vectors are memory-mapped from, or ``None`` for an index in memory."""
+        return self._store.source if isinstance(self._store, MappedStore) else None
 
     @property
     def ids(self) -> Tensor:
@@ -172,6 +188,7 @@ class EmbeddingIndex:
                 (within the call or with the index), a negative label, or a value a float16
                 index cannot store.
         """
+        self._check_writable("add to")
         vecs = as_vectors(vectors, self._dim)
         n = vecs.shape[0]
         if ids is None:
@@ -183,6 +200,14 @@ class EmbeddingIndex:
         meta = as_metadata(metadata, n)
         if n:
             self._store.append(vecs, new_ids, labs, meta)
+
+    def _check_writable(self, what: str) -> None:
+        if isinstance(self._store, MappedStore):
+            raise EmbeddingIndexError(
+                f"cannot {what} an index memory-mapped from {self._store.source} (its vectors "
+                "stay on disk, read-only); load it with mmap=False to change it and save it "
+                "again, or build a second index for the new vectors"
+            )
 
     def _check_new_ids(self, new_ids: Tensor) -> None:
         if not len(self) or not new_ids.numel():
@@ -206,6 +231,7 @@ class EmbeddingIndex:
         Raises:
             EmbeddingIndexError: if an id is not in the index (nothing is removed then).
         """
+        self._check_writable("remove from")
         t = ids.detach().cpu() if isinstance(ids, Tensor) else torch.as_tensor(np.asarray(ids))
         unique = torch.unique(t.reshape(-1))
         req = as_ids(unique, unique.numel())
@@ -217,61 +243,125 @@ class EmbeddingIndex:
         return int(req.numel())
 
     def to(self, device: str | torch.device) -> EmbeddingIndex:
-        """Move the searched vectors to ``device``, in place; returns the index itself."""
+        """Move the searched vectors to ``device``, in place; returns the index itself.
+
+        Raises:
+            EmbeddingIndexError: for a memory-mapped index and a device other than the CPU.
+        """
         self._store.to(torch.device(device))
         return self
 
     # -- search -------------------------------------------------------------------------------
 
-    def search(self, queries: Any, k: int, *, exclude_ids: Any = None) -> SearchResult:
+    def search(
+        self, queries: Any, k: int, *, where: Any = None, exclude_ids: Any = None
+    ) -> SearchResult:
         """Find the ``k`` nearest vectors of each query, exactly.
 
         Args:
             queries: ``[nq, dim]`` torch tensor or numpy array.
             k: neighbours per query, ``1 <= k <= len(index)``.
+            where: a boolean mask ``[len(index)]`` over the vectors in the order they were
+                added (as :attr:`ids`): only those marked ``True`` are searched. Build one
+                with :meth:`select` or by comparing, e.g. ``index.labels == 3``. The search
+                skips the others (it never computes their distances).
             exclude_ids: ids to leave out per query: ``[nq]`` (one each, e.g. each query's own
                 id when the queries are gallery vectors) or ``[nq, m]``.
 
         Returns:
-            A :class:`SearchResult`; ``distances, ids = index.search(q, k)`` unpacks it.
+            A :class:`SearchResult`; ``distances, ids = index.search(q, k)`` unpacks it. When
+            ``where`` or ``exclude_ids`` leave fewer than ``k`` vectors, the rest of the row is
+            padded with id ``-1`` and distance ``+inf``, as FAISS does.
 
         Raises:
-            EmbeddingIndexError: on an empty index, a bad ``k`` or NaN/infinity in a query.
-            InputShapeError: on queries that are not ``[nq, dim]``.
+            EmbeddingIndexError: on an empty index, a bad ``k``, a ``where`` that is not
+                boolean, or NaN/infinity in a query.
+            InputShapeError: on queries that are not ``[nq, dim]`` or a mask of the wrong
+                length.
+
+        Example:
+            >>> import torch, featurescope as fs
+            >>> index = fs.EmbeddingIndex(1)
+            >>> index.add(torch.tensor([[0.0], [1.0], [2.0]]), labels=[0, 1, 1])
+            >>> distances, ids = index.search(torch.tensor([[0.2]]), k=2, where=index.labels == 1)
+            >>> ids.tolist()
+            [[1, 2]]
+            >>> index.search(torch.tensor([[0.2]]), k=2, where=index.select(ids=[2])).ids.tolist()
+            [[2, -1]]
         """
         if not len(self):
             raise EmbeddingIndexError("the index is empty; add vectors before searching")
+        if self.device.type != "cpu":
+            return self._search(queries, k, where, exclude_ids)
+        # Every CPU operation of a search runs single-threaded (on worker threads where it
+        # pays): a two-thread operation waits at a barrier whenever another process holds a
+        # core, which on a shared machine costs more than small operations compute.
+        with single_threaded_ops():
+            return self._search(queries, k, where, exclude_ids)
+
+    def _search(self, queries: Any, k: int, where: Any, exclude_ids: Any) -> SearchResult:
         q = as_vectors(queries, self._dim, "queries")
-        excl = self._exclusions(exclude_ids, q.shape[0])
+        excl = as_exclusions(exclude_ids, q.shape[0])
         k = check_k(k, len(self))
+        mask = None if where is None else as_mask(where, len(self))
         extra = 0 if excl is None else excl.shape[1]
-        k_search = min(len(self), k + extra)
         gal = self._store.gallery()
+        if mask is not None:
+            gal = gal.restrict(mask.nonzero().flatten())
+        k_search = min(gal.size, k + extra)
         dist, rows = search_exact(gal, q.to(self.device), k_search, self._budget)
         if excl is not None:
             dist, rows = _drop_excluded(dist, rows, gal.ids, excl.to(rows.device), k)
+        if dist.shape[1] < k:
+            dist, rows = _pad(dist, rows, k)
         return self._result(dist, rows)
 
-    def _exclusions(self, exclude_ids: Any, nq: int) -> Tensor | None:
-        if exclude_ids is None:
-            return None
-        t = torch.as_tensor(exclude_ids) if not isinstance(exclude_ids, Tensor) else exclude_ids
-        if t.dim() == 1:
-            t = t[:, None]
-        if t.dim() != 2 or t.shape[0] != nq:
-            raise InputShapeError(
-                f"exclude_ids must be [nq] or [nq, m] with nq={nq}, got shape {tuple(t.shape)}"
-            )
-        if t.is_floating_point() or t.dtype == torch.bool:
-            raise EmbeddingIndexError(f"exclude_ids must be integers, got dtype {t.dtype}")
-        return t.to(dtype=torch.int64, device="cpu")
+    def select(self, *, ids: Any = None, labels: Any = None) -> Tensor:
+        """A ``where`` mask for :meth:`search`: the vectors with one of these ids and labels.
+
+        Masks combine with ``&``, ``|`` and ``~``, so any filter of ids, labels or
+        :attr:`metadata` is one expression away.
+
+        Args:
+            ids: ids to keep, each in the index.
+            labels: labels to keep (vectors with any of them).
+
+        Returns:
+            A ``[len(index)]`` bool tensor, in the order of :attr:`ids`; with both arguments,
+            the vectors that match both.
+
+        Raises:
+            EmbeddingIndexError: if an id is not in the index, or a value is not an integer.
+
+        Example:
+            >>> import torch, featurescope as fs
+            >>> index = fs.EmbeddingIndex(1)
+            >>> index.add(torch.zeros(4, 1), ids=[10, 11, 12, 13], labels=[0, 1, 0, 1])
+            >>> index.select(labels=[1]).tolist()
+            [False, True, False, True]
+            >>> (index.select(ids=[10, 11]) & index.select(labels=[1])).tolist()
+            [False, True, False, False]
+        """
+        store = self._store
+        keep = torch.ones(len(self), dtype=torch.bool)
+        if ids is not None:
+            req = _unique_ints(ids, "ids")
+            present = torch.isin(req, store.ids.cpu())
+            if not bool(present.all()):
+                missing = req[~present][:5].tolist()
+                raise EmbeddingIndexError(f"ids {missing} are not in the index")
+            keep &= torch.isin(store.ids.cpu(), req)
+        if labels is not None:
+            keep &= torch.isin(store.labels, _unique_ints(labels, "labels"))
+        return keep
 
     def _result(self, dist: Tensor, rows: Tensor) -> SearchResult:
         store = self._store
         rows_cpu = rows.cpu()
-        ids = store.ids[rows]
-        labels = store.labels[rows_cpu].to(ids.device)
-        return SearchResult(dist, ids, labels, rows_cpu, store.metadata)
+        real = rows >= 0
+        ids = torch.where(real, store.ids[rows.clamp(min=0)], -1)
+        labels = torch.where(rows_cpu >= 0, store.labels[rows_cpu.clamp(min=0)], -1)
+        return SearchResult(dist, ids, labels.to(ids.device), rows_cpu, store.metadata)
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -295,16 +385,27 @@ class EmbeddingIndex:
         *,
         device: str | torch.device = "cpu",
         memory_budget: int | None = None,
+        mmap: bool = False,
     ) -> EmbeddingIndex:
         """Read an index written by :meth:`save`, never unpickling anything.
 
+        With ``mmap=True`` the vectors, ids and labels stay in the file, memory-mapped: a
+        search streams them tile by tile, so galleries larger than RAM can be searched, and
+        the process's own (anonymous) memory stays within ``memory_budget`` plus a small
+        constant (and the metadata strings); the pages read belong to the operating system's
+        file cache. Results equal those of the same index in memory. Opening reads the file
+        once (checksum, validity, the centre and norm bounds). A mapped index is read-only:
+        :meth:`add` and :meth:`remove` raise.
+
         Args:
             path: the file.
-            device: where to put the searched vectors.
+            device: where to put the searched vectors (the CPU only, with ``mmap=True``).
             memory_budget: overrides the saved budget.
+            mmap: leave the vectors on disk (float32 indexes).
 
         Raises:
-            IndexFileError: if the file is missing, truncated, corrupt or not an index.
+            IndexFileError: if the file is missing, truncated, corrupt or not an index, or
+                ``mmap=True`` for a float16/bfloat16 index.
 
         Example:
             >>> import tempfile, torch, featurescope as fs
@@ -317,7 +418,50 @@ class EmbeddingIndex:
         """
         from featurescope.index._persist import load_index
 
-        return load_index(cls, path, device=device, memory_budget=memory_budget)
+        return load_index(cls, path, device=device, memory_budget=memory_budget, mmap=mmap)
+
+    @classmethod
+    def from_features(
+        cls,
+        folder: str | os.PathLike[str],
+        node: str | None = None,
+        *,
+        mmap: bool = True,
+        memory_budget: int = 256 * 2**20,
+    ) -> EmbeddingIndex:
+        """An index over one node of a folder written by ``FeatureTap.extract(out=...)``.
+
+        The rows the extraction completed become the vectors (each sample's features
+        flattened), the dataset indices (``sample_ids``) the ids, the labels and file paths
+        (when the dataset gave them) the labels and metadata. With ``mmap=True`` (default) the
+        vectors stay in the ``.npy`` file and are searched in place, as for
+        :meth:`load` with ``mmap=True``; the index is then read-only.
+
+        Args:
+            folder: the extraction folder (one rank's folder for a distributed extraction).
+            node: the alias of the node to index; may be left out when there is only one.
+            mmap: search the float32 rows in place instead of copying them into memory.
+            memory_budget: bytes the temporaries of one search may take.
+
+        Raises:
+            EmbeddingIndexError: if the folder is not an extraction, or ``mmap=True`` and the
+                node is not stored as float32.
+            UnknownNameError: if ``node`` is not in the extraction.
+
+        Example:
+            >>> import json, pathlib, tempfile, numpy as np, featurescope as fs
+            >>> out = pathlib.Path(tempfile.mkdtemp())
+            >>> np.save(out / "fc7.npy", np.eye(3, dtype=np.float32))
+            >>> manifest = {"format": "featurescope.features", "nodes": {"fc7": {"file": "fc7.npy"}},
+            ...             "completed": 3, "sample_ids": [4, 5, 6], "labels": None, "paths": None}
+            >>> _ = (out / "manifest.json").write_text(json.dumps(manifest))
+            >>> index = fs.EmbeddingIndex.from_features(out)
+            >>> index.search(np.float32([[0, 1, 0]]), k=1).ids.tolist()
+            [[5]]
+        """
+        from featurescope.index._features import index_from_features
+
+        return index_from_features(cls, folder, node, mmap=mmap, memory_budget=memory_budget)
 
     # -- used by the sharded index and persistence --------------------------------------------
 
@@ -325,16 +469,33 @@ class EmbeddingIndex:
         return self._store.gallery()
 
 
+def _unique_ints(data: Any, what: str) -> Tensor:
+    t = data.detach().cpu() if isinstance(data, Tensor) else torch.as_tensor(np.asarray(data))
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise EmbeddingIndexError(f"{what} must be integers, got dtype {t.dtype}")
+    unique: Tensor = torch.unique(t.reshape(-1).to(torch.int64))
+    return unique
+
+
+def _pad(dist: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Pad rows to ``k`` columns with row ``-1`` at distance ``+inf``."""
+    nq, m = dist.shape
+    out_d = torch.full((nq, k), torch.inf, dtype=dist.dtype, device=dist.device)
+    out_r = torch.full((nq, k), -1, dtype=rows.dtype, device=rows.device)
+    out_d[:, :m], out_r[:, :m] = dist, rows
+    return out_d, out_r
+
+
 def _drop_excluded(
     dist: Tensor, rows: Tensor, ids: Tensor, excl: Tensor, k: int
 ) -> tuple[Tensor, Tensor]:
-    """Drop each row's excluded ids from its (k + m)-nearest list, keeping order; take k."""
-    hit = (ids[rows][:, :, None] == excl[:, None, :]).any(-1)
-    short = (~hit).sum(1) < k
-    if bool(short.any()):
-        row = int(short.nonzero()[0, 0])
-        raise EmbeddingIndexError(
-            f"query {row}: fewer than k={k} vectors remain after excluding its ids; lower k"
-        )
+    """Drop each row's excluded ids from its (k + m)-nearest list, keeping order; take k.
+
+    Padding (row ``-1``) and excluded hits move to the end; what is left beyond the last kept
+    hit becomes padding.
+    """
+    real = rows >= 0
+    hit = (ids[rows.clamp(min=0)][:, :, None] == excl[:, None, :]).any(-1) | ~real
     order = hit.to(torch.int8).argsort(dim=1, stable=True)[:, :k]
-    return dist.gather(1, order), rows.gather(1, order)
+    dist, rows, hit = dist.gather(1, order), rows.gather(1, order), hit.gather(1, order)
+    return dist.masked_fill(hit, torch.inf), rows.masked_fill(hit, -1)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from featurescope.errors import EmbeddingIndexError
+from featurescope.index._checks import as_exclusions
 
 if TYPE_CHECKING:
     from featurescope.index._embedding import EmbeddingIndex
@@ -108,7 +109,7 @@ def retrieval_metrics(
             raise EmbeddingIndexError("pass query_labels with queries")
         qlab = torch.as_tensor(query_labels).to(torch.int64).reshape(-1).cpu()
     nq = len(qlab)
-    excl = _exclusions(exclude_ids, nq)
+    excl = as_exclusions(exclude_ids, nq)
     counts = torch.bincount(gallery_labels, minlength=int(qlab.max()) + 1 if nq else 1)
     relevant = counts[qlab.clamp(min=0)] * (qlab >= 0)
     if excl is not None:
@@ -124,13 +125,3 @@ def retrieval_metrics(
         raise EmbeddingIndexError(f"k={k} is larger than the vectors a query can retrieve")
     result = index.search(queries, width, exclude_ids=excl)
     return metrics_from_hits(result.labels.cpu(), qlab, relevant, k)
-
-
-def _exclusions(exclude_ids: Any, nq: int) -> Tensor | None:
-    if exclude_ids is None:
-        return None
-    t = torch.as_tensor(exclude_ids).to(torch.int64).cpu()
-    t = t[:, None] if t.dim() == 1 else t
-    if t.dim() != 2 or t.shape[0] != nq:
-        raise EmbeddingIndexError(f"exclude_ids must be [nq] or [nq, m] with nq={nq}")
-    return t

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,6 +30,8 @@ __all__ = ["FORMAT", "load_index", "save_index"]
 
 FORMAT = "featurescope-index/1"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_HASH_CHUNK = 16 * 2**20
+_ST_DTYPES = {"F32": np.float32, "I64": np.int64, "U8": np.uint8}
 _TENSORS = {
     "vectors": torch.float32,
     "ids": torch.int64,
@@ -38,12 +41,16 @@ _TENSORS = {
 
 
 def _digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 of the tensors' names, shapes and bytes, read in place (memory maps stay paged)."""
     h = hashlib.sha256()
     for name in _TENSORS:
         t = tensors[name].contiguous()
         h.update(name.encode())
         h.update(repr(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            flat = t.reshape(-1).view(torch.uint8).numpy()
+            for s in range(0, flat.size, _HASH_CHUNK):
+                h.update(flat[s : s + _HASH_CHUNK].data)
     return h.hexdigest()
 
 
@@ -145,11 +152,14 @@ def load_index(
     *,
     device: str | torch.device = "cpu",
     memory_budget: int | None = None,
+    mmap: bool = False,
 ) -> EmbeddingIndex:
     """Read an index written by :func:`save_index`; see :meth:`EmbeddingIndex.load`."""
     p = Path(path)
     if not p.is_file():
         raise IndexFileError(f"index file {str(p)!r} does not exist or is not a file")
+    if mmap:
+        return _map_index(cls, p, device=device, memory_budget=memory_budget)
     header, tensors = _read(p)
     cfg = _config(p, header)
     meta = _check_tensors(p, tensors, header, cfg)
@@ -173,4 +183,79 @@ def load_index(
     except FeaturescopeError as exc:
         raise IndexFileError(f"{p}: invalid index contents: {exc}") from exc
     index._store.next_id = max(index._store.next_id, cfg["next_id"])
+    return index
+
+
+def _map_safetensors(p: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The header and memory-mapped tensors of a safetensors file, checked against its size."""
+    size = p.stat().st_size
+    try:
+        with p.open("rb") as fh:
+            head = int.from_bytes(fh.read(8), "little")
+            if head <= 0 or 8 + head > size:
+                raise ValueError(f"header length {head} does not fit a {size}-byte file")
+            layout = json.loads(fh.read(head))
+        header = layout.pop("__metadata__", None) or {}
+        tensors = {}
+        for name, info in layout.items():
+            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            shape = tuple(int(v) for v in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+            count = int(np.prod(shape))
+            if end - begin != count * dtype.itemsize or begin < 0 or 8 + head + end > size:
+                raise ValueError(f"tensor {name!r} does not fit the file")
+            if count == 0:
+                tensors[name] = torch.from_numpy(np.empty(shape, dtype=dtype))
+                continue
+            array = np.memmap(p, dtype=dtype, mode="c", offset=8 + head + begin, shape=shape)
+            tensors[name] = torch.from_numpy(array)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IndexFileError(
+            f"{p} is not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from exc
+    return header, tensors
+
+
+def _map_index(
+    cls: type[EmbeddingIndex],
+    p: Path,
+    *,
+    device: str | torch.device,
+    memory_budget: int | None,
+) -> EmbeddingIndex:
+    """Open ``p`` with its vectors, ids and labels memory-mapped; see :meth:`EmbeddingIndex.load`."""
+    from featurescope.index._mapped import MappedStore
+
+    header, tensors = _map_safetensors(p)
+    cfg = _config(p, header)
+    if cfg["dtype"] != torch.float32:
+        raise IndexFileError(
+            f"{p} holds a {cfg['dtype']} index; mmap=True searches float32 vectors in place, so "
+            "load this one with mmap=False"
+        )
+    meta = _check_tensors(p, tensors, header, cfg)
+    budget = cfg["budget"] if memory_budget is None else memory_budget
+    try:
+        index = cls(cfg["dim"], device=device, memory_budget=budget)
+        if torch.device(device).type != "cpu":
+            raise FeaturescopeError(f"mmap=True searches on the CPU, not {device}")
+    except FeaturescopeError as exc:
+        if memory_budget is not None:
+            raise
+        raise IndexFileError(f"{p}: invalid index configuration: {exc}") from exc
+    if cfg["count"] == 0:
+        return index
+    labels = tensors["labels"]
+    if int(labels.min()) < -1:
+        raise IndexFileError(f"{p}: labels below -1")
+    ids = tensors["ids"]
+    if torch.unique(ids).numel() != ids.numel():
+        raise IndexFileError(f"{p}: invalid index contents: duplicate ids")
+    try:
+        store = MappedStore(
+            tensors["vectors"], ids, labels, meta, p, index.memory_budget, cfg["next_id"]
+        )
+    except FeaturescopeError as exc:
+        raise IndexFileError(f"{p}: invalid index contents: {exc}") from exc
+    index._store = store
     return index

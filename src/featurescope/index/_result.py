@@ -19,9 +19,13 @@ class SearchResult:
     Unpacks like FAISS's ``index.search``: ``distances, ids = index.search(queries, k)``.
 
     Attributes:
-        distances: ``[nq, k]`` float64 Euclidean (not squared) distances, ascending per row.
-        ids: ``[nq, k]`` int64 ids of the hits; equal distances are ordered by id.
-        labels: ``[nq, k]`` int64 labels of the hits, ``-1`` where a hit was added without one.
+        distances: ``[nq, k]`` float64 Euclidean (not squared) distances, ascending per row;
+            ``+inf`` where fewer than ``k`` vectors could be returned (a ``where`` filter or
+            ``exclude_ids`` left too few), as FAISS pads.
+        ids: ``[nq, k]`` int64 ids of the hits; equal distances are ordered by id; ``-1`` in
+            the padding.
+        labels: ``[nq, k]`` int64 labels of the hits, ``-1`` where a hit was added without one
+            and in the padding.
 
     Example:
         >>> import torch, featurescope as fs
@@ -46,7 +50,7 @@ class SearchResult:
 
     @property
     def metadata(self) -> list[list[str | None]]:
-        """The hits' metadata strings (e.g. image paths), ``None`` where absent.
+        """The hits' metadata strings (e.g. image paths), ``None`` where absent or padded.
 
         Raises:
             EmbeddingIndexError: for results merged across ranks, which carry no metadata.
@@ -57,4 +61,4 @@ class SearchResult:
                 "and labels); look the ids up in the shard that holds them"
             )
         meta = self._metadata
-        return [[meta[r] for r in row] for row in self._rows.tolist()]
+        return [[meta[r] if r >= 0 else None for r in row] for row in self._rows.tolist()]

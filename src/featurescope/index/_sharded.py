@@ -9,6 +9,7 @@ import torch
 from featurescope.errors import EmbeddingIndexError
 from featurescope.index._checks import as_vectors, check_k
 from featurescope.index._result import SearchResult
+from featurescope.index.search import lex_smallest
 
 if TYPE_CHECKING:
     from featurescope.index._embedding import EmbeddingIndex
@@ -102,8 +103,7 @@ class ShardedEmbeddingIndex:
             dist.all_gather(parts, t, group=self.group)
             gathered.append(torch.cat(parts, 1).cpu())
         d_all, i_all, l_all = gathered
-        order = i_all.argsort(dim=1, stable=True)
-        order = order.gather(1, d_all.gather(1, order).argsort(dim=1, stable=True))[:, :k]
+        order = lex_smallest(d_all, i_all, k)
         out_dev = local.device
         return SearchResult(
             d_all.gather(1, order).to(out_dev),

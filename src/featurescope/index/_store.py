@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from featurescope.errors import EmbeddingIndexError
-from featurescope.index.search import Gallery
+from featurescope.index.search import Gallery, centred_sq_norms
 
 __all__ = ["Store"]
 
@@ -97,7 +97,7 @@ class Store:
             x64 = x[s:e].to(torch.float64)
             rel = x64 - c64
             if self._alias:
-                norms[s:e] = (rel * rel).sum(1).float()
+                norms[s:e] = centred_sq_norms(x[s:e], centre)
                 radius[s:e] = torch.linalg.vector_norm(x64, dim=1)
                 continue
             stored = rel.to(self.dtype)

@@ -1,18 +1,37 @@
 """The exact search kernel: tiles sized to a memory budget, a float32 matrix product with a
-proven rounding bound, a two-level selection, a float64 re-rank and one (distance, id) merge.
+proven rounding bound, a two-level selection, a float64 re-rank and one (distance, id) merge (``_merge``).
 
 ``_kernel`` plans and runs the tiles, ``_gemm`` picks the BLAS (numpy's or torch's) by timing,
 ``_parallel`` runs query batches on single-threaded workers. It takes tensors and knows nothing
 of ids, labels or files: :class:`~featurescope.EmbeddingIndex` does that.
 """
 
+from featurescope.index.search._gemm import chosen_backends
 from featurescope.index.search._kernel import (
     MAX_NORM,
+    NORM_CELLS,
     Gallery,
     TilePlan,
+    centred_sq_norms,
     exact_distances,
     plan_tiles,
     search_exact,
 )
+from featurescope.index.search._merge import lex_smallest
+from featurescope.index.search._parallel import single_threaded_ops
+from featurescope.index.search._profile import time_breakdown
 
-__all__ = ["MAX_NORM", "Gallery", "TilePlan", "exact_distances", "plan_tiles", "search_exact"]
+__all__ = [
+    "MAX_NORM",
+    "NORM_CELLS",
+    "Gallery",
+    "TilePlan",
+    "centred_sq_norms",
+    "chosen_backends",
+    "exact_distances",
+    "lex_smallest",
+    "plan_tiles",
+    "search_exact",
+    "single_threaded_ops",
+    "time_breakdown",
+]

@@ -14,6 +14,7 @@ Centring the query matters: the product's rounding error grows with ``‖q−c�
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -24,10 +25,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from featurescope.index.search._gemm import blas_single_threaded, choose_backend, scores_into
-from featurescope.index.search._parallel import run_in_threads, single_threaded_ops
+from featurescope.index.search._gemm import choose_backend, scores_into
+from featurescope.index.search._merge import lex_smallest, lex_smallest_grouped
+from featurescope.index.search._parallel import caller_threads, run_in_threads, single_threaded_ops
+from featurescope.index.search._profile import phase
 
-__all__ = ["Gallery", "TilePlan", "exact_distances", "plan_tiles", "search_exact"]
+__all__ = [
+    "Gallery",
+    "TilePlan",
+    "centred_sq_norms",
+    "exact_distances",
+    "plan_tiles",
+    "search_exact",
+]
 
 #: Vectors with a larger Euclidean norm would overflow the float32 pass.
 MAX_NORM = 2.0**49
@@ -41,10 +51,40 @@ BLOCK_CELLS = 2 * 2**20
 RERANK_BYTES = 4 * 2**20
 #: Fewest queries worth a CPU worker thread of their own.
 MIN_QUERIES_PER_WORKER = 16
+#: Fewest gallery rows worth a CPU worker thread when few queries split the gallery instead.
+MIN_ROWS_PER_WORKER = 4096
 #: Block results buffered before they are merged down to ``keep`` per query.
 MERGE_EVERY = 16
 _U32 = 2.0**-24
 _INT64_MAX = torch.iinfo(torch.int64).max
+
+
+#: Float64 cells per chunk when squared norms are computed on the fly (1 MiB).
+NORM_CELLS = 2**17
+
+
+def centred_sq_norms(
+    x: Tensor, centre: Tensor, out: Tensor | None = None, work: Tensor | None = None
+) -> Tensor:
+    """``‖x[i] − centre‖²`` computed in float64, rounded once to float32, in bounded chunks.
+
+    The index stores these for in-memory galleries and recomputes them tile by tile for
+    galleries left on disk; both give the same float32 values. ``work`` (float64, at least
+    ``min(NORM_CELLS, n·d)`` cells) and ``out`` let a search reuse its buffers tile after
+    tile instead of leaving the allocator to cache fresh ones.
+    """
+    n, d = x.shape
+    out = torch.empty(n, dtype=torch.float32, device=x.device) if out is None else out[:n]
+    c64 = centre.to(device=x.device, dtype=torch.float64)
+    chunk = max(1, NORM_CELLS // max(d, 1))
+    if work is None:
+        work = torch.empty(min(n, chunk) * d, dtype=torch.float64, device=x.device)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        rel = work[: (e - s) * d].view(e - s, d)
+        torch.sub(x[s:e], c64, out=rel)
+        out[s:e] = rel.square_().sum(1)
+    return out
 
 
 @dataclass
@@ -52,11 +92,14 @@ class Gallery:
     """What a search reads from an index; built by :class:`~featurescope.EmbeddingIndex`.
 
     ``search[i] + offset`` approximates ``vectors[i] − centre`` to within ``eps[i]`` (zero when
-    ``search`` *is* ``vectors``, with ``offset = −centre``).
+    ``search`` *is* ``vectors``, with ``offset = −centre``). ``norms`` is ``None`` for galleries
+    left on disk: tiles then compute theirs. ``subset`` (ascending rows) restricts a search to
+    those rows; the kernel then works in positions ``0 .. len(subset)-1`` and :meth:`rows_of`
+    maps them back.
     """
 
     search: Tensor  # [n, d] storage dtype, on the index device
-    norms: Tensor  # [n] float32: ‖search[i] + offset‖², rounded to nearest
+    norms: Tensor | None  # [n] float32: ‖search[i] + offset‖², rounded to nearest
     offset: Tensor  # [d] float64
     centre: Tensor  # [d] float32
     vectors: Tensor  # [n, d] float32, the exact values
@@ -64,6 +107,54 @@ class Gallery:
     eps_max: float  # max ‖search[i] + offset − (vectors[i] − centre)‖
     norm_max: float  # max norms[i]
     radius_max: float  # max ‖search[i]‖
+    subset: Tensor | None = None  # [m] int64 ascending rows searched, on the index device
+
+    @property
+    def size(self) -> int:
+        """Rows a search goes through."""
+        return int(self.subset.numel()) if self.subset is not None else int(self.search.shape[0])
+
+    @property
+    def copies_tiles(self) -> bool:
+        """Whether each tile is copied (to float32, or gathered from a subset) before use."""
+        return self.subset is not None or self.search.dtype != torch.float32
+
+    def restrict(self, rows: Tensor) -> Gallery:
+        """The same gallery searching only ``rows`` (ascending)."""
+        return dataclasses.replace(self, subset=rows.to(self.search.device))
+
+    def rows_of(self, pos: Tensor) -> Tensor:
+        """Gallery rows of search positions ``pos``."""
+        return pos if self.subset is None else self.subset[pos]
+
+    def workspace(self, width: int) -> tuple[Tensor, Tensor] | None:
+        """Buffers :meth:`tile` reuses for tiles up to ``width`` rows (``None``: norms stored)."""
+        if self.norms is not None:
+            return None
+        d = self.search.shape[1]
+        device = self.search.device
+        return (
+            torch.empty(min(width * d, max(d, NORM_CELLS)), dtype=torch.float64, device=device),
+            torch.empty(width, dtype=torch.float32, device=device),
+        )
+
+    def tile(
+        self, start: int, stop: int, work: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Float32 search rows and squared norms of positions ``start:stop``."""
+        if self.subset is None:
+            tile = self.search[start:stop]
+            norms = self.norms[start:stop] if self.norms is not None else None
+        else:
+            rows = self.subset[start:stop]
+            tile = self.search.index_select(0, rows)
+            norms = self.norms.index_select(0, rows) if self.norms is not None else None
+        if tile.dtype != torch.float32:
+            tile = tile.float()
+        if norms is None:  # only float32 galleries are left on disk: search is vectors
+            buf, into = work if work is not None else (None, None)
+            norms = centred_sq_norms(tile, self.centre, into, buf)
+        return tile, norms
 
 
 @dataclass(frozen=True)
@@ -75,6 +166,7 @@ class TilePlan:
     keep: int
     dim: int
     upcast: bool  # gallery tiles are copied to float32 before the product
+    fresh_norms: bool = False  # each tile's squared norms are computed (gallery on disk)
 
     def scan_bytes(self) -> int:
         """Peak bytes of the fast pass's temporaries for one query tile."""
@@ -85,7 +177,10 @@ class TilePlan:
         buffered = bq * keep * (MERGE_EVERY + 1) * (4 + 8)
         upcast = 4 * bn * self.dim if self.upcast else 0
         query = 4 * bq * self.dim
-        return block + minima + select + buffered + upcast + query
+        fresh = (
+            8 * min(bn * self.dim, max(self.dim, NORM_CELLS)) + 4 * bn if self.fresh_norms else 0
+        )
+        return block + minima + select + buffered + upcast + query + fresh
 
 
 def plan_tiles(
@@ -97,6 +192,7 @@ def plan_tiles(
     *,
     upcast: bool = False,
     device_type: str = "cpu",
+    fresh_norms: bool = False,
 ) -> TilePlan:
     """Choose tile sizes whose temporaries stay within ``budget`` bytes.
 
@@ -120,20 +216,20 @@ def plan_tiles(
         bq_pref, bn_pref = 8192, 4 * GALLERY_TILE
     bn = min(nb, bn_pref)
     while True:
-        plan = TilePlan(1, bn, keep, dim, upcast)
+        plan = TilePlan(1, bn, keep, dim, upcast, fresh_norms)
         if plan.scan_bytes() <= budget or bn <= keep:
             break
         bn = max(keep, bn // 2)
     if plan.scan_bytes() > budget:
         raise ValueError(f"memory_budget={budget} bytes is too small for one query (dim={dim})")
-    per_row = TilePlan(2, bn, keep, dim, upcast).scan_bytes() - plan.scan_bytes()
+    per_row = TilePlan(2, bn, keep, dim, upcast, fresh_norms).scan_bytes() - plan.scan_bytes()
     bq = min(nq, bq_pref, 1 + (budget - plan.scan_bytes()) // max(per_row, 1))
     while bn < nb:
-        wider = TilePlan(bq, min(nb, 2 * bn), keep, dim, upcast)
+        wider = TilePlan(bq, min(nb, 2 * bn), keep, dim, upcast, fresh_norms)
         if bq * wider.gallery_tile > cells or wider.scan_bytes() > budget:
             break
         bn = wider.gallery_tile
-    return TilePlan(bq, bn, keep, dim, upcast)
+    return TilePlan(bq, bn, keep, dim, upcast, fresh_norms)
 
 
 def exact_distances(queries: Tensor, candidates: Tensor) -> Tensor:
@@ -182,58 +278,163 @@ def _error_coefficients(dim: int, device: torch.device) -> tuple[float, float]:
 
 
 def _scan_tile(
-    q: Tensor, gal: Gallery, plan: TilePlan, block: Tensor, backend: str = "torch"
+    q: Tensor,
+    gal: Gallery,
+    plan: TilePlan,
+    block: Tensor,
+    backend: str = "torch",
+    lo: int = 0,
+    hi: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fast pass for one query tile: the ``keep`` smallest float32 scores and their rows.
+
+    Selection keeps, per query, a buffer of candidates and a threshold ``tau`` (the
+    ``keep``-th smallest score of the buffer when it was last compressed). In a tile only the
+    groups whose minimum is below ``tau`` can hold a score that matters, and after the first
+    tiles they are few: one pass of group minima, a comparison on the minima and a gather of
+    those groups replace a top-k per tile (FAISS's heap does the same with one comparison
+    per score). A tile with too many candidates for the buffer takes the top-k route.
 
     Returns:
         ``(scores, rows)``, both ``[bq, keep]``, scores sorted ascending.
     """
-    bq, keep, n = q.shape[0], plan.keep, gal.search.shape[0]
-    device = q.device
-    width = keep * (MERGE_EVERY + 1)
-    acc_v = torch.empty(bq, width, dtype=torch.float32, device=device)
-    acc_p = torch.empty(bq, width, dtype=torch.int64, device=device)
-    filled = 0
-    steps: dict[int, Tensor] = {}
-    for start in range(0, n, plan.gallery_tile):
+    bq, keep = q.shape[0], plan.keep
+    n = gal.size if hi is None else hi
+    sel = _Selection(bq, keep, q.device)
+    work = gal.workspace(plan.gallery_tile)
+    for start in range(lo, n, plan.gallery_tile):
         stop = min(n, start + plan.gallery_tile)
         w = stop - start
-        tile = gal.search[start:stop]
-        if tile.dtype != torch.float32:
-            tile = tile.float()
+        tile, norms = gal.tile(start, stop, work)
         scores = block[: bq * w].view(bq, w)
-        scores_into(q, tile, gal.norms[start:stop], scores, backend)
-        kb = min(keep, w)
-        if w % GROUP == 0 and w // GROUP >= 2 * keep:
+        with phase("product"):
+            scores_into(q, tile, norms, scores, backend)
+        with phase("selection"):
+            sel.add(scores, start)
+    with phase("selection"):
+        return sel.result()
+
+
+def _below(minima: Tensor, tau: Tensor, step: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(row, column)`` of the entries of ``minima`` below their row's ``tau``.
+
+    With ``step`` (``minima`` columns in ``GROUP`` interleaved groups, as the scores are), the
+    groups' own minima are screened first, so the scan of the full array (``nonzero`` is slow
+    on the CPU) only covers the few groups that can hold an entry.
+    """
+    if step is None:
+        r, c = (minima < tau[:, None]).nonzero(as_tuple=True)
+        return r, c
+    bq, span = minima.shape
+    top = minima.view(bq, GROUP, span // GROUP).amin(1)
+    r2, c2 = (top < tau[:, None]).nonzero(as_tuple=True)
+    cols = c2[:, None] + step  # [P2, GROUP] columns of minima
+    vals = minima.view(-1).index_select(0, ((r2 * span)[:, None] + cols).view(-1))
+    i, j = (vals.view_as(cols) < tau[r2][:, None]).nonzero(as_tuple=True)
+    return r2[i], cols[i, j]
+
+
+class _Selection:
+    """Per-query candidate buffers of one query tile; see :func:`_scan_tile`."""
+
+    def __init__(self, bq: int, keep: int, device: torch.device) -> None:
+        self.keep = keep
+        self.width = keep * (MERGE_EVERY + 1)
+        self.vals = torch.full((bq, self.width), math.inf, dtype=torch.float32, device=device)
+        self.pos = torch.full((bq, self.width), -1, dtype=torch.int64, device=device)
+        self.filled = torch.zeros(bq, dtype=torch.int64, device=device)
+        self.tau = torch.full((bq,), math.inf, dtype=torch.float32, device=device)
+        self.seen = 0
+        self.rows = torch.arange(bq, device=device)
+        self._steps: dict[int, Tensor] = {}
+
+    def _step(self, w: int, device: torch.device) -> Tensor:
+        if w not in self._steps:
+            self._steps[w] = torch.arange(GROUP, device=device) * (w // GROUP)
+        return self._steps[w]
+
+    def _compress(self) -> None:
+        """Keep each row's ``keep`` smallest; ``tau`` becomes the largest of them."""
+        keep = self.keep
+        used = max(keep, int(self.filled.max()))
+        vals, j = self.vals[:, :used].topk(keep, dim=1, largest=False, sorted=False)
+        pos = self.pos[:, :used].gather(1, j)
+        self.vals[:, keep:used].fill_(math.inf)
+        self.vals[:, :keep] = vals
+        self.pos[:, :keep] = pos
+        self.filled.fill_(keep)
+        if self.seen >= keep:
+            self.tau = vals.amax(1)
+
+    def _append(self, r: Tensor, vals: Tensor, pos: Tensor, counts: Tensor) -> None:
+        """Write candidates ``(r, vals, pos)``, grouped by row ``r``, after each row's fill."""
+        starts = counts.cumsum(0) - counts
+        dest = self.filled[r] + torch.arange(r.numel(), device=r.device) - starts[r]
+        self.vals[r, dest] = vals
+        self.pos[r, dest] = pos
+        self.filled += counts
+
+    def _topk_tile(self, scores: Tensor, start: int) -> None:
+        bq, w = scores.shape
+        kb = min(self.keep, w)
+        if w % GROUP == 0 and w // GROUP >= 2 * self.keep:
             # Each of the kb smallest scores lies in one of the kb groups with the smallest
             # minimum, so only kb * GROUP scores need a real top-k.
-            span = w // GROUP
-            if w not in steps:
-                steps[w] = torch.arange(GROUP, device=device) * span
-            minima = scores.view(bq, GROUP, span).amin(1)
+            minima = scores.view(bq, GROUP, w // GROUP).amin(1)
             groups = minima.topk(kb, dim=1, largest=False, sorted=False).indices
-            cols = (groups[:, :, None] + steps[w]).view(bq, kb * GROUP)
+            cols = (groups[:, :, None] + self._step(w, scores.device)).view(bq, kb * GROUP)
             vals, j = scores.gather(1, cols).topk(kb, dim=1, largest=False, sorted=False)
             rows = cols.gather(1, j)
         else:
             vals, rows = scores.topk(kb, dim=1, largest=False, sorted=False)
-        if filled + kb > width:
-            filled = _compress(acc_v, acc_p, filled, keep)
-        acc_v[:, filled : filled + kb] = vals
-        acc_p[:, filled : filled + kb] = rows + start
-        filled += kb
-    kf = min(keep, filled)
-    vals, j = acc_v[:, :filled].topk(kf, dim=1, largest=False, sorted=True)
-    return vals, acc_p[:, :filled].gather(1, j)
+        if int(self.filled.max()) + kb > self.width:
+            self._compress()
+        counts = torch.full_like(self.filled, kb)
+        self._append(
+            self.rows.repeat_interleave(kb), vals.reshape(-1), (rows + start).reshape(-1), counts
+        )
 
+    def add(self, scores: Tensor, start: int) -> None:
+        """Take a tile's scores (gallery positions ``start ..``) into the buffers."""
+        bq, w = scores.shape
+        grouped = w % GROUP == 0 and w // GROUP >= 2 * self.keep
+        if self.seen < self.keep or not grouped:
+            self._topk_tile(scores, start)
+            self.seen += w
+            if self.seen >= self.keep:
+                self._compress()
+            return
+        self.seen += w
+        span = w // GROUP
+        minima = scores.view(bq, GROUP, span).amin(1)
+        # A score equal to tau cannot change the multiset of the keep smallest: strict <.
+        r, c = _below(
+            minima, self.tau, self._step(span, scores.device) if span % GROUP == 0 else None
+        )
+        if r.numel() == 0:
+            return
+        cols = c[:, None] + self._step(w, scores.device)
+        flat = ((r * w)[:, None] + cols).view(-1)
+        vals = scores.view(-1).index_select(0, flat).view_as(cols)
+        i, j = (vals < self.tau[r][:, None]).nonzero(as_tuple=True)
+        rr = r[i]
+        counts = torch.bincount(rr, minlength=bq)
+        if int((self.filled + counts).max()) > self.width:
+            self._compress()
+            if int(counts.max()) > self.width - self.keep:
+                self._topk_tile(scores, start)
+                return
+        self._append(rr, vals[i, j], cols[i, j] + start, counts)
+        # A tight threshold keeps the next tiles' candidates few; compressing costs a top-k
+        # of the filled columns only.
+        if int(self.filled.max()) >= 2 * self.keep:
+            self._compress()
 
-def _compress(acc_v: Tensor, acc_p: Tensor, filled: int, keep: int) -> int:
-    vals, j = acc_v[:, :filled].topk(keep, dim=1, largest=False, sorted=False)
-    rows = acc_p[:, :filled].gather(1, j)
-    acc_v[:, :keep] = vals
-    acc_p[:, :keep] = rows
-    return keep
+    def result(self) -> tuple[Tensor, Tensor]:
+        """The ``keep`` smallest scores of each row, ascending, and their positions."""
+        kf = min(self.keep, self.seen)
+        vals, j = self.vals.topk(kf, dim=1, largest=False, sorted=True)
+        return vals, self.pos.gather(1, j)
 
 
 @dataclass
@@ -277,13 +478,6 @@ def _threshold(upper: Tensor, qs: _Queries) -> Tensor:
     return theta + 1e-12 * (reach * reach + qs.constant.abs() + qs.error)
 
 
-def _lex_smallest(dist: Tensor, ids: Tensor, k: int) -> Tensor:
-    """Column indices of the ``k`` smallest ``(dist, id)`` pairs of each row, in order."""
-    order = ids.argsort(dim=1, stable=True)
-    by_dist = dist.gather(1, order).argsort(dim=1, stable=True)
-    return order.gather(1, by_dist)[:, :k]
-
-
 def _rerank_rows(gal: Gallery, q64: Tensor, rows: Tensor, budget: int) -> Tensor:
     """Float64 distances of ``q64[i]`` to ``vectors[rows[i, j]]``, in cache-sized chunks."""
     r, m = rows.shape
@@ -293,7 +487,7 @@ def _rerank_rows(gal: Gallery, q64: Tensor, rows: Tensor, budget: int) -> Tensor
     d = gal.vectors.shape[1]
     per_query = 8 * m * d
     chunk = max(1, min(budget // (3 * per_query), RERANK_BYTES // per_query))
-    rows = rows.to(gal.vectors.device)
+    rows = gal.rows_of(rows).to(gal.vectors.device)
     for s in range(0, r, chunk):
         e = min(r, s + chunk)
         cand = gal.vectors.index_select(0, rows[s:e].reshape(-1)).view(e - s, m, d)
@@ -310,7 +504,7 @@ def _finish_tile(
         ``(dist, rows, incomplete, theta)``: ``[b, k]`` float64 distances and gallery rows, a
         ``[b]`` bool mask and the ``[b]`` score thresholds to search those queries again with.
     """
-    n = gal.search.shape[0]
+    n = gal.size
     keep = rows.shape[1]
     head = _rerank_rows(gal, qs.exact, rows[:, :k], budget).to(vals.device)
     # k distinct vectors lie within the largest of these distances, so every true neighbour
@@ -325,7 +519,7 @@ def _finish_tile(
         cols = torch.arange(k, most, device=vals.device)
         tail.masked_fill_(cols[None, :] >= inside[:, None], math.inf)
         dist, cand = torch.cat([head, tail], 1), rows[:, :most]
-    pick = _lex_smallest(dist, gal.ids[cand], k)
+    pick = lex_smallest(dist, gal.ids[gal.rows_of(cand)], k)
     return dist.gather(1, pick), cand.gather(1, pick), incomplete, theta
 
 
@@ -335,18 +529,11 @@ def _merge_pairs(
     """Merge scattered ``(query r, row, dist, id)`` candidates into each query's best ``k``."""
     bd, brow, bid = best
     f, k = bd.shape
-    device = bd.device
-    who = torch.cat([torch.arange(f, device=device).repeat_interleave(k), r])
+    who = torch.cat([torch.arange(f, device=bd.device).repeat_interleave(k), r])
     d_all = torch.cat([bd.reshape(-1), dist])
     row_all = torch.cat([brow.reshape(-1), rows])
     id_all = torch.cat([bid.reshape(-1), ids])
-    order = id_all.argsort(stable=True)
-    order = order[d_all[order].argsort(stable=True)]
-    order = order[who[order].argsort(stable=True)]
-    sorted_who = who[order]
-    first = torch.searchsorted(sorted_who, torch.arange(f, device=device))
-    rank = torch.arange(order.numel(), device=device) - first[sorted_who]
-    take = order[rank < k]
+    take = lex_smallest_grouped(who, d_all, id_all, f, k)
     return d_all[take].view(f, k), row_all[take].view(f, k), id_all[take].view(f, k)
 
 
@@ -371,20 +558,20 @@ def _collect(
     )
     d = gal.vectors.shape[1]
     pair_chunk = max(1, budget // (3 * 8 * d))
-    n = gal.search.shape[0]
+    n = gal.size
+    work = gal.workspace(plan.gallery_tile)
     for start in range(0, n, plan.gallery_tile):
         stop = min(n, start + plan.gallery_tile)
-        tile = gal.search[start:stop]
-        if tile.dtype != torch.float32:
-            tile = tile.float()
+        tile, norms = gal.tile(start, stop, work)
         scores = block[: f * (stop - start)].view(f, stop - start)
-        scores_into(qs.centred, tile, gal.norms[start:stop], scores, backend)
+        scores_into(qs.centred, tile, norms, scores, backend)
         r, c = (scores <= limit[:, None]).nonzero(as_tuple=True)
         for s in range(0, r.numel(), pair_chunk):
             rr, cc = r[s : s + pair_chunk], c[s : s + pair_chunk] + start
-            vecs = gal.vectors[cc.to(gal.vectors.device)]
+            real = gal.rows_of(cc)
+            vecs = gal.vectors[real.to(gal.vectors.device)]
             dist = exact_distances(qs.exact[rr.to(qs.exact.device)], vecs).to(device)
-            best = _merge_pairs(best, rr, dist, cc, gal.ids[cc])
+            best = _merge_pairs(best, rr, dist, cc, gal.ids[real])
     return best[0], best[1]
 
 
@@ -424,7 +611,8 @@ def _scan(job: _Job, a: int, b: int, block: Tensor) -> _Scanned:
 
 def _finish(job: _Job, t: _Scanned) -> None:
     gal, k, qs = job.gal, job.k, t.queries
-    dist, found, incomplete, theta = _finish_tile(gal, qs, t.scores, t.rows, k, job.budget)
+    with phase("re-rank"):
+        dist, found, incomplete, theta = _finish_tile(gal, qs, t.scores, t.rows, k, job.budget)
     redo = incomplete.nonzero().flatten()
     if redo.numel():
         sub = _Queries(
@@ -434,9 +622,10 @@ def _finish(job: _Job, t: _Scanned) -> None:
             qs.slack[redo],
             qs.error[redo],
         )
-        dist[redo], found[redo] = _collect(
-            gal, sub, theta[redo], k, job.plan, t.block, job.budget, job.backend
-        )
+        with phase("second pass"):
+            dist[redo], found[redo] = _collect(
+                gal, sub, theta[redo], k, job.plan, t.block, job.budget, job.backend
+            )
     job.out_d[t.start : t.stop] = dist
     job.out_r[t.start : t.stop] = found
 
@@ -464,15 +653,19 @@ def search_exact(
 ) -> tuple[Tensor, Tensor]:
     """Exact k nearest gallery rows of each query, ties to the smaller id.
 
-    On the CPU, query batches go to ``workers`` threads (default ``torch.get_num_threads()``)
-    that each run single-threaded operations: many small operations then never wait for one
-    another at a parallel barrier, which on a busy machine costs more than they compute. On a
-    GPU, query batches are spread over ``streams`` CUDA streams.
+    On the CPU, query batches go to ``workers`` threads (default: the caller's
+    ``torch.get_num_threads()``) that each run single-threaded operations: many small
+    operations then never wait for one another at a parallel barrier, which on a busy machine
+    costs more than they compute. On a GPU, query batches are spread over ``streams`` CUDA
+    streams. When ``k`` is at least half the searched rows, or the fast pass's candidate lists
+    would not fit ``budget``, every distance is computed in float64 a query tile at a time and
+    sorted (``k`` up to the gallery size, memory bounded by the tile).
 
     Args:
-        gal: the gallery; must hold at least ``k`` vectors.
+        gal: the gallery, possibly restricted to a subset of rows.
         queries: ``[nq, d]`` float32 on the gallery's device, finite.
-        k: neighbours per query, ``1 <= k <= n``.
+        k: neighbours per query, ``k >= 1``; when fewer rows are searched, the missing
+            neighbours are padded with row ``-1`` and distance ``+inf``.
         budget: bytes the temporaries of the search may take, all workers together.
         streams: CUDA streams (ignored on the CPU).
         workers: CPU worker threads (ignored on a GPU).
@@ -481,43 +674,146 @@ def search_exact(
         ``(distances, rows)``: ``[nq, k]`` float64 Euclidean distances, ascending, and the
         gallery rows they belong to.
     """
-    n, d = gal.search.shape
+    n, d = gal.size, gal.search.shape[1]
     nq = queries.shape[0]
     device = queries.device
-    keep = min(n, k + max(8, k))
+    out_d = torch.full((nq, k), math.inf, dtype=torch.float64, device=device)
+    out_r = torch.full((nq, k), -1, dtype=torch.int64, device=device)
+    kk = min(k, n)
+    if nq == 0 or kk == 0:
+        return out_d, out_r
+    keep = min(n, kk + max(8, kk))
+    split = 1
     if device.type == "cuda":
         lanes = max(1, streams)
     else:
-        lanes = torch.get_num_threads() if workers is None else workers
-        lanes = max(1, min(lanes, nq // MIN_QUERIES_PER_WORKER))
+        threads = caller_threads() if workers is None else workers
+        lanes = max(1, min(threads, nq // MIN_QUERIES_PER_WORKER))
+        if lanes == 1:
+            # Few queries: the workers split the gallery instead, for latency.
+            split = max(1, min(threads, n // MIN_ROWS_PER_WORKER))
     per_lane = -(-nq // lanes) if device.type == "cpu" else nq
-    plan = plan_tiles(
-        per_lane,
-        n,
-        d,
-        keep,
-        budget // lanes,
-        upcast=gal.search.dtype != torch.float32,
-        device_type=device.type,
-    )
+    plan: TilePlan | None = None
+    if 2 * kk < n:
+        try:
+            plan = plan_tiles(
+                per_lane,
+                -(-n // split),
+                d,
+                keep,
+                budget // max(lanes, split),
+                upcast=gal.copies_tiles,
+                device_type=device.type,
+                fresh_norms=gal.norms is None,
+            )
+        except ValueError:
+            plan = None
+    if plan is None:
+        sorted_d, sorted_r = _exhaustive(gal, queries, kk, budget)
+    else:
+        sorted_d, sorted_r = _fast(gal, queries, kk, budget, plan, lanes, per_lane, split)
+    out_d[:, :kk] = sorted_d
+    out_r[:, :kk] = gal.rows_of(sorted_r)
+    return out_d, out_r
+
+
+def _fast(
+    gal: Gallery,
+    queries: Tensor,
+    k: int,
+    budget: int,
+    plan: TilePlan,
+    lanes: int,
+    per_lane: int,
+    split: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """The float32 pass with its bound, the float64 re-rank and, if needed, the second pass.
+
+    On the CPU everything runs on single-threaded operations: query ranges on ``lanes``
+    workers, or, for few queries, gallery ranges on ``split`` workers whose candidate lists
+    are merged before the re-rank.
+    """
+    nq, d = queries.shape
+    device = queries.device
     rel, absolute = _error_coefficients(d, device)
     out_d = torch.empty(nq, k, dtype=torch.float64, device=device)
     out_r = torch.empty(nq, k, dtype=torch.int64, device=device)
-    if nq == 0:
+    job = _Job(gal, queries, k, plan, budget // max(lanes, split), rel, absolute, out_d, out_r)
+    if device.type == "cuda":
+        if lanes > 1:
+            _run_on_streams(job, lanes)
+        else:
+            _run_tiles(job, 0, nq)
         return out_d, out_r
-    job = _Job(gal, queries, k, plan, budget // lanes, rel, absolute, out_d, out_r)
-    if device.type == "cuda" and lanes > 1:
-        _run_on_streams(job, lanes)
-    elif lanes > 1:
-        ranges = [(a, min(nq, a + per_lane)) for a in range(0, nq, per_lane)]
-        with single_threaded_ops():
-            job.backend = choose_backend(
-                queries, gal.search, gal.norms, plan.query_tile, plan.gallery_tile
-            )
-        with blas_single_threaded(job.backend):
+    with single_threaded_ops():
+        if lanes > 1 or split > 1:
+            tile, norms = gal.tile(0, min(gal.size, plan.gallery_tile))
+            job.backend = choose_backend(queries, tile, norms, plan.query_tile, gal.size)
+            del tile, norms
+        if lanes > 1:
+            ranges = [(a, min(nq, a + per_lane)) for a in range(0, nq, per_lane)]
             run_in_threads([functools.partial(_run_tiles, job, a, b) for a, b in ranges])
-    else:
-        _run_tiles(job, 0, nq)
+        elif split > 1:
+            _run_split(job, split)
+        else:
+            _run_tiles(job, 0, nq)
+    return out_d, out_r
+
+
+def _run_split(job: _Job, split: int) -> None:
+    """Few queries: ``split`` workers scan a gallery range each; merge, then re-rank."""
+    n, tile = job.gal.size, job.plan.gallery_tile
+    per = -(-n // split)
+    bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)]
+    blocks = [_new_block(job) for _ in bounds]
+    nq = job.queries.shape[0]
+    for a in range(0, nq, job.plan.query_tile):
+        b = min(nq, a + job.plan.query_tile)
+        qs = _prepare(job.queries[a:b], job.gal, job.rel, job.absolute)
+        parts: list[tuple[Tensor, Tensor]] = [(qs.centred, qs.centred)] * len(bounds)
+
+        def scan(i: int, qs: _Queries = qs, parts: list[tuple[Tensor, Tensor]] = parts) -> None:
+            lo, hi = bounds[i]
+            parts[i] = _scan_tile(qs.centred, job.gal, job.plan, blocks[i], job.backend, lo, hi)
+
+        run_in_threads([functools.partial(scan, i) for i in range(len(bounds))])
+        vals = torch.cat([p[0] for p in parts], 1)
+        rows = torch.cat([p[1] for p in parts], 1)
+        with phase("selection"):
+            vals, j = vals.topk(min(job.plan.keep, vals.shape[1]), dim=1, largest=False)
+        _finish(job, _Scanned(a, b, qs, vals, rows.gather(1, j), blocks[0]))
+    del tile
+
+
+def _exhaustive(gal: Gallery, queries: Tensor, k: int, budget: int) -> tuple[Tensor, Tensor]:
+    """Every float64 distance of a query tile, then the (distance, id) sort: for large ``k``.
+
+    A query tile holds its ``[bq, n]`` distances and the sort's index arrays (about 40 bytes a
+    cell), sized to ``budget``; a single query always runs, whatever its row costs.
+    """
+    nq, d = queries.shape
+    n = gal.size
+    device = queries.device
+    out_d = torch.empty(nq, k, dtype=torch.float64, device=device)
+    out_r = torch.empty(nq, k, dtype=torch.int64, device=device)
+    bq = max(1, min(nq, budget // (40 * n)))
+    # Float64 differences of one query chunk against one gallery chunk.
+    cells = max(d, min(RERANK_BYTES, budget // 4) // 8)
+    ids = gal.ids[gal.rows_of(torch.arange(n, device=gal.ids.device))]
+    for a in range(0, nq, bq):
+        b = min(nq, a + bq)
+        q64 = queries[a:b].to(device=gal.vectors.device, dtype=torch.float64)
+        dist = torch.empty(b - a, n, dtype=torch.float64, device=gal.vectors.device)
+        cols = max(1, cells // ((b - a) * d))
+        for s in range(0, n, cols):
+            e = min(n, s + cols)
+            pos = torch.arange(s, e, device=gal.search.device)
+            vecs = gal.vectors.index_select(0, gal.rows_of(pos).to(gal.vectors.device))
+            dist[:, s:e] = exact_distances(q64, vecs[None].expand(b - a, e - s, d))
+        dist = dist.to(device)
+        pick = lex_smallest(dist, ids.expand(b - a, n), k)
+        out_d[a:b] = dist.gather(1, pick)
+        out_r[a:b] = pick
     return out_d, out_r
 
 

@@ -1,0 +1,141 @@
+"""An index whose vectors stay on disk: memory-mapped rows searched tile by tile.
+
+:class:`MappedStore` stands in for :class:`~featurescope.index._store.Store` when an index is
+loaded with ``mmap=True`` or built from an extraction folder. Its vectors are a read-only
+(copy-on-write) memory map of the file, so the pages a search reads belong to the page cache,
+which the kernel reclaims, not to the process's anonymous memory. The per-row squared norms the
+fast pass needs are recomputed tile by tile (:func:`~featurescope.index.search.centred_sq_norms`,
+the same float32 values an in-memory index stores); only the centre and three maxima are kept,
+found in one streaming pass when the store opens. Results equal an in-memory index's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from featurescope.errors import EmbeddingIndexError
+from featurescope.index.search import MAX_NORM, NORM_CELLS, Gallery, centred_sq_norms
+
+__all__ = ["MappedStore", "map_rows"]
+
+_CPU = torch.device("cpu")
+
+
+def map_rows(array: np.ndarray) -> Tensor:
+    """A torch view of a memory-mapped array (no copy; writes would stay private)."""
+    return torch.from_numpy(array)
+
+
+class MappedStore:
+    """Rows of a memory-mapped index; see the module docstring.
+
+    Args:
+        vectors: ``[n, dim]`` float32 tensor over a memory map.
+        ids: ``[n]`` int64 ids, distinct.
+        labels: ``[n]`` int64 labels, ``-1`` where none.
+        metadata: ``n`` strings or ``None``.
+        source: the file mapped (for messages).
+        budget: the index's memory budget.
+        next_id: the next automatic id.
+
+    Raises:
+        EmbeddingIndexError: if a row holds NaN, infinity or a norm too large to search, naming
+            the row and the file.
+    """
+
+    dtype = torch.float32
+    device = _CPU
+
+    def __init__(
+        self,
+        vectors: Tensor,
+        ids: Tensor,
+        labels: Tensor,
+        metadata: list[str | None],
+        source: Path,
+        budget: int,
+        next_id: int,
+    ) -> None:
+        self.n, self.dim = vectors.shape
+        self.budget = budget
+        self.source = source
+        self.metadata = metadata
+        self.next_id = next_id
+        self._vectors = vectors
+        self._ids = ids
+        self._labels = labels
+        self._centre, self._norm_max, self._radius_max = self._scan()
+        self._cache: Gallery | None = None
+
+    @property
+    def vectors(self) -> Tensor:
+        return self._vectors
+
+    @property
+    def ids(self) -> Tensor:
+        return self._ids
+
+    @property
+    def labels(self) -> Tensor:
+        return self._labels
+
+    def _chunks(self) -> range:
+        return range(0, self.n, max(1, NORM_CELLS // self.dim))
+
+    def _scan(self) -> tuple[Tensor, float, float]:
+        """Validate every row and find the centre, the largest squared norm and radius."""
+        step = max(1, NORM_CELLS // self.dim)
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        radius_max = 0.0
+        for s in self._chunks():
+            x64 = self._vectors[s : s + step].to(torch.float64)
+            norms = torch.linalg.vector_norm(x64, dim=1)
+            bad = ~torch.isfinite(norms) | (norms >= MAX_NORM)
+            if bool(bad.any()):
+                row = s + int(bad.nonzero()[0, 0])
+                raise EmbeddingIndexError(
+                    f"{self.source}: vector row {row} holds NaN or infinity, or has a norm "
+                    f"above {MAX_NORM:.3g}; repair the file or load it with mmap=False"
+                )
+            total += x64.sum(0)
+            radius_max = max(radius_max, float(norms.max()))
+        centre = (total / max(self.n, 1)).float()
+        norm_max = 0.0
+        for s in self._chunks():
+            norms32 = centred_sq_norms(self._vectors[s : s + step], centre)
+            norm_max = max(norm_max, float(norms32.max()))
+        return centre, norm_max, radius_max
+
+    def append(self, *args: object) -> None:
+        raise AssertionError("EmbeddingIndex refuses to add to a mapped store")
+
+    def remove(self, ids: Tensor) -> None:
+        raise AssertionError("EmbeddingIndex refuses to remove from a mapped store")
+
+    def to(self, device: torch.device) -> None:
+        """Only the CPU: the vectors stay where the file is."""
+        if device.type != "cpu":
+            raise EmbeddingIndexError(
+                f"an index memory-mapped from {self.source} searches on the CPU; load it "
+                f"with mmap=False to move it to {device}"
+            )
+
+    def gallery(self) -> Gallery:
+        """What a search needs; norms are recomputed per tile (``norms=None``)."""
+        if self._cache is None:
+            self._cache = Gallery(
+                search=self._vectors,
+                norms=None,
+                offset=-self._centre.to(torch.float64),
+                centre=self._centre,
+                vectors=self._vectors,
+                ids=self._ids,
+                eps_max=0.0,
+                norm_max=self._norm_max,
+                radius_max=self._radius_max,
+            )
+        return self._cache

@@ -1,0 +1,97 @@
+"""Searches from several threads at once: the same answers as one at a time, settings restored."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import featurescope as fs
+
+
+def _blas_threads() -> list[tuple[str, int]]:
+    import threadpoolctl
+
+    return [(i["prefix"], i["num_threads"]) for i in threadpoolctl.threadpool_info()]
+
+
+@pytest.mark.parametrize("gemm", ["torch", "numpy"])
+def test_concurrent_searches_equal_serial_and_restore_thread_settings(monkeypatch, gemm):
+    monkeypatch.setenv("FEATURESCOPE_GEMM", gemm)
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((6000, 24)).astype(np.float32)
+    g[3000:] = g[:3000]  # ties everywhere
+    index = fs.EmbeddingIndex(24, memory_budget=1 << 22)
+    index.add(g, ids=rng.permutation(6000), labels=rng.integers(0, 3, 6000))
+    calls = [
+        (rng.standard_normal((n, 24)).astype(np.float32), k, where)
+        for n, k, where in [
+            (200, 5, None),
+            (64, 9, index.select(labels=[1])),
+            (1, 3, None),
+            (300, 1, index.labels != 2),
+            (40, 4000, None),
+            (120, 7, None),
+        ]
+    ]
+    torch.set_num_threads(2)
+    before = (torch.get_num_threads(), _blas_threads())
+    serial = [index.search(q, k, where=w) for q, k, w in calls]
+    assert (torch.get_num_threads(), _blas_threads()) == before
+    results: list = [None] * (3 * len(calls))
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(results))
+
+    def run(i: int) -> None:
+        q, k, w = calls[i % len(calls)]
+        try:
+            start.wait()
+            results[i] = index.search(q, k, where=w)
+        except BaseException as exc:  # re-raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, got in enumerate(results):
+        want = serial[i % len(calls)]
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.distances, want.distances)
+    assert (torch.get_num_threads(), _blas_threads()) == before
+
+
+def test_search_restores_a_caller_thread_count_of_one():
+    index = fs.EmbeddingIndex(8)
+    index.add(torch.randn(2000, 8))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        index.search(torch.randn(100, 8), 3)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_few_queries_split_the_gallery_exactly(workers):
+    # Under 16 queries per worker, workers take gallery ranges; duplicates straddle the ranges.
+    from featurescope.index.search import _kernel
+
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((500, 6)).astype(np.float32)
+    g = base[rng.integers(0, 500, 20000)]
+    ids = rng.permutation(20000)
+    index = fs.EmbeddingIndex(6)
+    index.add(g, ids=ids)
+    q = torch.from_numpy(np.concatenate([g[:3], rng.standard_normal((4, 6)).astype(np.float32)]))
+    gal = index._gallery()
+    dist, rows = _kernel.search_exact(gal, q, 7, 1 << 22, workers=workers)
+    d64 = ((q.double()[:, None] - torch.from_numpy(g).double()[None]) ** 2).sum(-1).sqrt()
+    for r in range(len(q)):
+        order = np.lexsort((ids, d64[r].numpy()))[:7]
+        assert index.ids[rows[r]].tolist() == ids[order].tolist()
+        assert torch.equal(dist[r], d64[r, order])
