@@ -174,3 +174,64 @@ def test_montage_draws_each_query_and_its_neighbours(search, data):
     queries = sorted((data / "test").rglob("*.png"))[:2]
     figure = search.montage(queries, k=3)
     assert len(figure.axes) == 2 * (3 + 1)
+
+
+def test_a_flat_folder_of_unlabelled_photos_is_searched(tmp_path):
+    """The usual case for search by image: photos with no classes, and a stray file or two."""
+    from PIL import Image
+    from skimage import data as images
+
+    from featurescope.cli import main
+
+    photos = tmp_path / "photos"
+    (photos / "trip").mkdir(parents=True)
+    for i, name in enumerate(("astronaut", "coffee", "chelsea", "rocket")):
+        where = photos / "trip" if i % 2 else photos
+        Image.fromarray(getattr(images, name)()).save(where / f"{name}.jpg")
+    (photos / "notes.txt").write_text("not an image")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    model = fs.create_model("resnet18").eval()
+    with pytest.warns(fs.data.SkippedFilesWarning, match="skipped 2"):
+        search = fs.ImageSearch.build(model, photos, progress=False)
+    assert len(search.index) == 4 and not search.class_names
+    assert sorted(Path(p).name for p, _ in search.skipped) == ["broken.jpg", "notes.txt"]
+    distances, ids = search.search_images([photos / "trip" / "coffee.jpg"], k=4)
+    row = search.index.ids.tolist().index(int(ids[0, 0]))
+    assert float(distances[0, 0]) == 0.0 and Path(search.index.metadata[row]).name == "coffee.jpg"
+    again = fs.ImageSearch.load(search.save(tmp_path / "photos.fsindex"))
+    assert sorted(Path(p).name for p, _ in again.skipped) == ["broken.jpg", "notes.txt"]
+    torch.testing.assert_close(
+        again.search_images([photos / "trip" / "coffee.jpg"], k=4).distances, distances
+    )
+    # The CLI builds the same, and searches what Python built.
+    with pytest.warns(fs.data.SkippedFilesWarning):
+        assert (
+            main(
+                [
+                    "index",
+                    "build",
+                    str(photos),
+                    "--model",
+                    "resnet18",
+                    "--out",
+                    str(tmp_path / "cli.fsindex"),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+    assert (
+        main(
+            [
+                "index",
+                "search",
+                str(tmp_path / "photos.fsindex"),
+                str(photos / "trip" / "coffee.jpg"),
+                "-k",
+                "2",
+                "--out",
+                str(tmp_path / "m.png"),
+            ]
+        )
+        == 0
+    )

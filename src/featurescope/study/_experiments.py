@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from featurescope._torch_utils import model_device, training_mode
-from featurescope.data import load_image_folders, make_synthetic_dataset, train_transform
+from featurescope.data import NO_LABEL, load_image_folders, make_synthetic_dataset, train_transform
 from featurescope.data.folders import DatasetSplits
 from featurescope.errors import FeaturescopeError
 from featurescope.index import EmbeddingIndex
@@ -433,7 +433,15 @@ def index_embeddings(extraction: Any, alias: str = "embedding") -> EmbeddingInde
     index.add(
         vectors,
         ids=torch.as_tensor(extraction.sample_ids),
-        labels=None if extraction.labels is None else torch.as_tensor(extraction.labels),
+        labels=_labels_or_none(extraction.labels),
         metadata=extraction.paths,
     )
     return index
+
+
+def _labels_or_none(labels: Any) -> torch.Tensor | None:
+    """The extraction's labels, or ``None`` for a folder without classes (every label -1)."""
+    if labels is None:
+        return None
+    tensor = torch.as_tensor(labels)
+    return None if bool((tensor == NO_LABEL).all()) else tensor

@@ -136,7 +136,10 @@ class ImageSearch:
         preprocessing: Preprocessing | None = None,
         root: PathLike | None = None,
         class_names: Sequence[str] | None = None,
+        skipped: Sequence[tuple[str, str]] = (),
     ) -> None:
+        #: ``(path, reason)`` of each file in the folder that was not an image or did not decode.
+        self.skipped: list[tuple[str, str]] = [(str(p), str(why)) for p, why in skipped]
         facts = _zoo_facts(model)
         node = node or facts.embedding_node
         if node is None:
@@ -211,6 +214,7 @@ class ImageSearch:
             preprocessing=prep,
             root=root,
             class_names=dataset.classes,
+            skipped=dataset.skipped,
         )
 
     # -- searching ----------------------------------------------------------------------------
@@ -345,6 +349,7 @@ class ImageSearch:
             "class_names": self.class_names,
             "index": INDEX,
             "paths": paths,
+            "skipped": [[_relative(p, self.root), why] for p, why in self.skipped],
         }
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -424,6 +429,7 @@ class ImageSearch:
             preprocessing=Preprocessing.from_dict(manifest["preprocessing"]),
             root=root,
             class_names=manifest.get("class_names"),
+            skipped=[(p, why) for p, why in manifest.get("skipped", [])],
         )
 
 

@@ -80,10 +80,11 @@ def _is_number_like(value: Any) -> bool:
 
 
 def _label_text(label: Any, class_names: Any) -> str:
-    if label is None:
-        return ""
     if hasattr(label, "item"):
         label = label.item()
+    if label is None or (isinstance(label, numbers.Integral) and label < 0):
+        # -1: an image without a class (a folder of unlabelled photos).
+        return ""
     if class_names is not None and isinstance(label, numbers.Integral):
         try:
             return str(class_names[int(label)])
