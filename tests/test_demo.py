@@ -97,7 +97,7 @@ def test_demo_metrics_describe_the_three_experiments(demo_out, tiny_data):
     assert retrieval["gallery_size"] == 10  # 2 training images per class
     assert retrieval["k"] == 10
     accuracy = (Path(demo_out[0]) / "accuracy.csv").read_text().splitlines()
-    assert accuracy[0].startswith("run,model,batch_size")
+    assert accuracy[0].startswith("run,model,parameters,batch_size")
     assert len(accuracy) == 3
 
 

@@ -81,14 +81,21 @@ def _weights_reproducible(model: nn.Module, facts: _ZooFacts) -> bool:
 
     if facts.name is None:
         return False
-    try:
-        fresh = create_model(facts.name, num_classes=facts.num_classes)
-    except FeaturescopeError:
-        return False
-    ours, theirs = model.state_dict(), fresh.state_dict()
-    return ours.keys() == theirs.keys() and all(
-        torch.equal(ours[k].detach().cpu(), theirs[k]) for k in ours
-    )
+    ours = model.state_dict()
+    # Built under two different seeds: random initial weights differ between them (even where
+    # the caller's seed happened to give these), weights the builder fixes do not.
+    for seed in (12345, 54321):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                theirs = create_model(facts.name, num_classes=facts.num_classes).state_dict()
+            except FeaturescopeError:
+                return False
+        if ours.keys() != theirs.keys() or not all(
+            torch.equal(ours[k].detach().cpu(), theirs[k]) for k in ours
+        ):
+            return False
+    return True
 
 
 class ImageSearch:
