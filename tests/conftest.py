@@ -41,3 +41,68 @@ def fresh_plugins():
     plugins._reset()
     yield
     plugins._reset()
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread, then restore the caller's count.
+
+    Many small ops on a busy 2-core machine: two OpenMP threads spin against each other and run
+    such forwards a hundred times slower than one.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_preset():
+    from featurescope.train.presets import Preset
+
+    return Preset(
+        "tiny",
+        "a test preset: one epoch of each width",
+        batch_sizes=(5,),
+        epochs=1,
+        optimizer="adam",
+        lr_schedule={1: 1e-4},
+        dataset={"train_per_class": 2, "val_per_class": 1, "test_per_class": 1, "size": 32},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_preset():
+    """A preset that trains both widths for one epoch on a few 32-pixel images."""
+    return _tiny_preset()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_preset):
+    """The synthetic dataset of :func:`tiny_preset`, drawn once per session (per worker)."""
+    from featurescope.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "tiny", **tiny_preset.dataset)
+
+
+@pytest.fixture(scope="session")
+def search_data(tmp_path_factory):
+    """A small synthetic image folder (train/ and test/) for search by image."""
+    from featurescope.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("search") / "data",
+        train_per_class=4,
+        val_per_class=0,
+        test_per_class=1,
+        size=40,
+    )
+
+
+@pytest.fixture(scope="session")
+def image_search(search_data):
+    """An :class:`~featurescope.ImageSearch` of :func:`search_data` by a random half AlexNet."""
+    import featurescope as fs
+
+    return fs.ImageSearch.build(fs.create_model("alexnet_half"), search_data, progress=False)

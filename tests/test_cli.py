@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -11,30 +12,19 @@ from PIL import Image
 
 import featurescope as fs
 from featurescope.cli import build_parser, main
-from featurescope.data import make_synthetic_dataset
 from featurescope.train import History
-from featurescope.train.presets import PRESETS, Preset
-
-TINY = Preset(
-    "tiny",
-    "a test preset",
-    models=("alexnet_half",),
-    batch_sizes=(5,),
-    epochs=1,
-    optimizer="adam",
-    lr_schedule={1: 1e-4},
-    dataset={"train_per_class": 2, "val_per_class": 1, "test_per_class": 1, "size": 32},
-)
+from featurescope.train.presets import PRESETS
 
 
 @pytest.fixture
-def tiny_preset(monkeypatch):
-    monkeypatch.setitem(PRESETS, "tiny", TINY)
+def registered_tiny(monkeypatch, tiny_preset):
+    """``--preset tiny``: the shared tiny preset, on the half-width net only."""
+    monkeypatch.setitem(PRESETS, "tiny", dataclasses.replace(tiny_preset, models=("alexnet_half",)))
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_synthetic_dataset(tmp_path_factory.mktemp("cli") / "data", **TINY.dataset)
+def data(tiny_data):
+    return tiny_data
 
 
 def test_every_subcommand_has_help(capsys):
@@ -85,7 +75,7 @@ def test_models(capsys):
     assert f"conv3 {list(conv3.shape[1:])}" in out
 
 
-def test_train_then_resume(tmp_path, data, tiny_preset, capsys):
+def test_train_then_resume(tmp_path, data, registered_tiny, capsys):
     out = tmp_path / "run"
     args = [
         "train",
@@ -218,7 +208,7 @@ def test_index_search_of_something_else(tmp_path, capsys):
     assert "index build" in capsys.readouterr().err
 
 
-def test_demo_command(tmp_path, data, tiny_preset):
+def test_demo_command(tmp_path, data, registered_tiny):
     out = tmp_path / "demo"
     assert (
         main(["demo", "--data", str(data), "--preset", "tiny", "--out", str(out), "--quiet"]) == 0

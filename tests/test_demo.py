@@ -13,30 +13,14 @@ import torch
 import featurescope as fs
 from featurescope import study
 from featurescope._progress import PLAIN_ENV, Progress
-from featurescope.data import load_image_folders, make_synthetic_dataset
+from featurescope.data import load_image_folders
 from featurescope.study.demo import run_demo
-from featurescope.train.presets import Preset
-
-TINY = Preset(
-    "tiny",
-    "a test preset: one epoch of each width",
-    batch_sizes=(5,),
-    epochs=1,
-    optimizer="adam",
-    lr_schedule={1: 1e-4},
-    dataset={"train_per_class": 2, "val_per_class": 1, "test_per_class": 1, "size": 32},
-)
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "tiny", **TINY.dataset)
-
-
-@pytest.fixture(scope="module")
-def demo_out(tmp_path_factory, tiny_data) -> tuple[Path, dict]:
+def demo_out(tmp_path_factory, tiny_data, tiny_preset) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo")
-    metrics = run_demo(out, data=tiny_data, preset=TINY, progress=False)
+    metrics = run_demo(out, data=tiny_data, preset=tiny_preset, progress=False)
     return out, metrics
 
 
@@ -117,9 +101,11 @@ def test_demo_retrieval_scores_recomputed(demo_out, tiny_data):
     assert metrics["retrieval"]["num_queries"] == len(splits.test)
 
 
-def test_demo_reuses_finished_training_and_prints_a_summary(demo_out, tiny_data, capsys):
+def test_demo_reuses_finished_training_and_prints_a_summary(
+    demo_out, tiny_data, tiny_preset, capsys
+):
     out, first = demo_out
-    again = run_demo(out, data=tiny_data, preset=TINY, progress=True)
+    again = run_demo(out, data=tiny_data, preset=tiny_preset, progress=True)
     assert again["width_comparison"]["runs"] == first["width_comparison"]["runs"]
     printed = capsys.readouterr()
     assert "\r" not in printed.out + printed.err  # not a terminal: plain lines only
@@ -259,9 +245,9 @@ def test_embeddings_are_the_post_relu_second_fc(tiny_data):
     assert result.ids[:, 0].tolist() == [0, 1, 2]
 
 
-def test_bad_data_folder_is_a_clear_error(tmp_path):
+def test_bad_data_folder_is_a_clear_error(tmp_path, tiny_preset):
     with pytest.raises(fs.FeaturescopeError, match="train"):
-        run_demo(tmp_path / "out", data=tmp_path, preset=TINY, progress=False)
+        run_demo(tmp_path / "out", data=tmp_path, preset=tiny_preset, progress=False)
 
 
 def test_report_facts_are_derived_from_the_run(demo_out):

@@ -17,19 +17,13 @@ from featurescope.study.explorer import query_images
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return fs.make_synthetic_dataset(
-        tmp_path_factory.mktemp("explorer") / "data",
-        train_per_class=4,
-        val_per_class=0,
-        test_per_class=1,
-        size=40,
-    )
+def data(search_data):
+    return search_data
 
 
 @pytest.fixture(scope="module")
-def search(data):
-    return fs.ImageSearch.build(fs.create_model("alexnet_half"), data, progress=False)
+def search(image_search):
+    return image_search
 
 
 def _page_data(path):

@@ -12,24 +12,17 @@ import torch
 from torch import nn
 
 import featurescope as fs
-from featurescope.data import make_synthetic_dataset
 from featurescope.zoo import _registry
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_synthetic_dataset(
-        tmp_path_factory.mktemp("search") / "data",
-        train_per_class=3,
-        val_per_class=0,
-        test_per_class=1,
-        size=32,
-    )
+def data(search_data):
+    return search_data
 
 
 @pytest.fixture(scope="module")
-def search(data):
-    return fs.ImageSearch.build(fs.create_model("alexnet_half"), data, progress=False)
+def search(image_search):
+    return image_search
 
 
 def _manual_embedding(model, images):

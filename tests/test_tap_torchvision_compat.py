@@ -41,14 +41,8 @@ INPUT = (2, 3, 64, 64)
 EXCLUDE = ["getitem", "floordiv", "size", "chunk", "_assert", "eq", "dim", "getattr"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many small ops: on a busy machine two OpenMP threads spin against each other and run
-    # these forwards a hundred times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread per test (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def leaf_function(x: int) -> int:

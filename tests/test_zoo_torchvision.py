@@ -14,12 +14,8 @@ from featurescope.zoo.torchvision_models import torchvision_names
 TV_NAMES = [n for n in torchvision_names() if n != "alexnet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread per test (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_torchvision_classification_model_is_in_the_zoo():
