@@ -36,6 +36,23 @@ def gloo_group(init_method: str, rank: int, world_size: int) -> Iterator[None]:
     dist.barrier()  # no rank leaves while another still needs it for a collective
 
 
+def _run_then_exit(rank: int, worker: Callable[..., None], *args: Any) -> None:
+    """Run the worker; once it has succeeded, leave at once.
+
+    The process group is never destroyed (see :func:`gloo_group`), and at a normal exit its
+    C++ threads were seen, under load, to be torn down while still running ("terminate called
+    without an active exception", SIGABRT). A worker that has passed has nothing left to do, so
+    it exits without running destructors.
+    """
+    import os
+    import sys
+
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_ranks(
     worker: Callable[..., None],
     args: tuple[Any, ...],
@@ -48,7 +65,7 @@ def spawn_ranks(
     import torch.multiprocessing as mp
 
     init_method = f"file://{tmp_path / 'dist-store'}"
-    context = mp.spawn(worker, args=(init_method, *args), nprocs=nprocs, join=False)
+    context = mp.spawn(_run_then_exit, args=(worker, init_method, *args), nprocs=nprocs, join=False)
     end = time.monotonic() + deadline
     while not context.join(timeout=2):
         if time.monotonic() > end:

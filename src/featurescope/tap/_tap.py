@@ -582,10 +582,23 @@ def _check_names(
             )
 
 
+def _export_detectable() -> bool:
+    """Whether this torch tells an export from a compile.
+
+    ``torch.compiler.is_exporting`` is missing from older releases, and before 2.14 it also
+    reads True under a plain ``torch.compile`` (seen on 2.9): there a hooks tap cannot refuse an
+    export without refusing a compile too, and leaves torch.export to fail in its own words.
+    """
+    from torch.torch_version import TorchVersion
+
+    return hasattr(torch.compiler, "is_exporting") and TorchVersion(torch.__version__) >= "2.14"
+
+
+EXPORT_DETECTABLE = _export_detectable()
+
+
 def _is_exporting() -> bool:
-    # torch.compiler.is_exporting is missing from some older releases.
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting()) if is_exporting is not None else False
+    return EXPORT_DETECTABLE and bool(torch.compiler.is_exporting())
 
 
 def _autocast_enabled(device: torch.device) -> bool:
