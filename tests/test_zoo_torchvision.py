@@ -173,6 +173,11 @@ def test_timm_models_are_listed_with_their_pretrained_cfg():
 def test_timm_model_taps_its_embedding(name, size):
     model = fs.create_model(name).eval()
     node = fs.model_metadata(model).embedding_node
+    if node is None:
+        assert torch.__version__ < "2.9", (
+            f"{name} has no embedding node on torch {torch.__version__}"
+        )
+        pytest.skip(f"torch.fx cannot trace {name} on torch {torch.__version__}: no node by rule")
     x = torch.randn(2, 3, size, size)
     with torch.no_grad(), warnings.catch_warnings():
         # Where torch.fx cannot trace a timm model (ViT's attention on torch 2.6), FeatureTap
