@@ -32,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="featurescope",
         description=(
-            "See inside convolutional networks: the study's AlexNets, feature maps of any layer, "
-            "search by image. Run 'featurescope COMMAND --help' for each command's options."
+            "See inside convolutional networks: feature maps of any layer of any zoo model (the "
+            "study's AlexNets, every torchvision classifier, timm's as timm/<name>), search by "
+            "image over any folder of photos, and an offline page to explore them. Run "
+            "'featurescope COMMAND --help' for each command's options."
         ),
     )
     parser.add_argument("--version", action="version", version=f"featurescope {__version__}")
