@@ -590,6 +590,8 @@ class FxProgram:
     def __post_init__(self) -> None:
         # A pytree codegen (structured concrete_args) reads the GraphModule's own input spec.
         self._on_model = type(self.module.graph._codegen) is fx.graph.CodeGen
+        #: The module the first input goes into, and nothing else does first; ``None`` if none.
+        self.input_module = _input_module(self.module.graph)
 
     def __call__(self, model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Run the graph's code on ``model`` itself.
@@ -604,6 +606,14 @@ class FxProgram:
         else:
             result = self.module(*args, **kwargs)
         return result
+
+
+def _input_module(graph: fx.Graph) -> str | None:
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    users = list(placeholders[0].users) if placeholders else []
+    if len(users) == 1 and users[0].op == "call_module":
+        return str(users[0].target)
+    return None
 
 
 def build_program(traced: Trace, return_nodes: Mapping[str, str], model: nn.Module) -> FxProgram:

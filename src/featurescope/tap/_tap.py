@@ -611,19 +611,17 @@ _LAYER_DIMS = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5, nn.Linear: 0}
 def _first_layer_input(model: nn.Module, program: Any) -> tuple[int, int] | None:
     """``(input dims, channels)`` the model's first layer takes, where that is known for sure.
 
-    Known from the traced graph (the module the input goes into first), else from the zoo's
-    input size; ``dims`` is 0 for a ``Linear`` (which checks only the last dimension).
+    Known from the traced graph (the module the input goes into first, found once when the
+    fx program was built), else from the zoo's input size; ``dims`` is 0 for a ``Linear``
+    (which checks only the last dimension).
     """
-    graph = getattr(getattr(program, "module", None), "graph", None)
-    if graph is not None:
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        users = list(placeholders[0].users) if placeholders else []
-        if len(users) == 1 and users[0].op == "call_module":
-            layer = model.get_submodule(str(users[0].target))
-            for kind, dims in _LAYER_DIMS.items():
-                if type(layer) is kind:
-                    channels = layer.in_features if dims == 0 else layer.in_channels
-                    return dims, int(channels)  # type: ignore[arg-type]
+    name = getattr(program, "input_module", None)  # the hooks backend traces no graph
+    if name is not None:
+        layer = model.get_submodule(name)
+        dims = _LAYER_DIMS.get(type(layer))
+        if dims is not None:
+            channels = layer.in_features if dims == 0 else layer.in_channels
+            return dims, int(channels)  # type: ignore[arg-type]
     size = _zoo_input_size(model)
     return (len(size) + 1, int(size[0])) if size else None
 
