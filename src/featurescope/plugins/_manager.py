@@ -133,6 +133,13 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> str
         ) from exc
     if registered is None:
         return None
+    _check_known_hooks(pm, plugin, registered)
+    invalidate()
+    return registered
+
+
+def _check_known_hooks(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    """Unregister a just-registered plugin that implements a hook featurescope does not have."""
     try:
         pm.check_pending()
     except pluggy.PluginValidationError:
@@ -142,14 +149,12 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> str
             if not c.has_spec()
             and any(i.plugin is plugin and not i.optionalhook for i in c.get_hookimpls())
         ]
-        pm.unregister(name=registered)
+        pm.unregister(name=name)
         hint = did_you_mean(unknown[0], hook_names()) if unknown else ""
         raise PluginError(
-            f"plugin {registered!r} implements {', '.join(unknown) or 'a hook'}, which is not "
+            f"plugin {name!r} implements {', '.join(unknown) or 'a hook'}, which is not "
             f"a featurescope hook.{hint} The hooks are: {', '.join(hook_names())}."
         ) from None
-    invalidate()
-    return registered
 
 
 def autoload_disabled() -> bool:
@@ -242,11 +247,12 @@ def load_entrypoints(pm: pluggy.PluginManager | None = None) -> list[str]:
                 f"or set {DISABLE_AUTOLOAD_ENV}=1 to skip third-party plugins."
             ) from exc
         new = [name for name, _ in pm.list_name_plugin() if name not in before]
+        # pluggy registered them without featurescope's checks: run those now.
         for name in new:
             plugin = pm.get_plugin(name)
             try:
-                pm.unregister(name=name)
-                _register(pm, plugin, name)
+                _check_unmarked_hooks(plugin, name)
+                _check_known_hooks(pm, plugin, name)
             except PluginError:
                 _forget_new(pm, before)
                 raise
