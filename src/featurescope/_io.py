@@ -22,6 +22,11 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def new_dir_mode() -> int:
+    """The mode ``os.mkdir`` would give a new folder under this process's umask."""
+    return 0o777 & ~_UMASK
+
+
 def _default_mode(target: Path) -> int:
     try:
         return target.stat().st_mode & 0o7777  # keep a replaced file's permissions

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from featurescope._io import new_dir_mode
 from featurescope._torch_utils import model_device, training_mode
 from featurescope.data import ImageFolder
 from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
@@ -367,7 +368,7 @@ class ImageSearch:
                 save_checkpoint(self.model, staging / WEIGHTS)
             with open(staging / MANIFEST, "w", encoding="utf-8") as fh:
                 json.dump(manifest, fh, indent=1)
-            os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp's 0700 is for secrets
+            os.chmod(staging, new_dir_mode())  # mkdtemp's 0700 is for secrets
             _swap_in(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -455,16 +456,6 @@ def _relabelled(index: EmbeddingIndex, metadata: list[str | None]) -> EmbeddingI
     if len(index):
         copy.add(index.vectors, ids=index.ids, labels=kept, metadata=metadata)
     return copy
-
-
-def _read_umask() -> int:
-    # Read once at import: os.umask can only be read by setting it, which races with threads.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 
 def _swap_in(staging: Path, target: Path) -> None:
