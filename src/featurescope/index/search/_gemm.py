@@ -1,12 +1,20 @@
-"""The float32 matrix product of the fast pass, on whichever CPU BLAS is faster on this machine.
+"""The matrix product of the fast pass, on whichever CPU backend is fastest on this machine.
 
-torch links MKL (or OpenBLAS); numpy's wheels bundle OpenBLAS, and which one is faster depends
-on the processor and the shapes. Both are plain float32 ``sgemm``, so the rounding-error bound
-of the search holds for either. Inside worker threads each runs single-threaded (see
-``_parallel``); the first large search for a vector length times both on one tile and keeps
-the faster (``FEATURESCOPE_GEMM=torch`` or ``numpy`` fixes the choice). threadpoolctl, which
-holds numpy's BLAS at one thread, is a declared dependency, so every install measures and may
-pick either.
+Three backends compute the scores ``norms − 2 · q @ tile.T``:
+
+- ``torch``: float32 ``sgemm`` through torch's BLAS (MKL or OpenBLAS);
+- ``numpy``: float32 ``sgemm`` through numpy's bundled OpenBLAS;
+- ``bf16``: bfloat16 inputs, float32 accumulation, bfloat16 output, through torch (oneDNN),
+  which runs on AMX or AVX-512-BF16 units where the processor has them and is slow where it
+  has not. Its rounding is larger and proven too: the output rounding is folded into each
+  score (:data:`BF16_OUTPUT`), the rest into the query's error bound (see ``_kernel``).
+
+Which is fastest depends on the processor and the shapes, so the first large search for a
+vector length times all three on one tile of its own shape and keeps the fastest; ``bf16``
+must win by :data:`BF16_MARGIN`, for its wider bound sends a few more candidates to the
+float64 re-rank (``FEATURESCOPE_GEMM=torch|numpy|bf16`` fixes the choice). Inside worker
+threads each runs single-threaded (see ``_parallel``); threadpoolctl, which holds numpy's BLAS
+at one thread, is a declared dependency, so every install measures and may pick any.
 """
 
 from __future__ import annotations
@@ -14,23 +22,42 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["choose_backend", "chosen_backends", "scores_into"]
+__all__ = ["BF16_OUTPUT", "PRODUCT_DTYPE", "choose_backend", "chosen_backends", "scores_into"]
 
 _chosen: dict[int, str] = {}
 _chosen_lock = threading.Lock()
 #: Searches below this many multiply-adds are not worth timing the backends for.
 _TUNE_ABOVE = 2e9
+#: ``bf16`` is chosen only when it computes a tile's scores this many times faster.
+BF16_MARGIN = 1.25
+#: Bound on the relative rounding of a bfloat16 product's output (round to nearest, 2⁻⁸),
+#: doubled as a margin against kernels we cannot see.
+BF16_OUTPUT = 2.0 * 2.0**-8
+#: The dtype each backend multiplies in.
+PRODUCT_DTYPE = {"torch": torch.float32, "numpy": torch.float32, "bf16": torch.bfloat16}
 
 
 def scores_into(q: Tensor, tile: Tensor, norms: Tensor, out: Tensor, backend: str) -> None:
-    """``out = norms − 2 · q @ tile.T`` in float32 (``out`` contiguous)."""
-    if backend == "numpy":
+    """``out = norms − 2 · q @ tile.T`` in float32 (``out`` contiguous).
+
+    For ``bf16`` (``q`` and ``tile`` in bfloat16) the product ``p`` is rounded to bfloat16,
+    and each score is lowered by its own rounding bound: ``out = norms − 2 (p + β|p|)`` with
+    ``β =`` :data:`BF16_OUTPUT`, computed as ``norms − 2(1−β)p − 4β·max(p, 0)``.
+    """
+    if backend == "bf16":
+        p = torch.mm(q, tile.T)
+        out.copy_(p)
+        positive = p.clamp_(min=0)
+        torch.add(norms, out, alpha=-2.0 * (1.0 - BF16_OUTPUT), out=out)
+        out.add_(positive, alpha=-4.0 * BF16_OUTPUT)
+    elif backend == "numpy":
         np.matmul(q.numpy(), tile.numpy().T, out=out.numpy())
         torch.add(norms, out, alpha=-2, out=out)
     else:
@@ -54,29 +81,38 @@ def chosen_backends() -> dict[int, str]:
         return dict(_chosen)
 
 
-def choose_backend(q: Tensor, tile: Tensor, norms: Tensor, rows: int, nb: int) -> str:
-    """The faster backend for single-threaded products of ``rows × d`` queries by ``tile``.
+def choose_backend(
+    q: Tensor, sample: Callable[[], tuple[Tensor, Tensor]], rows: int, nb: int
+) -> str:
+    """The fastest backend for single-threaded products of ``rows × d`` queries by a tile.
 
     Call from a single-threaded context (:func:`~._parallel.single_threaded_ops`); the answer
-    is remembered per vector length. ``nb`` is the number of rows the search goes through.
+    is remembered per vector length. ``sample()`` gives a float32 gallery tile and its norms
+    (only called when the backends are timed); ``nb`` is the number of rows searched.
     """
     forced = os.environ.get("FEATURESCOPE_GEMM", "").lower()
-    if forced in ("torch", "numpy"):
+    if forced in PRODUCT_DTYPE:
         return forced
     dim = q.shape[1]
     with _chosen_lock:
         if dim in _chosen:
             return _chosen[dim]
     work = float(q.shape[0]) * nb * dim
-    if work < _TUNE_ABOVE or tile.dtype != torch.float32 or q.device.type != "cpu":
+    if work < _TUNE_ABOVE or q.device.type != "cpu":
         return "torch"
+    tile, norms = sample()
     # A tile of the search's own shape: which BLAS is faster depends on it and on the processor.
     qt = q[: min(rows, 256)].contiguous()
     tile = tile.contiguous()
     out = torch.empty(qt.shape[0], tile.shape[0], dtype=torch.float32)
+    inputs = {dt: (qt.to(dt), tile.to(dt)) for dt in set(PRODUCT_DTYPE.values())}
     timing = _race(
-        {b: lambda b=b: scores_into(qt, tile, norms, out, b) for b in ("torch", "numpy")}
+        {
+            b: lambda b=b, dt=dt: scores_into(*inputs[dt], norms, out, b)
+            for b, dt in PRODUCT_DTYPE.items()
+        }
     )
+    timing["bf16"] *= BF16_MARGIN
     best = min(timing, key=lambda b: timing[b])
     with _chosen_lock:
         return _chosen.setdefault(dim, best)

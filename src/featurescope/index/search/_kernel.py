@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
@@ -25,7 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from featurescope.index.search._gemm import choose_backend, scores_into
+from featurescope.index.search._gemm import (
+    BF16_OUTPUT,
+    PRODUCT_DTYPE,
+    choose_backend,
+    scores_into,
+)
 from featurescope.index.search._merge import lex_smallest, lex_smallest_grouped
 from featurescope.index.search._parallel import caller_threads, run_in_threads, single_threaded_ops
 from featurescope.index.search._profile import phase
@@ -53,9 +59,15 @@ RERANK_BYTES = 4 * 2**20
 MIN_QUERIES_PER_WORKER = 16
 #: Fewest gallery rows worth a CPU worker thread when few queries split the gallery instead.
 MIN_ROWS_PER_WORKER = 4096
+#: Fewest candidates beyond ``k`` a query keeps when the product runs in bfloat16.
+LOW_PRECISION_EXTRA = 48
 #: Block results buffered before they are merged down to ``keep`` per query.
 MERGE_EVERY = 16
 _U32 = 2.0**-24
+#: Unit roundoff of bfloat16 (8-bit significand, round to nearest).
+_U16 = 2.0**-8
+#: Smallest normal float32: the bfloat16 product may flush anything below it to zero.
+_TINY = 2.0**-126
 _INT64_MAX = torch.iinfo(torch.int64).max
 
 
@@ -87,6 +99,32 @@ def centred_sq_norms(
     return out
 
 
+class _LowPrecisionCopy:
+    """The bfloat16 copy of a gallery's searched rows, made once when a search first needs it.
+
+    Shared by a gallery and its :meth:`Gallery.restrict` views (``dataclasses.replace`` passes
+    the same object on), so filtered searches gather from it too.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value: Tensor | None = None
+        self.error = 0.0  # max ‖bf16(row) − row‖ over the rows, measured in float64
+
+    def get(self, search: Tensor) -> Tensor:
+        with self._lock:
+            if self.value is None:
+                value = search.to(torch.bfloat16)
+                chunk = max(1, NORM_CELLS // max(1, search.shape[1]))
+                worst = 0.0
+                for s in range(0, search.shape[0], chunk):
+                    diff = value[s : s + chunk].to(torch.float64) - search[s : s + chunk]
+                    worst = max(worst, float(torch.linalg.vector_norm(diff, dim=1).max()))
+                self.error = worst * (1 + 1e-12)
+                self.value = value
+            return self.value
+
+
 @dataclass
 class Gallery:
     """What a search reads from an index; built by :class:`~featurescope.EmbeddingIndex`.
@@ -96,6 +134,10 @@ class Gallery:
     left on disk: tiles then compute theirs. ``subset`` (ascending rows) restricts a search to
     those rows; the kernel then works in positions ``0 .. len(subset)-1`` and :meth:`rows_of`
     maps them back.
+
+    Searches whose product runs in bfloat16 (see ``_gemm``) read a bfloat16 copy of
+    ``search``: for galleries in memory it is made on the first such search and kept (half the
+    size of float32 rows); galleries left on disk convert each tile instead.
     """
 
     search: Tensor  # [n, d] storage dtype, on the index device
@@ -108,6 +150,7 @@ class Gallery:
     norm_max: float  # max norms[i]
     radius_max: float  # max ‖search[i]‖
     subset: Tensor | None = None  # [m] int64 ascending rows searched, on the index device
+    low: _LowPrecisionCopy = dataclasses.field(default_factory=_LowPrecisionCopy, repr=False)
 
     @property
     def size(self) -> int:
@@ -138,22 +181,39 @@ class Gallery:
             torch.empty(width, dtype=torch.float32, device=device),
         )
 
+    def low_precision_error(self) -> float:
+        """Largest ``‖bf16(search[i]) − search[i]‖``: measured for galleries in memory (when
+        their bfloat16 copy is made), else bounded by ``2⁻⁸ ‖search[i]‖`` (round to nearest)."""
+        if self.search.dtype == torch.bfloat16:
+            return 0.0
+        if self.norms is None:
+            return _U16 * self.radius_max
+        self.low.get(self.search)
+        return self.low.error
+
     def tile(
-        self, start: int, stop: int, work: tuple[Tensor, Tensor] | None = None
+        self,
+        start: int,
+        stop: int,
+        work: tuple[Tensor, Tensor] | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> tuple[Tensor, Tensor]:
-        """Float32 search rows and squared norms of positions ``start:stop``."""
+        """Search rows (as ``dtype``) and float32 squared norms of positions ``start:stop``."""
+        source = self.search
+        if dtype == torch.bfloat16 and self.norms is not None and source.dtype != dtype:
+            source = self.low.get(source)
         if self.subset is None:
-            tile = self.search[start:stop]
+            tile = source[start:stop]
             norms = self.norms[start:stop] if self.norms is not None else None
         else:
             rows = self.subset[start:stop]
-            tile = self.search.index_select(0, rows)
+            tile = source.index_select(0, rows)
             norms = self.norms.index_select(0, rows) if self.norms is not None else None
-        if tile.dtype != torch.float32:
-            tile = tile.float()
         if norms is None:  # only float32 galleries are left on disk: search is vectors
             buf, into = work if work is not None else (None, None)
             norms = centred_sq_norms(tile, self.centre, into, buf)
+        if tile.dtype != dtype:
+            tile = tile.to(dtype)
         return tile, norms
 
 
@@ -167,6 +227,7 @@ class TilePlan:
     dim: int
     upcast: bool  # gallery tiles are copied to float32 before the product
     fresh_norms: bool = False  # each tile's squared norms are computed (gallery on disk)
+    low_precision: bool = False  # the product runs in bfloat16 (a tile copy and its output)
 
     def scan_bytes(self) -> int:
         """Peak bytes of the fast pass's temporaries for one query tile."""
@@ -180,7 +241,8 @@ class TilePlan:
         fresh = (
             8 * min(bn * self.dim, max(self.dim, NORM_CELLS)) + 4 * bn if self.fresh_norms else 0
         )
-        return block + minima + select + buffered + upcast + query + fresh
+        low = 2 * bq * bn + 2 * bn * self.dim + 2 * bq * self.dim if self.low_precision else 0
+        return block + minima + select + buffered + upcast + query + fresh + low
 
 
 def plan_tiles(
@@ -193,6 +255,7 @@ def plan_tiles(
     upcast: bool = False,
     device_type: str = "cpu",
     fresh_norms: bool = False,
+    low_precision: bool = False,
 ) -> TilePlan:
     """Choose tile sizes whose temporaries stay within ``budget`` bytes.
 
@@ -215,21 +278,22 @@ def plan_tiles(
         cells = 64 * BLOCK_CELLS
         bq_pref, bn_pref = 8192, 4 * GALLERY_TILE
     bn = min(nb, bn_pref)
+    extra = (fresh_norms, low_precision)
     while True:
-        plan = TilePlan(1, bn, keep, dim, upcast, fresh_norms)
+        plan = TilePlan(1, bn, keep, dim, upcast, *extra)
         if plan.scan_bytes() <= budget or bn <= keep:
             break
         bn = max(keep, bn // 2)
     if plan.scan_bytes() > budget:
         raise ValueError(f"memory_budget={budget} bytes is too small for one query (dim={dim})")
-    per_row = TilePlan(2, bn, keep, dim, upcast, fresh_norms).scan_bytes() - plan.scan_bytes()
+    per_row = TilePlan(2, bn, keep, dim, upcast, *extra).scan_bytes() - plan.scan_bytes()
     bq = min(nq, bq_pref, 1 + (budget - plan.scan_bytes()) // max(per_row, 1))
     while bn < nb:
-        wider = TilePlan(bq, min(nb, 2 * bn), keep, dim, upcast, fresh_norms)
+        wider = TilePlan(bq, min(nb, 2 * bn), keep, dim, upcast, *extra)
         if bq * wider.gallery_tile > cells or wider.scan_bytes() > budget:
             break
         bn = wider.gallery_tile
-    return TilePlan(bq, bn, keep, dim, upcast, fresh_norms)
+    return TilePlan(bq, bn, keep, dim, upcast, *extra)
 
 
 def exact_distances(queries: Tensor, candidates: Tensor) -> Tensor:
@@ -243,7 +307,8 @@ def exact_distances(queries: Tensor, candidates: Tensor) -> Tensor:
     square fit float64's 53 bits), so only the final ``sum`` rounds: equal pairs give bit-equal
     distances, the same as ``((q - x) ** 2).sum(-1).sqrt()`` in float64.
     """
-    # ``.to`` returns the input itself when it is float64 already; the work below is in place.
+    # ``.to`` returns the input itself when it is float64 already; the work below is in place
+    # (a float32 − float64 subtraction that promotes is several times slower on the CPU).
     work = candidates.to(torch.float64, copy=True)
     work.sub_(queries[:, None, :] if work.dim() == 3 else queries)
     work.square_()
@@ -305,7 +370,7 @@ def _scan_tile(
     for start in range(lo, n, plan.gallery_tile):
         stop = min(n, start + plan.gallery_tile)
         w = stop - start
-        tile, norms = gal.tile(start, stop, work)
+        tile, norms = gal.tile(start, stop, work, q.dtype)
         scores = block[: bq * w].view(bq, w)
         with phase("product"):
             scores_into(q, tile, norms, scores, backend)
@@ -442,13 +507,16 @@ class _Queries:
     """One query tile in the forms the passes need."""
 
     centred: Tensor  # [b, d] float32 on the index device: fl(q − c)
+    product: Tensor  # [b, d] ``centred`` in the dtype of the product (itself for float32)
     exact: Tensor  # [b, d] float64 on the vectors' device
     constant: Tensor  # [b] float64: ‖q'‖² − 2⟨q', offset⟩, on the index device
     slack: Tensor  # [b] float64: ε_q + ε_max
     error: Tensor  # [b] float64: bound on |score − exact score|
 
 
-def _prepare(q32: Tensor, gal: Gallery, rel: float, absolute: float) -> _Queries:
+def _prepare(
+    q32: Tensor, gal: Gallery, rel: float, absolute: float, backend: str = "torch"
+) -> _Queries:
     centred = q32 - gal.centre
     q64 = q32.to(torch.float64)
     c64 = centred.to(torch.float64)
@@ -459,14 +527,45 @@ def _prepare(q32: Tensor, gal: Gallery, rel: float, absolute: float) -> _Queries
     )
     constant = (c64 * c64).sum(1) - 2.0 * (c64 @ gal.offset)
     qnorm = torch.linalg.vector_norm(c64, dim=1)
-    error = rel * (gal.norm_max + 2.0 * qnorm * gal.radius_max) + absolute
+    if PRODUCT_DTYPE[backend] == torch.bfloat16:
+        product = centred.to(torch.bfloat16)
+        error = _bf16_error(product, c64, qnorm, gal)
+    else:
+        product = centred
+        error = rel * (gal.norm_max + 2.0 * qnorm * gal.radius_max) + absolute
     return _Queries(
         centred=centred,
+        product=product,
         exact=q64.to(gal.vectors.device),
         constant=constant,
         slack=eps_q * (1 + 1e-12) + gal.eps_max,
         error=error,
     )
+
+
+def _bf16_error(product: Tensor, c64: Tensor, qnorm: Tensor, gal: Gallery) -> Tensor:
+    """Bound on ``score − exact score`` when the product runs in bfloat16 (see ``_gemm``).
+
+    With ``a`` the float32 centred query, ``ã`` its bfloat16 copy (``δ = ‖ã − a‖``, measured),
+    ``b`` a searched row and ``b̃`` its bfloat16 copy (``ε = max ‖b̃ − b‖``, see
+    :meth:`Gallery.low_precision_error`), ``R`` the largest ``‖b‖``: products of bfloat16 numbers are exact in
+    float32, so the float32 accumulation errs by at most ``γ_d ‖ã‖‖b̃‖``; the inputs' rounding
+    moves the product by at most ``δ(R + ε) + ‖a‖ε``. The output's rounding is already in
+    each score (lowered by its own bound), and the float32 operations that form the score add
+    a few roundings of its size. BLAS terms are doubled, as for the float32 product; subnormals
+    the kernel may flush add an absolute term.
+    """
+    d = c64.shape[1]
+    delta = torch.linalg.vector_norm(product.to(torch.float64) - c64, dim=1) * (1 + 1e-12)
+    eps_b = gal.low_precision_error()
+    a_norm = qnorm + delta
+    b_norm = gal.radius_max + eps_b
+    gamma = d * _U32 / (1 - d * _U32)
+    blas = 4.0 * gamma * a_norm * b_norm
+    score_ops = 10.0 * _U32 * (gal.norm_max + 2.0 * (1 + BF16_OUTPUT) * a_norm * b_norm)
+    inputs = 2.0 * (delta * b_norm + qnorm * eps_b) * (1 + 1e-9)
+    flushed = 8.0 * (d + 2) * _TINY * (1 + a_norm) * (1 + b_norm)
+    return blas + score_ops + inputs + flushed
 
 
 def _threshold(upper: Tensor, qs: _Queries) -> Tensor:
@@ -495,6 +594,19 @@ def _rerank_rows(gal: Gallery, q64: Tensor, rows: Tensor, budget: int) -> Tensor
     return out
 
 
+def _rerank_pairs(gal: Gallery, q64: Tensor, who: Tensor, rows: Tensor, budget: int) -> Tensor:
+    """Float64 distances of ``q64[who[p]]`` to ``vectors[rows[p]]``, in cache-sized chunks."""
+    out = torch.empty(rows.numel(), dtype=torch.float64, device=q64.device)
+    d = gal.vectors.shape[1]
+    chunk = max(1, min(budget // (3 * 8 * d), RERANK_BYTES // (8 * d)))
+    real = gal.rows_of(rows).to(gal.vectors.device)
+    who = who.to(q64.device)
+    for s in range(0, rows.numel(), chunk):
+        cand = gal.vectors.index_select(0, real[s : s + chunk])
+        out[s : s + chunk] = exact_distances(q64.index_select(0, who[s : s + chunk]), cand)
+    return out
+
+
 def _finish_tile(
     gal: Gallery, qs: _Queries, vals: Tensor, rows: Tensor, k: int, budget: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -515,9 +627,14 @@ def _finish_tile(
     most = int(inside.max())
     dist, cand = head, rows[:, :k]
     if most > k:
-        tail = _rerank_rows(gal, qs.exact, rows[:, k:most], budget).to(vals.device)
+        # Only the candidates inside each query's own threshold: few queries reach ``most``.
         cols = torch.arange(k, most, device=vals.device)
-        tail.masked_fill_(cols[None, :] >= inside[:, None], math.inf)
+        who, col = (cols[None, :] < inside[:, None]).nonzero(as_tuple=True)
+        tail = torch.full((rows.shape[0], most - k), math.inf, dtype=torch.float64)
+        tail = tail.to(vals.device)
+        tail[who, col] = _rerank_pairs(gal, qs.exact, who, rows[who, col + k], budget).to(
+            vals.device
+        )
         dist, cand = torch.cat([head, tail], 1), rows[:, :most]
     pick = lex_smallest(dist, gal.ids[gal.rows_of(cand)], k)
     return dist.gather(1, pick), cand.gather(1, pick), incomplete, theta
@@ -562,9 +679,9 @@ def _collect(
     work = gal.workspace(plan.gallery_tile)
     for start in range(0, n, plan.gallery_tile):
         stop = min(n, start + plan.gallery_tile)
-        tile, norms = gal.tile(start, stop, work)
+        tile, norms = gal.tile(start, stop, work, qs.product.dtype)
         scores = block[: f * (stop - start)].view(f, stop - start)
-        scores_into(qs.centred, tile, norms, scores, backend)
+        scores_into(qs.product, tile, norms, scores, backend)
         r, c = (scores <= limit[:, None]).nonzero(as_tuple=True)
         for s in range(0, r.numel(), pair_chunk):
             rr, cc = r[s : s + pair_chunk], c[s : s + pair_chunk] + start
@@ -604,8 +721,8 @@ class _Scanned:
 
 
 def _scan(job: _Job, a: int, b: int, block: Tensor) -> _Scanned:
-    qs = _prepare(job.queries[a:b], job.gal, job.rel, job.absolute)
-    vals, rows = _scan_tile(qs.centred, job.gal, job.plan, block, job.backend)
+    qs = _prepare(job.queries[a:b], job.gal, job.rel, job.absolute, job.backend)
+    vals, rows = _scan_tile(qs.product, job.gal, job.plan, block, job.backend)
     return _Scanned(a, b, qs, vals, rows, block)
 
 
@@ -617,6 +734,7 @@ def _finish(job: _Job, t: _Scanned) -> None:
     if redo.numel():
         sub = _Queries(
             qs.centred[redo],
+            qs.product[redo],
             qs.exact[redo.to(qs.exact.device)],
             qs.constant[redo],
             qs.slack[redo],
@@ -682,7 +800,6 @@ def search_exact(
     kk = min(k, n)
     if nq == 0 or kk == 0:
         return out_d, out_r
-    keep = min(n, kk + max(8, kk))
     split = 1
     if device.type == "cuda":
         lanes = max(1, streams)
@@ -694,7 +811,13 @@ def search_exact(
             split = max(1, min(threads, n // MIN_ROWS_PER_WORKER))
     per_lane = -(-nq // lanes) if device.type == "cpu" else nq
     plan: TilePlan | None = None
+    backend = "torch"
     if 2 * kk < n:
+        if device.type == "cpu":
+            backend = _pick_backend(gal, queries, per_lane)
+        low = PRODUCT_DTYPE[backend] == torch.bfloat16
+        # The bfloat16 bound is wider: more vectors tie within it, so keep more candidates.
+        keep = min(n, kk + (max(LOW_PRECISION_EXTRA, 2 * kk) if low else max(8, kk)))
         try:
             plan = plan_tiles(
                 per_lane,
@@ -705,16 +828,29 @@ def search_exact(
                 upcast=gal.copies_tiles,
                 device_type=device.type,
                 fresh_norms=gal.norms is None,
+                low_precision=low,
             )
         except ValueError:
             plan = None
     if plan is None:
         sorted_d, sorted_r = _exhaustive(gal, queries, kk, budget)
     else:
-        sorted_d, sorted_r = _fast(gal, queries, kk, budget, plan, lanes, per_lane, split)
+        sorted_d, sorted_r = _fast(
+            gal, queries, kk, budget, plan, lanes, per_lane, split, backend
+        )
     out_d[:, :kk] = sorted_d
     out_r[:, :kk] = gal.rows_of(sorted_r)
     return out_d, out_r
+
+
+def _pick_backend(gal: Gallery, queries: Tensor, rows: int) -> str:
+    """The CPU product backend for this search (timed once per vector length; see ``_gemm``)."""
+
+    def sample() -> tuple[Tensor, Tensor]:
+        return gal.tile(0, min(gal.size, GALLERY_TILE))
+
+    with single_threaded_ops():
+        return choose_backend(queries, sample, rows, gal.size)
 
 
 def _fast(
@@ -726,8 +862,9 @@ def _fast(
     lanes: int,
     per_lane: int,
     split: int = 1,
+    backend: str = "torch",
 ) -> tuple[Tensor, Tensor]:
-    """The float32 pass with its bound, the float64 re-rank and, if needed, the second pass.
+    """The fast pass with its bound, the float64 re-rank and, if needed, the second pass.
 
     On the CPU everything runs on single-threaded operations: query ranges on ``lanes``
     workers, or, for few queries, gallery ranges on ``split`` workers whose candidate lists
@@ -738,7 +875,9 @@ def _fast(
     rel, absolute = _error_coefficients(d, device)
     out_d = torch.empty(nq, k, dtype=torch.float64, device=device)
     out_r = torch.empty(nq, k, dtype=torch.int64, device=device)
-    job = _Job(gal, queries, k, plan, budget // max(lanes, split), rel, absolute, out_d, out_r)
+    job = _Job(
+        gal, queries, k, plan, budget // max(lanes, split), rel, absolute, out_d, out_r, backend
+    )
     if device.type == "cuda":
         if lanes > 1:
             _run_on_streams(job, lanes)
@@ -746,10 +885,6 @@ def _fast(
             _run_tiles(job, 0, nq)
         return out_d, out_r
     with single_threaded_ops():
-        if lanes > 1 or split > 1:
-            tile, norms = gal.tile(0, min(gal.size, plan.gallery_tile))
-            job.backend = choose_backend(queries, tile, norms, plan.query_tile, gal.size)
-            del tile, norms
         if lanes > 1:
             ranges = [(a, min(nq, a + per_lane)) for a in range(0, nq, per_lane)]
             run_in_threads([functools.partial(_run_tiles, job, a, b) for a, b in ranges])
@@ -769,12 +904,12 @@ def _run_split(job: _Job, split: int) -> None:
     nq = job.queries.shape[0]
     for a in range(0, nq, job.plan.query_tile):
         b = min(nq, a + job.plan.query_tile)
-        qs = _prepare(job.queries[a:b], job.gal, job.rel, job.absolute)
+        qs = _prepare(job.queries[a:b], job.gal, job.rel, job.absolute, job.backend)
         parts: list[tuple[Tensor, Tensor]] = [(qs.centred, qs.centred)] * len(bounds)
 
         def scan(i: int, qs: _Queries = qs, parts: list[tuple[Tensor, Tensor]] = parts) -> None:
             lo, hi = bounds[i]
-            parts[i] = _scan_tile(qs.centred, job.gal, job.plan, blocks[i], job.backend, lo, hi)
+            parts[i] = _scan_tile(qs.product, job.gal, job.plan, blocks[i], job.backend, lo, hi)
 
         run_in_threads([functools.partial(scan, i) for i in range(len(bounds))])
         vals = torch.cat([p[0] for p in parts], 1)
