@@ -100,7 +100,10 @@ def centred_sq_norms(
 
 
 class _LowPrecisionCopy:
-    """The bfloat16 copy of a gallery's searched rows, made once when a search first needs it.
+    """``bf16(search[i] + offset)``, made once when a search first needs it.
+
+    Rounding the centred rows (not ``search`` itself, which for float32 galleries is the raw
+    vectors) keeps the bound narrow for data far from the origin.
 
     Shared by a gallery and its :meth:`Gallery.restrict` views (``dataclasses.replace`` passes
     the same object on), so filtered searches gather from it too.
@@ -111,14 +114,17 @@ class _LowPrecisionCopy:
         self.value: Tensor | None = None
         self.error = 0.0  # max ‖bf16(row) − row‖ over the rows, measured in float64
 
-    def get(self, search: Tensor) -> Tensor:
+    def get(self, search: Tensor, offset: Tensor) -> Tensor:
         with self._lock:
             if self.value is None:
-                value = search.to(torch.bfloat16)
+                value = torch.empty(search.shape, dtype=torch.bfloat16, device=search.device)
                 chunk = max(1, NORM_CELLS // max(1, search.shape[1]))
+                off = offset.to(search.device)
                 worst = 0.0
                 for s in range(0, search.shape[0], chunk):
-                    diff = value[s : s + chunk].to(torch.float64) - search[s : s + chunk]
+                    rows = search[s : s + chunk].to(torch.float64) + off
+                    value[s : s + chunk] = rows
+                    diff = value[s : s + chunk].to(torch.float64) - rows
                     worst = max(worst, float(torch.linalg.vector_norm(diff, dim=1).max()))
                 self.error = worst * (1 + 1e-12)
                 self.value = value
@@ -181,14 +187,26 @@ class Gallery:
             torch.empty(width, dtype=torch.float32, device=device),
         )
 
+    @property
+    def centred_radius(self) -> float:
+        """A bound on ``‖search[i] + offset‖`` (the norms are those squared, rounded)."""
+        return math.sqrt(self.norm_max * (1 + 2.0**-22))
+
+    def _offset_is_zero(self) -> bool:
+        return not bool(self.offset.any())
+
     def low_precision_error(self) -> float:
-        """Largest ``‖bf16(search[i]) − search[i]‖``: measured for galleries in memory (when
-        their bfloat16 copy is made), else bounded by ``2⁻⁸ ‖search[i]‖`` (round to nearest)."""
-        if self.search.dtype == torch.bfloat16:
+        """Largest ``‖b̃ − (search[i] + offset)‖`` of the bfloat16 rows ``b̃`` a product reads.
+
+        Measured for galleries in memory (when their copy is made); zero for bfloat16 storage;
+        for galleries on disk, whose tiles are centred in float32 and then rounded, bounded by
+        ``(2⁻⁸ + 2⁻²³) ·`` :attr:`centred_radius`.
+        """
+        if self.search.dtype == torch.bfloat16 and self._offset_is_zero():
             return 0.0
         if self.norms is None:
-            return _U16 * self.radius_max
-        self.low.get(self.search)
+            return (_U16 + 2 * _U32) * self.centred_radius
+        self.low.get(self.search, self.offset)
         return self.low.error
 
     def tile(
@@ -198,10 +216,15 @@ class Gallery:
         work: tuple[Tensor, Tensor] | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> tuple[Tensor, Tensor]:
-        """Search rows (as ``dtype``) and float32 squared norms of positions ``start:stop``."""
+        """Float32 search rows and squared norms of positions ``start:stop``.
+
+        With ``dtype=torch.bfloat16`` the rows are ``bf16(search + offset)`` instead (the
+        product's operands then need no offset).
+        """
+        low = dtype == torch.bfloat16
         source = self.search
-        if dtype == torch.bfloat16 and self.norms is not None and source.dtype != dtype:
-            source = self.low.get(source)
+        if low and not (source.dtype == dtype and self._offset_is_zero()) and self.norms is not None:
+            source = self.low.get(source, self.offset)
         if self.subset is None:
             tile = source[start:stop]
             norms = self.norms[start:stop] if self.norms is not None else None
@@ -212,6 +235,8 @@ class Gallery:
         if norms is None:  # only float32 galleries are left on disk: search is vectors
             buf, into = work if work is not None else (None, None)
             norms = centred_sq_norms(tile, self.centre, into, buf)
+            if low:
+                tile = tile - self.centre
         if tile.dtype != dtype:
             tile = tile.to(dtype)
         return tile, norms
@@ -530,6 +555,7 @@ def _prepare(
     if PRODUCT_DTYPE[backend] == torch.bfloat16:
         product = centred.to(torch.bfloat16)
         error = _bf16_error(product, c64, qnorm, gal)
+        constant = (c64 * c64).sum(1)  # the bfloat16 rows are centred already: no offset
     else:
         product = centred
         error = rel * (gal.norm_max + 2.0 * qnorm * gal.radius_max) + absolute
@@ -547,7 +573,7 @@ def _bf16_error(product: Tensor, c64: Tensor, qnorm: Tensor, gal: Gallery) -> Te
     """Bound on ``score − exact score`` when the product runs in bfloat16 (see ``_gemm``).
 
     With ``a`` the float32 centred query, ``ã`` its bfloat16 copy (``δ = ‖ã − a‖``, measured),
-    ``b`` a searched row and ``b̃`` its bfloat16 copy (``ε = max ‖b̃ − b‖``, see
+    ``b = search[i] + offset`` and ``b̃`` its bfloat16 copy (``ε = max ‖b̃ − b‖``, see
     :meth:`Gallery.low_precision_error`), ``R`` the largest ``‖b‖``: products of bfloat16 numbers are exact in
     float32, so the float32 accumulation errs by at most ``γ_d ‖ã‖‖b̃‖``; the inputs' rounding
     moves the product by at most ``δ(R + ε) + ‖a‖ε``. The output's rounding is already in
@@ -559,7 +585,7 @@ def _bf16_error(product: Tensor, c64: Tensor, qnorm: Tensor, gal: Gallery) -> Te
     delta = torch.linalg.vector_norm(product.to(torch.float64) - c64, dim=1) * (1 + 1e-12)
     eps_b = gal.low_precision_error()
     a_norm = qnorm + delta
-    b_norm = gal.radius_max + eps_b
+    b_norm = gal.centred_radius + eps_b
     gamma = d * _U32 / (1 - d * _U32)
     blas = 4.0 * gamma * a_norm * b_norm
     score_ops = 10.0 * _U32 * (gal.norm_max + 2.0 * (1 + BF16_OUTPUT) * a_norm * b_norm)

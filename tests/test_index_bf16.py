@@ -1,0 +1,141 @@
+"""The bfloat16 product backend: exact results and a rounding bound that holds pair by pair."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import featurescope as fs
+from featurescope.index.search import _gemm, _kernel
+from tests.test_index import KINDS, brute_force, make_data
+
+
+@pytest.fixture
+def bf16(monkeypatch):
+    monkeypatch.setenv("FEATURESCOPE_GEMM", "bf16")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    n=st.integers(2, 400),
+    d=st.integers(1, 40),
+    k=st.integers(1, 12),
+    seed=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
+def test_bf16_search_equals_float64_brute_force(kind, n, d, k, seed, dtype):
+    g, q, ids = make_data(kind, n, d, 15, seed)
+    if dtype == torch.float16 and kind == "mixed":
+        dtype = torch.bfloat16
+    k = min(k, n)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEATURESCOPE_GEMM", "bf16")
+        mp.setattr(_kernel, "GALLERY_TILE", 64)  # many tiles, the grouped selection, merges
+        index = fs.EmbeddingIndex(d, dtype=dtype, memory_budget=1 << 16)
+        index.add(g, ids=ids)
+        dist, found = index.search(q, k)
+        where = torch.from_numpy(np.random.default_rng(seed).random(n) < 0.3)
+        fdist, ffound = index.search(q, k, where=where)
+    ref_d, ref_i = brute_force(g, ids, q, k)
+    assert torch.equal(found, ref_i)
+    assert torch.equal(dist, ref_d)
+    keep = where.numpy()
+    if keep.any():
+        m = min(k, int(keep.sum()))
+        ref_d, ref_i = brute_force(g[keep], ids[keep], q, m)
+        assert torch.equal(ffound[:, :m], ref_i)
+        assert torch.equal(fdist[:, :m], ref_d)
+    assert (ffound[:, min(k, int(keep.sum())) :] == -1).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+def test_bf16_scores_stay_within_their_bound_pair_by_pair(kind, storage):
+    # The certificate of the fast pass: no vector's (lowered) score exceeds the threshold its
+    # exact distance allows, so no true neighbour can fall outside a query's candidates.
+    g, q, _ = make_data(kind, 3000, 48, 64, 1)
+    index = fs.EmbeddingIndex(48, dtype=storage)
+    index.add(g)
+    gal = index._gallery()
+    rel, absolute = _kernel._error_coefficients(48, torch.device("cpu"))
+    qs = _kernel._prepare(torch.from_numpy(q), gal, rel, absolute, "bf16")
+    assert qs.product.dtype == torch.bfloat16
+    tile, norms = gal.tile(0, gal.size, None, torch.bfloat16)
+    scores = torch.empty(q.shape[0], gal.size)
+    _gemm.scores_into(qs.product, tile, norms, scores, "bf16")
+    exact = torch.cdist(torch.from_numpy(q).double(), torch.from_numpy(g).double())
+    d = 48
+    reach = exact * (1 + 4 * (d + 2) * 2.0**-53) + qs.slack[:, None]
+    theta = reach * reach - qs.constant[:, None] + qs.error[:, None]
+    theta = theta + 1e-12 * (reach * reach + qs.constant.abs()[:, None] + qs.error[:, None])
+    assert (scores.double() <= theta).all()
+    # ...and the bound is not vacuous: it is a small share of the scores' spread.
+    spread = (scores.double().amax(1) - scores.double().amin(1)).median()
+    assert float(qs.error.median()) < 0.2 * float(spread)
+
+
+def test_bf16_copy_is_made_once_and_shared_with_filtered_views(bf16):
+    g, q, _ = make_data("random", 2000, 32, 50, 2)
+    index = fs.EmbeddingIndex(32)
+    index.add(g)
+    index.search(q, 5)
+    gal = index._gallery()
+    copy = gal.low.value
+    assert copy is not None and copy.dtype == torch.bfloat16 and copy.shape == (2000, 32)
+    index.search(q, 5, where=index.ids % 2 == 0)
+    assert index._gallery().low.value is copy
+    assert 0 < gal.low.error <= 2.0**-8 * gal.centred_radius
+    index.add(g[:10])  # a change makes a new snapshot, and a new copy when next needed
+    assert index._gallery().low.value is None
+
+
+def test_mapped_gallery_converts_tiles_instead_of_keeping_a_copy(bf16, tmp_path):
+    g, q, ids = make_data("offset", 3000, 16, 40, 3)
+    index = fs.EmbeddingIndex(16)
+    index.add(g, ids=ids)
+    mapped = fs.EmbeddingIndex.load(index.save(tmp_path / "g.safetensors"), mmap=True)
+    dist, found = mapped.search(q, 7)
+    ref_d, ref_i = brute_force(g, ids, q, 7)
+    assert torch.equal(found, ref_i) and torch.equal(dist, ref_d)
+    assert mapped._gallery().low.value is None
+
+
+@pytest.mark.parametrize(
+    ("speedup", "expected"), [(1.0, "torch"), (1.2, "torch"), (1.3, "bf16"), (3.0, "bf16")]
+)
+def test_bf16_is_chosen_only_when_clearly_faster(monkeypatch, speedup, expected):
+    monkeypatch.delenv("FEATURESCOPE_GEMM", raising=False)
+    monkeypatch.setattr(_gemm, "_chosen", {})
+    fake = {"torch": 1.0, "numpy": 1.1, "bf16": 1.0 / speedup}
+    monkeypatch.setattr(_gemm, "_race", lambda fns, rounds=3: {b: fake[b] for b in fns})
+    q = torch.randn(300, 8)
+    tile = torch.randn(64, 8)
+
+    def sample():
+        return tile, torch.zeros(64)
+
+    assert _gemm.choose_backend(q, sample, 300, 10**9) == expected
+    assert _gemm.chosen_backends() == {8: expected}
+
+
+def test_forced_backend_is_used_without_timing(monkeypatch):
+    monkeypatch.setenv("FEATURESCOPE_GEMM", "BF16")
+    called = []
+    assert _gemm.choose_backend(torch.randn(3, 4), lambda: called.append(1), 3, 10) == "bf16"
+    assert not called
+
+
+def test_bf16_error_has_no_infinite_or_nan_terms_for_extreme_scales(bf16):
+    g = np.float32([[1e-30] * 4, [3e12, -3e12, 1.0, 0.0], [0.0] * 4])
+    index = fs.EmbeddingIndex(4)
+    index.add(g)
+    dist, found = index.search(g, 3)
+    ref_d, ref_i = brute_force(g, np.arange(3), g, 3)
+    assert torch.equal(found, ref_i) and torch.equal(dist, ref_d)
+    assert math.isfinite(float(dist[0, 0]))
