@@ -223,7 +223,11 @@ class Gallery:
         """
         low = dtype == torch.bfloat16
         source = self.search
-        if low and not (source.dtype == dtype and self._offset_is_zero()) and self.norms is not None:
+        if (
+            low
+            and not (source.dtype == dtype and self._offset_is_zero())
+            and self.norms is not None
+        ):
             source = self.low.get(source, self.offset)
         if self.subset is None:
             tile = source[start:stop]
@@ -591,7 +595,8 @@ def _bf16_error(product: Tensor, c64: Tensor, qnorm: Tensor, gal: Gallery) -> Te
     score_ops = 10.0 * _U32 * (gal.norm_max + 2.0 * (1 + BF16_OUTPUT) * a_norm * b_norm)
     inputs = 2.0 * (delta * b_norm + qnorm * eps_b) * (1 + 1e-9)
     flushed = 8.0 * (d + 2) * _TINY * (1 + a_norm) * (1 + b_norm)
-    return blas + score_ops + inputs + flushed
+    bound: Tensor = blas + score_ops + inputs + flushed
+    return bound
 
 
 def _threshold(upper: Tensor, qs: _Queries) -> Tensor:
@@ -861,9 +866,7 @@ def search_exact(
     if plan is None:
         sorted_d, sorted_r = _exhaustive(gal, queries, kk, budget)
     else:
-        sorted_d, sorted_r = _fast(
-            gal, queries, kk, budget, plan, lanes, per_lane, split, backend
-        )
+        sorted_d, sorted_r = _fast(gal, queries, kk, budget, plan, lanes, per_lane, split, backend)
     out_d[:, :kk] = sorted_d
     out_r[:, :kk] = gal.rows_of(sorted_r)
     return out_d, out_r
