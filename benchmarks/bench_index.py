@@ -4,7 +4,8 @@ Times, side by side in one run, on the same data and with the same thread count
 (``torch.set_num_threads`` = ``faiss.omp_set_num_threads``): ``EmbeddingIndex.search``,
 faiss-cpu ``IndexFlatL2.search``, and the float32 matrix product of the same shapes through
 torch (MKL or OpenBLAS) and numpy (its bundled OpenBLAS); the faster product is the ceiling of
-any method that computes every distance. Repeats run round-robin so that noise from other
+any float32 method that computes every distance. The bfloat16 product of the same shapes is
+timed too: the ceiling of the index's ``bf16`` backend, where the processor makes it faster. Repeats run round-robin so that noise from other
 processes falls on every method alike; medians are reported.
 
 Per shape it also prints the time breakdown of one search (product, selection, re-rank,
@@ -66,7 +67,9 @@ def header(threads: int) -> None:
     print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), numpy "
           f"{np.__version__}, featurescope {fs.__version__}")  # fmt: skip
     blas = "MKL" if torch.backends.mkl.is_available() else "its own BLAS (OpenBLAS?)"
-    print(f"torch matrix product: {blas}")
+    onednn = "oneDNN" if torch.backends.mkldnn.is_available() else "no oneDNN"
+    print(f"torch matrix product: {blas} (float32), {onednn} (bfloat16); "
+          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}")  # fmt: skip
     try:
         import threadpoolctl
 
@@ -216,14 +219,17 @@ def run(nb: int, d: int, nq: int, k: int, repeats: int, args: argparse.Namespace
         methods["faiss IndexFlatL2"] = lambda: flat.search(qn, k)
     methods["torch.mm (sgemm)"] = lambda: torch.mm(q, x.T)
     methods["numpy matmul (sgemm)"] = lambda: np.matmul(qn, xn.T, out=mm_out)
+    qb, xb = q.bfloat16(), x.bfloat16()
+    methods["torch.mm (bfloat16)"] = lambda: torch.mm(qb, xb.T)
     print(f"\n## nb={nb:,} d={d} nq={nq:,} k={k} ({repeats} repeats round-robin, median; "
           f"threads={torch.get_num_threads()})\n")  # fmt: skip
     times = _round_robin(methods, repeats)
     med = _table(times, flops, "EmbeddingIndex")
     ours = med["EmbeddingIndex"]
     best_mm = min(med["torch.mm (sgemm)"], med["numpy matmul (sgemm)"])
-    print(f"\nEmbeddingIndex at {best_mm / ours:.0%} of the best sgemm rate of the same shapes; "
-          f"product backend chosen: {chosen_backends().get(d, 'torch (not timed)')}")  # fmt: skip
+    print(f"\nEmbeddingIndex at {best_mm / ours:.0%} of the best sgemm rate of the same shapes "
+          f"({med['torch.mm (bfloat16)'] / ours:.0%} of the bfloat16 product's); product "
+          f"backend chosen: {chosen_backends().get(d, 'torch (not timed)')}")  # fmt: skip
     if flat is not None:
         print(f"EmbeddingIndex / FAISS: {med['faiss IndexFlatL2'] / ours:.2f}x")
     with time_breakdown() as parts:

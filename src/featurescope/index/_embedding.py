@@ -42,10 +42,13 @@ _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class EmbeddingIndex:
     """Exact Euclidean nearest-neighbour search over vectors with ids, labels and metadata.
 
-    Searches run a float32 matrix-product pass whose rounding error is bounded, then re-rank the
+    Searches run a matrix-product pass whose rounding error is bounded, then re-rank the
     few candidates the bound cannot separate in float64, so the ids returned are those of a
     float64 brute force with ties broken by the smaller id. Temporaries never exceed
-    ``memory_budget`` bytes, whatever the number of queries and vectors.
+    ``memory_budget`` bytes, whatever the number of queries and vectors. The product runs in
+    float32, or in bfloat16 where the processor makes that clearly faster (AMX, AVX-512-BF16);
+    an in-memory index then keeps a bfloat16 copy of its rows, half their float32 size (see
+    the index guide, "Product backends").
 
     The index stores the float32 values of what is added; "exact" refers to those values.
 

@@ -1,7 +1,7 @@
-"""The exact search kernel: tiles sized to a memory budget, a float32 matrix product with a
-proven rounding bound, a two-level selection, a float64 re-rank and one (distance, id) merge (``_merge``).
+"""The exact search kernel: tiles sized to a memory budget, a float32 or bfloat16 matrix
+product with a proven rounding bound, a two-level selection, a float64 re-rank and one (distance, id) merge (``_merge``).
 
-``_kernel`` plans and runs the tiles, ``_gemm`` picks the BLAS (numpy's or torch's) by timing,
+``_kernel`` plans and runs the tiles, ``_gemm`` picks the product backend (torch's or numpy's sgemm, or bfloat16) by timing,
 ``_parallel`` runs query batches on single-threaded workers. It takes tensors and knows nothing
 of ids, labels or files: :class:`~featurescope.EmbeddingIndex` does that.
 """

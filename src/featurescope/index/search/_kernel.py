@@ -1,4 +1,8 @@
-"""Exact k-nearest-neighbour search: a fast float32 pass with a proven error bound, then float64.
+"""Exact k-nearest-neighbour search: a fast pass with a proven error bound, then float64.
+
+The fast pass multiplies in float32 or, where the processor makes it faster, in bfloat16
+(``_gemm``; the bound then also covers the operands' and the output's rounding, see
+:func:`_bf16_error`).
 
 The fast pass ranks gallery vectors ``x`` for a query ``q`` by ``‖x−c‖² − 2⟨q−c, x⟩`` (``c`` the
 gallery's centre), one matrix product per tile. It keeps more candidates than asked for, and a
