@@ -9,10 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.test_index import KINDS, brute_force, make_data
 
 import featurescope as fs
 from featurescope.index.search import _gemm, _kernel
+from test_index import KINDS, brute_force, make_data
 
 
 @pytest.fixture
