@@ -2,7 +2,7 @@
 
 The fast pass multiplies in float32 or, where the processor makes it faster, in bfloat16
 (``_gemm``; the bound then also covers the operands' and the output's rounding, see
-:func:`_low_precision_error`).
+:func:`_bf16_error`).
 
 The fast pass ranks gallery vectors ``x`` for a query ``q`` by ``‖x−c‖² − 2⟨q−c, x⟩`` (``c`` the
 gallery's centre), one matrix product per tile. It keeps more candidates than asked for, and a
@@ -33,9 +33,7 @@ from torch import Tensor
 from featurescope.index.search._gemm import (
     BF16_OUTPUT,
     PRODUCT_DTYPE,
-    QuantizedRows,
     choose_backend,
-    quantize_rows,
     scores_into,
 )
 from featurescope.index.search._merge import lex_smallest, lex_smallest_grouped
@@ -65,8 +63,8 @@ RERANK_BYTES = 4 * 2**20
 MIN_QUERIES_PER_WORKER = 16
 #: Fewest gallery rows worth a CPU worker thread when few queries split the gallery instead.
 MIN_ROWS_PER_WORKER = 4096
-#: Fewest candidates beyond ``k`` a query keeps when the product runs in low precision.
-LOW_PRECISION_EXTRA = {"bf16": 48, "int8": 96}
+#: Fewest candidates beyond ``k`` a query keeps when the product runs in bfloat16.
+LOW_PRECISION_EXTRA = 48
 #: Block results buffered before they are merged down to ``keep`` per query.
 MERGE_EVERY = 16
 _U32 = 2.0**-24
@@ -105,30 +103,8 @@ def centred_sq_norms(
     return out
 
 
-Operand = Tensor | QuantizedRows
-
-
-def _low_copy(rows: Tensor, dtype: torch.dtype) -> Operand:
-    """``rows`` (float64) rounded to bfloat16, or quantized to int8 (see ``_gemm``)."""
-    return quantize_rows(rows) if dtype == torch.int8 else rows.to(dtype)
-
-
-def _exact(op: Operand) -> Tensor:
-    """The values an operand stands for, in float64."""
-    return op.exact() if isinstance(op, QuantizedRows) else op.to(torch.float64)
-
-
-def _concat(parts: list[Operand]) -> Operand:
-    quantized = [p for p in parts if isinstance(p, QuantizedRows)]
-    if quantized:
-        return QuantizedRows(
-            torch.cat([p.values for p in quantized]), torch.cat([p.scales for p in quantized])
-        )
-    return torch.cat([p for p in parts if isinstance(p, Tensor)])
-
-
 class _LowPrecisionCopy:
-    """``bf16(search[i] + offset)`` or its int8 quantization, made once when first needed.
+    """``bf16(search[i] + offset)``, made once when a search first needs it.
 
     Rounding the centred rows (not ``search`` itself, which for float32 galleries is the raw
     vectors) keeps the bound narrow for data far from the origin.
@@ -139,34 +115,24 @@ class _LowPrecisionCopy:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.values: dict[torch.dtype, Operand] = {}
-        self.errors: dict[torch.dtype, float] = {}  # max ‖copy − row‖, measured in float64
+        self.value: Tensor | None = None
+        self.error = 0.0  # max ‖bf16(row) − row‖ over the rows, measured in float64
 
-    @property
-    def value(self) -> Operand | None:
-        """The copy made so far, if any (one dtype per index in practice)."""
-        return next(iter(self.values.values()), None)
-
-    def get(self, search: Tensor, offset: Tensor, dtype: torch.dtype) -> Operand:
+    def get(self, search: Tensor, offset: Tensor) -> Tensor:
         with self._lock:
-            if dtype not in self.values:
+            if self.value is None:
+                value = torch.empty(search.shape, dtype=torch.bfloat16, device=search.device)
                 chunk = max(1, NORM_CELLS // max(1, search.shape[1]))
                 off = offset.to(search.device)
-                parts: list[Operand] = []
                 worst = 0.0
                 for s in range(0, search.shape[0], chunk):
                     rows = search[s : s + chunk].to(torch.float64) + off
-                    part = _low_copy(rows, dtype)
-                    diff = _exact(part) - rows
+                    value[s : s + chunk] = rows
+                    diff = value[s : s + chunk].to(torch.float64) - rows
                     worst = max(worst, float(torch.linalg.vector_norm(diff, dim=1).max()))
-                    parts.append(part)
-                value = _concat(parts)
-                self.errors[dtype] = worst * (1 + 1e-12)
-                self.values[dtype] = value
-            return self.values[dtype]
-
-    def error(self, dtype: torch.dtype) -> float:
-        return self.errors[dtype]
+                self.error = worst * (1 + 1e-12)
+                self.value = value
+            return self.value
 
 
 @dataclass
@@ -233,25 +199,19 @@ class Gallery:
     def _offset_is_zero(self) -> bool:
         return not bool(self.offset.any())
 
-    def low_precision_error(self, dtype: torch.dtype = torch.bfloat16) -> float:
-        """Largest ``‖b̃ − (search[i] + offset)‖`` of the low-precision rows ``b̃`` a product
-        reads (``dtype``: ``torch.bfloat16`` or ``torch.int8``).
+    def low_precision_error(self) -> float:
+        """Largest ``‖b̃ − (search[i] + offset)‖`` of the bfloat16 rows ``b̃`` a product reads.
 
-        Measured for galleries in memory (when their copy is made); zero for bfloat16 storage
-        read in bfloat16; for galleries on disk (bfloat16 only), whose tiles are centred in
-        float32 and then rounded, bounded by ``(2⁻⁸ + 2⁻²³) ·`` :attr:`centred_radius`.
+        Measured for galleries in memory (when their copy is made); zero for bfloat16 storage;
+        for galleries on disk, whose tiles are centred in float32 and then rounded, bounded by
+        ``(2⁻⁸ + 2⁻²³) ·`` :attr:`centred_radius`.
         """
-        if self._reads_search_itself(dtype):
+        if self.search.dtype == torch.bfloat16 and self._offset_is_zero():
             return 0.0
         if self.norms is None:
-            if dtype != torch.bfloat16:
-                raise ValueError("galleries on disk have no bound for int8 tiles")
             return (_U16 + 2 * _U32) * self.centred_radius
-        self.low.get(self.search, self.offset, dtype)
-        return self.low.error(dtype)
-
-    def _reads_search_itself(self, dtype: torch.dtype) -> bool:
-        return self.search.dtype == dtype and self._offset_is_zero()
+        self.low.get(self.search, self.offset)
+        return self.low.error
 
     def tile(
         self,
@@ -259,34 +219,27 @@ class Gallery:
         stop: int,
         work: tuple[Tensor, Tensor] | None = None,
         dtype: torch.dtype = torch.float32,
-    ) -> tuple[Operand, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         """Float32 search rows and squared norms of positions ``start:stop``.
 
-        With ``dtype=torch.bfloat16`` or ``torch.int8`` the rows are the low-precision copy of
-        ``search + offset`` instead (the product's operands then need no offset).
+        With ``dtype=torch.bfloat16`` the rows are ``bf16(search + offset)`` instead (the
+        product's operands then need no offset).
         """
-        low = dtype != torch.float32
-        source: Operand = self.search
-        if low and not self._reads_search_itself(dtype) and self.norms is not None:
-            source = self.low.get(self.search, self.offset, dtype)
+        low = dtype == torch.bfloat16
+        source = self.search
+        if (
+            low
+            and not (source.dtype == dtype and self._offset_is_zero())
+            and self.norms is not None
+        ):
+            source = self.low.get(source, self.offset)
         if self.subset is None:
-            tile = (
-                source.part(start, stop)
-                if isinstance(source, QuantizedRows)
-                else source[start:stop]
-            )
+            tile = source[start:stop]
             norms = self.norms[start:stop] if self.norms is not None else None
         else:
             rows = self.subset[start:stop]
-            tile = (
-                source.take(rows)
-                if isinstance(source, QuantizedRows)
-                else source.index_select(0, rows)
-            )
+            tile = source.index_select(0, rows)
             norms = self.norms.index_select(0, rows) if self.norms is not None else None
-        if isinstance(tile, QuantizedRows):
-            assert norms is not None
-            return tile, norms
         if norms is None:  # only float32 galleries are left on disk: search is vectors
             buf, into = work if work is not None else (None, None)
             norms = centred_sq_norms(tile, self.centre, into, buf)
@@ -307,7 +260,7 @@ class TilePlan:
     dim: int
     upcast: bool  # gallery tiles are copied to float32 before the product
     fresh_norms: bool = False  # each tile's squared norms are computed (gallery on disk)
-    low_precision: bool = False  # the product runs in bfloat16 or int8
+    low_precision: bool = False  # the product runs in bfloat16 (a tile copy and its output)
 
     def scan_bytes(self) -> int:
         """Peak bytes of the fast pass's temporaries for one query tile."""
@@ -321,8 +274,7 @@ class TilePlan:
         fresh = (
             8 * min(bn * self.dim, max(self.dim, NORM_CELLS)) + 4 * bn if self.fresh_norms else 0
         )
-        # The int32 (or bfloat16) product, a tile copy and the query copy.
-        low = 4 * bq * bn + 2 * bn * self.dim + 2 * bq * self.dim if self.low_precision else 0
+        low = 2 * bq * bn + 2 * bn * self.dim + 2 * bq * self.dim if self.low_precision else 0
         return block + minima + select + buffered + upcast + query + fresh + low
 
 
@@ -424,7 +376,7 @@ def _error_coefficients(dim: int, device: torch.device) -> tuple[float, float]:
 
 
 def _scan_tile(
-    q: Operand,
+    q: Tensor,
     gal: Gallery,
     plan: TilePlan,
     block: Tensor,
@@ -451,7 +403,7 @@ def _scan_tile(
     for start in range(lo, n, plan.gallery_tile):
         stop = min(n, start + plan.gallery_tile)
         w = stop - start
-        tile, norms = gal.tile(start, stop, work, PRODUCT_DTYPE[backend])
+        tile, norms = gal.tile(start, stop, work, q.dtype)
         scores = block[: bq * w].view(bq, w)
         with phase("product"):
             scores_into(q, tile, norms, scores, backend)
@@ -588,7 +540,7 @@ class _Queries:
     """One query tile in the forms the passes need."""
 
     centred: Tensor  # [b, d] float32 on the index device: fl(q − c)
-    product: Operand  # [b, d] ``centred`` as the product takes it (itself for float32)
+    product: Tensor  # [b, d] ``centred`` in the dtype of the product (itself for float32)
     exact: Tensor  # [b, d] float64 on the vectors' device
     constant: Tensor  # [b] float64: ‖q'‖² − 2⟨q', offset⟩, on the index device
     slack: Tensor  # [b] float64: ε_q + ε_max
@@ -608,12 +560,10 @@ def _prepare(
     )
     constant = (c64 * c64).sum(1) - 2.0 * (c64 @ gal.offset)
     qnorm = torch.linalg.vector_norm(c64, dim=1)
-    dtype = PRODUCT_DTYPE[backend]
-    product: Operand
-    if dtype != torch.float32:
-        product = _low_copy(c64, dtype)
-        error = _low_precision_error(product, c64, qnorm, gal, dtype)
-        constant = (c64 * c64).sum(1)  # the low-precision rows are centred already: no offset
+    if PRODUCT_DTYPE[backend] == torch.bfloat16:
+        product = centred.to(torch.bfloat16)
+        error = _bf16_error(product, c64, qnorm, gal)
+        constant = (c64 * c64).sum(1)  # the bfloat16 rows are centred already: no offset
     else:
         product = centred
         error = rel * (gal.norm_max + 2.0 * qnorm * gal.radius_max) + absolute
@@ -627,10 +577,8 @@ def _prepare(
     )
 
 
-def _low_precision_error(
-    product: Operand, c64: Tensor, qnorm: Tensor, gal: Gallery, dtype: torch.dtype
-) -> Tensor:
-    """Bound on ``score − exact score`` when the product runs in bfloat16 or int8 (``_gemm``).
+def _bf16_error(product: Tensor, c64: Tensor, qnorm: Tensor, gal: Gallery) -> Tensor:
+    """Bound on ``score − exact score`` when the product runs in bfloat16 (see ``_gemm``).
 
     With ``a`` the float32 centred query, ``ã`` its bfloat16 copy (``δ = ‖ã − a‖``, measured),
     ``b = search[i] + offset`` and ``b̃`` its bfloat16 copy (``ε = max ‖b̃ − b‖``, see
@@ -640,17 +588,13 @@ def _low_precision_error(
     each score (lowered by its own bound), and the float32 operations that form the score add
     a few roundings of its size. BLAS terms are doubled, as for the float32 product; subnormals
     the kernel may flush add an absolute term.
-
-    For int8 (rows ``s·v``, ``v`` int8, see :class:`~._gemm.QuantizedRows`) the same holds with
-    ``ã, b̃`` the quantized rows: the int32 product is exact (no accumulation term), and the
-    scaling adds float32 roundings only.
     """
     d = c64.shape[1]
-    delta = torch.linalg.vector_norm(_exact(product) - c64, dim=1) * (1 + 1e-12)
-    eps_b = gal.low_precision_error(dtype)
+    delta = torch.linalg.vector_norm(product.to(torch.float64) - c64, dim=1) * (1 + 1e-12)
+    eps_b = gal.low_precision_error()
     a_norm = qnorm + delta
     b_norm = gal.centred_radius + eps_b
-    gamma = 0.0 if dtype == torch.int8 else d * _U32 / (1 - d * _U32)
+    gamma = d * _U32 / (1 - d * _U32)
     blas = 4.0 * gamma * a_norm * b_norm
     score_ops = 10.0 * _U32 * (gal.norm_max + 2.0 * (1 + BF16_OUTPUT) * a_norm * b_norm)
     inputs = 2.0 * (delta * b_norm + qnorm * eps_b) * (1 + 1e-9)
@@ -770,7 +714,7 @@ def _collect(
     work = gal.workspace(plan.gallery_tile)
     for start in range(0, n, plan.gallery_tile):
         stop = min(n, start + plan.gallery_tile)
-        tile, norms = gal.tile(start, stop, work, PRODUCT_DTYPE[backend])
+        tile, norms = gal.tile(start, stop, work, qs.product.dtype)
         scores = block[: f * (stop - start)].view(f, stop - start)
         scores_into(qs.product, tile, norms, scores, backend)
         r, c = (scores <= limit[:, None]).nonzero(as_tuple=True)
@@ -823,10 +767,9 @@ def _finish(job: _Job, t: _Scanned) -> None:
         dist, found, incomplete, theta = _finish_tile(gal, qs, t.scores, t.rows, k, job.budget)
     redo = incomplete.nonzero().flatten()
     if redo.numel():
-        product = qs.product
         sub = _Queries(
             qs.centred[redo],
-            product.take(redo) if isinstance(product, QuantizedRows) else product[redo],
+            qs.product[redo],
             qs.exact[redo.to(qs.exact.device)],
             qs.constant[redo],
             qs.slack[redo],
@@ -907,12 +850,9 @@ def search_exact(
     if 2 * kk < n:
         if device.type == "cpu":
             backend = _pick_backend(gal, queries, per_lane)
-            if backend == "int8" and gal.norms is None:
-                backend = "torch"  # a gallery on disk would quantize each tile again
-        low = PRODUCT_DTYPE[backend] != torch.float32
-        # A low-precision bound is wider: more vectors lie within it, so keep more candidates.
-        extra = LOW_PRECISION_EXTRA.get(backend, max(8, kk))
-        keep = min(n, kk + max(extra, 2 * kk if low else kk))
+        low = PRODUCT_DTYPE[backend] == torch.bfloat16
+        # The bfloat16 bound is wider: more vectors tie within it, so keep more candidates.
+        keep = min(n, kk + (max(LOW_PRECISION_EXTRA, 2 * kk) if low else max(8, kk)))
         try:
             plan = plan_tiles(
                 per_lane,
@@ -940,9 +880,7 @@ def _pick_backend(gal: Gallery, queries: Tensor, rows: int) -> str:
     """The CPU product backend for this search (timed once per vector length; see ``_gemm``)."""
 
     def sample() -> tuple[Tensor, Tensor]:
-        tile, norms = gal.tile(0, min(gal.size, GALLERY_TILE))
-        assert isinstance(tile, Tensor)
-        return tile, norms
+        return gal.tile(0, min(gal.size, GALLERY_TILE))
 
     with single_threaded_ops():
         return choose_backend(queries, sample, rows, gal.size)
