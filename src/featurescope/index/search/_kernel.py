@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from featurescope.index.search._gemm import (
-    BF16_OUTPUT,
+    BF16_LOWER,
     PRODUCT_DTYPE,
     choose_backend,
     scores_into,
@@ -596,7 +596,7 @@ def _bf16_error(product: Tensor, c64: Tensor, qnorm: Tensor, gal: Gallery) -> Te
     b_norm = gal.centred_radius + eps_b
     gamma = d * _U32 / (1 - d * _U32)
     blas = 4.0 * gamma * a_norm * b_norm
-    score_ops = 10.0 * _U32 * (gal.norm_max + 2.0 * (1 + BF16_OUTPUT) * a_norm * b_norm)
+    score_ops = 10.0 * _U32 * (gal.norm_max + 2.0 * (1 + BF16_LOWER) * a_norm * b_norm)
     inputs = 2.0 * (delta * b_norm + qnorm * eps_b) * (1 + 1e-9)
     flushed = 8.0 * (d + 2) * _TINY * (1 + a_norm) * (1 + b_norm)
     bound: Tensor = blas + score_ops + inputs + flushed
