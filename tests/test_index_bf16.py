@@ -139,3 +139,33 @@ def test_bf16_error_has_no_infinite_or_nan_terms_for_extreme_scales(bf16):
     ref_d, ref_i = brute_force(g, np.arange(3), g, 3)
     assert torch.equal(found, ref_i) and torch.equal(dist, ref_d)
     assert math.isfinite(float(dist[0, 0]))
+
+
+def test_few_queries_do_not_make_the_copy_but_use_one_that_exists(monkeypatch):
+    # Making the bfloat16 copy costs more than a few queries' product saves: a small search
+    # stays in float32 until a large one has made the copy.
+    monkeypatch.delenv("FEATURESCOPE_GEMM", raising=False)
+    monkeypatch.setattr(_gemm, "_chosen", {16: "bf16"})
+    monkeypatch.setattr(_gemm, "_chosen_float", {16: "numpy"})
+    seen = []
+    real = _gemm.scores_into
+
+    def spy(q, tile, norms, out, backend):
+        seen.append(backend)
+        return real(q, tile, norms, out, backend)
+
+    monkeypatch.setattr(_kernel, "scores_into", spy)
+    g, q, ids = make_data("random", 3000, 16, 300, 6)
+    index = fs.EmbeddingIndex(16)
+    index.add(g, ids=ids)
+    small = index.search(q[:8], 4)
+    assert set(seen) == {"numpy"} and index._gallery().low.value is None
+    seen.clear()
+    large = index.search(q, 4)
+    assert set(seen) == {"bf16"} and index._gallery().low.value is not None
+    seen.clear()
+    again = index.search(q[:8], 4)
+    assert set(seen) == {"bf16"}
+    ref_d, ref_i = brute_force(g, ids, q, 4)
+    assert torch.equal(large.ids, ref_i) and torch.equal(large.distances, ref_d)
+    assert torch.equal(small.ids, ref_i[:8]) and torch.equal(again.ids, ref_i[:8])

@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 _chosen: dict[int, str] = {}
+#: The faster float32 backend per vector length, for searches that should not use ``bf16``.
+_chosen_float: dict[int, str] = {}
 _chosen_lock = threading.Lock()
 #: Searches below this many multiply-adds are not worth timing the backends for.
 _TUNE_ABOVE = 2e9
@@ -97,13 +99,18 @@ def chosen_backends() -> dict[int, str]:
 
 
 def choose_backend(
-    q: Tensor, sample: Callable[[], tuple[Tensor, Tensor]], rows: int, nb: int
+    q: Tensor,
+    sample: Callable[[], tuple[Tensor, Tensor]],
+    rows: int,
+    nb: int,
+    allow_low: bool = True,
 ) -> str:
     """The fastest backend for single-threaded products of ``rows × d`` queries by a tile.
 
     Call from a single-threaded context (:func:`~._parallel.single_threaded_ops`); the answer
     is remembered per vector length. ``sample()`` gives a float32 gallery tile and its norms
-    (only called when the backends are timed); ``nb`` is the number of rows searched.
+    (only called when the backends are timed); ``nb`` is the number of rows searched;
+    ``allow_low=False`` picks the faster float32 backend (a forced choice still wins).
     """
     forced = os.environ.get("FEATURESCOPE_GEMM", "").lower()
     if forced in PRODUCT_DTYPE:
@@ -111,7 +118,7 @@ def choose_backend(
     dim = q.shape[1]
     with _chosen_lock:
         if dim in _chosen:
-            return _chosen[dim]
+            return _chosen[dim] if allow_low else _chosen_float[dim]
     work = float(q.shape[0]) * nb * dim
     if work < _TUNE_ABOVE or q.device.type != "cpu":
         return "torch"
@@ -129,5 +136,8 @@ def choose_backend(
     )
     timing["bf16"] *= BF16_MARGIN
     best = min(timing, key=lambda b: timing[b])
+    best_float = min(("torch", "numpy"), key=lambda b: timing[b])
     with _chosen_lock:
-        return _chosen.setdefault(dim, best)
+        _chosen_float.setdefault(dim, best_float)
+        chosen = _chosen.setdefault(dim, best)
+        return chosen if allow_low else _chosen_float[dim]

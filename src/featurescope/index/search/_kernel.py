@@ -63,6 +63,8 @@ RERANK_BYTES = 4 * 2**20
 MIN_QUERIES_PER_WORKER = 16
 #: Fewest gallery rows worth a CPU worker thread when few queries split the gallery instead.
 MIN_ROWS_PER_WORKER = 4096
+#: Fewest queries for which a search makes the bfloat16 copy of a gallery (see _pick_backend).
+MIN_QUERIES_LOW_PRECISION = 256
 #: Fewest candidates beyond ``k`` a query keeps when the product runs in bfloat16.
 LOW_PRECISION_EXTRA = 48
 #: Block results buffered before they are merged down to ``keep`` per query.
@@ -199,6 +201,15 @@ class Gallery:
     def _offset_is_zero(self) -> bool:
         return not bool(self.offset.any())
 
+    def low_precision_ready(self) -> bool:
+        """Whether a bfloat16 search needs no copy made first (one exists, or storage is bf16)."""
+        return self._reads_search_itself() or (
+            self.norms is not None and self.low.value is not None
+        )
+
+    def _reads_search_itself(self) -> bool:
+        return self.search.dtype == torch.bfloat16 and self._offset_is_zero()
+
     def low_precision_error(self) -> float:
         """Largest ``‖b̃ − (search[i] + offset)‖`` of the bfloat16 rows ``b̃`` a product reads.
 
@@ -206,7 +217,7 @@ class Gallery:
         for galleries on disk, whose tiles are centred in float32 and then rounded, bounded by
         ``(2⁻⁸ + 2⁻²³) ·`` :attr:`centred_radius`.
         """
-        if self.search.dtype == torch.bfloat16 and self._offset_is_zero():
+        if self._reads_search_itself():
             return 0.0
         if self.norms is None:
             return (_U16 + 2 * _U32) * self.centred_radius
@@ -877,13 +888,19 @@ def search_exact(
 
 
 def _pick_backend(gal: Gallery, queries: Tensor, rows: int) -> str:
-    """The CPU product backend for this search (timed once per vector length; see ``_gemm``)."""
+    """The CPU product backend for this search (timed once per vector length; see ``_gemm``).
+
+    ``bf16`` needs a bfloat16 copy of the gallery (or, on disk, of each tile): a search of
+    fewer than :data:`MIN_QUERIES_LOW_PRECISION` queries would spend more making it than the
+    product saves, so it stays in float32 unless the copy is there already.
+    """
+    allow_low = queries.shape[0] >= MIN_QUERIES_LOW_PRECISION or gal.low_precision_ready()
 
     def sample() -> tuple[Tensor, Tensor]:
         return gal.tile(0, min(gal.size, GALLERY_TILE))
 
     with single_threaded_ops():
-        return choose_backend(queries, sample, rows, gal.size)
+        return choose_backend(queries, sample, rows, gal.size, allow_low)
 
 
 def _fast(
