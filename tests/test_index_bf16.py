@@ -169,3 +169,30 @@ def test_few_queries_do_not_make_the_copy_but_use_one_that_exists(monkeypatch):
     ref_d, ref_i = brute_force(g, ids, q, 4)
     assert torch.equal(large.ids, ref_i) and torch.equal(large.distances, ref_d)
     assert torch.equal(small.ids, ref_i[:8]) and torch.equal(again.ids, ref_i[:8])
+
+
+def test_a_narrow_filter_searches_in_float32(monkeypatch):
+    monkeypatch.delenv("FEATURESCOPE_GEMM", raising=False)
+    monkeypatch.setattr(_gemm, "_chosen", {16: "bf16"})
+    monkeypatch.setattr(_gemm, "_chosen_float", {16: "torch"})
+    g, q, ids = make_data("random", 6000, 16, 300, 7)
+    index = fs.EmbeddingIndex(16)
+    index.add(g, ids=ids)
+    index.search(q, 4)  # makes the bfloat16 copy
+    seen = []
+    real = _gemm.scores_into
+
+    def spy(q, tile, norms, out, backend):
+        seen.append(backend)
+        return real(q, tile, norms, out, backend)
+
+    monkeypatch.setattr(_kernel, "scores_into", spy)
+    narrow = torch.zeros(6000, dtype=torch.bool)
+    narrow[::10] = True  # 600 rows
+    found = index.search(q, 4, where=narrow)
+    assert set(seen) == {"torch"}
+    ref_d, ref_i = brute_force(g[::10], ids[::10], q, 4)
+    assert torch.equal(found.ids, ref_i) and torch.equal(found.distances, ref_d)
+    seen.clear()
+    index.search(q, 4, where=~narrow)  # 5400 rows: the copy is used
+    assert set(seen) == {"bf16"}

@@ -65,6 +65,8 @@ MIN_QUERIES_PER_WORKER = 16
 MIN_ROWS_PER_WORKER = 4096
 #: Fewest queries for which a search makes the bfloat16 copy of a gallery (see _pick_backend).
 MIN_QUERIES_LOW_PRECISION = 256
+#: Fewest searched rows for which a search may use the bfloat16 product (see _pick_backend).
+MIN_ROWS_LOW_PRECISION = 2048
 #: Fewest candidates beyond ``k`` a query keeps when the product runs in bfloat16.
 LOW_PRECISION_EXTRA = 48
 #: Block results buffered before they are merged down to ``keep`` per query.
@@ -892,9 +894,13 @@ def _pick_backend(gal: Gallery, queries: Tensor, rows: int) -> str:
 
     ``bf16`` needs a bfloat16 copy of the gallery (or, on disk, of each tile): a search of
     fewer than :data:`MIN_QUERIES_LOW_PRECISION` queries would spend more making it than the
-    product saves, so it stays in float32 unless the copy is there already.
+    product saves, so it stays in float32 unless the copy is there already. Fewer than
+    :data:`MIN_ROWS_LOW_PRECISION` searched rows (a narrow filter) make the product cheap
+    whatever its precision, and float32's tighter bound sends fewer candidates to the re-rank.
     """
-    allow_low = queries.shape[0] >= MIN_QUERIES_LOW_PRECISION or gal.low_precision_ready()
+    allow_low = gal.size >= MIN_ROWS_LOW_PRECISION and (
+        queries.shape[0] >= MIN_QUERIES_LOW_PRECISION or gal.low_precision_ready()
+    )
 
     def sample() -> tuple[Tensor, Tensor]:
         return gal.tile(0, min(gal.size, GALLERY_TILE))
