@@ -150,8 +150,8 @@ class Gallery:
     maps them back.
 
     Searches whose product runs in bfloat16 (see ``_gemm``) read a bfloat16 copy of
-    ``search``: for galleries in memory it is made on the first such search and kept (half the
-    size of float32 rows); galleries left on disk convert each tile instead.
+    ``search + offset``: for galleries in memory it is made on the first such search and kept
+    (half the size of float32 rows); galleries left on disk convert each tile instead.
     """
 
     search: Tensor  # [n, d] storage dtype, on the index device
@@ -240,11 +240,7 @@ class Gallery:
         """
         low = dtype == torch.bfloat16
         source = self.search
-        if (
-            low
-            and not (source.dtype == dtype and self._offset_is_zero())
-            and self.norms is not None
-        ):
+        if low and not self._reads_search_itself() and self.norms is not None:
             source = self.low.get(source, self.offset)
         if self.subset is None:
             tile = source[start:stop]
@@ -571,7 +567,6 @@ def _prepare(
     eps_q = torch.linalg.vector_norm(c64 - exact_rel, dim=1) + 1e-15 * torch.linalg.vector_norm(
         exact_rel, dim=1
     )
-    constant = (c64 * c64).sum(1) - 2.0 * (c64 @ gal.offset)
     qnorm = torch.linalg.vector_norm(c64, dim=1)
     if PRODUCT_DTYPE[backend] == torch.bfloat16:
         product = centred.to(torch.bfloat16)
@@ -580,6 +575,7 @@ def _prepare(
     else:
         product = centred
         error = rel * (gal.norm_max + 2.0 * qnorm * gal.radius_max) + absolute
+        constant = (c64 * c64).sum(1) - 2.0 * (c64 @ gal.offset)
     return _Queries(
         centred=centred,
         product=product,
@@ -594,10 +590,10 @@ def _bf16_error(product: Tensor, c64: Tensor, qnorm: Tensor, gal: Gallery) -> Te
     """Bound on ``score − exact score`` when the product runs in bfloat16 (see ``_gemm``).
 
     With ``a`` the float32 centred query, ``ã`` its bfloat16 copy (``δ = ‖ã − a‖``, measured),
-    ``b = search[i] + offset`` and ``b̃`` its bfloat16 copy (``ε = max ‖b̃ − b‖``, see
-    :meth:`Gallery.low_precision_error`), ``R`` the largest ``‖b‖``: products of bfloat16 numbers are exact in
-    float32, so the float32 accumulation errs by at most ``γ_d ‖ã‖‖b̃‖``; the inputs' rounding
-    moves the product by at most ``δ(R + ε) + ‖a‖ε``. The output's rounding is already in
+    ``b = search[i] + offset``, ``b̃`` its bfloat16 copy (``ε = max ‖b̃ − b‖``, see
+    :meth:`Gallery.low_precision_error`) and ``R`` the largest ``‖b‖``: products of bfloat16
+    numbers are exact in float32, so the float32 accumulation errs by at most
+    ``γ_d ‖ã‖‖b̃‖``; the inputs' rounding moves the product by at most ``δ(R + ε) + ‖a‖ε``. The output's rounding is already in
     each score (lowered by its own bound), and the float32 operations that form the score add
     a few roundings of its size. BLAS terms are doubled, as for the float32 product; subnormals
     the kernel may flush add an absolute term.
@@ -864,7 +860,7 @@ def search_exact(
         if device.type == "cpu":
             backend = _pick_backend(gal, queries, per_lane)
         low = PRODUCT_DTYPE[backend] == torch.bfloat16
-        # The bfloat16 bound is wider: more vectors tie within it, so keep more candidates.
+        # The bfloat16 bound is wider: more vectors lie within it, so keep more candidates.
         keep = min(n, kk + (max(LOW_PRECISION_EXTRA, 2 * kk) if low else max(8, kk)))
         try:
             plan = plan_tiles(
