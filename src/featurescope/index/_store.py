@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from featurescope.errors import EmbeddingIndexError
-from featurescope.index.search import Gallery, centred_sq_norms
+from featurescope.index.search import Gallery, centred_sq_norms, rounding_error
 
 __all__ = ["Store"]
 
@@ -115,10 +115,7 @@ class Store:
             search[s:e] = stored
             norms[s:e] = sq.float()
             radius[s:e] = sq.sqrt()
-            # The float64 subtraction above may itself round (far-apart exponents): pad for it.
-            eps[s:e] = torch.linalg.vector_norm(s64 - rel, dim=1) * (1 + 1e-12) + 1e-15 * (
-                torch.linalg.vector_norm(rel, dim=1)
-            )
+            eps[s:e] = rounding_error(s64, rel)
         return search, norms, radius.cpu(), eps.cpu()
 
     # -- mutation --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from featurescope.index.search._kernel import (
     centred_sq_norms,
     exact_distances,
     plan_tiles,
+    rounding_error,
     search_exact,
 )
 from featurescope.index.search._merge import lex_smallest
@@ -31,6 +32,7 @@ __all__ = [
     "exact_distances",
     "lex_smallest",
     "plan_tiles",
+    "rounding_error",
     "search_exact",
     "single_threaded_ops",
     "time_breakdown",

@@ -46,6 +46,7 @@ __all__ = [
     "centred_sq_norms",
     "exact_distances",
     "plan_tiles",
+    "rounding_error",
     "search_exact",
 ]
 
@@ -107,6 +108,14 @@ def centred_sq_norms(
     return out
 
 
+def rounding_error(rounded: Tensor, rows: Tensor) -> Tensor:
+    """``‖rounded[i] − rows[i]‖`` per row, both float64, where ``rows`` came from a float64
+    subtraction (``x − centre``): padded for that subtraction's own rounding, inexact only for
+    far-apart exponents. The error bounds of stored and bfloat16 copies of rows both use it."""
+    error: Tensor = torch.linalg.vector_norm(rounded - rows, dim=1) * (1 + 1e-12)
+    return error + 1e-15 * torch.linalg.vector_norm(rows, dim=1)
+
+
 class _LowPrecisionCopy:
     """``bf16(search[i] + offset)``, made once when a search first needs it.
 
@@ -132,9 +141,9 @@ class _LowPrecisionCopy:
                 for s in range(0, search.shape[0], chunk):
                     rows = search[s : s + chunk].to(torch.float64) + off
                     value[s : s + chunk] = rows
-                    diff = value[s : s + chunk].to(torch.float64) - rows
-                    worst = max(worst, float(torch.linalg.vector_norm(diff, dim=1).max()))
-                self.error = worst * (1 + 1e-12)
+                    err = rounding_error(value[s : s + chunk].to(torch.float64), rows)
+                    worst = max(worst, float(err.max()))
+                self.error = worst
                 self.value = value
             return self.value
 
@@ -674,8 +683,9 @@ def _finish_tile(
         # Only the candidates inside each query's own threshold: few queries reach ``most``.
         cols = torch.arange(k, most, device=vals.device)
         who, col = (cols[None, :] < inside[:, None]).nonzero(as_tuple=True)
-        tail = torch.full((rows.shape[0], most - k), math.inf, dtype=torch.float64)
-        tail = tail.to(vals.device)
+        tail = torch.full(
+            (rows.shape[0], most - k), math.inf, dtype=torch.float64, device=vals.device
+        )
         tail[who, col] = _rerank_pairs(gal, qs.exact, who, rows[who, col + k], budget).to(
             vals.device
         )
