@@ -141,13 +141,10 @@ def test_bf16_error_has_no_infinite_or_nan_terms_for_extreme_scales(bf16):
     assert math.isfinite(float(dist[0, 0]))
 
 
-def test_few_queries_do_not_make_the_copy_but_use_one_that_exists(monkeypatch):
-    # Making the bfloat16 copy costs more than a few queries' product saves: a small search
-    # stays in float32 until a large one has made the copy.
-    monkeypatch.delenv("FEATURESCOPE_GEMM", raising=False)
-    monkeypatch.setattr(_gemm, "_chosen", {16: "bf16"})
-    monkeypatch.setattr(_gemm, "_chosen_float", {16: "numpy"})
-    seen = []
+@pytest.fixture
+def backends_used(monkeypatch):
+    """The backend of every score block the kernel computes, in order."""
+    seen: list[str] = []
     real = _gemm.scores_into
 
     def spy(q, tile, norms, out, backend):
@@ -155,23 +152,32 @@ def test_few_queries_do_not_make_the_copy_but_use_one_that_exists(monkeypatch):
         return real(q, tile, norms, out, backend)
 
     monkeypatch.setattr(_kernel, "scores_into", spy)
+    return seen
+
+
+def test_few_queries_do_not_make_the_copy_but_use_one_that_exists(monkeypatch, backends_used):
+    # Making the bfloat16 copy costs more than a few queries' product saves: a small search
+    # stays in float32 until a large one has made the copy.
+    monkeypatch.delenv("FEATURESCOPE_GEMM", raising=False)
+    monkeypatch.setattr(_gemm, "_chosen", {16: "bf16"})
+    monkeypatch.setattr(_gemm, "_chosen_float", {16: "numpy"})
     g, q, ids = make_data("random", 3000, 16, 300, 6)
     index = fs.EmbeddingIndex(16)
     index.add(g, ids=ids)
     small = index.search(q[:8], 4)
-    assert set(seen) == {"numpy"} and index._gallery().low.value is None
-    seen.clear()
+    assert set(backends_used) == {"numpy"} and index._gallery().low.value is None
+    backends_used.clear()
     large = index.search(q, 4)
-    assert set(seen) == {"bf16"} and index._gallery().low.value is not None
-    seen.clear()
+    assert set(backends_used) == {"bf16"} and index._gallery().low.value is not None
+    backends_used.clear()
     again = index.search(q[:8], 4)
-    assert set(seen) == {"bf16"}
+    assert set(backends_used) == {"bf16"}
     ref_d, ref_i = brute_force(g, ids, q, 4)
     assert torch.equal(large.ids, ref_i) and torch.equal(large.distances, ref_d)
     assert torch.equal(small.ids, ref_i[:8]) and torch.equal(again.ids, ref_i[:8])
 
 
-def test_a_narrow_filter_searches_in_float32(monkeypatch):
+def test_a_narrow_filter_searches_in_float32(monkeypatch, backends_used):
     monkeypatch.delenv("FEATURESCOPE_GEMM", raising=False)
     monkeypatch.setattr(_gemm, "_chosen", {16: "bf16"})
     monkeypatch.setattr(_gemm, "_chosen_float", {16: "torch"})
@@ -179,20 +185,13 @@ def test_a_narrow_filter_searches_in_float32(monkeypatch):
     index = fs.EmbeddingIndex(16)
     index.add(g, ids=ids)
     index.search(q, 4)  # makes the bfloat16 copy
-    seen = []
-    real = _gemm.scores_into
-
-    def spy(q, tile, norms, out, backend):
-        seen.append(backend)
-        return real(q, tile, norms, out, backend)
-
-    monkeypatch.setattr(_kernel, "scores_into", spy)
+    backends_used.clear()
     narrow = torch.zeros(6000, dtype=torch.bool)
     narrow[::10] = True  # 600 rows
     found = index.search(q, 4, where=narrow)
-    assert set(seen) == {"torch"}
+    assert set(backends_used) == {"torch"}
     ref_d, ref_i = brute_force(g[::10], ids[::10], q, 4)
     assert torch.equal(found.ids, ref_i) and torch.equal(found.distances, ref_d)
-    seen.clear()
+    backends_used.clear()
     index.search(q, 4, where=~narrow)  # 5400 rows: the copy is used
-    assert set(seen) == {"bf16"}
+    assert set(backends_used) == {"bf16"}
