@@ -112,8 +112,10 @@ def rounding_error(rounded: Tensor, rows: Tensor) -> Tensor:
     """``‖rounded[i] − rows[i]‖`` per row, both float64, where ``rows`` came from a float64
     subtraction (``x − centre``): padded for that subtraction's own rounding, inexact only for
     far-apart exponents. The error bounds of stored and bfloat16 copies of rows both use it."""
-    error: Tensor = torch.linalg.vector_norm(rounded - rows, dim=1) * (1 + 1e-12)
-    return error + 1e-15 * torch.linalg.vector_norm(rows, dim=1)
+    diff = torch.linalg.vector_norm(rounded - rows, dim=1)
+    pad = torch.linalg.vector_norm(rows, dim=1)
+    error: Tensor = diff * (1 + 1e-12) + 1e-15 * pad
+    return error
 
 
 class _LowPrecisionCopy:
