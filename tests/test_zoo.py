@@ -258,3 +258,38 @@ def test_register_model_records_stages_and_embedding_node():
     finally:
         _registry._DECORATED.pop("probe_test_net", None)
         _registry.MODELS.invalidate()
+
+
+@pytest.fixture
+def timm_hidden(monkeypatch):
+    """A machine without timm: importlib finds no ``timm``, so its plugin registers nothing."""
+    import importlib.util
+
+    from featurescope.zoo import MODELS
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == "timm" or name.startswith("timm.") else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    MODELS.invalidate()
+    yield
+    monkeypatch.undo()
+    MODELS.invalidate()
+
+
+def test_timm_model_without_timm_says_install_timm(timm_hidden):
+    assert fs.list_models("timm/*") == []
+    with pytest.raises(fs.UnknownNameError) as info:
+        fs.create_model("timm/resnet18")
+    message = str(info.value)
+    assert "install timm (pip install 'featurescope[timm]')" in message
+    assert "unknown model" not in message
+
+
+def test_unknown_timm_name_with_timm_installed_is_an_unknown_model():
+    pytest.importorskip("timm")
+    with pytest.raises(fs.UnknownNameError, match="unknown model 'timm/resnet18x'") as info:
+        fs.get_model_info("timm/resnet18x")
+    assert "install timm" not in str(info.value)

@@ -8,6 +8,7 @@ Models come from plugins (the builtin AlexNets are plugins too, see
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from featurescope.data.transforms import Preprocessing
-from featurescope.errors import FeaturescopeError, PluginError
+from featurescope.errors import FeaturescopeError, PluginError, UnknownNameError
 from featurescope.plugins import Registry
 
 __all__ = ["MODELS", "ModelInfo", "ModelSpec", "get_model_info", "list_models", "register_model"]
@@ -196,10 +197,21 @@ def get_model_info(name: str) -> ModelInfo:
     """The :class:`ModelInfo` of a registered model: builder, preprocessing, stages, plugin.
 
     Raises:
-        UnknownNameError: no model has that name; the message lists the closest names.
+        UnknownNameError: no model has that name; the message lists the closest names, or
+            says to install timm for a ``timm/<name>`` while timm is not installed.
 
     Example:
         >>> get_model_info("alexnet").input_size
         (3, 227, 227)
     """
-    return MODELS.get(name).value
+    try:
+        return MODELS.get(name).value
+    except UnknownNameError:
+        from featurescope.zoo.timm_models import PREFIX as TIMM_PREFIX
+
+        if name.startswith(TIMM_PREFIX) and importlib.util.find_spec("timm") is None:
+            raise UnknownNameError(
+                f"model {name!r} is one of timm's, and timm is not installed: install timm "
+                "(pip install 'featurescope[timm]') to use timm's models as timm/<name>"
+            ) from None
+        raise

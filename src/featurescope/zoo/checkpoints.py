@@ -128,11 +128,13 @@ def _kind(path: Path) -> str:
 def _not_a_checkpoint(path: Path) -> CheckpointError:
     with open(path, "rb") as fh:
         head = fh.read(64)
-    text = head.decode("utf-8", errors="replace")
+    # A multi-byte character cut at the 64th byte is not a sign of binary data.
+    text = head.decode("utf-8", errors="replace").rstrip("\ufffd")
     if not head:
         looks = "the file is empty"
     elif "\ufffd" not in text and all(c.isprintable() or c.isspace() for c in text):
-        looks = f"it looks like text ({text.strip().splitlines()[0][:40]!r})"
+        first = (text.strip().splitlines() or [""])[0]
+        looks = f"it looks like text ({first[:40]!r})"
     else:
         looks = f"it starts with the bytes {head[:8]!r}"
     return CheckpointError(
