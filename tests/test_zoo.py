@@ -293,3 +293,36 @@ def test_unknown_timm_name_with_timm_installed_is_an_unknown_model():
     with pytest.raises(fs.UnknownNameError, match="unknown model 'timm/resnet18x'") as info:
         fs.get_model_info("timm/resnet18x")
     assert "install timm" not in str(info.value)
+
+
+def test_pretrained_class_names_label_the_pretrained_head(fresh_plugins):
+    """A spec's ``pretrained_class_names`` name the classes of a model built with its weights
+    and their head; another head, or random weights, get no names."""
+    import types
+
+    fixed = torch.arange(12.0).reshape(3, 4)
+
+    def builder(num_classes=5, weights=None):
+        head = nn.Linear(4, num_classes)
+        if weights:  # "pretrained": fixed weights for its 3 classes
+            with torch.no_grad():
+                head.weight[: len(fixed)] = fixed[:num_classes]
+        return head
+
+    spec = fs.ModelSpec(
+        builder, weights="TOY", pretrained_classes=3, pretrained_class_names=("a", "b", "c")
+    )
+    plugin = types.SimpleNamespace(
+        featurescope_register_models=fs.hookimpl(lambda: {"toy_pretrained": spec})
+    )
+    fs.register_plugin(plugin, "toy-pretrained")
+    pretrained = fs.create_model("toy_pretrained", pretrained=True)
+    assert torch.equal(pretrained.weight, fixed)
+    meta = fs.model_metadata(pretrained)
+    assert (meta.num_classes, meta.class_names) == (3, ("a", "b", "c"))
+    assert meta.weights == "toy-pretrained:TOY"
+    other_head = fs.create_model("toy_pretrained", pretrained=True, num_classes=2)
+    assert fs.model_metadata(other_head).class_names is None
+    assert fs.model_metadata(fs.create_model("toy_pretrained")).class_names is None
+    renamed = fs.create_model("toy_pretrained", pretrained=True, class_names=["x", "y", "z"])
+    assert fs.model_metadata(renamed).class_names == ("x", "y", "z")

@@ -97,7 +97,8 @@ def create_model(
         checkpoint: a featurescope ``.safetensors`` checkpoint or a ``.pt``/``.pth`` state
             dict (read with ``weights_only=True``). Pickled whole models are refused; see
             ``featurescope convert``.
-        class_names: the label names in class-index order (default: the checkpoint's).
+        class_names: the label names in class-index order (default: the checkpoint's, or
+            the pretrained weights' where the zoo knows them and the head is theirs).
         **kwargs: passed to the model's builder.
 
     Returns:
@@ -129,6 +130,8 @@ def create_model(
     if names is None and meta.get("class_names") is not None:
         names = list(meta["class_names"])
     n = _num_classes(info, num_classes, names, meta, checkpoint, pretrained)
+    if names is None and pretrained and len(info.pretrained_class_names or ()) == n:
+        names = list(info.pretrained_class_names or ())  # the weights' own head keeps its labels
     if names is not None and len(names) != n:
         raise FeaturescopeError(f"{len(names)} class names given for {n} classes")
     extra, weights = _pretrained_kwargs(info, pretrained)

@@ -41,6 +41,8 @@ class ModelSpec:
             builder as ``weights=`` by ``create_model(name, pretrained=True)``; ``None`` if it
             has none.
         pretrained_classes: the number of classes those weights were trained for (1000).
+        pretrained_class_names: those classes' names in index order (ImageNet's); a model
+            built with its pretrained weights and their class count carries them.
         describe: ``describe(model, input_size) -> {"embedding_node": ..., "stage_nodes": ...}``
             finds those nodes by rule on the built model, where ``embedding_node`` or
             ``stages`` is not given.
@@ -66,6 +68,7 @@ class ModelSpec:
     embedding_node: str | None = None
     weights: str | None = None
     pretrained_classes: int | None = None
+    pretrained_class_names: tuple[str, ...] | None = None
     describe: Describer | None = None
 
     @property
