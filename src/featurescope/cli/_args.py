@@ -13,6 +13,7 @@ from typing import Any
 from featurescope.errors import FeaturescopeError
 
 __all__ = [
+    "LIST_OPTIONS",
     "LIST_OPTIONS_HINT",
     "add_device_option",
     "add_list_option",
@@ -22,6 +23,8 @@ __all__ = [
     "check_output",
 ]
 
+#: The flags :func:`add_list_option` made, for :data:`LIST_OPTIONS_HINT`.
+LIST_OPTIONS: set[str] = set()
 #: Appended to argparse's "unrecognized arguments" when a list option was given.
 LIST_OPTIONS_HINT = (
     " (an option that takes several names takes them comma-separated or repeated: "
@@ -43,6 +46,7 @@ def add_list_option(p: argparse.ArgumentParser, flag: str, *, metavar: str, help
     One value per flag, unlike ``nargs="+"``, which would swallow the positional arguments that
     follow it (``maps --layers conv1 photo.jpg`` would take the photo for a layer).
     """
+    LIST_OPTIONS.add(flag)
     p.add_argument(
         flag,
         action="extend",
