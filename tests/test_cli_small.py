@@ -235,7 +235,9 @@ def test_the_type_checkers_imports_are_the_lazy_ones():
     """The ``if TYPE_CHECKING:`` imports of ``__init__.py`` name the same modules and names as
     ``_LAZY``, so that what mypy sees is what ``__getattr__`` gives."""
     tree = ast.parse(Path(fs.__file__).read_text())
-    block = next(n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))
+    block = next(
+        n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+    )
     imported = {
         alias.name: node.module
         for node in block.body

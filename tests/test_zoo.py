@@ -326,3 +326,16 @@ def test_pretrained_class_names_label_the_pretrained_head(fresh_plugins):
     assert fs.model_metadata(fs.create_model("toy_pretrained")).class_names is None
     renamed = fs.create_model("toy_pretrained", pretrained=True, class_names=["x", "y", "z"])
     assert fs.model_metadata(renamed).class_names == ("x", "y", "z")
+
+
+def test_cli_timm_model_without_timm_says_install_timm(timm_hidden, tmp_path, capsys):
+    from PIL import Image
+
+    from featurescope.cli import main
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    argv = ["maps", str(tmp_path / "photo.png"), "--model", "timm/resnet18"]
+    assert main([*argv, "--out", str(tmp_path / "maps")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("featurescope maps: error: model 'timm/resnet18' is one of timm's")
+    assert "install timm (pip install 'featurescope[timm]')" in err and len(err.splitlines()) == 1

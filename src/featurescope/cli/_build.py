@@ -102,9 +102,8 @@ def build_model(args: argparse.Namespace) -> Any:
     weights = weights_choice(args)
     if weights.kind == "file":
         assert weights.value is not None
-        meta = fs.read_checkpoint_metadata(weights.value)
-        name = None if meta.get("model") else args.model
-        return fs.load_checkpoint(weights.value, model_name=name)
+        recorded = fs.read_checkpoint_metadata(weights.value).get("model")
+        return fs.load_checkpoint(weights.value, model_name=None if recorded else args.model)
     if args.model is None:
         raise FeaturescopeError("pass --model (or a --weights FILE that names its model)")
     info = fs.get_model_info(args.model)

@@ -210,9 +210,8 @@ def get_model_info(name: str) -> ModelInfo:
     try:
         return MODELS.get(name).value
     except UnknownNameError:
-        from featurescope.zoo.timm_models import PREFIX as TIMM_PREFIX
-
-        if name.startswith(TIMM_PREFIX) and importlib.util.find_spec("timm") is None:
+        # timm_models.PREFIX, spelled out: that plugin module imports this one.
+        if name.startswith("timm/") and importlib.util.find_spec("timm") is None:
             raise UnknownNameError(
                 f"model {name!r} is one of timm's, and timm is not installed: install timm "
                 "(pip install 'featurescope[timm]') to use timm's models as timm/<name>"
