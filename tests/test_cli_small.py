@@ -246,3 +246,14 @@ def test_the_type_checkers_imports_are_the_lazy_ones():
     }
     assert imported == fs._LAZY
     assert set(fs._LAZY) <= set(fs.__all__)
+
+
+def test_the_function_train_stays_the_function_when_its_subpackage_is_imported_later():
+    script = (
+        "import featurescope as fs, featurescope.train.presets, types;"
+        "print(callable(fs.train), isinstance(fs.train, types.ModuleType), fs.train.__module__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["True", "False", "featurescope.train._loop"]

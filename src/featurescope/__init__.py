@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from featurescope._version import __version__
@@ -118,6 +120,19 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """This package's module type: a subpackage imported after the public name it shares
+    (``featurescope.train``, the function and the subpackage) does not replace that name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The import system binds each newly imported subpackage on its parent package.
+        if not (name in _LAZY and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
