@@ -54,7 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def warnings_as_lines() -> Iterator[None]:
     """Show each of featurescope's warnings as one plain line on stderr, without Python's file
-    and source line; other warnings as Python shows them."""
+    and source line; other warnings as Python shows them.
+
+    Example:
+        >>> import io
+        >>> err = io.StringIO()
+        >>> with contextlib.redirect_stderr(err), warnings_as_lines():
+        ...     warnings.warn("skipped 1 of 3 files in photos", FeaturescopeWarning)
+        >>> err.getvalue()
+        'featurescope: skipped 1 of 3 files in photos\n'
+    """
     with warnings.catch_warnings():
         # The command line decides how its warnings look, whatever filters the caller set.
         warnings.simplefilter("default", FeaturescopeWarning)
