@@ -61,8 +61,8 @@ def warnings_as_lines() -> Iterator[None]:
         >>> err = io.StringIO()
         >>> with contextlib.redirect_stderr(err), warnings_as_lines():
         ...     warnings.warn("skipped 1 of 3 files in photos", FeaturescopeWarning)
-        >>> err.getvalue()
-        'featurescope: skipped 1 of 3 files in photos\n'
+        >>> print(err.getvalue(), end="")
+        featurescope: skipped 1 of 3 files in photos
     """
     with warnings.catch_warnings():
         # The command line decides how its warnings look, whatever filters the caller set.
