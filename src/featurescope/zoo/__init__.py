@@ -12,6 +12,7 @@ from featurescope.zoo._factory import (
     DEFAULT_NUM_CLASSES,
     convert_checkpoint,
     create_model,
+    fetch_weights,
     load_checkpoint,
 )
 from featurescope.zoo._registry import (
@@ -46,6 +47,7 @@ __all__ = [
     "attach_metadata",
     "convert_checkpoint",
     "create_model",
+    "fetch_weights",
     "get_model_info",
     "list_models",
     "load_checkpoint",

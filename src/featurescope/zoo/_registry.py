@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from torch import nn
@@ -22,6 +23,7 @@ __all__ = ["MODELS", "ModelInfo", "ModelSpec", "get_model_info", "list_models", 
 
 Builder = Callable[..., nn.Module]
 Describer = Callable[[nn.Module, tuple[int, int, int]], Mapping[str, Any]]
+Fetcher = Callable[..., Path]
 F = TypeVar("F", bound=Builder)
 
 
@@ -43,6 +45,9 @@ class ModelSpec:
         describe: ``describe(model, input_size) -> {"embedding_node": ..., "stage_nodes": ...}``
             finds those nodes by rule on the built model, where ``embedding_node`` or
             ``stages`` is not given.
+        fetch: ``fetch(weights) -> Path``: the file of the pretrained weights ``weights``
+            (``True`` or a tag) in its cache, downloaded there if missing, without building
+            the model; what :func:`~featurescope.fetch_weights` calls.
 
     Example:
         A plugin returns specs from its ``featurescope_register_models`` hook:
@@ -66,6 +71,7 @@ class ModelSpec:
     weights: str | None = None
     pretrained_classes: int | None = None
     describe: Describer | None = None
+    fetch: Fetcher | None = None
 
     @property
     def input_size(self) -> tuple[int, int, int] | None:
