@@ -233,7 +233,12 @@ def test_a_file_torch_hub_fetched_is_used_without_a_request(caches, server, sque
 
 @pytest.mark.parametrize(
     ("mode", "cause"),
-    [("wrong hash", "invalid hash"), ("truncate", "stopped after"), ("drop", ""), ("missing", "404")],
+    [
+        ("wrong hash", "invalid hash"),
+        ("truncate", "stopped after"),
+        ("drop", ""),
+        ("missing", "404"),
+    ],
 )
 def test_a_failed_torchvision_download_raises_and_leaves_nothing(
     caches, server, squeezenet, tv_url, mode, cause
@@ -284,7 +289,9 @@ def test_torchvision_offline_makes_no_request(
 
 # --- timm: Hugging Face's hub cache, and torch's for URL-only weights ---------------------------
 
-timm = pytest.importorskip("timm", reason="timm is not installed (pip install 'featurescope[timm]')")
+timm = pytest.importorskip(
+    "timm", reason="timm is not installed (pip install 'featurescope[timm]')"
+)
 
 
 @pytest.fixture(scope="module")
@@ -357,6 +364,7 @@ def test_a_failed_hub_download_raises_and_leaves_nothing(
 ):
     import huggingface_hub.file_download
 
+    # huggingface_hub waits a second before each of its resumptions of a cut transfer.
     monkeypatch.setattr(huggingface_hub.file_download.time, "sleep", lambda seconds: None)
     arch, cfg, _, body, _ = tiny_timm
     path = _hub_path(cfg, "model.safetensors")

@@ -50,11 +50,14 @@ def offline() -> bool:
     """Whether downloads are forbidden (``FEATURESCOPE_OFFLINE`` or ``HF_HUB_OFFLINE`` is set).
 
     Example:
-        >>> import os
-        >>> os.environ.get("FEATURESCOPE_OFFLINE") is not None or offline() is False
+        >>> from unittest import mock
+        >>> with mock.patch.dict("os.environ", {"FEATURESCOPE_OFFLINE": "1"}):
+        ...     offline()
         True
     """
-    return any(os.environ.get(v, "").strip().upper() in _TRUE for v in (OFFLINE_ENV, "HF_HUB_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().upper() in _TRUE for v in (OFFLINE_ENV, "HF_HUB_OFFLINE")
+    )
 
 
 def torch_hub_path(url: str) -> Path:
@@ -68,6 +71,7 @@ def torch_hub_path(url: str) -> Path:
 
 
 def _unavailable(what: str, filename: str, url: str, folder: Path, why: str) -> str:
+    why = " ".join(why.split())  # huggingface_hub's messages span lines; the CLI prints one
     return (
         f"the {what} ({filename}, from {url}) are not in {folder}: {why}. On a machine with "
         f"network access, 'featurescope weights fetch' puts them there; copy that folder to "
@@ -79,7 +83,7 @@ def _offline_reason() -> str:
     return f"downloads are off ({OFFLINE_ENV} or HF_HUB_OFFLINE is set)"
 
 
-def fetch_url(url: str, *, what: str, check_hash: bool, progress: bool = True) -> Path:
+def fetch_url(url: str, *, what: str, check_hash: bool) -> Path:
     """The file of ``url`` in torch's hub cache, downloaded there first if it is missing.
 
     Args:
@@ -87,7 +91,6 @@ def fetch_url(url: str, *, what: str, check_hash: bool, progress: bool = True) -
         what: what the file holds, for messages (``"IMAGENET1K_V1 weights of resnet18"``).
         check_hash: refuse a file whose SHA-256 does not start with the hex digits after the
             last ``-`` of its name, as torchvision asks ``torch.hub`` to.
-        progress: show the transfer's progress on stderr.
 
     Raises:
         WeightsUnavailableError: the file is missing and downloads are off, or the download
@@ -103,7 +106,7 @@ def fetch_url(url: str, *, what: str, check_hash: bool, progress: bool = True) -
     match = torch.hub.HASH_REGEX.search(cached.name) if check_hash else None
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        _download(url, cached, match.group(1) if match else None, progress)
+        _download(url, cached, match.group(1) if match else None)
     except Exception as exc:
         raise WeightsUnavailableError(
             _unavailable(what, cached.name, url, cached.parent, f"downloading failed ({exc})")
@@ -111,7 +114,7 @@ def fetch_url(url: str, *, what: str, check_hash: bool, progress: bool = True) -
     return cached
 
 
-def _download(url: str, dst: Path, hash_prefix: str | None, progress: bool) -> None:
+def _download(url: str, dst: Path, hash_prefix: str | None) -> None:
     # torch.hub's temporary name: in the same folder (so the rename is atomic) and never the
     # name anything looks up.
     tmp = dst.with_name(f"{dst.name}.{uuid.uuid4().hex}.partial")
@@ -122,7 +125,7 @@ def _download(url: str, dst: Path, hash_prefix: str | None, progress: bool) -> N
             expected = int(length) if length is not None else None
             print(f"Downloading {url} to {dst}", file=sys.stderr, flush=True)
             digest = hashlib.sha256()
-            with Progress(expected or 0, dst.name, unit="B", enabled=progress) as bar:
+            with Progress(expected or 0, dst.name, unit="B") as bar:
                 while chunk := response.read(_CHUNK):
                     f.write(chunk)
                     digest.update(chunk)
@@ -188,7 +191,6 @@ def fetch_hf(
     *,
     revision: str | None = None,
     what: str,
-    progress: bool = True,
 ) -> Path:
     """The first of ``filenames`` in a Hub repository, from Hugging Face's cache or downloaded.
 
@@ -210,16 +212,19 @@ def fetch_hf(
             _unavailable(what, " or ".join(filenames), url, folder, _offline_reason())
         )
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     options: dict[str, Any] = {"revision": revision}
-    if progress and "tqdm_class" in inspect.signature(hf_hub_download).parameters:
+    if "tqdm_class" in inspect.signature(hf_hub_download).parameters:  # not in old versions
         options["tqdm_class"] = _HubBar
     for i, filename in enumerate(filenames):
         try:
             with _rollback_on_error(folder):
-                print(f"Downloading {_hf_url(repo_id, filename, revision)} to {folder}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"Downloading {_hf_url(repo_id, filename, revision)} to {folder}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 path = Path(hf_hub_download(repo_id, filename, **options))
                 _check_blob(path)
                 return path

@@ -98,9 +98,7 @@ def fetch_weights(name: str, weights: Any = True) -> Path:
     if url is not None and (not cfg.hf_hub_id or torch_hub_path(url).is_file()):
         return fetch_url(url, what=what, check_hash=False)
     repo, _, revision = str(cfg.hf_hub_id).partition("@")
-    return fetch_hf(
-        repo, _hub_filenames(cfg.hf_hub_filename), revision=revision or None, what=what
-    )
+    return fetch_hf(repo, _hub_filenames(cfg.hf_hub_filename), revision=revision or None, what=what)
 
 
 def build(name: str, num_classes: int = 1000, weights: Any = None, **kwargs: Any) -> nn.Module:
