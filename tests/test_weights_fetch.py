@@ -34,6 +34,7 @@ class Route:
     body: bytes
     mode: str = "ok"  # ok | truncate | drop | missing | stall
     etag: str | None = None  # the Hub's ETag; default: the body's SHA-256
+    commit: str = COMMIT  # the Hub's X-Repo-Commit
 
 
 class WeightsServer:
@@ -88,7 +89,7 @@ class WeightsServer:
                     self.send_response(404)
                     # What the Hub says of a file a repository lacks.
                     self.send_header("X-Error-Code", "EntryNotFound")
-                    self.send_header("X-Repo-Commit", COMMIT)
+                    self.send_header("X-Repo-Commit", route.commit if route else COMMIT)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -103,7 +104,7 @@ class WeightsServer:
                 self.send_header("Content-Length", str(len(body) - start))
                 if ranged:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("X-Repo-Commit", route.commit)
                 self.send_header("ETag", f'"{route.etag or hashlib.sha256(body).hexdigest()}"')
                 self.end_headers()
                 if not send_body:
@@ -376,6 +377,53 @@ def test_a_failed_hub_download_raises_and_leaves_nothing(
     assert cfg.hf_hub_id in str(info.value) and "model.safetensors" in str(info.value)
     assert _files(caches["hf"]) == []
     assert server.requests(path) >= 1
+
+
+def test_a_failed_hub_download_keeps_what_the_cache_held_before(
+    caches, server, tiny_timm, monkeypatch
+):
+    import huggingface_hub.file_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    monkeypatch.setattr(huggingface_hub.file_download.time, "sleep", lambda seconds: None)
+    arch, cfg, _, body, _ = tiny_timm
+    older = "f" * 40
+    server.serve(_hub_path(cfg, "config.json"), b"{}", commit=older)
+    config = hf_hub_download(cfg.hf_hub_id, "config.json")
+    before = {p: p.read_bytes() for p in _files(caches["hf"])}
+    # The new commit is recorded before the transfer; the failure must put the old one back.
+    server.serve(_hub_path(cfg, "model.safetensors"), body, mode="truncate")
+    with pytest.raises(fs.WeightsUnavailableError):
+        fs.fetch_weights(f"timm/{arch}")
+    assert {p: p.read_bytes() for p in _files(caches["hf"])} == before
+    assert try_to_load_from_cache(cfg.hf_hub_id, "config.json") == config
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_an_interrupted_torchvision_download_leaves_nothing(
+    caches, server, squeezenet, tv_url, monkeypatch
+):
+    from featurescope.zoo import _download
+
+    tv_url(squeezenet[2])
+    monkeypatch.setattr(_download.Progress, "update", _interrupt)  # Ctrl-C mid-transfer
+    with pytest.raises(KeyboardInterrupt):
+        fs.fetch_weights("squeezenet1_1")
+    assert _files(caches["torch"]) == []
+
+
+def test_an_interrupted_hub_download_leaves_nothing(caches, server, tiny_timm, monkeypatch):
+    from featurescope.zoo import _download
+
+    arch, cfg, _, body, _ = tiny_timm
+    server.serve(_hub_path(cfg, "model.safetensors"), body)
+    monkeypatch.setattr(_download.Progress, "update", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fs.fetch_weights(f"timm/{arch}")
+    assert _files(caches["hf"]) == []
 
 
 @pytest.mark.parametrize("variable", ["FEATURESCOPE_OFFLINE", "HF_HUB_OFFLINE"])

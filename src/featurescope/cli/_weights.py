@@ -39,11 +39,11 @@ def register(subparsers: Any) -> None:
     )
     f.add_argument(
         "--weights",
-        default=None,
+        default="DEFAULT",
         metavar="TAG",
         help=(
-            "a weights tag instead of each model's default pretrained weights, e.g. "
-            "IMAGENET1K_V2 for a torchvision model or a1_in1k for timm/resnet50"
+            "which pretrained weights: DEFAULT (each model's default, the default) or a tag, "
+            "e.g. IMAGENET1K_V1 for resnet50 or a1_in1k for timm/resnet50"
         ),
     )
     f.set_defaults(func=_fetch)
@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
 def _fetch(args: argparse.Namespace) -> int:
     import featurescope as fs
 
-    weights = args.weights or True
+    weights = True if args.weights == "DEFAULT" else args.weights
     # Every name is checked before anything is downloaded: a typo costs no transfer.
     for name in args.names:
         info = fs.get_model_info(name)
