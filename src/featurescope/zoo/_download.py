@@ -90,7 +90,7 @@ def fetch_url(url: str, *, what: str, check_hash: bool) -> Path:
         url: the weights' URL (torchvision's ``weights.url``, timm's ``pretrained_cfg.url``).
         what: what the file holds, for messages (``"IMAGENET1K_V1 weights of resnet18"``).
         check_hash: refuse a file whose SHA-256 does not start with the hex digits after the
-            last ``-`` of its name, as torchvision asks ``torch.hub`` to.
+            ``-`` of its name (``torch.hub.HASH_REGEX``), as torchvision asks ``torch.hub`` to.
 
     Raises:
         WeightsUnavailableError: the file is missing and downloads are off, or the download
