@@ -119,17 +119,19 @@ def test_tv_alexnet_is_torchvision_s_architecture():
         torch.testing.assert_close(ours(x), theirs(x))
 
 
-def test_tv_alexnet_weights_offline_names_file_and_place(tmp_path, monkeypatch):
+def test_tv_alexnet_weights_offline_names_file_url_and_place(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("FEATURESCOPE_OFFLINE", "1")
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("featurescope tried to download while offline")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
     with pytest.raises(fs.WeightsUnavailableError) as info:
         fs.create_model("tv_alexnet", weights="IMAGENET1K_V1")
     message = str(info.value)
     assert "alexnet-owt-7be5be79.pth" in message
+    assert "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth" in message
     assert str(tmp_path / "hub" / "checkpoints") in message
 
 

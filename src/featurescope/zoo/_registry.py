@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from torch import nn
@@ -23,6 +24,7 @@ __all__ = ["MODELS", "ModelInfo", "ModelSpec", "get_model_info", "list_models", 
 
 Builder = Callable[..., nn.Module]
 Describer = Callable[[nn.Module, tuple[int, int, int]], Mapping[str, Any]]
+Fetcher = Callable[..., Path]
 F = TypeVar("F", bound=Builder)
 
 
@@ -46,6 +48,9 @@ class ModelSpec:
         describe: ``describe(model, input_size) -> {"embedding_node": ..., "stage_nodes": ...}``
             finds those nodes by rule on the built model, where ``embedding_node`` or
             ``stages`` is not given.
+        fetch: ``fetch(weights) -> Path``: the file of the pretrained weights ``weights``
+            (``True`` or a tag) in its cache, downloaded there if missing, without building
+            the model; what :func:`~featurescope.fetch_weights` calls.
 
     Example:
         A plugin returns specs from its ``featurescope_register_models`` hook:
@@ -70,6 +75,7 @@ class ModelSpec:
     pretrained_classes: int | None = None
     pretrained_class_names: tuple[str, ...] | None = None
     describe: Describer | None = None
+    fetch: Fetcher | None = None
 
     @property
     def input_size(self) -> tuple[int, int, int] | None:
