@@ -27,7 +27,7 @@ from torchvision.models import feature_extraction as tv_fx
 
 import _tap_reference as ref
 from featurescope import FeatureTap
-from featurescope.tap._fx import _tracer_kwargs, trace
+from featurescope.tap._trace import _tracer_kwargs, trace
 
 NEWEST_TORCH = (2, 14)
 #: Models every torch version runs; the rest run on the newest torch only.

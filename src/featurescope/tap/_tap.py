@@ -38,16 +38,11 @@ from featurescope.errors import (
     InputShapeError,
     NodeNotFoundError,
 )
-from featurescope.tap._fx import (
-    Trace,
-    build_program,
-    node_not_found,
-    resolve_node,
-    trace,
-)
+from featurescope.tap._fx import build_program, node_not_found
 from featurescope.tap._hooks import HookProgram
 from featurescope.tap._program import Program
 from featurescope.tap._store import Extraction
+from featurescope.tap._trace import Trace, trace
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader, Dataset
@@ -562,9 +557,9 @@ def _check_names(
     shared = node_sets[True] is node_sets[False]
     for training, nodes in node_sets.items():
         for query in nodes:
-            if resolve_node(query, by_mode[training].names) is not None:
+            if by_mode[training].has(query):
                 continue
-            if resolve_node(query, by_mode[not training].names) is None:
+            if not by_mode[not training].has(query):
                 names = list(dict.fromkeys(n for t in traces for n in t.names))
                 raise node_not_found(query, names, model, "in training or eval mode")
             mode, other = ("eval", "training") if training else ("training", "eval")
