@@ -219,9 +219,7 @@ def _check(steps: list[Step], dict_input: bool, pair_as_dict: bool, training: bo
         if traced is not None:
             snapshots = ref.node_snapshots(traced.module, traced.qualnames, fresh())
             by_name = {q: n for n, q in traced.qualnames.items()}
-            expected.update(
-                {q: ref.expected_value(q, by_name[q], calls, snapshots) for q in nodes}
-            )
+            expected.update({q: ref.expected_value(q, by_name[q], calls, snapshots) for q in nodes})
         for backend, tap in taps.items():
             got = tap(fresh())
             wrong = [a for a in got if not ref.same(got[a], expected[a])]
@@ -233,7 +231,11 @@ STEPS = st.lists(
 )
 
 
-@settings(max_examples=30, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink))
+@settings(
+    max_examples=30,
+    deadline=None,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
+)
 @given(
     steps=STEPS,
     dict_input=st.booleans(),

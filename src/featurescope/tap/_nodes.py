@@ -18,6 +18,7 @@ from torch import nn
 
 from featurescope._torch_utils import model_device, model_dtype
 from featurescope.errors import FeaturescopeError
+from featurescope.tap._containers import map_tensors
 from featurescope.tap._tap import _zoo_input_size
 from featurescope.tap._trace import trace
 from featurescope.tap._untouched import untouched
@@ -81,7 +82,12 @@ def tappable_nodes(
 
 def _modules_that_run(model: nn.Module, example_inputs: Sequence[Any] | None) -> list[str]:
     leaves = [n for n, m in model.named_modules() if n and next(m.children(), None) is None]
-    inputs = tuple(example_inputs) if example_inputs is not None else _random_inputs(model)
+    # A copy: the forward may write into its inputs in place.
+    inputs = (
+        map_tensors(torch.Tensor.clone, tuple(example_inputs))
+        if example_inputs is not None
+        else _random_inputs(model)
+    )
     if inputs is None:
         return leaves
     ran: set[str] = set()

@@ -9,6 +9,7 @@ tracing leaves the model's buffers and attributes as they were.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -214,7 +215,11 @@ def trace(
     """
     tracer = _tracer_class()(**_tracer_kwargs(tracer_kwargs))
     added: dict[str, Any] = {}
-    with untouched(model, added), training_mode(model, training):
+    # In the model's own mode each submodule keeps its own flag (a frozen norm stays frozen).
+    mode = (
+        contextlib.nullcontext() if model.training == training else training_mode(model, training)
+    )
+    with untouched(model, added), mode:
         graph = tracer.trace(model, concrete_args=concrete_args)
         module = fx.GraphModule(tracer.root, graph, type(model).__name__)
     qualnames = dict(tracer.node_to_qualname)
