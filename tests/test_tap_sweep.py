@@ -27,6 +27,8 @@ from torchvision.models import feature_extraction as tv_fx
 
 import _tap_reference as ref
 from featurescope import FeatureTap
+from featurescope.errors import FeaturescopeWarning
+from featurescope.tap import tappable_nodes
 from featurescope.tap._trace import _tracer_kwargs, trace
 
 NEWEST_TORCH = (2, 14)
@@ -131,6 +133,10 @@ def _sweep(name: str) -> None:
         wrong = _wrong(hooks, {m: calls[m] for m in modules}, rtol=1e-4, atol=1e-5)
         assert not wrong, f"{name}: hooks backend wrong on {len(wrong)} modules: {wrong[:8]}"
 
+        # The tap takes its own list, in eval and in training mode, and changes nothing.
+        assert tappable_nodes(model) == [q for q in tapped if nodes[q].op != "placeholder"]
+        _own_list_in_both_modes(model, x)
+
         # torchvision's extractor on its own names for the same nodes.
         tv_names = _torchvision_names(model)
         assert len(tv_names) == len(traced.names)
@@ -156,6 +162,69 @@ def _sweep(name: str) -> None:
         }
         Path(report).mkdir(parents=True, exist_ok=True)
         (Path(report) / f"{name}.json").write_text(json.dumps(row, indent=1))
+
+
+def _state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[object]]:
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    return buffers, [(n, sorted(vars(m)), m.training) for n, m in model.named_modules()]
+
+
+def _own_list_in_both_modes(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """``FeatureTap(m, tappable_nodes(m))`` builds and runs in both modes, leaving ``m`` as it was.
+
+    In training mode the values are not compared (dropout draws at random); eval mode's are,
+    node by node, above.
+    """
+    for training in (True, False):
+        model.train(training)
+        before = _state(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FeaturescopeWarning)  # a fallback to hooks
+            nodes = tappable_nodes(model, example_inputs=(x,))
+            tap = FeatureTap(model, nodes)
+        after = _state(model)
+        assert after[1] == before[1], "listing nodes or building a tap changed an attribute"
+        assert all(torch.equal(after[0][k], v) for k, v in before[0].items())
+        assert set(tap(x)) == set(nodes)
+
+
+#: timm families with the patterns issue 21 found: LeViT and EfficientFormer branch on
+#: ``self.training``, a ViT with ``dynamic_img_size`` falls back to hooks and never runs its
+#: ``attn_drop`` (attention is fused), ``BatchNormAct2d`` bumps its counter when traced.
+_TIMM = {
+    "levit_128s": ({}, 224),
+    "efficientformer_l1": ({}, 224),
+    "vit_tiny_patch16_224": ({"dynamic_img_size": True, "img_size": 32}, 32),
+    "efficientnet_b0": ({}, 32),
+    "convnext_atto": ({}, 32),
+}
+
+
+@pytest.mark.parametrize("name", list(_TIMM))
+def test_a_timm_model_takes_its_own_node_list(name: str, one_thread: None) -> None:
+    timm = pytest.importorskip("timm")
+    kwargs, side = _TIMM[name]
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        _own_list_in_both_modes(model, x)
+        model.eval()
+        nodes = tappable_nodes(model, example_inputs=(x,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FeaturescopeWarning)
+            tap = FeatureTap(model, nodes)
+        got = tap(x)
+        calls = ref.module_calls(model, x)
+        if tap.backend == "fx":
+            traced = trace(model, training=False)
+            snapshots = ref.node_snapshots(traced.module, traced.qualnames, x)
+            by_name = {q: n for n, q in traced.qualnames.items()}
+            expected = {q: ref.expected_value(q, by_name[q], calls, snapshots) for q in nodes}
+        else:
+            expected = {m: calls[m] for m in nodes}
+    # Rounding only, as above: the in-place guard takes fused attention off its fast path.
+    wrong = _wrong(got, expected, rtol=1e-4, atol=1e-5)
+    assert not wrong, f"{name}: {tap.backend} backend wrong on {len(wrong)} nodes: {wrong[:8]}"
 
 
 def test_torchvision_misnames_vit_layer_norms_and_featuretap_does_not() -> None:

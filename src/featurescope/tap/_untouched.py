@@ -9,7 +9,9 @@ user's model as it was.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +47,7 @@ def untouched(model: nn.Module, added: dict[str, object] | None = None) -> Itera
         (0, True, False)
     """
     flags = [(m, m.training) for m in model.modules()]
-    attributes = [(m, set(vars(m))) for m in model.modules()]
+    attributes = [(m, dict(vars(m)), _contents(vars(m))) for m in model.modules()]
     buffers = _saved_buffers(model)
     try:
         yield
@@ -56,8 +58,42 @@ def untouched(model: nn.Module, added: dict[str, object] | None = None) -> Itera
                     buffer.copy_(value)
         for module, flag in flags:
             module.training = flag
-        for module, names in attributes:
-            for name in [n for n in vars(module) if n not in names]:
-                value = vars(module).pop(name)
-                if module is model and added is not None:
-                    added[name] = value
+        for module, saved, contents in attributes:
+            _restore(module, saved, contents, added if module is model else None)
+
+
+def _contents(attributes: dict[str, Any]) -> dict[str, Any]:
+    # Shallow copies of the containers a forward may fill in place (LeViT's attention-bias
+    # cache holds a tensor per device, and during a trace a Proxy of that trace's graph).
+    return {k: copy.copy(v) for k, v in attributes.items() if type(v) in (dict, list, set)}
+
+
+def _restore(
+    module: nn.Module,
+    saved: dict[str, Any],
+    contents: dict[str, Any],
+    added: dict[str, object] | None,
+) -> None:
+    current = vars(module)
+    for name in [n for n in current if n not in saved]:
+        value = current.pop(name)
+        if added is not None:
+            added[name] = value
+    for name, value in saved.items():
+        current[name] = value  # rebound during the block: the original object comes back
+        if name in contents and not _same_items(value, contents[name]):
+            value.clear()
+            if isinstance(value, list):
+                value.extend(contents[name])
+            else:
+                value.update(contents[name])
+
+
+def _same_items(value: Any, saved: Any) -> bool:
+    if len(value) != len(saved):
+        return False
+    if isinstance(value, dict):
+        return all(k in saved and value[k] is saved[k] for k in value)
+    if isinstance(value, set):
+        return bool(value == saved)
+    return all(a is b for a, b in zip(value, saved, strict=True))
