@@ -35,7 +35,7 @@ class ChunkJoin(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        parts = y.chunk(2, 1) + (y,)
+        parts = y.chunk(2, 1) + (y,)  # noqa: RUF005 (the join is the pattern under test)
         parts[0].relu_()
         if self.returns == "y":  # reads the written storage through y
             return self.head(parts[2])

@@ -105,7 +105,7 @@ class Program(nn.Module):
     def _container(self, kind: str, a: torch.Tensor, b: torch.Tensor) -> Any:
         # Tensors split along the batch keep 4 channels, so every step takes every tensor.
         if kind == "chunk_join":
-            return a.chunk(2, 0) + (b,)
+            return a.chunk(2, 0) + (b,)  # noqa: RUF005 (the join is the pattern under test)
         if kind == "repeat":
             return a.chunk(2, 0) * 2
         if kind == "dict":

@@ -115,7 +115,7 @@ def name_nodes(nodes: Sequence[tuple[fx.Node, str]], module_paths: set[str]) -> 
     Example:
         >>> g = fx.Graph()
         >>> x = g.placeholder("x"); op = g.call_method("relu", (x,)); m = g.call_module("relu", (x,))
-        >>> list(name_nodes([(x, ""), (op, ""), (m, "")], {"", "relu"}).values())
+        >>> list(name_nodes([(x, ""), (op, ""), (m, "relu")], {"", "relu"}).values())
         ['x', 'relu_1', 'relu']
     """
     used: set[str] = set()

@@ -42,7 +42,7 @@ def untouched(model: nn.Module, added: dict[str, object] | None = None) -> Itera
         >>> import torch
         >>> bn = torch.nn.BatchNorm1d(2)
         >>> with untouched(bn):
-        ...     _ = bn(torch.randn(4, 2)); bn.eval(); bn.note = 1
+        ...     _ = bn(torch.randn(4, 2)); _ = bn.eval(); bn.note = 1
         >>> int(bn.num_batches_tracked), bn.training, hasattr(bn, "note")
         (0, True, False)
     """
