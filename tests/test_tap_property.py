@@ -264,6 +264,13 @@ STEPS = st.lists(
     training=True,
     seed=2,
 )
+@example(  # found by the generator when hooks guarded single tensors only: a dict output
+    steps=[("pair", 0, 0), ("inplace_module", 0, 0)],
+    dict_input=False,
+    pair_as_dict=True,
+    training=False,
+    seed=0,
+)
 def test_every_tappable_node_of_a_random_network_is_its_eager_value(
     steps: list[Step], dict_input: bool, pair_as_dict: bool, training: bool, seed: int
 ) -> None:
