@@ -30,21 +30,30 @@ from torch import fx, nn
 
 
 def clone(value: Any) -> Any:
-    """A deep copy of the tensors in a (nested) output; anything else as it is."""
+    """A deep copy of the tensors in a (nested) output, each container of its own type."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, tuple):
         copied = [clone(v) for v in value]
-        return type(value)(*copied) if hasattr(value, "_fields") else tuple(copied)
+        if hasattr(value, "_fields"):  # a named tuple
+            return type(value)(*copied)
+        return tuple(copied) if type(value) is tuple else type(value)(copied)  # return_types
     if isinstance(value, list):
         return [clone(v) for v in value]
     if isinstance(value, dict):
-        return {k: clone(v) for k, v in value.items()}
+        items = {k: clone(v) for k, v in value.items()}
+        try:
+            return type(value)(items)  # OrderedDict and friends keep their type
+        except TypeError:
+            return items
     return value
 
 
 def same(actual: Any, expected: Any, rtol: float = 0.0, atol: float = 0.0) -> bool:
     """Equality of two (nested) outputs, bit for bit by default (NaNs equal each other).
+
+    Containers must be of the same type: a named tuple, ``torch.return_types`` value or
+    ``OrderedDict`` that comes back as a plain tuple or dict is wrong.
 
     ``rtol``/``atol`` admit rounding, for a computation that takes another kernel path (under a
     ``TorchFunctionMode`` ``nn.MultiheadAttention`` leaves its fused fast path).
@@ -61,13 +70,13 @@ def same(actual: Any, expected: Any, rtol: float = 0.0, atol: float = 0.0) -> bo
         return bool(torch.isclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True).all())
     if isinstance(expected, (tuple, list)):
         return (
-            isinstance(actual, (tuple, list))
+            type(actual) is type(expected)  # a named tuple or torch.return_types stays one
             and len(actual) == len(expected)
             and all(same(a, e, rtol, atol) for a, e in zip(actual, expected, strict=True))
         )
     if isinstance(expected, dict):
         return (
-            isinstance(actual, dict)
+            type(actual) is type(expected)
             and actual.keys() == expected.keys()
             and all(same(actual[k], expected[k], rtol, atol) for k in expected)
         )

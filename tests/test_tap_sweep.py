@@ -27,7 +27,9 @@ from torchvision.models import feature_extraction as tv_fx
 
 import _tap_reference as ref
 from featurescope import FeatureTap
-from featurescope.tap._fx import _tracer_kwargs, trace
+from featurescope.errors import FeaturescopeWarning
+from featurescope.tap import tappable_nodes
+from featurescope.tap._trace import _tracer_kwargs, trace
 
 NEWEST_TORCH = (2, 14)
 #: Models every torch version runs; the rest run on the newest torch only.
@@ -115,8 +117,12 @@ def _sweep(name: str) -> None:
                 assert ref.same(snapshots[qual], calls[qual]), f"{name}: {qual} != eager"
 
         # fx backend: every eval node also present in training mode, tapped at once.
+        # tappable_nodes lists exactly these (the model's inputs left out).
         train_names = set(trace(model, training=True).names)
-        tapped = [q for q in traced.names if q in train_names]
+        tapped = tappable_nodes(model)
+        assert tapped == [
+            q for q in traced.names if q in train_names and nodes[q].op != "placeholder"
+        ]
         tap = FeatureTap(model, tapped, backend="fx")
         got = tap(x)
         expected = {q: ref.expected_value(q, nodes[q], calls, snapshots) for q in tapped}
@@ -130,6 +136,10 @@ def _sweep(name: str) -> None:
         # its fused fast path; an overwritten output differs by far more.
         wrong = _wrong(hooks, {m: calls[m] for m in modules}, rtol=1e-4, atol=1e-5)
         assert not wrong, f"{name}: hooks backend wrong on {len(wrong)} modules: {wrong[:8]}"
+
+        # The tap takes its own list in training mode too, and changes nothing.
+        _own_list(model, x, training=True)
+        model.eval()
 
         # torchvision's extractor on its own names for the same nodes.
         tv_names = _torchvision_names(model)
@@ -156,6 +166,68 @@ def _sweep(name: str) -> None:
         }
         Path(report).mkdir(parents=True, exist_ok=True)
         (Path(report) / f"{name}.json").write_text(json.dumps(row, indent=1))
+
+
+def _state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[object]]:
+    # Buffers only: cloning a large model's parameters would cost more than the check.
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    return buffers, [(n, sorted(vars(m)), m.training) for n, m in model.named_modules()]
+
+
+def _own_list(model: torch.nn.Module, x: torch.Tensor, training: bool) -> None:
+    """``FeatureTap(m, tappable_nodes(m))`` builds and runs in one mode, leaving ``m`` as it was.
+
+    Values are compared elsewhere in eval mode; in training mode dropout draws at random.
+    """
+    model.train(training)
+    before = _state(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FeaturescopeWarning)  # a fallback to hooks
+        nodes = tappable_nodes(model, example_inputs=(x,))
+        tap = FeatureTap(model, nodes)
+    after = _state(model)
+    assert after[1] == before[1], "listing nodes or building a tap changed an attribute or mode"
+    assert all(torch.equal(after[0][k], v) for k, v in before[0].items()), "... or a buffer"
+    assert set(tap(x)) == set(nodes)
+
+
+#: timm families with the patterns issue 21 found: LeViT and EfficientFormer branch on
+#: ``self.training``, a ViT with ``dynamic_img_size`` falls back to hooks and never runs its
+#: ``attn_drop`` (attention is fused), ``BatchNormAct2d`` bumps its counter when traced.
+_TIMM = {
+    "levit_128s": ({}, 224),
+    "efficientformer_l1": ({}, 224),
+    "vit_tiny_patch16_224": ({"dynamic_img_size": True, "img_size": 32}, 32),
+    "efficientnet_b0": ({}, 32),
+    "convnext_atto": ({}, 32),
+}
+
+
+@pytest.mark.parametrize("name", list(_TIMM))
+def test_a_timm_model_takes_its_own_node_list(name: str, one_thread: None) -> None:
+    timm = pytest.importorskip("timm")
+    kwargs, side = _TIMM[name]
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        _own_list(model, x, training=True)
+        model.eval()
+        nodes = tappable_nodes(model, example_inputs=(x,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FeaturescopeWarning)
+            tap = FeatureTap(model, nodes)
+        got = tap(x)
+        calls = ref.module_calls(model, x)
+        if tap.backend == "fx":
+            traced = trace(model, training=False)
+            snapshots = ref.node_snapshots(traced.module, traced.qualnames, x)
+            by_name = {q: n for n, q in traced.qualnames.items()}
+            expected = {q: ref.expected_value(q, by_name[q], calls, snapshots) for q in nodes}
+        else:
+            expected = {m: calls[m] for m in nodes}
+    # Rounding only, as above: the in-place guard takes fused attention off its fast path.
+    wrong = _wrong(got, expected, rtol=1e-4, atol=1e-5)
+    assert not wrong, f"{name}: {tap.backend} backend wrong on {len(wrong)} nodes: {wrong[:8]}"
 
 
 def test_torchvision_misnames_vit_layer_norms_and_featuretap_does_not() -> None:

@@ -9,8 +9,9 @@ gradients (Grad-CAM). The tap knows nothing of the zoo's registry: it reads what
 through :func:`featurescope.model_metadata`.
 """
 
+from featurescope.tap._nodes import tappable_nodes
 from featurescope.tap._store import Extraction, load_features, merge_features
-from featurescope.tap._tap import FeatureTap, NodeSummary, get_graph_node_names, tappable_nodes
+from featurescope.tap._tap import FeatureTap, NodeSummary, get_graph_node_names
 from featurescope.tap.gradcam import GradCam, grad_cam, last_spatial_node
 
 __all__ = [

@@ -10,9 +10,7 @@ requested node whose storage a later op overwrites in place (``ReLU(inplace=True
 
 from __future__ import annotations
 
-import functools
 import operator
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from featurescope._torch_utils import training_mode
 from featurescope.errors import FeaturescopeError, NodeNotFoundError, did_you_mean
-from featurescope.tap._inplace import _inplace_position, mutated_args
+from featurescope.tap._containers import map_tensors
+from featurescope.tap._inplace import _inplace_position, mutated_args, mutates_first_arg
+from featurescope.tap._trace import Trace, resolve_node, trace
 
 __all__ = [
     "FxProgram",
@@ -144,13 +143,63 @@ _FRESH_FUNCTIONS: frozenset[Any] = frozenset(
         F.batch_norm,
         F.layer_norm,
         F.group_norm,
-        operator.add,
         operator.sub,
-        operator.mul,
         operator.truediv,
         operator.matmul,
         operator.neg,
         operator.pow,
+    }
+)
+# ``a + b`` and ``a * b`` make a new tensor from tensors, but a tuple or list that holds the same
+# tensors from sequences (``x.chunk(2) + (y,)``, ``[x] * 2``): new storage only when an operand
+# is known to be a tensor (or, for ``+``, a number: a sequence plus a number is an error).
+_SEQUENCE_OPERATORS: frozenset[Any] = frozenset({operator.add, operator.mul})
+# Leaf modules that return one tensor (possibly their input itself), never a container.
+_TENSOR_MODULES: tuple[type[nn.Module], ...] = (
+    *_FRESH_MODULES,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Flatten,
+    nn.Unflatten,
+)
+# Functions and methods that return one tensor that may be a view of their input.
+_VIEW_FUNCTIONS: frozenset[Any] = frozenset(
+    {
+        torch.flatten,
+        torch.reshape,
+        torch.permute,
+        torch.transpose,
+        torch.squeeze,
+        torch.unsqueeze,
+        torch.narrow,
+        F.dropout,
+        F.pad,
+    }
+)
+_VIEW_METHODS = frozenset(
+    {
+        "view",
+        "view_as",
+        "reshape",
+        "reshape_as",
+        "permute",
+        "transpose",
+        "flatten",
+        "contiguous",
+        "expand",
+        "expand_as",
+        "squeeze",
+        "unsqueeze",
+        "narrow",
+        "select",
+        "to",
+        "type_as",
+        "float",
+        "detach",
     }
 )
 _FRESH_METHODS = frozenset(
@@ -179,116 +228,6 @@ _FRESH_METHODS = frozenset(
 )
 
 
-def _tracer_kwargs(user: Mapping[str, Any] | None) -> dict[str, Any]:
-    from torchvision.models import feature_extraction as tv_fx
-
-    kwargs = dict(user or {})
-    setter = getattr(tv_fx, "_set_default_tracer_kwargs", None)
-    if setter is not None:
-        return setter(kwargs)  # type: ignore[no-any-return]
-    # torchvision before 0.16 had no defaults to add.
-    return kwargs  # pragma: no cover
-
-
-@dataclass
-class Trace:
-    """A traced graph of the whole model with torchvision's node name of each graph node."""
-
-    module: fx.GraphModule
-    qualnames: dict[fx.Node, str]
-    training: bool
-
-    @property
-    def names(self) -> list[str]:
-        """Node names in execution order, as ``get_graph_node_names`` lists them."""
-        return list(self.qualnames.values())
-
-
-# torch.fx makes node names unique graph-wide with a ``_<n>`` suffix; names here count per module.
-_FX_SUFFIX = re.compile(r"(.+)_[0-9]+$")
-
-
-@functools.cache
-def _tracer_class() -> type[Any]:
-    """torchvision's ``NodePathTracer`` with node names that say which module call they are.
-
-    torchvision strips a trailing ``_<n>`` from every name to undo torch.fx's counter, module
-    paths included, so ViT's module ``encoder_layer_0.ln_1`` is named ``...ln`` and
-    ``encoder_layer_0.ln_2`` is named ``...ln_1``: asking torchvision for ``ln_1`` returns
-    ``ln_2``'s output. Here a leaf module's node is named by its exact path (``name`` for its
-    first call, ``name_1`` for its second, ...), an op's node by its module's path and the op,
-    counted per module as torchvision does; no op or repeated call takes a module's path.
-    """
-    from torchvision.models.feature_extraction import NodePathTracer
-
-    class _NodePathTracer(NodePathTracer):  # type: ignore[misc]
-        def trace(self, root: Any, *args: Any, **kwargs: Any) -> fx.Graph:
-            if isinstance(root, nn.Module):
-                self._module_paths = {name for name, _ in root.named_modules()}
-            self._used: set[str] = set()
-            self._next: dict[str, int] = {}
-            return super().trace(root, *args, **kwargs)  # type: ignore[no-any-return]
-
-        def _get_node_qualname(self, module_qualname: str, node: fx.Node) -> str:
-            if node.op == "call_module":
-                base = module_qualname
-            else:
-                match = _FX_SUFFIX.match(str(node))
-                op = match.group(1) if match else str(node)
-                base = f"{module_qualname}.{op}" if module_qualname else op
-            taken: set[str] = getattr(self, "_module_paths", set())
-            index = self._next.get(base, 0)
-            name = base if index == 0 else f"{base}_{index}"
-            # Only the module's own first call may take its path.
-            while name in self._used or (
-                name in taken and not (index == 0 and node.op == "call_module")
-            ):
-                index += 1
-                name = f"{base}_{index}"
-            self._next[base] = index + 1
-            self._used.add(name)
-            return name
-
-    return _NodePathTracer
-
-
-def trace(
-    model: nn.Module,
-    training: bool,
-    tracer_kwargs: Mapping[str, Any] | None = None,
-    concrete_args: dict[str, Any] | None = None,
-) -> Trace:
-    """Trace ``model`` in one mode with torchvision's ``NodePathTracer``.
-
-    Raises:
-        Exception: whatever torch.fx raises when the model cannot be traced (e.g.
-            ``TraceError`` for a branch on a tensor's value); callers decide what to do.
-    """
-    tracer = _tracer_class()(**_tracer_kwargs(tracer_kwargs))
-    with training_mode(model, training):
-        graph = tracer.trace(model, concrete_args=concrete_args)
-    module = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    return Trace(module, dict(tracer.node_to_qualname), training)
-
-
-def resolve_node(query: str, names: list[str]) -> str | None:
-    """The node a ``return_nodes`` key means, as torchvision reads it.
-
-    An exact node name means that node; a prefix up to a dot (``"conv1"``, a module that
-    torch.fx traced through) means the last node under it in execution order.
-
-    Example:
-        >>> names = ["x", "conv1.0", "conv1.1", "conv1.2", "conv10"]
-        >>> resolve_node("conv1", names), resolve_node("conv1.1", names), resolve_node("conv", names)
-        ('conv1.2', 'conv1.1', None)
-    """
-    if query in names:
-        return query
-    pattern = re.compile(rf"^{re.escape(query)}(\.|$)")
-    matches = [name for name in names if pattern.match(name)]
-    return matches[-1] if matches else None
-
-
 def _candidates(names: list[str]) -> list[str]:
     # Offer the module prefixes too: "conv1" is a valid request though no node is named so.
     prefixes = [".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)]
@@ -315,15 +254,7 @@ def _describe(node: fx.Node, module: fx.GraphModule) -> str:
 
 def _snapshot(value: Any) -> Any:
     """Copy the tensors in a node's output, so later in-place ops cannot change what we return."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_snapshot(v) for v in value)
-    if isinstance(value, list):
-        return [_snapshot(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _snapshot(v) for k, v in value.items()}
-    return value
+    return map_tensors(torch.Tensor.clone, value)
 
 
 def _mutated_nodes(node: fx.Node, module: fx.GraphModule) -> list[fx.Node]:
@@ -340,8 +271,55 @@ def _mutated_nodes(node: fx.Node, module: fx.GraphModule) -> list[fx.Node]:
     return [m for m in mutated if isinstance(m, fx.Node)]
 
 
-def _is_fresh(node: fx.Node, module: fx.GraphModule) -> bool:
-    """Whether ``node`` surely returns new storage (if unsure, assume it may alias its inputs)."""
+def _is_plain(node: fx.Node, module: fx.GraphModule, plain: set[fx.Node]) -> bool:
+    """Whether ``node`` surely returns a tensor or a number, never a container of tensors.
+
+    ``plain`` holds the nodes before it already known so; anything unsure is a container.
+    """
+    if node.op == "get_attr":
+        return True  # parameters, buffers and tensor constants
+    if node.op == "call_module":
+        return isinstance(module.get_submodule(str(node.target)), _TENSOR_MODULES)
+    if node.op == "call_method":
+        target = str(node.target)
+        if target in _FRESH_METHODS or target in _VIEW_METHODS:
+            return True
+        return mutates_first_arg(target) and bool(node.args) and node.args[0] in plain
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return node.args[0] in plain  # an element of a tensor is a tensor
+    if _in(node.target, _SEQUENCE_OPERATORS):
+        return _numeric_operands(node, plain)
+    return _in(node.target, _FRESH_FUNCTIONS) or _in(node.target, _VIEW_FUNCTIONS)
+
+
+def _in(target: Any, functions: frozenset[Any]) -> bool:
+    try:
+        return target in functions
+    except TypeError:  # unhashable target
+        return False
+
+
+def _numeric_operands(node: fx.Node, plain: set[fx.Node]) -> bool:
+    """Whether ``a + b`` / ``a * b`` is arithmetic rather than a tuple or list repeated or joined."""
+    for operand in node.args:
+        if isinstance(operand, fx.Node):
+            if operand in plain:
+                return True
+        elif isinstance(operand, (float, complex)) and not isinstance(operand, bool):
+            return True  # a sequence times a float is an error
+        elif node.target is operator.add and isinstance(operand, int):
+            return True  # a sequence plus a number is an error
+    return False
+
+
+def _is_fresh(node: fx.Node, module: fx.GraphModule, plain: set[fx.Node]) -> bool:
+    """Whether ``node`` surely returns new storage (if unsure, assume it may alias its inputs).
+
+    A container (a tuple from ``chunk``, ``parts + (y,)``, a leaf module's named tuple) holds
+    its inputs' tensors, so it shares their storage as a view does.
+    """
     if node.op in ("placeholder", "get_attr", "output"):
         return True
     if _mutated_nodes(node, module):
@@ -352,10 +330,9 @@ def _is_fresh(node: fx.Node, module: fx.GraphModule) -> bool:
         return node.target in _FRESH_METHODS
     if node.target is _out_of_place:
         return True
-    try:
-        return node.target in _FRESH_FUNCTIONS
-    except TypeError:  # unhashable target
-        return False
+    if _in(node.target, _SEQUENCE_OPERATORS):
+        return _numeric_operands(node, plain)
+    return _in(node.target, _FRESH_FUNCTIONS)
 
 
 class _Storages:
@@ -379,9 +356,18 @@ class _Storages:
 
 
 def _storages(nodes: list[fx.Node], module: fx.GraphModule) -> _Storages:
+    """Which nodes may share storage, through views, in-place ops and containers alike.
+
+    A node that is not surely fresh joins every node it reads, so a tensor taken out of a
+    container (``getitem``, unpacking) shares storage with the container, which shares it with
+    every tensor put in; an in-place write through any of them reaches the others.
+    """
     storages = _Storages()
+    plain: set[fx.Node] = set()
     for node in nodes:
-        if not _is_fresh(node, module):
+        if _is_plain(node, module, plain):
+            plain.add(node)
+        if not _is_fresh(node, module, plain):
             for source in node.all_input_nodes:
                 storages.union(node, source)
     return storages
@@ -616,6 +602,27 @@ def _input_module(graph: fx.Graph) -> str | None:
     return None
 
 
+def _request(
+    traced: Trace, query: str, by_name: Mapping[str, fx.Node], graph: fx.Graph
+) -> tuple[fx.Node | None, str]:
+    """``(node, its name)`` for one requested name; ``(None, query)`` if it names nothing.
+
+    A node's own name comes first; then a module's name means that module's output (its first
+    call's), a container rebuilt by a node added for it if need be; then, as in torchvision, a
+    prefix means the last node under it.
+    """
+    if query in by_name:
+        return by_name[query], query
+    output = traced.module_outputs.get(query)
+    if output is not None:
+        node = output.node
+        if node is None:
+            return output.insert(graph), query
+        return node, traced.qualnames.get(node, query)
+    name = resolve_node(query, traced.names)
+    return (by_name[name], name) if name is not None else (None, query)
+
+
 def build_program(traced: Trace, return_nodes: Mapping[str, str], model: nn.Module) -> FxProgram:
     """Rewrite a traced graph to return ``return_nodes`` (``{node: alias}``), pruned and safe.
 
@@ -632,8 +639,8 @@ def build_program(traced: Trace, return_nodes: Mapping[str, str], model: nn.Modu
     resolved: dict[str, str] = {}
     requested_by: dict[str, str] = {}
     for query, alias in return_nodes.items():
-        name = resolve_node(query, names)
-        if name is None:
+        node, name = _request(traced, query, by_name, graph)
+        if node is None:
             raise node_not_found(query, names, model, f"in {mode}")
         if name in requested_by:
             raise FeaturescopeError(
@@ -641,9 +648,13 @@ def build_program(traced: Trace, return_nodes: Mapping[str, str], model: nn.Modu
                 f"{query!r}; request each node once."
             )
         requested_by[name] = query
-        outputs[alias] = by_name[name]
+        outputs[alias] = node
         resolved[alias] = name
     ops = {alias: _describe(node, module) for alias, node in outputs.items()}
+    modules = dict(model.named_modules())
+    for alias, query in zip(return_nodes.values(), return_nodes, strict=True):
+        if resolved[alias] == query and query in traced.module_outputs and query in modules:
+            ops[alias] = type(modules[query]).__name__
     for node in [n for n in graph.nodes if n.op == "output"]:
         graph.erase_node(node)
     with graph.inserting_after(list(graph.nodes)[-1]):

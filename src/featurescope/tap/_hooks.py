@@ -22,6 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from featurescope.errors import FeaturescopeError, NodeNotFoundError, did_you_mean
+from featurescope.tap._containers import map_tensors, tensors_in
 from featurescope.tap._inplace import mutated_args
 
 __all__ = ["HookProgram"]
@@ -42,18 +43,24 @@ def _storage_key(t: torch.Tensor) -> int | None:
 
 
 class _InplaceGuard(TorchFunctionMode):
-    """Clones a kept output just before an in-place op writes into its storage."""
+    """Clones a kept output's tensors just before an in-place op writes into their storage.
+
+    A kept output may be a container (an LSTM's ``(out, (h, c))``, a named tuple, a dict): each
+    tensor in it is watched, and the one written into is replaced by its copy in a rebuilt
+    container of the same type.
+    """
 
     def __init__(self, results: dict[str, Any]) -> None:
         super().__init__()
         self.results = results
-        self.pending: dict[str, tuple[int, torch.Tensor]] = {}
+        #: ``{storage: aliases whose kept output holds a tensor on it}``
+        self.pending: dict[int, set[str]] = {}
 
     def watch(self, alias: str, value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            key = _storage_key(value)
+        for tensor in tensors_in(value):
+            key = _storage_key(tensor)
             if key:
-                self.pending[alias] = (key, value)
+                self.pending.setdefault(key, set()).add(alias)
 
     def __torch_function__(
         self,
@@ -71,10 +78,14 @@ class _InplaceGuard(TorchFunctionMode):
 
     def _protect(self, target: torch.Tensor) -> None:
         key = _storage_key(target)
-        for alias, (kept_key, kept) in list(self.pending.items()):
-            if kept_key == key:
-                self.results[alias] = kept.clone()
-                del self.pending[alias]
+        if key is None or key not in self.pending:
+            return
+
+        def copy_if_written(t: torch.Tensor) -> torch.Tensor:
+            return t.clone() if _storage_key(t) == key else t
+
+        for alias in self.pending.pop(key):
+            self.results[alias] = map_tensors(copy_if_written, self.results[alias])
 
 
 class HookProgram:

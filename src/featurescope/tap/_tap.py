@@ -21,7 +21,6 @@ node alone is copied first.
 
 from __future__ import annotations
 
-import inspect
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -38,23 +37,18 @@ from featurescope.errors import (
     InputShapeError,
     NodeNotFoundError,
 )
-from featurescope.tap._fx import (
-    Trace,
-    build_program,
-    node_not_found,
-    resolve_node,
-    trace,
-)
+from featurescope.tap._fx import build_program, node_not_found
 from featurescope.tap._hooks import HookProgram
 from featurescope.tap._program import Program
 from featurescope.tap._store import Extraction
+from featurescope.tap._trace import Trace, trace
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader, Dataset
 
     from featurescope.tap._extract import Reduce
 
-__all__ = ["FeatureTap", "NodeSummary", "get_graph_node_names", "tappable_nodes"]
+__all__ = ["FeatureTap", "NodeSummary", "get_graph_node_names"]
 
 Backend = Literal["auto", "fx", "hooks"]
 _BACKENDS = ("auto", "fx", "hooks")
@@ -562,9 +556,9 @@ def _check_names(
     shared = node_sets[True] is node_sets[False]
     for training, nodes in node_sets.items():
         for query in nodes:
-            if resolve_node(query, by_mode[training].names) is not None:
+            if by_mode[training].has(query):
                 continue
-            if resolve_node(query, by_mode[not training].names) is None:
+            if not by_mode[not training].has(query):
                 names = list(dict.fromkeys(n for t in traces for n in t.names))
                 raise node_not_found(query, names, model, "in training or eval mode")
             mode, other = ("eval", "training") if training else ("training", "eval")
@@ -663,33 +657,3 @@ def _format_summary(rows: Sequence[NodeSummary], model: nn.Module) -> str:
             rule,
         ]
     )
-
-
-def tappable_nodes(model: nn.Module, backend: Backend = "auto") -> list[str]:
-    """Every layer ``backend`` can tap: graph nodes (eval mode) for fx, leaf modules for hooks.
-
-    ``"auto"`` gives the graph nodes, or the leaf modules of a model torch.fx cannot trace.
-    The model's inputs are not layers and are left out, as torchsummary leaves them out.
-
-    Example:
-        >>> import torch.nn as nn
-        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-        >>> tappable_nodes(net), tappable_nodes(net, "hooks")
-        (['0', '1'], ['0', '1'])
-    """
-    if backend not in _BACKENDS:
-        raise FeaturescopeError(f"backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
-    # Hooks only see modules, and a container's output is its last leaf's, so leaves suffice.
-    leaves = [
-        name for name, m in model.named_modules() if name and next(m.children(), None) is None
-    ]
-    if backend == "hooks":
-        return leaves
-    try:
-        eval_nodes = get_graph_node_names(model)[1]
-    except FeaturescopeError:
-        if backend == "fx":
-            raise
-        return leaves  # auto falls back to hooks, which take module names only
-    inputs = set(inspect.signature(model.forward).parameters)
-    return [name for name in eval_nodes if name not in inputs]
