@@ -1,0 +1,18 @@
+"""Representation similarity: linear CKA between any nodes of any two models.
+
+:func:`compare` runs two models (or one model twice over) on the same batches of images and
+returns a :class:`Comparison`: the matrix of linear CKA (centred kernel alignment, Kornblith et
+al. 2019) between every node of one and every node of the other, each cell computed exactly over
+the whole dataset in a streaming pass (``_estimators.ExactMoments``) or, for wide nodes, by the
+unbiased minibatch estimator of Nguyen et al. (2021) (``_estimators.MinibatchHSIC``).
+``_plan`` fixes the batches and which rank computes each, ``_cells`` picks each cell's estimator
+and holds the sums, ``_checkpoint`` keeps them on disk for a resume. Draw the matrix with the
+``similarity`` visualizer.
+"""
+
+from featurescope.compare._cells import ESTIMATORS, choose_estimators
+from featurescope.compare._compare import compare
+from featurescope.compare._estimators import MIN_BATCH, hsic1
+from featurescope.compare._result import Comparison
+
+__all__ = ["ESTIMATORS", "MIN_BATCH", "Comparison", "choose_estimators", "compare", "hsic1"]
