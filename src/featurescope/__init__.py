@@ -11,6 +11,7 @@ Example:
 """
 
 from featurescope._version import __version__
+from featurescope.compare import Comparison, compare
 from featurescope.data import ImageFolder, load_image_folders, make_synthetic_dataset
 from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
 from featurescope.errors import (
@@ -61,6 +62,7 @@ __all__ = [
     "STUDY_PREPROCESSING",
     "AlexNet",
     "CheckpointError",
+    "Comparison",
     "EmbeddingIndex",
     "EmbeddingIndexError",
     "EmptyDatasetError",
@@ -85,6 +87,7 @@ __all__ = [
     "VisualizationError",
     "WeightsUnavailableError",
     "__version__",
+    "compare",
     "convert_checkpoint",
     "create_model",
     "get_graph_node_names",
