@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "featurescope.cli._tap",
     "featurescope.cli._study",
     "featurescope.cli._explore",
+    "featurescope.cli._compare",
 )
 
 

@@ -7,12 +7,23 @@ the whole dataset in a streaming pass (``_estimators.ExactMoments``) or, for wid
 unbiased minibatch estimator of Nguyen et al. (2021) (``_estimators.MinibatchHSIC``).
 ``_plan`` fixes the batches and which rank computes each, ``_cells`` picks each cell's estimator
 and holds the sums, ``_checkpoint`` keeps them on disk for a resume. Draw the matrix with the
-``similarity`` visualizer.
+``similarity`` visualizer, or write it all (figure, CSV, JSON, a page) with
+:func:`write_comparison`.
 """
 
 from featurescope.compare._cells import ESTIMATORS, choose_estimators
 from featurescope.compare._compare import compare
 from featurescope.compare._estimators import MIN_BATCH, hsic1
 from featurescope.compare._result import Comparison
+from featurescope.compare._write import comparison_table, write_comparison
 
-__all__ = ["ESTIMATORS", "MIN_BATCH", "Comparison", "choose_estimators", "compare", "hsic1"]
+__all__ = [
+    "ESTIMATORS",
+    "MIN_BATCH",
+    "Comparison",
+    "choose_estimators",
+    "compare",
+    "comparison_table",
+    "hsic1",
+    "write_comparison",
+]
