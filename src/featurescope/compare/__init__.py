@@ -11,7 +11,12 @@ and holds the sums, ``_checkpoint`` keeps them on disk for a resume. Draw the ma
 :func:`write_comparison`.
 """
 
-from featurescope.compare._cells import ESTIMATORS, choose_estimators
+from featurescope.compare._cells import (
+    ESTIMATORS,
+    MAX_EXACT_OFFSET,
+    choose_estimators,
+    exact_offset,
+)
 from featurescope.compare._compare import compare
 from featurescope.compare._estimators import MIN_BATCH, hsic1
 from featurescope.compare._result import Comparison
@@ -19,11 +24,13 @@ from featurescope.compare._write import comparison_table, write_comparison
 
 __all__ = [
     "ESTIMATORS",
+    "MAX_EXACT_OFFSET",
     "MIN_BATCH",
     "Comparison",
     "choose_estimators",
     "compare",
     "comparison_table",
+    "exact_offset",
     "hsic1",
     "write_comparison",
 ]

@@ -12,32 +12,62 @@ import torch
 from featurescope.compare._estimators import AllReduce, ExactMoments, MinibatchHSIC
 from featurescope.errors import FeaturescopeError
 
-__all__ = ["ESTIMATORS", "Cells", "choose_estimators"]
+__all__ = ["ESTIMATORS", "MAX_EXACT_OFFSET", "Cells", "choose_estimators", "exact_offset"]
 
 #: ``estimator=`` values: ``"auto"`` picks per cell, the others force one for every cell.
 ESTIMATORS = ("auto", "exact", "minibatch")
+#: The largest offset for independent features that ``"auto"`` accepts from the exact estimator.
+MAX_EXACT_OFFSET = 0.01
+
+
+def exact_offset(p: int, q: int, n: int) -> float:
+    """How far above 0 the exact estimator sits for independent features: about
+    ``sqrt(pq / ((n + p)(n + q)))`` for widths ``p``, ``q`` over ``n`` images.
+
+    From the Wishart moments of independent Gaussian features: ``E||X̃ᵀỸ||² ≈ npq`` and
+    ``E||X̃ᵀX̃||² ≈ np(n + p)``.
+
+    Example:
+        >>> round(exact_offset(40, 40, 2000), 4)  # p / (n + p)
+        0.0196
+    """
+    return math.sqrt(p * q / ((n + p) * (n + q)))
 
 
 def choose_estimators(
-    widths_a: Sequence[int], widths_b: Sequence[int], estimator: str, max_exact_features: int
+    widths_a: Sequence[int],
+    widths_b: Sequence[int],
+    num_images: int,
+    estimator: str,
+    max_exact_features: int,
 ) -> tuple[tuple[str, ...], ...]:
-    """Each cell's estimator: under ``"auto"``, exact where both nodes are narrow enough.
+    """Each cell's estimator: under ``"auto"``, exact only where it is cheap and near unbiased.
 
-    The exact estimator keeps ``p_a² + p_b² + p_a p_b`` float64 sums: with both widths at most
-    ``max_exact_features`` (4096 by default: 128 MiB a matrix) that is bounded, and it gives the
-    whole dataset's CKA, which no batch size changes. A wider node (a flattened early conv
-    layer: AlexNet's conv1 has 69,984 features) would need gigabytes, and over fewer images
-    than features the full-dataset estimate sits far above 0 even for unrelated features; the
-    unbiased minibatch estimator needs ``m²`` per node and has neither problem.
+    A cell is exact when both its widths are at most ``max_exact_features`` (the exact sums
+    take ``p² + q² + pq`` float64 values: 128 MiB a matrix at 4096) and its offset for
+    independent features, :func:`exact_offset`, is at most :data:`MAX_EXACT_OFFSET` (1 %):
+    over 2,000 images that is nodes up to about 20 features (logits), over 100,000 images up to
+    about 1,000. Everywhere else the unbiased minibatch estimator is used: its memory is
+    ``batch_size²`` per node and it has no offset, so the cells of one matrix stay comparable.
+    A mix of a biased full-dataset cell (0.6 for two unrelated 512-wide layers over 64
+    images) beside unbiased ones (near 0) would draw structure that is not there.
 
     Example:
-        >>> choose_estimators([96, 69984], [96], "auto", 4096)
+        >>> choose_estimators([5, 512], [5], 2000, "auto", 4096)
         (('exact',), ('minibatch',))
+        >>> choose_estimators([5, 512], [5], 2000, "exact", 4096)
+        (('exact',), ('exact',))
     """
     if estimator != "auto":
         return tuple((estimator,) * len(widths_b) for _ in widths_a)
     return tuple(
-        tuple("exact" if max(p, q) <= max_exact_features else "minibatch" for q in widths_b)
+        tuple(
+            "exact"
+            if max(p, q) <= max_exact_features
+            and exact_offset(p, q, num_images) <= MAX_EXACT_OFFSET
+            else "minibatch"
+            for q in widths_b
+        )
         for p in widths_a
     )
 

@@ -168,8 +168,11 @@ def compare(
         nodes_b: model B's.
         reduce: ``"flatten"`` (every value of a node's output) or ``"avgpool"`` (the mean
             over the spatial positions: one value per channel).
-        estimator: ``"auto"`` (exact where both widths are at most ``max_exact_features``,
-            else minibatch), or ``"exact"`` / ``"minibatch"`` for every cell.
+        estimator: ``"auto"``: exact where both widths are at most ``max_exact_features``
+            and there are enough images for the exact estimate's offset to be under 1 %
+            (about 100 images per feature; see
+            :func:`featurescope.compare.choose_estimators`), minibatch elsewhere; or
+            ``"exact"`` / ``"minibatch"`` for every cell.
         max_exact_features: the widest node ``"auto"`` computes exactly.
         batch_size: images per batch, at least 4 (ignored for a DataLoader).
         device: where the models run and the sums live; default the models' device.
@@ -198,8 +201,8 @@ def compare(
         ...                   reduce="avgpool", batch_size=4, progress=False)
         >>> [round(same["conv3", "conv3"], 6), round(same["fc", "fc"], 6)]
         [1.0, 1.0]
-        >>> same.estimators[0], same.num_images
-        (('exact', 'exact'), 8)
+        >>> same.estimators[0], same.num_images  # 8 images: too few for an exact estimate
+        (('minibatch', 'minibatch'), 8)
     """
     _check_options(reduce, estimator, max_exact_features)
     want_a = _requested(model_a, nodes_a, "nodes_a")
@@ -229,8 +232,20 @@ def compare(
         plan.order = checkpoint.order
     done, cells = checkpoint.restore(target) if checkpoint else (0, None)
     mine = plan.rank_batches(rank, world)
-    cells = _run(taps, plan.loader(mine[done:]), target, reduce, cells, checkpoint, done, mine,
-                 estimator, max_exact_features, progress and rank == 0)
+    cells = _run(
+        taps,
+        plan.loader(mine[done:]),
+        target,
+        reduce,
+        cells,
+        checkpoint,
+        done,
+        mine,
+        len(plan.order),
+        estimator,
+        max_exact_features,
+        progress and rank == 0,
+    )
     if world > 1:
         cells = _same_cells_everywhere(cells, target)
     assert cells is not None  # rank 0 always has a batch
@@ -261,6 +276,7 @@ def _run(
     checkpoint: Checkpoint | None,
     done: int,
     mine: list[Any],
+    num_images: int,
     estimator: str,
     max_exact_features: int,
     progress: bool,
@@ -284,7 +300,9 @@ def _run(
             if cells is None:
                 widths_a = [x.shape[1] for x in xs]
                 widths_b = [y.shape[1] for y in ys]
-                chosen = choose_estimators(widths_a, widths_b, estimator, max_exact_features)
+                chosen = choose_estimators(
+                    widths_a, widths_b, num_images, estimator, max_exact_features
+                )
                 cells = Cells.create(widths_a, widths_b, chosen, device)
             cells.update(xs, ys)
             done += 1
