@@ -210,8 +210,15 @@ def test_a_dataloader_gives_its_order_and_batch_size():
     x, y = gaussian(20, 3, 5), gaussian(20, 2, 6)
     order = list(range(19, -1, -1))
     loader = DataLoader(TensorDataset(torch.cat([x, y], 1)), batch_size=5, sampler=order)
-    result = fs.compare(Blocks([3]), Blocks([2], offset=3), loader, nodes_a=nodes(1),
-                        nodes_b=nodes(1), progress=False, estimator="minibatch")
+    result = fs.compare(
+        Blocks([3]),
+        Blocks([2], offset=3),
+        loader,
+        nodes_a=nodes(1),
+        nodes_b=nodes(1),
+        progress=False,
+        estimator="minibatch",
+    )
     assert result.batch_size == 5
     expected = ref_minibatch_cka(x[order], y[order], consecutive_batches(20, 5))
     assert result["parts.0", "parts.0"] == pytest.approx(expected, rel=1e-10)
@@ -359,8 +366,15 @@ def test_a_model_with_itself_runs_once_and_has_a_unit_diagonal(two_trained_width
     calls = []
     handle = wide[0].register_forward_hook(lambda *_: calls.append(1))
     try:
-        result = fs.compare(wide, wide, TensorDataset(images), nodes_a=["1", "4", "7"],
-                            nodes_b={"4": "relu2", "7": "logits"}, batch_size=16, progress=False)
+        result = fs.compare(
+            wide,
+            wide,
+            TensorDataset(images),
+            nodes_a=["1", "4", "7"],
+            nodes_b={"4": "relu2", "7": "logits"},
+            batch_size=16,
+            progress=False,
+        )
     finally:
         handle.remove()
     assert len(calls) == 3  # three batches, one forward each
@@ -373,8 +387,16 @@ def test_a_model_with_itself_runs_once_and_has_a_unit_diagonal(two_trained_width
 def test_models_are_compared_in_eval_mode_and_left_as_they_were(two_trained_widths):
     images = two_trained_widths[2][:16]
     net = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(3 * 12 * 12, 4)).train()
-    result = fs.compare(net, net, TensorDataset(images), nodes_a=["0"], nodes_b=["1"],
-                        batch_size=8, progress=False, estimator="exact")
+    result = fs.compare(
+        net,
+        net,
+        TensorDataset(images),
+        nodes_a=["0"],
+        nodes_b=["1"],
+        batch_size=8,
+        progress=False,
+        estimator="exact",
+    )
     # In eval mode dropout passes its input through: CKA 1. In training mode it would not.
     assert result.matrix.item() == pytest.approx(1.0, abs=1e-12)
     assert net.training and net[1].training
@@ -404,8 +426,14 @@ def test_an_interrupted_comparison_resumes_to_the_same_matrix(tmp_path):
     ys = [xs[0] @ gaussian(3, 2, 22) + gaussian(400, 2, 23)]
     data = torch.cat([*xs, *ys], 1)
     a, b = Blocks([3, 30]), Blocks([2], offset=33)
-    options = dict(nodes_a=nodes(2), nodes_b=nodes(1), batch_size=40, max_exact_features=10,
-                   progress=False, out=tmp_path / "cmp")
+    options = dict(
+        nodes_a=nodes(2),
+        nodes_b=nodes(1),
+        batch_size=40,
+        max_exact_features=10,
+        progress=False,
+        out=tmp_path / "cmp",
+    )
     with pytest.raises(KeyboardInterrupt):
         fs.compare(a, b, Fragile(data, fail_at=290), **options)
     assert (tmp_path / "cmp" / "sums.safetensors").is_file()  # the first batch, at least
@@ -414,8 +442,13 @@ def test_an_interrupted_comparison_resumes_to_the_same_matrix(tmp_path):
     assert 0 < again.reads < 400  # it did not start over
     whole = fs.compare(a, b, TensorDataset(data), **{**options, "out": None})
     torch.testing.assert_close(resumed.matrix, whole.matrix, rtol=1e-12, atol=1e-14)
-    expected = [ref_cka(xs[0], ys[0]), ref_minibatch_cka(xs[1], ys[0], consecutive_batches(400, 40))]
-    torch.testing.assert_close(resumed.matrix[:, 0], torch.tensor(expected, dtype=F64), rtol=1e-9, atol=0)
+    expected = [
+        ref_cka(xs[0], ys[0]),
+        ref_minibatch_cka(xs[1], ys[0], consecutive_batches(400, 40)),
+    ]
+    torch.testing.assert_close(
+        resumed.matrix[:, 0], torch.tensor(expected, dtype=F64), rtol=1e-9, atol=0
+    )
     assert resumed.estimators == whole.estimators == (("exact",), ("minibatch",))
     finished = Fragile(data)
     assert fs.compare(a, b, finished, **options).matrix.equal(resumed.matrix)
@@ -424,14 +457,40 @@ def test_an_interrupted_comparison_resumes_to_the_same_matrix(tmp_path):
 
 def test_a_folder_of_another_comparison_is_refused(tmp_path):
     data = TensorDataset(gaussian(12, 4, 0))
-    fs.compare(Blocks([2]), Blocks([2], offset=2), data, nodes_a=nodes(1), nodes_b=nodes(1),
-               batch_size=4, out=tmp_path, progress=False)
+    fs.compare(
+        Blocks([2]),
+        Blocks([2], offset=2),
+        data,
+        nodes_a=nodes(1),
+        nodes_b=nodes(1),
+        batch_size=4,
+        out=tmp_path,
+        progress=False,
+    )
     with pytest.raises(fs.FeaturescopeError, match="reduce"):
-        fs.compare(Blocks([2]), Blocks([2], offset=2), data, nodes_a=nodes(1), nodes_b=nodes(1),
-                   batch_size=4, out=tmp_path, progress=False, reduce="avgpool")
-    redone = fs.compare(Blocks([2]), Blocks([2], offset=2), data, nodes_a=nodes(1),
-                        nodes_b=nodes(1), batch_size=4, out=tmp_path, progress=False,
-                        reduce="avgpool", overwrite=True)
+        fs.compare(
+            Blocks([2]),
+            Blocks([2], offset=2),
+            data,
+            nodes_a=nodes(1),
+            nodes_b=nodes(1),
+            batch_size=4,
+            out=tmp_path,
+            progress=False,
+            reduce="avgpool",
+        )
+    redone = fs.compare(
+        Blocks([2]),
+        Blocks([2], offset=2),
+        data,
+        nodes_a=nodes(1),
+        nodes_b=nodes(1),
+        batch_size=4,
+        out=tmp_path,
+        progress=False,
+        reduce="avgpool",
+        overwrite=True,
+    )
     assert redone.reduce == "avgpool"
 
 
@@ -454,8 +513,11 @@ def test_a_remainder_under_four_joins_the_last_batch():
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [({"estimator": "unbiased"}, "unknown estimator"), ({"reduce": "mean"}, "unknown reduce"),
-     ({"max_exact_features": 0}, "positive")],
+    [
+        ({"estimator": "unbiased"}, "unknown estimator"),
+        ({"reduce": "mean"}, "unknown reduce"),
+        ({"max_exact_features": 0}, "positive"),
+    ],
 )
 def test_unknown_options_say_what_is_accepted(option, message):
     with pytest.raises(fs.FeaturescopeError, match=message):
@@ -476,8 +538,14 @@ def test_nodes_default_to_the_zoo_model_stages_and_must_be_named_otherwise():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(fs.NodeNotFoundError):
-            fs.compare(Blocks([2]), Blocks([2]), TensorDataset(gaussian(8, 4, 0)),
-                       nodes_a=["nope"], nodes_b=nodes(1), progress=False)
+            fs.compare(
+                Blocks([2]),
+                Blocks([2]),
+                TensorDataset(gaussian(8, 4, 0)),
+                nodes_a=["nope"],
+                nodes_b=nodes(1),
+                progress=False,
+            )
 
 
 def test_the_root_name_is_the_function_even_after_importing_the_package():
@@ -491,8 +559,9 @@ def test_the_root_name_is_the_function_even_after_importing_the_package():
 
 
 def test_csv_and_json_read_back_to_the_same_float64():
-    result, _ = compare_features([gaussian(16, 3, 0), gaussian(16, 2, 1)], [gaussian(16, 2, 2)],
-                                 batch_size=8)
+    result, _ = compare_features(
+        [gaussian(16, 3, 0), gaussian(16, 2, 1)], [gaussian(16, 2, 2)], batch_size=8
+    )
     rows = [line.split(",") for line in result.to_csv().splitlines()]
     assert rows[0] == ["node", "parts.0"]
     values = torch.tensor([[float(v) for v in row[1:]] for row in rows[1:]], dtype=F64)

@@ -69,7 +69,10 @@ def test_two_ranks_give_the_one_process_matrix(tmp_path):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         whole = got["whole"]
         torch.testing.assert_close(
-            torch.tensor(whole["matrix"], dtype=torch.float64), single.matrix, rtol=1e-12, atol=1e-14
+            torch.tensor(whole["matrix"], dtype=torch.float64),
+            single.matrix,
+            rtol=1e-12,
+            atol=1e-14,
         )
         assert whole["num_images"] == N and whole["num_batches"] == single.num_batches
         assert [tuple(r) for r in whole["estimators"]] == list(single.estimators)

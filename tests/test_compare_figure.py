@@ -16,8 +16,18 @@ from featurescope.compare import Comparison, write_comparison
 def comparison() -> Comparison:
     matrix = torch.tensor([[1.0, 0.25, math.nan], [0.5, 0.75, 0.125]], dtype=torch.float64)
     estimators = (("exact", "minibatch", "exact"), ("exact", "exact", "minibatch"))
-    return Comparison(matrix, estimators, 40, ("conv1", "fc"), ("c1", "c2", "logits"),
-                      "alexnet", "alexnet_half", "avgpool", 8, 5)
+    return Comparison(
+        matrix,
+        estimators,
+        40,
+        ("conv1", "fc"),
+        ("c1", "c2", "logits"),
+        "alexnet",
+        "alexnet_half",
+        "avgpool",
+        8,
+        5,
+    )
 
 
 def test_similarity_draws_names_values_and_estimators():
@@ -63,19 +73,48 @@ def test_the_cli_writes_what_the_python_api_computes(tmp_path, search_data, caps
     model = fs.create_model("alexnet_half").eval()
     fs.save_checkpoint(model, checkpoint, model_name="alexnet_half")
     out = tmp_path / "cmp"
-    args = ["compare", "alexnet_half", "alexnet_half", "--data", str(search_data / "test"),
-            "--checkpoint-a", str(checkpoint), "--checkpoint-b", str(checkpoint),
-            "--nodes-a", "conv3", "fc", "--nodes-b", "conv2", "conv3", "fc",
-            "--reduce", "avgpool", "--batch-size", "4", "--out", str(out), "--quiet"]
+    args = [
+        "compare",
+        "alexnet_half",
+        "alexnet_half",
+        "--data",
+        str(search_data / "test"),
+        "--checkpoint-a",
+        str(checkpoint),
+        "--checkpoint-b",
+        str(checkpoint),
+        "--nodes-a",
+        "conv3",
+        "fc",
+        "--nodes-b",
+        "conv2",
+        "conv3",
+        "fc",
+        "--reduce",
+        "avgpool",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(args) == 0
     assert "images ->" in capsys.readouterr().out
     saved = json.loads((out / "matrix.json").read_text())
     images = fs.ImageFolder(search_data / "test", fs.resolve_preprocessing(model).transform())
-    expected = fs.compare(model, model, images, nodes_a=["conv3", "fc"],
-                          nodes_b=["conv2", "conv3", "fc"], reduce="avgpool", batch_size=4,
-                          progress=False)
-    torch.testing.assert_close(torch.tensor(saved["matrix"], dtype=torch.float64),
-                               expected.matrix, rtol=1e-9, atol=1e-12)
+    expected = fs.compare(
+        model,
+        model,
+        images,
+        nodes_a=["conv3", "fc"],
+        nodes_b=["conv2", "conv3", "fc"],
+        reduce="avgpool",
+        batch_size=4,
+        progress=False,
+    )
+    torch.testing.assert_close(
+        torch.tensor(saved["matrix"], dtype=torch.float64), expected.matrix, rtol=1e-9, atol=1e-12
+    )
     assert saved["matrix"][0][1] == pytest.approx(1.0) and saved["num_images"] == len(images)
     assert {p.name for p in out.iterdir()} >= {"similarity.png", "matrix.csv", "index.html"}
     assert main([*args, "--batch-size", "3"]) == 1  # the last --batch-size counts

@@ -65,7 +65,11 @@ def test_demo_compares_the_widths_stage_by_stage(demo_out):
     similarity = metrics["similarity"]
     assert similarity["stages"] == ["conv1", "conv2", "conv3", "fc"]
     names = [c["name"] for c in similarity["comparisons"]]
-    assert names == ["alexnet vs alexnet_half", "alexnet vs alexnet", "alexnet_half vs alexnet_half"]
+    assert names == [
+        "alexnet vs alexnet_half",
+        "alexnet vs alexnet",
+        "alexnet_half vs alexnet_half",
+    ]
     for comparison in similarity["comparisons"][1:]:  # each width with itself: a unit diagonal
         diagonal = torch.tensor(comparison["matrix"]).diagonal()
         torch.testing.assert_close(diagonal, torch.ones(4, dtype=diagonal.dtype))

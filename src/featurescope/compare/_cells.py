@@ -49,8 +49,9 @@ def choose_estimators(
     over 2,000 images that is nodes up to about 20 features (logits), over 100,000 images up to
     about 1,000. Everywhere else the unbiased minibatch estimator is used: its memory is
     ``batch_size²`` per node and it has no offset, so the cells of one matrix stay comparable.
-    A mix of a biased full-dataset cell (0.6 for two unrelated 512-wide layers over 64
-    images) beside unbiased ones (near 0) would draw structure that is not there.
+    A mix of a biased full-dataset cell (about 0.89 for two independent 512-wide
+    representations over 64 images) beside unbiased ones (0 in expectation) would draw
+    structure that is not there.
 
     Example:
         >>> choose_estimators([5, 512], [5], 2000, "auto", 4096)
@@ -125,10 +126,7 @@ class Cells:
     def matrix(self) -> torch.Tensor:
         """The CKA matrix, float64, each cell from its estimator."""
         values = [
-            [
-                (self.exact if e == "exact" else self.minibatch).cka(i, j)
-                for j, e in enumerate(row)
-            ]
+            [(self.exact if e == "exact" else self.minibatch).cka(i, j) for j, e in enumerate(row)]
             for i, row in enumerate(self.estimators)
         ]
         return torch.tensor(values, dtype=torch.float64).reshape(

@@ -57,16 +57,16 @@ def _name(model: nn.Module) -> str:
 class _Taps:
     """One tap per distinct model: a model compared with itself runs once per batch."""
 
-    def __init__(self, model_a: nn.Module, nodes_a: list[str], model_b: nn.Module, nodes_b: list[str]):
+    def __init__(
+        self, model_a: nn.Module, nodes_a: list[str], model_b: nn.Module, nodes_b: list[str]
+    ):
         self.same = model_a is model_b
         union_a = list(dict.fromkeys([*nodes_a, *nodes_b])) if self.same else nodes_a
         self.tap_a = FeatureTap(model_a, {n: n for n in union_a})
         self.tap_b = self.tap_a if self.same else FeatureTap(model_b, {n: n for n in nodes_b})
         self.nodes_a, self.nodes_b = nodes_a, nodes_b
 
-    def __call__(
-        self, inputs: Any, reduce: str
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def __call__(self, inputs: Any, reduce: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         out_a = self.tap_a(inputs)
         out_b = out_a if self.same else self.tap_b(inputs)
         xs = [_rows(out_a[n], n, "A", reduce) for n in self.nodes_a]
@@ -104,7 +104,9 @@ def _check_options(reduce: str, estimator: str, max_exact_features: int) -> None
             f"{', '.join(map(repr, ESTIMATORS))}."
         )
     if isinstance(max_exact_features, bool) or not isinstance(max_exact_features, int):
-        raise FeaturescopeError(f"max_exact_features must be an integer, got {max_exact_features!r}")
+        raise FeaturescopeError(
+            f"max_exact_features must be an integer, got {max_exact_features!r}"
+        )
     if max_exact_features < 1:
         raise FeaturescopeError(f"max_exact_features must be positive, got {max_exact_features}")
 

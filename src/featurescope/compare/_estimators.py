@@ -159,10 +159,8 @@ class ExactMoments:
                 d = offsets[side][i]
                 grams[i] = all_reduce(gram.addr(d, d, alpha=n_r))
         for (i, j), cross in self.cross.items():
-            self.cross[(i, j)] = all_reduce(
-                cross.addr(offsets["a"][i], offsets["b"][j], alpha=n_r)
-            )
-        self.count = int(round(n))
+            self.cross[(i, j)] = all_reduce(cross.addr(offsets["a"][i], offsets["b"][j], alpha=n_r))
+        self.count = round(n)
 
     def cka(self, i: int, j: int) -> float:
         """Linear CKA of cell ``(i, j)``; NaN where a node's features are constant."""
@@ -237,7 +235,7 @@ class MinibatchHSIC:
         self.self_b = all_reduce(self.self_b)
         self.cross = all_reduce(self.cross)
         batches = all_reduce(torch.tensor([float(self.batches)], dtype=torch.float64))
-        self.batches = int(round(float(batches.item())))
+        self.batches = round(float(batches.item()))
 
     def cka(self, i: int, j: int) -> float:
         """Minibatch CKA of cell ``(i, j)``; NaN where a node's HSIC₁ with itself is not > 0."""
@@ -259,4 +257,3 @@ class MinibatchHSIC:
         self.batches = int(state["batches"].item())
         for name in ("self_a", "self_b", "cross"):
             getattr(self, name).copy_(state[name])
-

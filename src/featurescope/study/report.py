@@ -234,8 +234,12 @@ def _similarity_section(page: _Page, similarity: Mapping[str, Any] | None) -> No
     for entry in similarity["comparisons"]:
         page.add(page.figure(entry["figure"], entry["name"]))
         result = Comparison.from_dict(
-            {**entry, "nodes_a": similarity["stages"], "nodes_b": similarity["stages"],
-             "num_images": similarity["num_images"]}
+            {
+                **entry,
+                "nodes_a": similarity["stages"],
+                "nodes_b": similarity["stages"],
+                "num_images": similarity["num_images"],
+            }
         )
         page.add(comparison_table(result))
 

@@ -90,8 +90,12 @@ def similarity(
     ax = fig.add_subplot(1, 1, 1)
     colormap = mpl.colormaps[cmap].with_extremes(bad="lightgrey")
     image = ax.imshow(matrix, cmap=colormap, vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xticks(range(cols), names_b, rotation=45 if max(map(len, names_b)) > 4 else 0,
-                  ha="right" if max(map(len, names_b)) > 4 else "center")
+    ax.set_xticks(
+        range(cols),
+        names_b,
+        rotation=45 if max(map(len, names_b)) > 4 else 0,
+        ha="right" if max(map(len, names_b)) > 4 else "center",
+    )
     ax.set_yticks(range(rows), names_a)
     if label_a:
         ax.set_ylabel(str(label_a))
@@ -105,8 +109,15 @@ def similarity(
                 text = "n/a" if math.isnan(value) else f"{value:.2f}{star}"
                 # Dark cells of viridis get white text, light ones black.
                 shade = "white" if math.isnan(value) or value < 0.6 else "black"
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                        color="black" if math.isnan(value) else shade)
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="black" if math.isnan(value) else shade,
+                )
     if title:
         ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
