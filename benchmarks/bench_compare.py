@@ -5,14 +5,14 @@ times exactly that (two FeatureTaps over the same batches, the same reduction, t
 dropped) and ``fs.compare`` over the same images, round-robin, and prints the ratio (the
 issue's goal: at most 1.3) with the peak resident memory of each phase (``VmHWM``, reset
 between phases through ``/proc/self/clear_refs``). Nodes: ``layer1`` … ``layer4`` and
-``avgpool``; with ``--reduce flatten`` the wide ones (``layer1`` has 200,704 features) use the
-minibatch estimator and ``avgpool`` the exact one; with ``--reduce avgpool`` every cell is exact.
+``avgpool``; ``--reduce flatten`` gives ``layer1`` 200,704 features (the minibatch estimator),
+``--reduce avgpool --estimator exact`` streams exact sums of at most 512 × 512.
 
 Usage::
 
     python benchmarks/bench_compare.py                        # 2,000 images, as in the issue
     python benchmarks/bench_compare.py --images 128 --repeats 1 --threads 2
-    python benchmarks/bench_compare.py --reduce avgpool
+    python benchmarks/bench_compare.py --reduce avgpool --estimator exact
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=224, help="image side")
     parser.add_argument("--reduce", choices=("flatten", "avgpool"), default="flatten")
+    parser.add_argument("--estimator", choices=("auto", "exact", "minibatch"), default="auto")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -100,7 +101,8 @@ def main() -> None:
     def compare() -> None:
         result[:] = [
             fs.compare(model_a, model_b, images, nodes_a=NODES, nodes_b=NODES,
-                       reduce=args.reduce, batch_size=args.batch_size, progress=False)
+                       reduce=args.reduce, estimator=args.estimator, batch_size=args.batch_size,
+                       progress=False)
         ]  # fmt: skip
 
     times: dict[str, list[float]] = {"tap": [], "compare": []}
