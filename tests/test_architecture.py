@@ -33,6 +33,7 @@ LAYERS = (
     ("featurescope.zoo",),
     ("featurescope.tap",),
     ("featurescope.visualizers",),
+    ("featurescope.compare",),
     ("featurescope.train",),
     ("featurescope.study",),
     ("featurescope.cli", "featurescope.__main__"),
@@ -42,7 +43,7 @@ LAYERS = (
 #: Packages that must not know of each other even where the layers would allow it.
 NEVER = {
     "featurescope.index": ("featurescope.zoo", "featurescope.tap", "featurescope.visualizers"),
-    "featurescope.visualizers": ("featurescope.zoo", "featurescope.tap"),
+    "featurescope.visualizers": ("featurescope.zoo", "featurescope.tap", "featurescope.compare"),
 }
 
 

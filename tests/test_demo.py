@@ -45,6 +45,8 @@ def test_demo_writes_every_file(demo_out):
         "width_curves.png",
         "retrieval_montage.png",
         "maps/overlay.png",
+        "similarity/alexnet_vs_alexnet_half/similarity.png",
+        "similarity/alexnet_vs_alexnet_half/index.html",
     ] + [
         f"maps/{stage}_{kind}.png"
         for stage in ("conv1", "conv2", "conv3")
@@ -56,6 +58,24 @@ def test_demo_writes_every_file(demo_out):
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     for run in ("alexnet-bs5", "alexnet_half-bs5"):
         assert (out / "checkpoints" / run / "last.safetensors").is_file()
+
+
+def test_demo_compares_the_widths_stage_by_stage(demo_out):
+    out, metrics = demo_out
+    similarity = metrics["similarity"]
+    assert similarity["stages"] == ["conv1", "conv2", "conv3", "fc"]
+    names = [c["name"] for c in similarity["comparisons"]]
+    assert names == [
+        "alexnet vs alexnet_half",
+        "alexnet vs alexnet",
+        "alexnet_half vs alexnet_half",
+    ]
+    for comparison in similarity["comparisons"][1:]:  # each width with itself: a unit diagonal
+        diagonal = torch.tensor(comparison["matrix"]).diagonal()
+        torch.testing.assert_close(diagonal, torch.ones(4, dtype=diagonal.dtype))
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "Do the two widths learn the same representations?" in report
+    assert "similarity/alexnet_vs_alexnet_half/similarity.png" in report
 
 
 def test_report_links_only_files_that_exist(demo_out):

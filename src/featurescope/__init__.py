@@ -40,6 +40,7 @@ from featurescope.errors import (
 from featurescope.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # what _LAZY imports at run time, spelled out for type checkers
+    from featurescope.compare import Comparison, compare
     from featurescope.data import ImageFolder, load_image_folders, make_synthetic_dataset
     from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
     from featurescope.index import (
@@ -73,6 +74,7 @@ if TYPE_CHECKING:  # what _LAZY imports at run time, spelled out for type checke
 
 #: The public names that need torch, by the module they come from: imported on first use.
 _LAZY_MODULES: dict[str, tuple[str, ...]] = {
+    "featurescope.compare": ("Comparison", "compare"),
     "featurescope.data": ("ImageFolder", "load_image_folders", "make_synthetic_dataset"),
     "featurescope.data.transforms": ("STUDY_PREPROCESSING", "Preprocessing"),
     "featurescope.index": (
@@ -141,6 +143,7 @@ __all__ = [
     "STUDY_PREPROCESSING",
     "AlexNet",
     "CheckpointError",
+    "Comparison",
     "EmbeddingIndex",
     "EmbeddingIndexError",
     "EmptyDatasetError",
@@ -165,6 +168,7 @@ __all__ = [
     "VisualizationError",
     "WeightsUnavailableError",
     "__version__",
+    "compare",
     "convert_checkpoint",
     "create_model",
     "fetch_weights",

@@ -31,6 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "featurescope.cli._study",
     "featurescope.cli._explore",
     "featurescope.cli._weights",
+    "featurescope.cli._compare",
 )
 
 

@@ -6,6 +6,8 @@
    ``fc``), for the ``grid`` and ``sum`` visualizers.
 3. :func:`embed` and :func:`index_embeddings`: the last hidden layer of every image, in an
    :class:`~featurescope.EmbeddingIndex` to search by image.
+4. :func:`compare_width_representations`: linear CKA between the stages of the two trained
+   widths, and of each with itself.
 
 The examples, ``featurescope demo`` and the CLI are built from these; they add no logic of
 their own.
@@ -14,6 +16,7 @@ their own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ from featurescope.zoo import load_checkpoint, model_metadata, resolve_preprocess
 
 __all__ = [
     "WidthRun",
+    "compare_width_representations",
     "compare_widths",
     "draw_stage_maps",
     "embed",
@@ -445,3 +449,97 @@ def _labels_or_none(labels: Any) -> torch.Tensor | None:
         return None
     tensor = torch.as_tensor(labels)
     return None if bool((tensor == NO_LABEL).all()) else tensor
+
+
+class _TwoWidths(nn.Module):
+    """Both widths as one module, so that one pass over the images gives all three comparisons."""
+
+    def __init__(self, full: nn.Module, half: nn.Module) -> None:
+        super().__init__()
+        self.full_width = full
+        self.half_width = half
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.full_width(x), self.half_width(x)
+
+
+def compare_width_representations(
+    full: nn.Module,
+    half: nn.Module,
+    images: Dataset[Any],
+    out: PathLike,
+    *,
+    stages: Sequence[str] = ("conv1", "conv2", "conv3", "fc"),
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Linear CKA between the stages of two models, and of each with itself, written to ``out``.
+
+    Each model runs once over ``images``. The features are flattened and every cell uses the
+    unbiased minibatch estimator: over the few hundred images of a demo the full-dataset
+    estimate of layers this wide would sit near its offset ``p / (n + p)`` whatever the
+    networks learnt (see :func:`featurescope.compare`).
+
+    Returns:
+        ``{"num_images", "batch_size", "stages", "comparisons": [{"name", "model_a",
+        "model_b", "matrix", "estimators", "figure", "page"}]}``, paths relative to
+        ``out``'s parent.
+    """
+    from featurescope.compare import compare, write_comparison
+
+    names = (_model_name(full), _model_name(half))
+    nodes = [f"{side}.{stage}" for side in ("full_width", "half_width") for stage in stages]
+    pair = _TwoWidths(full, half)
+    if device is not None:
+        pair.to(device)
+    both = compare(
+        pair,
+        pair,
+        images,
+        nodes_a=nodes,
+        nodes_b=nodes,
+        estimator="minibatch",
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    k = len(stages)
+    blocks = {
+        f"{names[0]}_vs_{names[1]}": (0, k),
+        f"{names[0]}_vs_{names[0]}": (0, 0),
+        f"{names[1]}_vs_{names[1]}": (k, k),
+    }
+    comparisons = []
+    folder = Path(out)
+    for key, (row, col) in blocks.items():
+        block = dataclasses.replace(
+            both,
+            matrix=both.matrix[row : row + k, col : col + k].clone(),
+            estimators=tuple(r[col : col + k] for r in both.estimators[row : row + k]),
+            nodes_a=tuple(stages),
+            nodes_b=tuple(stages),
+            model_a=names[row // k],
+            model_b=names[col // k],
+        )
+        paths = write_comparison(block, folder / key)
+        comparisons.append(
+            {
+                "name": f"{block.model_a} vs {block.model_b}",
+                **{f: block.to_dict()[f] for f in ("model_a", "model_b", "matrix", "estimators")},
+                "figure": str(paths["figure"].relative_to(folder.parent)),
+                "page": str(paths["page"].relative_to(folder.parent)),
+            }
+        )
+    return {
+        "num_images": both.num_images,
+        "batch_size": both.batch_size,
+        "num_batches": both.num_batches,
+        "stages": list(stages),
+        "comparisons": comparisons,
+    }
+
+
+def _model_name(model: nn.Module) -> str:
+    meta = model_metadata(model)
+    return meta.architecture if meta is not None else type(model).__name__

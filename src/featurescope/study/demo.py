@@ -110,6 +110,38 @@ def _best_full_width(runs: list[study.WidthRun], params: dict[str, int]) -> stud
     return max(full, key=lambda run: run.history.best_val_acc or 0.0)
 
 
+def _similarity_experiment(
+    runs: list[study.WidthRun],
+    params: dict[str, int],
+    splits: DatasetSplits,
+    out: Path,
+    device: Any,
+    progress: bool,
+) -> dict[str, Any] | None:
+    """Linear CKA between the stages of the best widest and best narrowest runs."""
+    from torch.utils.data import ConcatDataset
+
+    widest, narrowest = max(params, key=params.__getitem__), min(params, key=params.__getitem__)
+    best = {
+        name: max(
+            (run for run in runs if run.model == name),
+            key=lambda run: run.history.best_val_acc or 0.0,
+        )
+        for name in (widest, narrowest)
+    }
+    full, half = best[widest].load_best(), best[narrowest].load_best()
+    meta_full, meta_half = fs_model_metadata(full), fs_model_metadata(half)
+    stages = meta_full.stage_nodes if meta_full is not None else ()
+    if widest == narrowest or not stages or meta_half is None or meta_half.stage_nodes != stages:
+        return None  # one width, or two models without the same named stages
+    held_out = [split for split in (splits.val, splits.test) if split is not None]
+    images = ConcatDataset(held_out) if held_out else splits.train
+    result = study.compare_width_representations(
+        full, half, images, out / "similarity", stages=stages, device=device, progress=progress
+    )
+    return {**result, "runs": [best[widest].name, best[narrowest].name]}
+
+
 def _maps_experiment(model: torch.nn.Module, splits: DatasetSplits, out: Path) -> dict[str, Any]:
     dataset = splits.test or splits.eval or splits.train
     image, label = dataset[0]
@@ -259,6 +291,10 @@ def run_demo(
     t = time.perf_counter()
     maps = _maps_experiment(model, splits, out)
     timings["feature_maps"] = time.perf_counter() - t
+    log("    layer by layer, do the two widths represent images alike? (linear CKA)")
+    t = time.perf_counter()
+    similarity = _similarity_experiment(runs, width["parameters"], splits, out, device, progress)
+    timings["similarity"] = time.perf_counter() - t
 
     log("4/5 search by image")
     t = time.perf_counter()
@@ -290,6 +326,7 @@ def run_demo(
         },
         "width_comparison": width,
         "feature_maps": {**maps, "model": best.name},
+        "similarity": similarity,
         "retrieval": retrieval,
         "explorer": explorer.name,
         "seconds": {name: round(value, 1) for name, value in timings.items()},

@@ -215,6 +215,35 @@ def _retrieval_section(page: _Page, retrieval: Mapping[str, Any]) -> None:
     )
 
 
+def _similarity_section(page: _Page, similarity: Mapping[str, Any] | None) -> None:
+    """The two widths' representations compared stage by stage (linear CKA), when measured."""
+    if not similarity:
+        return
+    from featurescope.compare import Comparison, comparison_table
+
+    page.add("<h2>Do the two widths learn the same representations?</h2>")
+    page.add(
+        f"<p>Linear CKA (Kornblith et al. 2019) between the stages of the best runs "
+        f"({html.escape(', '.join(similarity['runs']))}), over {similarity['num_images']} "
+        f"held-out images, each stage's output flattened, unbiased minibatch estimator "
+        f"(Nguyen et al. 2021) over {similarity['num_batches']} batches of "
+        f"{similarity['batch_size']}. 1 on a diagonal means the same representation up to "
+        "rotation and scale; each model against itself shows how much consecutive stages "
+        "share.</p>"
+    )
+    for entry in similarity["comparisons"]:
+        page.add(page.figure(entry["figure"], entry["name"]))
+        result = Comparison.from_dict(
+            {
+                **entry,
+                "nodes_a": similarity["stages"],
+                "nodes_b": similarity["stages"],
+                "num_images": similarity["num_images"],
+            }
+        )
+        page.add(comparison_table(result))
+
+
 def write_report(folder: str | os.PathLike[str], metrics: Mapping[str, Any]) -> Path:
     """Write ``report.html`` into ``folder`` from what :func:`featurescope.study.demo.run_demo` measured.
 
@@ -249,6 +278,7 @@ def write_report(folder: str | os.PathLike[str], metrics: Mapping[str, Any]) -> 
         )
     _width_section(page, metrics["width_comparison"], preset)
     _maps_section(page, metrics["feature_maps"])
+    _similarity_section(page, metrics.get("similarity"))
     _retrieval_section(page, metrics["retrieval"])
     page.add("<p>All numbers: <a href='metrics.json'>metrics.json</a>.</p></body></html>")
     path = Path(folder) / "report.html"
