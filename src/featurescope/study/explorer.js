@@ -135,7 +135,23 @@
                                   title: "click to hide or show this run" });
       item.appendChild(el("span", { class: "fs-swatch", style: `background:${colour(r)}` }));
       item.appendChild(document.createTextNode(run.name));
-     // --- feature maps -----------------------------------------------------------------------
+      item.addEventListener("click", () => {
+        if (hidden.has(run.name)) hidden.delete(run.name);
+        else hidden.add(run.name);
+        applyHidden();
+      });
+      legend.appendChild(item);
+    });
+    host.appendChild(legend);
+    host.appendChild(el("p", { class: "fs-note",
+      text: "solid: training, dashed: validation; hover a point for its value" }));
+    const row = el("div", { class: "fs-row" });
+    host.appendChild(row);
+    chart(row, "loss", [["train_loss", ""], ["val_loss", "5 4"]], "cross-entropy");
+    chart(row, "accuracy", [["train_acc", ""], ["val_acc", "5 4"]], "accuracy");
+  }
+
+  // --- feature maps -----------------------------------------------------------------------
   const fm = { query: 0, stage: 0, channel: null };
   function stageOf(i) { return D.stages[i]; }
   async function unpacked(entry) {
@@ -283,23 +299,6 @@
         $("fs-point-image").style.display = src ? "" : "none";
         if (src) $("fs-point-image").src = src;
         $("fs-point-caption").textContent = `${named(g)}${src ? "" : " (file missing)"} — ${g.path}`;
-        neighbourTiles($("fs-point-neighbours"), D.projection.neighbours[String(id)] || [], g.label);
-      });
-      s.appendChild(dot);
-    });
-    host.appendChild(s);
-    const legend = el("div", { class: "fs-legend" });
-    D.classes.forEach((c, i) => {
-      const item = el("span", { class: "fs-run" });
-      item.appendChild(el("span", { class: "fs-swatch", style: `background:${colour(i)}` }));
-      item.appendChild(document.createTextNode(c));
-      legend.appendChild(item);
-    });
-    host.appendChild(legend);
-  }
-
-"";
-        $("fs-point-caption").textContent = `${className(g.label)} — ${g.path}`;
         neighbourTiles($("fs-point-neighbours"), D.projection.neighbours[String(id)] || [], g.label);
       });
       s.appendChild(dot);
