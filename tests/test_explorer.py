@@ -84,7 +84,7 @@ def test_channels_are_sorted_by_mean_activation_of_a_manual_forward(page, search
     content, test = page
     conv1 = next(s for s in content["stages"] if s["name"] == "conv1")
     assert [s["name"] for s in content["stages"]] == ["conv1", "conv2", "conv3"]  # not fc
-    assert [s["label"] for s in content["stages"]][0] == "stage 1 (27×27)"
+    assert content["stages"][0]["label"] == "stage 1 (27×27)"
     image = test[2][0][None]
     with torch.no_grad():
         expected = search.model.conv1(image)[0].double()
@@ -158,9 +158,7 @@ def test_grad_cam_and_prediction_of_a_trained_head(search, data, tmp_path):
     side = content["cam_side"]
     for q, expected in zip(content["queries"], cam.maps, strict=True):
         small = F.adaptive_avg_pool2d(expected[None, None], side)[0, 0]
-        np.testing.assert_allclose(
-            _unpack(q["cam"]).reshape(side, side), _scaled(small), atol=1.01
-        )
+        np.testing.assert_allclose(_unpack(q["cam"]).reshape(side, side), _scaled(small), atol=1.01)
     assert content["weights_sentence"].startswith("Weights from a checkpoint")
 
 
@@ -286,18 +284,20 @@ def test_queries_in_the_gallery_leave_themselves_out_as_a_brute_force_does(
     assert content["k"] == k
     for q, vector in zip(content["queries"], vectors, strict=True):
         distances = torch.sqrt(((gallery - vector) ** 2).sum(1)).tolist()
-        expected = sorted(
-            (d, i) for d, i in zip(distances, ids, strict=True) if i != q["id"]
-        )[:k]
+        expected = sorted((d, i) for d, i in zip(distances, ids, strict=True) if i != q["id"])[:k]
         assert [i for i, _ in q["neighbours"]] == [i for _, i in expected]
-        np.testing.assert_allclose([d for _, d in q["neighbours"]], [d for d, _ in expected],
-                                   atol=1e-3)
+        np.testing.assert_allclose(
+            [d for _, d in q["neighbours"]], [d for d, _ in expected], atol=1e-3
+        )
     # The copy outside the gallery finds the original at distance 0, which is right.
     last = content["queries"][-1]["neighbours"][0]
     assert Path(where[last[0]]).name == "astronaut.png" and last[1] == pytest.approx(0, abs=1e-3)
 
-    kept = _page_data(write_explorer(tmp_path / "k.html", photo_search, queries[:2], k=3,
-                                     keep_self=True, projection="pca"))
+    kept = _page_data(
+        write_explorer(
+            tmp_path / "k.html", photo_search, queries[:2], k=3, keep_self=True, projection="pca"
+        )
+    )
     assert [q["neighbours"][0][0] for q in kept["queries"]] == sorted(where)[:2]
     assert kept["queries"][0]["neighbours"][0][1] == pytest.approx(0, abs=1e-3)
 
@@ -309,8 +309,15 @@ def test_the_page_of_a_users_folder_speaks_of_its_files(photo_search, photos, tm
     assert main(["explore", "--index", str(index), "--out", str(page), "-k", "3"]) == 0
     content = _page_data(page)
     names = {q["name"] for q in content["queries"]}
-    assert names == {"chelsea.webp", "astronaut.png", "coffee.jpg", "rocket.bmp", "deep.png",
-                     "trip/camera.tiff", "trip/rotated.jpg"}
+    assert names == {
+        "chelsea.webp",
+        "astronaut.png",
+        "coffee.jpg",
+        "rocket.bmp",
+        "deep.png",
+        "trip/camera.tiff",
+        "trip/rotated.jpg",
+    }
     assert {g["name"] for g in content["gallery"]} == names
     assert all(q["id"] not in [i for i, _ in q["neighbours"]] for q in content["queries"])
     text = _VisibleText()

@@ -181,8 +181,13 @@ def test_the_page_of_a_users_folder_in_a_real_browser(browser, tmp_path):
     photos = tmp_path / "photos"
     (photos / "cats").mkdir(parents=True)
     (photos / "things").mkdir()
-    for folder, name in (("cats", "chelsea"), ("things", "coffee"), ("things", "rocket"),
-                         ("cats", "cat"), ("things", "astronaut")):
+    for folder, name in (
+        ("cats", "chelsea"),
+        ("things", "coffee"),
+        ("things", "rocket"),
+        ("cats", "cat"),
+        ("things", "astronaut"),
+    ):
         picture = Image.fromarray(getattr(images, name)()).resize((80, 64))
         picture.save(photos / folder / f"{name}.webp")
     model = fs.create_model("alexnet_half", class_names=["cats", "things"])
@@ -192,7 +197,10 @@ def test_the_page_of_a_users_folder_in_a_real_browser(browser, tmp_path):
     where = search.image_paths()
     queries = [where[i] for i in sorted(where)]
     page_path = write_explorer(
-        tmp_path / "photos.html", search, queries, query_labels=list(search.labels().values()),
+        tmp_path / "photos.html",
+        search,
+        queries,
+        query_labels=list(search.labels().values()),
         k=3,
     )
     problems: list[str] = []

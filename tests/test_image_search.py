@@ -255,7 +255,9 @@ def test_a_moved_folder_is_re_pointed_with_root(search, data, tmp_path, capsys):
     after = again.search_images(moved_queries, k=4)
     assert after.ids.tolist() == before.ids.tolist()
     torch.testing.assert_close(after.distances, before.distances)
-    expected = [[str(moved / Path(p).relative_to(original)) for p in row] for row in before.metadata]
+    expected = [
+        [str(moved / Path(p).relative_to(original)) for p in row] for row in before.metadata
+    ]
     assert after.metadata == expected
 
     # The command line re-points it the same way, and says nothing is missing.

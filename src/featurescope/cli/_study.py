@@ -249,8 +249,7 @@ def _index_search(args: argparse.Namespace) -> int:
     k = min(args.k, len(search.index))
     if k < args.k:
         print(
-            f"note: -k {args.k} is more than the {len(search.index)} indexed images; "
-            f"showing {k}",
+            f"note: -k {args.k} is more than the {len(search.index)} indexed images; showing {k}",
             file=sys.stderr,
         )
     result = search.search_images(list(args.images), k)

@@ -11,6 +11,7 @@ them with the browser's own ``DecompressionStream``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import math
 import zlib
@@ -189,12 +190,11 @@ def analyse(
         )
     analysis = QueryAnalysis(vectors_all, predicted, maps_out)
     if classifier and trained_head:
-        try:
+        # A model with no map to explain: the page shows no Grad-CAM, and says so.
+        with contextlib.suppress(FeaturescopeError):
             analysis.cams, analysis.cam_node = _grad_cams(
                 model, batch[:max_map_images], predicted[:max_map_images], batch_size
             )
-        except FeaturescopeError:
-            pass  # a model with no map to explain: the page shows none, and says so
     return analysis
 
 

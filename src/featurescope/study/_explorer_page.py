@@ -82,11 +82,7 @@ def _metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
 def _search_note(data: Mapping[str, Any]) -> str:
     words, k = data["wording"], data["k"]
     labelled = any(q["label"] >= 0 for q in data["queries"])
-    marks = (
-        ", framed green where the class matches (a hit) and red where not"
-        if labelled
-        else ""
-    )
+    marks = ", framed green where the class matches (a hit) and red where not" if labelled else ""
     self_note = (
         " A query that is itself in the gallery is left out of its own neighbours."
         if data["exclude_self"] and any(q.get("id") is not None for q in data["queries"])

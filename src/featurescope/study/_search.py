@@ -352,9 +352,7 @@ class ImageSearch:
             >>> search.gallery_ids([inside, outside])
             [0, None]
         """
-        by_path = {
-            os.path.realpath(p): i for i, p in self.image_paths().items() if p is not None
-        }
+        by_path = {os.path.realpath(p): i for i, p in self.image_paths().items() if p is not None}
         return [by_path.get(os.path.realpath(os.fspath(image))) for image in images]
 
     def missing_images(self) -> list[str]:

@@ -252,8 +252,9 @@ def write_explorer(
             "label": label,
             "predicted": analysis.predicted[i],
             "predicted_name": (
-                names[p] if names is not None and (p := analysis.predicted[i]) is not None
-                and p < len(names) else None
+                names[p]
+                if names is not None and (p := analysis.predicted[i]) is not None and p < len(names)
+                else None
             ),
             "image": i,
             "neighbours": hits,
