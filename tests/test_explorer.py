@@ -327,6 +327,22 @@ def test_the_page_of_a_users_folder_speaks_of_its_files(photo_search, photos, tm
     assert "predicted" not in visible  # random weights: no prediction to speak of
     assert "random weights" in visible and "images of photos/" in visible
     assert content["wording"]["gallery"] == "images of photos/"
+    kept = tmp_path / "kept.html"
+    argv = ["explore", "--index", str(index), "--out", str(kept), "-k", "2", "--keep-self"]
+    assert main(argv) == 0
+    firsts = [(q["id"], *q["neighbours"][0]) for q in _page_data(kept)["queries"]]
+    assert all(own == first and distance < 1e-3 for own, first, distance in firsts)
+
+
+def test_the_demo_keeps_the_studys_wording(search, data, tmp_path):
+    test = fs.ImageFolder(data / "test")
+    page = write_explorer(
+        tmp_path / "s.html", search, test.paths[:2], k=2, splits=("test", "training")
+    )
+    text = _VisibleText()
+    text.feed(page.read_text(encoding="utf-8"))
+    visible = " ".join(" ".join(text.parts).split())
+    assert "Click a test image: its 2 nearest training images, nearest first" in visible
 
 
 def test_stage_names_come_from_the_models_metadata(tmp_path, photos):
