@@ -75,7 +75,7 @@ def shrink(maps: torch.Tensor, side: int = MAX_MAP_SIDE) -> torch.Tensor:
 
     Example:
         >>> shrink(torch.ones(2, 112, 100)).shape
-        torch.Size([2, 56, 50])
+        torch.Size([2, 28, 25])
     """
     factor = math.ceil(max(maps.shape[-2:]) / side)
     if factor <= 1:

@@ -185,7 +185,7 @@ def write_explorer(
         ...                       query_labels=test.targets, k=3)
         >>> data = read_explorer_data(page)
         >>> data["weights"], data["queries"][0]["name"], len(data["queries"][0]["neighbours"])
-        ('random', 'circle_000.png', 3)
+        ('random', 'circle_0000.png', 3)
     """
     if projection not in ("auto", "pca", "umap"):
         raise FeaturescopeError(f"projection must be 'auto', 'pca' or 'umap', got {projection!r}")
