@@ -118,6 +118,21 @@ def _nodes(model: nn.Module, wanted: Sequence[str]) -> tuple[dict[str, str], dic
     return tapped, where
 
 
+def channels_first(maps: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` maps, permuted from ``[N, H, W, C]`` where that is what they are (Swin's
+    stages): square maps whose channel count differs from their side.
+
+    Example:
+        >>> channels_first(torch.zeros(1, 56, 56, 96)).shape
+        torch.Size([1, 96, 56, 56])
+        >>> channels_first(torch.zeros(1, 96, 56, 56)).shape
+        torch.Size([1, 96, 56, 56])
+    """
+    if maps.shape[1] == maps.shape[2] and maps.shape[2] != maps.shape[3]:
+        return maps.permute(0, 3, 1, 2)
+    return maps
+
+
 def stage_label(position: int, shape: Sequence[int]) -> str:
     """A stage's friendly name: ``"stage 1 (56×56)"`` for the first of ``[C, 56, 56]``."""
     return f"stage {position + 1} ({shape[-2]}×{shape[-1]})"
@@ -164,6 +179,7 @@ def analyse(
                 maps = out[stage]
                 if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or not keep:
                     continue  # class scores and token sequences are not drawn as maps
+                maps = channels_first(maps)
                 shapes[stage] = list(maps.shape[1:])
                 encoded[stage] += [
                     _encode_maps(one, max_channels) for one in maps[:keep].float().cpu()
