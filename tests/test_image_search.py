@@ -248,6 +248,9 @@ def test_a_moved_folder_is_re_pointed_with_root(search, data, tmp_path, capsys):
 
     stale = fs.ImageSearch.load(folder)
     assert len(stale.missing_images()) == len(stale.index)
+    assert main(["explore", "--index", str(folder), "--out", str(tmp_path / "x.html")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "missing" in err and "--root" in err  # one line, what to do
     again = fs.ImageSearch.load(folder, root=moved / "train")
     assert again.missing_images() == [] and again.missing_summary() is None
     assert again.weights == "random" and fs.model_metadata(again.model).weights == "random"
