@@ -215,24 +215,11 @@ def write_explorer(
     vectors = analysis.vectors
     own = search.gallery_ids(paths)
     exclude = None if keep_self or all(i is None for i in own) else _exclusions(search, own)
-    k = min(k, len(search.index) - (exclude is not None and len(search.index) > 1))
-    answer = search.index.search(vectors, k, exclude_ids=exclude)
-
-    all_ids = search.index.ids
-    step = max(1, -(-len(all_ids) // max_points))
-    rows = torch.arange(0, len(all_ids), step)
-    method, xy = _project(search.index.vectors[rows], projection)
-    point_ids = all_ids[rows]
-    around = (
-        search.index.search(
-            search.index.vectors[rows],
-            min(k, len(all_ids) - 1) or 1,
-            exclude_ids=point_ids[:, None],
-        )
-        if len(all_ids) > 1
-        else None
-    )
-    point_hits = _hits(around.distances, around.ids) if around is not None else [[] for _ in rows]
+    if exclude is not None and len(search.index) > 1:
+        k = min(k, len(search.index) - 1)  # a query in the gallery has one image fewer
+    k = min(k, len(search.index))
+    query_hits = _hits(*search.index.search(vectors, k, exclude_ids=exclude))
+    projected = _projection(search, k, max_points, projection)
     if (
         metrics is None
         and all(label >= 0 for label in labels)
@@ -241,9 +228,7 @@ def write_explorer(
         metrics = {
             "this model": retrieval_metrics(search.index, vectors, labels, k=k, exclude_ids=exclude)
         }
-
     pictures = [pack.model_view(t, search) for t in batch]
-    query_hits = _hits(answer.distances, answer.ids)
     queries_data = [
         {
             "path": path,
@@ -251,28 +236,15 @@ def write_explorer(
             "id": own[i],
             "label": label,
             "predicted": analysis.predicted[i],
-            "predicted_name": (
-                names[p]
-                if names is not None and (p := analysis.predicted[i]) is not None and p < len(names)
-                else None
-            ),
+            "predicted_name": _class_name(names, analysis.predicted[i]),
             "image": i,
             "neighbours": hits,
             "cam": analysis.cams[i] if i < len(analysis.cams) else None,
         }
         for i, (path, label, hits) in enumerate(zip(paths, labels, query_hits, strict=True))
     ]
-    gallery = _gallery(search, query_hits, point_hits, point_ids, own, pictures)
-    notes = {}
-    missing = search.missing_summary()
-    if missing:
-        notes["missing"] = missing
-    if unreadable:
-        shown = ", ".join(Path(p).name for p in unreadable[:5])
-        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
-        notes["unreadable"] = (
-            f"{len(unreadable)} query image(s) could not be read and are left out: {shown}{more}"
-        )
+    points = [point[0] for point in projected["points"]]
+    shown = query_hits + list(projected["neighbours"].values())
     data = {
         "title": title,
         "version": __version__,
@@ -287,24 +259,15 @@ def write_explorer(
         "display_size": pack.DISPLAY_SIZE,
         "runs": _runs(runs),
         "metrics": metric_rows(metrics),
-        "notes": notes,
+        "notes": _notes(search, unreadable),
         "images": pictures,
         "queries": queries_data,
         "cam_node": analysis.cam_node,
         "cam_side": pack.CAM_SIDE,
         "no_cam_reason": _no_cam_reason(search, names),
-        "gallery": gallery,
+        "gallery": _gallery(search, shown, points, own, pictures),
         "stages": analysis.stages,
-        "projection": {
-            "method": method,
-            "points": [
-                [int(i), round(float(x), 5), round(float(y), 5)]
-                for i, (x, y) in zip(point_ids.tolist(), xy.tolist(), strict=True)
-            ],
-            "neighbours": {
-                str(int(i)): h for i, h in zip(point_ids.tolist(), point_hits, strict=True)
-            },
-        },
+        "projection": projected,
     }
     target = Path(out)
     with atomic_open(target, encoding="utf-8") as fh:
@@ -312,17 +275,63 @@ def write_explorer(
     return target
 
 
+def _class_name(names: list[str] | None, predicted: int | None) -> str | None:
+    if names is None or predicted is None or predicted >= len(names):
+        return None
+    return names[predicted]
+
+
+def _projection(search: ImageSearch, k: int, max_points: int, method: str) -> dict[str, Any]:
+    """The gallery in 2-D (at most ``max_points``, evenly spaced) and each point's neighbours."""
+    all_ids = search.index.ids
+    step = max(1, -(-len(all_ids) // max_points))
+    rows = torch.arange(0, len(all_ids), step)
+    used, xy = _project(search.index.vectors[rows], method)
+    point_ids = all_ids[rows].tolist()
+    hits: list[list[list[Any]]] = [[] for _ in point_ids]
+    if len(all_ids) > 1:
+        around = search.index.search(
+            search.index.vectors[rows],
+            min(k, len(all_ids) - 1),
+            exclude_ids=all_ids[rows][:, None],
+        )
+        hits = _hits(around.distances, around.ids)
+    return {
+        "method": used,
+        "points": [
+            [int(i), round(float(x), 5), round(float(y), 5)]
+            for i, (x, y) in zip(point_ids, xy.tolist(), strict=True)
+        ],
+        "neighbours": {str(int(i)): h for i, h in zip(point_ids, hits, strict=True)},
+    }
+
+
+def _notes(search: ImageSearch, unreadable: list[str]) -> dict[str, str]:
+    """What the page warns of: indexed images that are missing, queries that did not decode."""
+    notes = {}
+    missing = search.missing_summary()
+    if missing:
+        notes["missing"] = missing
+    if unreadable:
+        shown = ", ".join(Path(p).name for p in unreadable[:5])
+        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        notes["unreadable"] = (
+            f"{len(unreadable)} query image(s) could not be read and are left out: {shown}{more}"
+        )
+    return notes
+
+
 def _gallery(
     search: ImageSearch,
-    query_hits: list[list[list[Any]]],
-    point_hits: list[list[list[Any]]],
-    point_ids: torch.Tensor,
+    shown: list[list[list[Any]]],
+    points: list[int],
     own: list[int | None],
     pictures: list[str],
 ) -> list[dict[str, Any]]:
-    """The gallery images the page shows, each picture shipped once: a query's own picture
-    serves for its gallery entry; a missing file gets ``"image": None``."""
-    used = {i for hits in query_hits + point_hits for i, _ in hits} | set(point_ids.tolist())
+    """The gallery images the page shows (neighbours and projected points), each picture
+    shipped once: a query's own picture serves for its gallery entry; a missing file gets
+    ``"image": None``."""
+    used = {i for hits in shown for i, _ in hits} | set(points)
     already = {gid: position for position, gid in enumerate(own) if gid is not None}
     where, by_id = search.image_paths(), search.labels()
     gallery = []
