@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import featurescope as fs
 from featurescope.cli import main
@@ -382,3 +384,41 @@ def test_pictures_are_read_as_the_model_reads_them(photo_search, photos, tmp_pat
         )
         assert np.abs(shown - model_view).mean() < 6  # JPEG's loss, no more
         assert np.abs(shown - naive).mean() > 30  # upright (and not clipped white)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(2, 12),
+    duplicates=st.integers(0, 3),
+    picks=st.lists(st.integers(-2, 11), min_size=1, max_size=6),
+    k=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_self_exclusion_is_a_brute_force_without_the_query(
+    search, rows, duplicates, picks, k, seed
+):
+    """Queries that are gallery files (some of them duplicates of other vectors) and queries
+    that are not: each leaves out exactly its own id, ties going to the smaller id."""
+    from featurescope.study.explorer import _exclusions
+
+    generator = torch.Generator().manual_seed(seed)
+    vectors = torch.randint(-3, 4, (rows, 3), generator=generator).float()
+    vectors[:duplicates] = vectors[rows - 1]  # exact duplicates: ties at distance 0
+    ids = torch.randperm(100, generator=generator)[:rows]
+    index = fs.EmbeddingIndex(3)
+    index.add(vectors, ids=ids, metadata=[f"/photos/{i}.png" for i in ids.tolist()])
+    search = fs.ImageSearch(search.model, index, node="fc.4")  # the model is not used
+    paths = [
+        f"/photos/{ids[p].item()}.png" if 0 <= p < rows else f"/elsewhere/{p}.png" for p in picks
+    ]
+    queries = torch.stack(
+        [vectors[p] if 0 <= p < rows else torch.full((3,), float(p)) for p in picks]
+    )
+    own = search.gallery_ids(paths)
+    assert own == [ids[p].item() if 0 <= p < rows else None for p in picks]
+    k = min(k, rows - 1)
+    result = index.search(queries, k, exclude_ids=_exclusions(search, own))
+    for query, mine, got in zip(queries.double(), own, result.ids.tolist(), strict=True):
+        distances = ((vectors.double() - query) ** 2).sum(1).tolist()
+        expected = sorted((d, i) for d, i in zip(distances, ids.tolist(), strict=True) if i != mine)
+        assert got == [i for _, i in expected[:k]]
