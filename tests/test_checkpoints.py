@@ -290,3 +290,33 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     with atomic_open(tmp_path / "new.txt") as fh:
         fh.write("y")
     assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o600  # kept on replace
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"layer sizes: 96 256 384\nlr 0.01\n", "it looks like text ('layer sizes: 96 256 384')"),
+        ("naïve notes, ünïcode\n".encode(), "it looks like text ('naïve notes, ünïcode')"),
+        (b"", "the file is empty"),
+        (b"\x00\x01\x02\xff\xfe binary", r"it starts with the bytes b'\x00\x01\x02\xff\xfe bi'"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_is_named_so_not_as_a_pickle(tmp_path, content, said):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    with pytest.raises(fs.CheckpointError) as info:
+        checkpoints.read_state_dict(path)
+    assert not isinstance(info.value, fs.UnsafeCheckpointError)
+    assert str(info.value).startswith(f"{path} is not a checkpoint: {said}.")
+    assert "pickle" not in str(info.value)
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_both_torch_save_formats_still_read(tmp_path, zipped):
+    """The first-bytes check lets torch.save's zip and legacy pickle formats through."""
+    state = fs.create_model("alexnet_half").state_dict()
+    path = tmp_path / "s.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=zipped)
+    read = checkpoints.read_state_dict(path)
+    assert read.keys() == state.keys()
+    assert all(torch.equal(read[k], state[k]) for k in state)

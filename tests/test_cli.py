@@ -66,7 +66,9 @@ def test_models(capsys):
     assert main(["models", "*alexnet*", "--details"]) == 0
     out = capsys.readouterr().out
     for name in fs.list_models("*alexnet*"):
-        params = sum(p.numel() for p in fs.create_model(name).parameters())
+        # Built as its pretrained weights have it: tv_alexnet with its 1000 classes.
+        classes = fs.get_model_info(name).pretrained_classes
+        params = sum(p.numel() for p in fs.create_model(name, num_classes=classes).parameters())
         assert f"{name} " in out and f"{params:,} params" in out
     assert main(["models", "no-such-model*"]) == 1
     half = fs.create_model("alexnet_half")
@@ -106,8 +108,7 @@ def test_maps(tmp_path, data, capsys):
                 "maps",
                 str(image),
                 "--layers",
-                "conv1",
-                "conv2.0",
+                "conv1,conv2.0",
                 "--max-channels",
                 "8",
                 "--out",
@@ -220,3 +221,159 @@ def test_demo_command(tmp_path, data, registered_tiny):
 def test_unknown_preset(capsys):
     assert main(["demo", "--preset", "quik", "--quiet"]) == 1
     assert "quick" in capsys.readouterr().err
+
+
+# --- --weights: pretrained by default, random on purpose, a file; never the network ----------
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Offline, and any attempt to connect anywhere fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a test tried to reach the network: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("FEATURESCOPE_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch, no_network):
+    """An empty torch hub cache of the test's own."""
+    home = tmp_path / "torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    return home
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """The models the commands build, in order."""
+    from featurescope.cli import _build, _study
+
+    models = []
+
+    def build_model(args):
+        models.append(_build.build_model(args))
+        return models[-1]
+
+    monkeypatch.setattr(_study, "build_model", build_model)
+    return models
+
+
+@pytest.fixture
+def cached_squeezenet(torch_home):
+    """squeezenet1_1's default weights file in the hub cache, under torchvision's own name:
+    random weights (seeded), as a machine that fetched the real ones would hold them."""
+    import os
+
+    import torchvision
+
+    weights = torchvision.models.SqueezeNet1_1_Weights.DEFAULT
+    torch.manual_seed(7)
+    state = torchvision.models.squeezenet1_1(weights=None).state_dict()
+    torch.save(state, torch_home / "hub" / "checkpoints" / os.path.basename(weights.url))
+    return state
+
+
+def _image(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), (120, 30, 200)).save(path)
+    return path
+
+
+def test_index_build_uses_cached_pretrained_weights_without_being_told(
+    tmp_path, data, cached_squeezenet, built, capsys
+):
+    out = tmp_path / "photos.fsindex"
+    argv = ["index", "build", str(data / "train"), "--model", "squeezenet1_1"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    assert "random weights" not in capsys.readouterr().err
+    meta = fs.model_metadata(built[0])
+    assert (meta.weights, meta.num_classes) == ("torchvision:IMAGENET1K_V1", 1000)
+    for weights in (built[0].state_dict(), fs.ImageSearch.load(out).model.state_dict()):
+        assert weights.keys() == cached_squeezenet.keys()
+        for name, tensor in cached_squeezenet.items():
+            assert torch.equal(weights[name].cpu(), tensor), name
+
+
+_SQUEEZE_MAPS = ["--model", "squeezenet1_1", "--layers", "features.0", "--max-channels", "2"]
+
+
+def test_a_weights_tag_is_those_weights(tmp_path, cached_squeezenet, built, capsys):
+    argv = ["maps", str(_image(tmp_path)), *_SQUEEZE_MAPS, "--out", str(tmp_path / "maps")]
+    assert main([*argv, "--weights", "IMAGENET1K_V1"]) == 0
+    assert "random weights" not in capsys.readouterr().err
+    assert fs.model_metadata(built[0]).weights == "torchvision:IMAGENET1K_V1"
+    assert torch.equal(built[0].features[0].weight, cached_squeezenet["features.0.weight"])
+    assert main([*argv, "--weights", "IMAGENET1K_V9"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("featurescope maps: error: unknown weights 'IMAGENET1K_V9'")
+    assert "IMAGENET1K_V1" in err and len(err.splitlines()) == 1
+
+
+def test_random_weights_are_said_once_and_recorded(tmp_path, torch_home, built, capsys):
+    argv = ["maps", str(_image(tmp_path)), *_SQUEEZE_MAPS, "--out", str(tmp_path / "maps")]
+    assert main([*argv, "--weights", "none"]) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if "random" in line]
+    assert notices == [
+        "featurescope: squeezenet1_1 has random weights (--weights none): its feature maps and "
+        "neighbours mean little; leave --weights out for its pretrained IMAGENET1K_V1 weights"
+    ]
+    assert fs.model_metadata(built[0]).weights == "random"
+
+
+def test_a_model_without_pretrained_weights_is_random_by_default_and_says_so(
+    tmp_path, built, capsys
+):
+    argv = ["maps", str(_image(tmp_path)), "--model", "alexnet_half", "--out", str(tmp_path)]
+    assert main([*argv, "--layers", "conv1", "--max-channels", "2"]) == 0
+    assert fs.model_metadata(built[0]).weights == "random"
+    notices = [line for line in capsys.readouterr().err.splitlines() if "random" in line]
+    assert len(notices) == 1
+    assert notices[0].startswith(
+        "featurescope: alexnet_half has random weights (the zoo has no pretrained weights for it)"
+    )
+    assert main([*argv, "--weights", "IMAGENET1K_V1"]) == 1
+    assert "alexnet_half has no pretrained weights" in capsys.readouterr().err
+
+
+def test_weights_not_on_this_machine_are_one_line(tmp_path, torch_home, capsys):
+    argv = ["maps", str(_image(tmp_path)), *_SQUEEZE_MAPS, "--out", str(tmp_path / "maps")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert err.startswith("featurescope maps: error: ")
+    assert "squeezenet1_1-b8a52dc0.pth" in err and "--weights none" in err
+
+
+def test_weights_file_and_checkpoint_alias(tmp_path, capsys):
+    torch.manual_seed(3)
+    path = fs.save_checkpoint(fs.create_model("alexnet_half"), tmp_path / "m.safetensors")
+    image = str(_image(tmp_path))
+    for flag in ("--weights", "--checkpoint"):
+        out = tmp_path / flag.strip("-")
+        argv = ["maps", image, flag, str(path), "--layers", "conv1", "--max-channels", "2"]
+        assert main([*argv, "--out", str(out)]) == 0
+    assert "random" not in capsys.readouterr().err
+    assert (tmp_path / "weights" / "conv1_grid.png").read_bytes() == (
+        tmp_path / "checkpoint" / "conv1_grid.png"
+    ).read_bytes()
+    with pytest.raises(SystemExit) as info:
+        main(["maps", image, "--weights", "none", "--checkpoint", str(path)])
+    assert info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--weights", "--checkpoint"])
+def test_a_text_file_as_weights_is_not_a_checkpoint(tmp_path, flag, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("to do: train the model\n")
+    argv = ["maps", str(_image(tmp_path)), flag, str(notes), "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"featurescope maps: error: {notes} is not a checkpoint: it looks like")
+    assert "pickle" not in err and len(err.splitlines()) == 1

@@ -445,7 +445,7 @@ def test_summary_needs_a_size_for_models_outside_the_zoo():
 
 
 def test_cli_summary_and_nodes(capsys):
-    assert main(["summary", "alexnet_half", "--nodes", "conv1", "fc"]) == 0
+    assert main(["summary", "alexnet_half", "--nodes", "conv1,fc"]) == 0
     printed = capsys.readouterr().out
     assert "conv1.2" in printed and "[-1, 48, 27, 27]" in printed and "fc.5" in printed
     assert main(["nodes", "alexnet"]) == 0

@@ -119,17 +119,19 @@ def test_tv_alexnet_is_torchvision_s_architecture():
         torch.testing.assert_close(ours(x), theirs(x))
 
 
-def test_tv_alexnet_weights_offline_names_file_and_place(tmp_path, monkeypatch):
+def test_tv_alexnet_weights_offline_names_file_url_and_place(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("FEATURESCOPE_OFFLINE", "1")
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("featurescope tried to download while offline")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
     with pytest.raises(fs.WeightsUnavailableError) as info:
         fs.create_model("tv_alexnet", weights="IMAGENET1K_V1")
     message = str(info.value)
     assert "alexnet-owt-7be5be79.pth" in message
+    assert "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth" in message
     assert str(tmp_path / "hub" / "checkpoints") in message
 
 
@@ -258,3 +260,84 @@ def test_register_model_records_stages_and_embedding_node():
     finally:
         _registry._DECORATED.pop("probe_test_net", None)
         _registry.MODELS.invalidate()
+
+
+@pytest.fixture
+def timm_hidden(monkeypatch):
+    """A machine without timm: importlib finds no ``timm``, so its plugin registers nothing."""
+    import importlib.util
+
+    from featurescope.zoo import MODELS
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == "timm" or name.startswith("timm.") else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    MODELS.invalidate()
+    yield
+    monkeypatch.undo()
+    MODELS.invalidate()
+
+
+def test_timm_model_without_timm_says_install_timm(timm_hidden):
+    assert fs.list_models("timm/*") == []
+    with pytest.raises(fs.UnknownNameError) as info:
+        fs.create_model("timm/resnet18")
+    message = str(info.value)
+    assert "install timm (pip install 'featurescope[timm]')" in message
+    assert "unknown model" not in message
+
+
+def test_unknown_timm_name_with_timm_installed_is_an_unknown_model():
+    pytest.importorskip("timm")
+    with pytest.raises(fs.UnknownNameError, match="unknown model 'timm/resnet18x'") as info:
+        fs.get_model_info("timm/resnet18x")
+    assert "install timm" not in str(info.value)
+
+
+def test_pretrained_class_names_label_the_pretrained_head(fresh_plugins):
+    """A spec's ``pretrained_class_names`` name the classes of a model built with its weights
+    and their head; another head, or random weights, get no names."""
+    import types
+
+    fixed = torch.arange(12.0).reshape(3, 4)
+
+    def builder(num_classes=5, weights=None):
+        head = nn.Linear(4, num_classes)
+        if weights:  # "pretrained": fixed weights for its 3 classes
+            with torch.no_grad():
+                head.weight[: len(fixed)] = fixed[:num_classes]
+        return head
+
+    spec = fs.ModelSpec(
+        builder, weights="TOY", pretrained_classes=3, pretrained_class_names=("a", "b", "c")
+    )
+    plugin = types.SimpleNamespace(
+        featurescope_register_models=fs.hookimpl(lambda: {"toy_pretrained": spec})
+    )
+    fs.register_plugin(plugin, "toy-pretrained")
+    pretrained = fs.create_model("toy_pretrained", pretrained=True)
+    assert torch.equal(pretrained.weight, fixed)
+    meta = fs.model_metadata(pretrained)
+    assert (meta.num_classes, meta.class_names) == (3, ("a", "b", "c"))
+    assert meta.weights == "toy-pretrained:TOY"
+    other_head = fs.create_model("toy_pretrained", pretrained=True, num_classes=2)
+    assert fs.model_metadata(other_head).class_names is None
+    assert fs.model_metadata(fs.create_model("toy_pretrained")).class_names is None
+    renamed = fs.create_model("toy_pretrained", pretrained=True, class_names=["x", "y", "z"])
+    assert fs.model_metadata(renamed).class_names == ("x", "y", "z")
+
+
+def test_cli_timm_model_without_timm_says_install_timm(timm_hidden, tmp_path, capsys):
+    from PIL import Image
+
+    from featurescope.cli import main
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    argv = ["maps", str(tmp_path / "photo.png"), "--model", "timm/resnet18"]
+    assert main([*argv, "--out", str(tmp_path / "maps")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("featurescope maps: error: model 'timm/resnet18' is one of timm's")
+    assert "install timm (pip install 'featurescope[timm]')" in err and len(err.splitlines()) == 1

@@ -105,18 +105,20 @@ def test_stage_nodes_are_tappable_and_shrink(name):
         assert sides == sorted(sides, reverse=True) and len(set(sides)) == len(sides)
 
 
-def test_pretrained_weights_are_never_downloaded(tmp_path, monkeypatch):
+def test_pretrained_weights_offline_name_file_url_and_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("FEATURESCOPE_OFFLINE", "1")
 
     def no_network(*args, **kwargs):
-        raise AssertionError("featurescope tried to download")
+        raise AssertionError("featurescope tried to download while offline")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
     with pytest.raises(fs.WeightsUnavailableError) as info:
         fs.create_model("resnet18", pretrained=True)
     url = torchvision.models.ResNet18_Weights.DEFAULT.url
-    assert url.rsplit("/", 1)[-1] in str(info.value)
+    assert url.rsplit("/", 1)[-1] in str(info.value) and url in str(info.value)
     assert str(tmp_path / "hub" / "checkpoints") in str(info.value)
 
 
@@ -188,10 +190,10 @@ def test_timm_model_taps_its_embedding(name, size):
     torch.testing.assert_close(tapped.flatten(1), expected.flatten(1), rtol=0, atol=0)
 
 
-def test_timm_pretrained_only_from_a_local_cache(tmp_path, monkeypatch):
+def test_timm_pretrained_offline_from_a_local_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(fs.WeightsUnavailableError, match="never downloads"):
+    with pytest.raises(fs.WeightsUnavailableError, match="downloads are off"):
         fs.create_model("timm/resnet18", pretrained=True)
     cfg = timm.models.get_pretrained_cfg("resnet18")
     reference = timm.create_model("resnet18")

@@ -1,4 +1,5 @@
-"""Small facts about an ``nn.Module`` that several packages need: its device, dtype and modes."""
+"""Small facts about an ``nn.Module`` that several packages need: its device, dtype and modes,
+and whether a device asked for is there."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["model_device", "model_dtype", "training_mode", "weights_fingerprint"]
+from featurescope.errors import FeaturescopeError
+
+__all__ = [
+    "model_device",
+    "model_dtype",
+    "resolve_device",
+    "training_mode",
+    "weights_fingerprint",
+]
 
 
 @contextlib.contextmanager
@@ -57,3 +66,54 @@ def weights_fingerprint(model: nn.Module) -> str:
         if t.numel():
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _accelerator_count(kind: str) -> int:
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "mps":
+        return int(torch.backends.mps.is_available())
+    if kind == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        return xpu.device_count() if xpu is not None and xpu.is_available() else 0
+    return -1  # a device type featurescope does not check: torch says when it is used
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device ``device`` names, checked to exist here; ``None`` is CUDA when available.
+
+    Checked once where a user names it (the command line's ``--device``), so that a missing
+    GPU is one sentence instead of a traceback from deep inside the first ``.to(device)``.
+
+    Raises:
+        FeaturescopeError: not a device name, or no such device on this machine.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+        >>> try:
+        ...     resolve_device("gpu")
+        ... except FeaturescopeError as err:
+        ...     print(str(err).split(";")[0])
+        'gpu' is not a device
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise FeaturescopeError(
+            f"{str(device)!r} is not a device; use cpu, cuda, cuda:1, mps, ..."
+        ) from exc
+    count = _accelerator_count(resolved.type)
+    if count == 0:
+        raise FeaturescopeError(
+            f"device {str(device)!r} is not available: torch sees no {resolved.type} device on "
+            "this machine; use 'cpu' (or name no device: CUDA when available)"
+        )
+    if resolved.index is not None and 0 <= count <= resolved.index:
+        raise FeaturescopeError(
+            f"device {str(device)!r} does not exist: this machine has {count} {resolved.type} "
+            f"device(s), {resolved.type}:0 to {resolved.type}:{count - 1}"
+        )
+    return resolved

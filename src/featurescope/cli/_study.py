@@ -6,6 +6,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from featurescope.cli._args import (
+    add_device_option,
+    add_list_option,
+    check_device,
+    check_file,
+    check_folder,
+    check_output,
+)
+from featurescope.cli._build import add_model_options, build_model
+from featurescope.errors import FeaturescopeError
+
 _DATA_HELP = (
     "image folder with train/ (and val/, test/) holding one subfolder per class "
     "(default: the bundled synthetic dataset)"
@@ -25,18 +36,9 @@ def _lr_schedule(text: str) -> dict[int, float]:
         ) from None
 
 
-def _model_options(p: argparse.ArgumentParser, *, default: str | None = "alexnet") -> None:
-    p.add_argument("--model", default=default, help=f"zoo model name (default: {default})")
-    p.add_argument(
-        "--checkpoint",
-        help="weights to load: a featurescope .safetensors checkpoint (it names its model) or a "
-        ".pt/.pth state dict (default: random weights)",
-    )
-
-
 def _run_options(p: argparse.ArgumentParser, *, out: str | None, out_help: str) -> None:
     p.add_argument("--out", default=out, help=out_help)
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    add_device_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -77,15 +79,16 @@ def register(subparsers: Any) -> None:
         ),
     )
     m.add_argument("image", help="an image file")
-    _model_options(m)
-    m.add_argument(
+    add_model_options(m)
+    add_list_option(
+        m,
         "--layers",
-        nargs="+",
         metavar="NODE",
-        help="node or stage names (default: the model's conv stages; see 'featurescope nodes')",
+        help="node or stage names (default: the model's stages; see 'featurescope nodes')",
     )
     m.add_argument("--max-channels", type=int, default=None, help="strongest channels shown")
     m.add_argument("--out", default="featurescope-maps", help="output folder")
+    add_device_option(m)
     m.set_defaults(func=_maps)
 
     index = subparsers.add_parser(
@@ -106,12 +109,13 @@ def register(subparsers: Any) -> None:
         ),
     )
     b.add_argument("folder", help="image folder (class subfolders) or dataset root with train/")
-    _model_options(b)
+    add_model_options(b)
     b.add_argument("--node", help="embedding node (default: the model's last hidden layer)")
     b.add_argument(
         "--out", default="featurescope-index.fsindex", help="output folder (default: %(default)s)"
     )
     b.add_argument("--batch-size", type=int, default=32)
+    add_device_option(b)
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_index_build)
 
@@ -169,6 +173,7 @@ def _train(args: argparse.Namespace) -> int:
         "optimizer": args.optimizer,
     }
     preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    device = check_device(args.device)
     splits = open_study_data(args.data, preset)
     batch_size = args.batch_size or preset.batch_sizes[0]
     out = Path(args.out or f"featurescope-runs/{args.model}-bs{batch_size}")
@@ -178,7 +183,7 @@ def _train(args: argparse.Namespace) -> int:
         args.model,
         batch_size,
         out=out,
-        device=args.device,
+        device=device,
         seed=args.seed,
         progress=not args.quiet,
     )
@@ -194,22 +199,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(model: str | None, checkpoint: str | None) -> Any:
-    import featurescope as fs
-
-    if checkpoint is None:
-        if model is None:
-            raise fs.FeaturescopeError("pass --model (or a --checkpoint that names its model)")
-        return fs.create_model(model).eval()
-    meta = fs.read_checkpoint_metadata(checkpoint)
-    return fs.load_checkpoint(checkpoint, model_name=None if meta.get("model") else model)
-
-
 def _maps(args: argparse.Namespace) -> int:
+    from featurescope.data import load_rgb
     from featurescope.study import draw_stage_maps, preprocess_image, stage_maps
 
-    model = _load_model(args.model, args.checkpoint)
-    maps = stage_maps(model, preprocess_image(model, args.image), args.layers)
+    path = check_file(args.image, "image")
+    try:
+        image = load_rgb(path)
+    except (OSError, ValueError) as exc:
+        raise FeaturescopeError(f"cannot read image {args.image!r}: {exc}") from exc
+    check_output(args.out, folder=True)
+    device = check_device(args.device)
+    model = build_model(args).to(device)
+    maps = stage_maps(model, preprocess_image(model, image), args.layers)
     drawn = draw_stage_maps(maps, args.out, max_channels=args.max_channels)
     for layer, tensor in maps.items():
         files = drawn.get(layer)
@@ -221,11 +223,15 @@ def _maps(args: argparse.Namespace) -> int:
 def _index_build(args: argparse.Namespace) -> int:
     import featurescope as fs
 
+    check_folder(args.folder, "image folder")
+    check_output(args.out, folder=True, replaceable="search.json")
+    device = check_device(args.device)
     search = fs.ImageSearch.build(
-        _load_model(args.model, args.checkpoint),
+        build_model(args),
         args.folder,
         node=args.node,
         batch_size=args.batch_size,
+        device=device,
         progress=not args.quiet,
     )
     path = search.save(args.out)
@@ -272,11 +278,12 @@ def _index_search(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from featurescope.study.demo import run_demo
 
+    device = check_device(args.device)
     run_demo(
         args.out,
         data=args.data,
         preset=args.preset,
-        device=args.device,
+        device=device,
         seed=args.seed,
         progress=not args.quiet,
     )

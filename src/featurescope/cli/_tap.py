@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from featurescope.cli._args import add_list_option
+from featurescope.cli._build import structure_model
+
 
 def register(subparsers: Any) -> None:
     s = subparsers.add_parser(
@@ -13,13 +16,14 @@ def register(subparsers: Any) -> None:
         description=(
             "Run a zoo model once on zeros and print, for every graph node (or only --nodes), "
             "what it computes, its output shape and its parameters. A name may be a stage such as "
-            "conv1, meaning the stage's last node."
+            "conv1, meaning the stage's last node. The model is built as its pretrained weights "
+            "have it (their class count), with random weights: the structure is the same."
         ),
     )
     s.add_argument("model", help="zoo model name, e.g. alexnet (see 'featurescope models')")
-    s.add_argument(
+    add_list_option(
+        s,
         "--nodes",
-        nargs="+",
         metavar="NODE",
         help="only these nodes (default: every graph node; every leaf module with --backend hooks)",
     )
@@ -49,7 +53,7 @@ def register(subparsers: Any) -> None:
 def _summary(args: argparse.Namespace) -> int:
     import featurescope as fs
 
-    model = fs.create_model(args.model).eval()
+    model = structure_model(args.model)
     nodes = args.nodes or fs.tap.tappable_nodes(model, args.backend)
     tap = fs.FeatureTap(model, nodes, backend=args.backend)
     tap.summary(args.input_size)
@@ -59,7 +63,7 @@ def _summary(args: argparse.Namespace) -> int:
 def _nodes(args: argparse.Namespace) -> int:
     import featurescope as fs
 
-    train_nodes, eval_nodes = fs.get_graph_node_names(fs.create_model(args.model))
+    train_nodes, eval_nodes = fs.get_graph_node_names(structure_model(args.model))
     for name in train_nodes if args.train else eval_nodes:
         print(name)
     return 0

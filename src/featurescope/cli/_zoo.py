@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from featurescope.cli._args import add_list_option, check_output
+from featurescope.cli._build import structure_model
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -14,8 +17,9 @@ def register(subparsers: Any) -> None:
             "List the registered models (the study's AlexNets, every torchvision classification "
             "model, timm's as timm/<name> when timm is installed, and plugins') with their "
             "input size and the plugin that provides them. With --details each listed model is "
-            "built with random weights to show its parameter count, embedding node and the "
-            "output shape of each stage node (slow for many models: give a pattern)."
+            "built (with random weights, and its pretrained weights' class count) to show its "
+            "parameter count, embedding node and the output shape of each stage node (slow for "
+            "many models: give a pattern)."
         ),
     )
     p.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'alexnet*' or 'resnet*'")
@@ -38,7 +42,7 @@ def register(subparsers: Any) -> None:
     c.add_argument("dst", help="where to write the .safetensors checkpoint")
     c.add_argument("--model", required=True, help="zoo architecture, e.g. alexnet")
     c.add_argument("--num-classes", type=int, help="default: read from the last layer")
-    c.add_argument("--class-names", nargs="+", metavar="NAME", help="label names in index order")
+    add_list_option(c, "--class-names", metavar="NAME", help="label names in index order")
     c.add_argument(
         "--trust-pickle",
         action="store_true",
@@ -51,6 +55,8 @@ def _models(args: argparse.Namespace) -> int:
     import featurescope as fs
 
     names = fs.list_models(args.pattern)
+    if not names:
+        raise fs.UnknownNameError(_no_match(args.pattern))
     for name in names:
         info = fs.get_model_info(name)
         size = list(info.input_size) if info.input_size else "?"
@@ -58,7 +64,7 @@ def _models(args: argparse.Namespace) -> int:
         if info.description:
             print(f"    {info.description}")
         if args.details:
-            model = fs.create_model(name).eval()
+            model = structure_model(name)
             meta = fs.model_metadata(model)
             assert meta is not None  # every zoo model carries it
             params = sum(p.numel() for p in model.parameters())
@@ -67,15 +73,13 @@ def _models(args: argparse.Namespace) -> int:
                 rows = fs.FeatureTap(model, list(meta.stage_nodes)).summary(print_fn=None)
                 shapes = ", ".join(f"{r.alias} {list(r.output_shape[1:])}" for r in rows)
                 print(f"    stages: {shapes}")
-    if not names:
-        print(f"no model matches {args.pattern!r}; 'featurescope models' lists them all")
-        return 1
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
     import featurescope as fs
 
+    check_output(args.dst, folder=False)
     out = fs.convert_checkpoint(
         args.src,
         args.dst,
@@ -86,3 +90,21 @@ def _convert(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}")
     return 0
+
+
+def _no_match(pattern: str) -> str:
+    """Why ``pattern`` matched no model, and the pattern or the names that would."""
+    import featurescope as fs
+    from featurescope.errors import did_you_mean
+
+    if not any(c in pattern for c in "*?["):  # a bare name: fnmatch matches it exactly
+        for wider in (f"{pattern}*", f"*{pattern}*"):
+            found = fs.list_models(wider)
+            if found:
+                shown = ", ".join(found[:8]) + (", ..." if len(found) > 8 else "")
+                return (
+                    f"no model is called {pattern!r}; did you mean the pattern '{wider}'? "
+                    f"It matches {len(found)}: {shown}"
+                )
+    close = did_you_mean(pattern.strip("*?"), fs.list_models())
+    return f"no model matches {pattern!r}.{close} 'featurescope models' lists them all"

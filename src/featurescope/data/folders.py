@@ -144,12 +144,17 @@ def _has_images(folder: Path, extensions: tuple[str, ...]) -> bool:
         )
 
 
-def _skipped_message(root: Path, skipped: Sequence[tuple[str, str]]) -> str:
-    listed = "; ".join(f"{os.path.relpath(p, root)} ({why})" for p, why in skipped[:_LISTED])
+def _skipped_message(root: Path, skipped: Sequence[tuple[str, str]], total: int) -> str:
+    """One line: how many files were skipped, and the first ones by name with the reason."""
+
+    def item(path: str, why: str) -> str:
+        # PIL's reasons repeat the file's path, which the item already starts with.
+        return f"{os.path.relpath(path, root)} ({why.replace(f' {path!r}', '')})"
+
+    listed = "; ".join(item(p, why) for p, why in skipped[:_LISTED])
     more = f"; and {len(skipped) - _LISTED} more" if len(skipped) > _LISTED else ""
     return (
-        f"skipped {len(skipped)} unreadable file(s) in {root}: {listed}{more}. All of them are "
-        "in the dataset's .skipped"
+        f"skipped {len(skipped)} of {total} files in {root} (not readable images): {listed}{more}"
     )
 
 
@@ -276,8 +281,9 @@ class ImageFolder(Dataset[tuple[Any, int]]):
                 if e.is_file() and not e.name.startswith(".")
             ]
         if self.skipped:
+            total = len(self.samples) + len(self.skipped)
             warnings.warn(
-                _skipped_message(self.root, self.skipped), SkippedFilesWarning, stacklevel=2
+                _skipped_message(self.root, self.skipped, total), SkippedFilesWarning, stacklevel=2
             )
         if not self.samples:
             where = f"class folders {found}" if labels else "it or its subfolders"

@@ -3,8 +3,9 @@ installed, and any plugin's models.
 
 ``_registry`` holds the names (one :class:`~featurescope.plugins.Registry` fed by the
 ``featurescope_register_models`` hook and :func:`register_model`), ``_factory`` builds
-(:func:`create_model`), :mod:`~featurescope.zoo.metadata` types what a built model is, and
-:mod:`~featurescope.zoo.checkpoints` reads and writes weight files. The builtin models are
+(:func:`create_model`), ``_download`` fetches pretrained weights into torch's and Hugging
+Face's hub caches (:func:`fetch_weights`), :mod:`~featurescope.zoo.metadata` types what a built
+model is, and :mod:`~featurescope.zoo.checkpoints` reads and writes weight files. The builtin models are
 ordinary plugin modules: :mod:`~featurescope.zoo.alexnet`, :mod:`~featurescope.zoo.torchvision_models`.
 """
 
@@ -12,6 +13,7 @@ from featurescope.zoo._factory import (
     DEFAULT_NUM_CLASSES,
     convert_checkpoint,
     create_model,
+    fetch_weights,
     load_checkpoint,
 )
 from featurescope.zoo._registry import (
@@ -46,6 +48,7 @@ __all__ = [
     "attach_metadata",
     "convert_checkpoint",
     "create_model",
+    "fetch_weights",
     "get_model_info",
     "list_models",
     "load_checkpoint",

@@ -28,7 +28,13 @@ from featurescope.zoo.checkpoints import (
 )
 from featurescope.zoo.metadata import ModelMetadata, attach_metadata
 
-__all__ = ["DEFAULT_NUM_CLASSES", "convert_checkpoint", "create_model", "load_checkpoint"]
+__all__ = [
+    "DEFAULT_NUM_CLASSES",
+    "convert_checkpoint",
+    "create_model",
+    "fetch_weights",
+    "load_checkpoint",
+]
 
 #: Classes of a model built without pretrained weights, a checkpoint or class names: the study's 5.
 DEFAULT_NUM_CLASSES = 5
@@ -92,12 +98,17 @@ def create_model(
             checkpoint's (recorded, or read off a plain state dict's classifier), to the
             pretrained weights' (1000 for ImageNet), else to 5 (the study's classes).
         pretrained: ``True`` for the model's default pretrained weights, or a weights tag
-            (``"IMAGENET1K_V2"``). They load from the local cache only, never downloading;
-            with ``num_classes`` other than theirs, the classifier is freshly initialised.
+            (``"IMAGENET1K_V2"``). They are fetched and cached as their library does it
+            (torchvision's into torch's hub cache, hash checked; timm's through
+            ``huggingface_hub`` into its cache) and a cached file is used without a request;
+            ``FEATURESCOPE_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` forbids downloading (see
+            :func:`fetch_weights`). With ``num_classes`` other than theirs, the classifier is
+            freshly initialised.
         checkpoint: a featurescope ``.safetensors`` checkpoint or a ``.pt``/``.pth`` state
             dict (read with ``weights_only=True``). Pickled whole models are refused; see
             ``featurescope convert``.
-        class_names: the label names in class-index order (default: the checkpoint's).
+        class_names: the label names in class-index order (default: the checkpoint's, or
+            the pretrained weights' where the zoo knows them and the head is theirs).
         **kwargs: passed to the model's builder.
 
     Returns:
@@ -107,8 +118,8 @@ def create_model(
 
     Raises:
         UnknownNameError: no model has that name (the message names the closest).
-        WeightsUnavailableError: pretrained weights are not in the local cache; the message
-            names the file and the folder to put it in.
+        WeightsUnavailableError: pretrained weights are not cached and downloading them is
+            off or failed; the message names the file, its URL and its cache folder.
 
     Example:
         >>> model = create_model("alexnet")
@@ -129,6 +140,8 @@ def create_model(
     if names is None and meta.get("class_names") is not None:
         names = list(meta["class_names"])
     n = _num_classes(info, num_classes, names, meta, checkpoint, pretrained)
+    if names is None and pretrained and len(info.pretrained_class_names or ()) == n:
+        names = list(info.pretrained_class_names or ())  # the weights' own head keeps its labels
     if names is not None and len(names) != n:
         raise FeaturescopeError(f"{len(names)} class names given for {n} classes")
     extra, weights = _pretrained_kwargs(info, pretrained)
@@ -166,6 +179,46 @@ def create_model(
     if weights != "random":
         model.eval()
     return model
+
+
+def fetch_weights(name: str, weights: bool | str = True) -> Path:
+    """Put a zoo model's pretrained weights in their library's cache, for offline use later.
+
+    The file goes exactly where the model's library would put it (torch's hub cache for
+    torchvision, Hugging Face's hub cache or torch's for timm), so ``create_model(name,
+    pretrained=...)``, torchvision and timm all find it there without a request. A file already
+    cached is not fetched again. ``featurescope weights fetch`` calls this.
+
+    Args:
+        name: a name from :func:`~featurescope.list_models`.
+        weights: ``True`` for the model's default pretrained weights, or a weights tag.
+
+    Returns:
+        The cached file.
+
+    Raises:
+        UnknownNameError: no model has that name.
+        FeaturescopeError: the model has no pretrained weights (or none with that tag).
+        WeightsUnavailableError: the download is off (``FEATURESCOPE_OFFLINE=1``) or failed;
+            the message names the file, its URL and its cache folder.
+
+    Example:
+        >>> try:
+        ...     fetch_weights("alexnet")
+        ... except FeaturescopeError as err:
+        ...     print(err)
+        model 'alexnet' has no pretrained weights; build it with pretrained=False, or load your own with checkpoint=...
+    """
+    info = get_model_info(name)
+    if not weights:
+        raise FeaturescopeError(f"weights must be True or a weights tag, got {weights!r}")
+    extra, _ = _pretrained_kwargs(info, weights)
+    if info.fetch is None:
+        raise FeaturescopeError(
+            f"model {name!r} (plugin {info.plugin!r}) has pretrained weights but no way to fetch "
+            "them alone; create_model(name, pretrained=True) fetches them while building"
+        )
+    return info.fetch(extra["weights"])
 
 
 def load_checkpoint(

@@ -8,20 +8,23 @@ Models come from plugins (the builtin AlexNets are plugins too, see
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from torch import nn
 
 from featurescope.data.transforms import Preprocessing
-from featurescope.errors import FeaturescopeError, PluginError
+from featurescope.errors import FeaturescopeError, PluginError, UnknownNameError
 from featurescope.plugins import Registry
 
 __all__ = ["MODELS", "ModelInfo", "ModelSpec", "get_model_info", "list_models", "register_model"]
 
 Builder = Callable[..., nn.Module]
 Describer = Callable[[nn.Module, tuple[int, int, int]], Mapping[str, Any]]
+Fetcher = Callable[..., Path]
 F = TypeVar("F", bound=Builder)
 
 
@@ -40,9 +43,14 @@ class ModelSpec:
             builder as ``weights=`` by ``create_model(name, pretrained=True)``; ``None`` if it
             has none.
         pretrained_classes: the number of classes those weights were trained for (1000).
+        pretrained_class_names: those classes' names in index order (ImageNet's); a model
+            built with its pretrained weights and their class count carries them.
         describe: ``describe(model, input_size) -> {"embedding_node": ..., "stage_nodes": ...}``
             finds those nodes by rule on the built model, where ``embedding_node`` or
             ``stages`` is not given.
+        fetch: ``fetch(weights) -> Path``: the file of the pretrained weights ``weights``
+            (``True`` or a tag) in its cache, downloaded there if missing, without building
+            the model; what :func:`~featurescope.fetch_weights` calls.
 
     Example:
         A plugin returns specs from its ``featurescope_register_models`` hook:
@@ -65,7 +73,9 @@ class ModelSpec:
     embedding_node: str | None = None
     weights: str | None = None
     pretrained_classes: int | None = None
+    pretrained_class_names: tuple[str, ...] | None = None
     describe: Describer | None = None
+    fetch: Fetcher | None = None
 
     @property
     def input_size(self) -> tuple[int, int, int] | None:
@@ -196,10 +206,20 @@ def get_model_info(name: str) -> ModelInfo:
     """The :class:`ModelInfo` of a registered model: builder, preprocessing, stages, plugin.
 
     Raises:
-        UnknownNameError: no model has that name; the message lists the closest names.
+        UnknownNameError: no model has that name; the message lists the closest names, or
+            says to install timm for a ``timm/<name>`` while timm is not installed.
 
     Example:
         >>> get_model_info("alexnet").input_size
         (3, 227, 227)
     """
-    return MODELS.get(name).value
+    try:
+        return MODELS.get(name).value
+    except UnknownNameError:
+        # timm_models.PREFIX, spelled out: that plugin module imports this one.
+        if name.startswith("timm/") and importlib.util.find_spec("timm") is None:
+            raise UnknownNameError(
+                f"model {name!r} is one of timm's, and timm is not installed: install timm "
+                "(pip install 'featurescope[timm]') to use timm's models as timm/<name>"
+            ) from None
+        raise

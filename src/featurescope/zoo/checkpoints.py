@@ -112,14 +112,35 @@ def save_checkpoint(
 
 
 def _kind(path: Path) -> str:
-    """``"safetensors"``, ``"zip"`` (torch.save) or ``"other"``, from the file's first bytes."""
+    """What a file holds, from its first bytes: ``"safetensors"``, ``"zip"`` (``torch.save``),
+    ``"pickle"`` (``torch.save`` in the legacy format) or ``"other"`` (not a checkpoint)."""
     with open(path, "rb") as fh:
         head = fh.read(9)
     if head[:4] == b"PK\x03\x04":
         return "zip"
-    if len(head) == 9 and head[8:9] == b"{":
+    if len(head) == 9 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
         return "safetensors"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"  # the PROTO opcode (and its version) that starts a binary pickle
     return "other"
+
+
+def _not_a_checkpoint(path: Path) -> CheckpointError:
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    # A multi-byte character cut at the 64th byte is not a sign of binary data.
+    text = head.decode("utf-8", errors="replace").rstrip("\ufffd")
+    if not head:
+        looks = "the file is empty"
+    elif "\ufffd" not in text and all(c.isprintable() or c.isspace() for c in text):
+        first = (text.strip().splitlines() or [""])[0]
+        looks = f"it looks like text ({first[:40]!r})"
+    else:
+        looks = f"it starts with the bytes {head[:8]!r}"
+    return CheckpointError(
+        f"{path} is not a checkpoint: {looks}. Expected a .safetensors file or a state dict "
+        "written by torch.save (.pt/.pth)"
+    )
 
 
 def _existing(path: PathLike) -> Path:
@@ -221,7 +242,10 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         CheckpointError: missing, truncated, corrupt or not a checkpoint.
     """
     p = _existing(path)
-    if _kind(p) == "safetensors":
+    kind = _kind(p)
+    if kind == "other":
+        raise _not_a_checkpoint(p)
+    if kind == "safetensors":
         from safetensors.torch import load_file
 
         try:

@@ -3,32 +3,37 @@
 An ordinary builtin plugin: without timm it registers nothing and says nothing. Each entry's
 preprocessing is read from timm's ``pretrained_cfg`` (input size, ``crop_pct``, interpolation,
 mean, std); its embedding and stage nodes are found by the same rule as torchvision's on the
-built model. Pretrained weights load only from a local cache (Hugging Face's hub cache, or
-torch's hub cache for weights timm fetches by URL); otherwise
-:class:`~featurescope.WeightsUnavailableError` names the file and where to put it, at once.
+built model. Pretrained weights are fetched as timm fetches them: from the Hugging Face Hub
+through ``huggingface_hub.hf_hub_download`` into its cache (``model.safetensors`` preferred to
+``pytorch_model.bin``), or, for weights timm knows only by URL, into torch's hub cache. A file
+either cache already holds is used without a request, and with ``FEATURESCOPE_OFFLINE=1`` or
+``HF_HUB_OFFLINE=1`` nothing is downloaded (see :mod:`featurescope.zoo._download`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from featurescope.data.transforms import Preprocessing
-from featurescope.errors import FeaturescopeError, WeightsUnavailableError
+from featurescope.errors import FeaturescopeError
 from featurescope.hookspecs import hookimpl
+from featurescope.zoo._download import fetch_hf, fetch_url, torch_hub_path
 from featurescope.zoo._registry import ModelSpec
 
-__all__ = ["PREFIX", "build", "preprocessing_of"]
+__all__ = ["PREFIX", "build", "fetch_weights", "preprocessing_of"]
 
 PREFIX = "timm/"
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+#: timm's safetensors alternatives of pickled files (``timm.models._hub._get_safe_alternatives``).
+_SAFE_ALTERNATIVES = {
+    "pytorch_model.bin": "model.safetensors",
+    "open_clip_pytorch_model.bin": "open_clip_model.safetensors",
+}
 
 
 def _available() -> bool:
@@ -55,47 +60,52 @@ def preprocessing_of(cfg: Any) -> Preprocessing:
     )
 
 
-def _local_weights(name: str, tag: str | None) -> Path:
-    """The cached file of ``name``'s pretrained weights; raises if it is not on this machine."""
+def _hub_filenames(filename: str | None) -> tuple[str, ...]:
+    """The names timm tries in a Hub repository, in its order: the safetensors one first."""
+    name = filename or "pytorch_model.bin"
+    if name in _SAFE_ALTERNATIVES:
+        return _SAFE_ALTERNATIVES[name], name
+    if name.endswith(".bin"):
+        return name.removesuffix(".bin") + ".safetensors", name
+    return (name,)
+
+
+def fetch_weights(name: str, weights: Any = True) -> Path:
+    """The file of timm ``name``'s pretrained weights, from a cache or downloaded as timm does.
+
+    Both caches timm reads are looked in first (Hugging Face's, then torch's hub cache for its
+    URL-only weights); then the file is downloaded from where timm would take it: the Hub when
+    the weights have a ``hf_hub_id``, else their URL.
+
+    Args:
+        name: a timm model name without ``timm/`` (``"resnet18"``).
+        weights: ``True`` for its default pretrained tag, or a tag (``"a1_in1k"``).
+
+    Raises:
+        WeightsUnavailableError: the file is in no cache and could not be downloaded.
+    """
     from timm.models import get_pretrained_cfg
 
-    full = f"{name}.{tag}" if tag else name
-    cfg = get_pretrained_cfg(full)
-    if cfg is None:
+    full = name if weights is True else f"{name}.{weights}"
+    try:
+        cfg = get_pretrained_cfg(full)
+    except RuntimeError as exc:  # an unknown tag
+        raise FeaturescopeError(f"timm has no pretrained weights {full!r}: {exc}") from exc
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise FeaturescopeError(f"timm has no pretrained weights {full!r}")
-    places: list[str] = []
-    if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        repo = cfg.hf_hub_id.split("@")[0]
-        for filename in (cfg.hf_hub_filename, *_WEIGHT_FILES):
-            if not filename:
-                continue
-            found = try_to_load_from_cache(repo, filename)
-            if isinstance(found, str):
-                return Path(found)
-        places.append(
-            f"Hugging Face's hub cache ({HF_HUB_CACHE}) as the repository {repo!r} "
-            f"(huggingface-cli download {repo} on a machine with network access, then copy the "
-            "cache folder; HF_HOME moves it)"
-        )
-    if isinstance(cfg.url, str) and cfg.url:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
-        if cached.is_file():
-            return cached
-        places.append(f"{cached} (download {cfg.url})")
-    raise WeightsUnavailableError(
-        f"the pretrained weights of timm's {full} are not on this machine, and featurescope "
-        f"never downloads. Put them in {' or '.join(places) or 'a local file'}, then try again."
-    )
+    what = f"pretrained weights of timm's {full}"
+    url = cfg.url if isinstance(cfg.url, str) and cfg.url else None
+    if url is not None and (not cfg.hf_hub_id or torch_hub_path(url).is_file()):
+        return fetch_url(url, what=what, check_hash=False)
+    repo, _, revision = str(cfg.hf_hub_id).partition("@")
+    return fetch_hf(repo, _hub_filenames(cfg.hf_hub_filename), revision=revision or None, what=what)
 
 
 def build(name: str, num_classes: int = 1000, weights: Any = None, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(name)``; pretrained weights only from a local file.
+    """``timm.create_model(name)``; pretrained weights are fetched first if not cached.
 
     Raises:
-        WeightsUnavailableError: the weights are in no local cache.
+        WeightsUnavailableError: the weights are in no cache and could not be downloaded.
     """
     import timm
 
@@ -104,10 +114,9 @@ def build(name: str, num_classes: int = 1000, weights: Any = None, **kwargs: Any
             name, pretrained=False, num_classes=num_classes, **kwargs
         )
         return model
-    tag = None if weights is True else str(weights)
-    path = _local_weights(name, tag)
+    path = fetch_weights(name, weights)
     pretrained: nn.Module = timm.create_model(
-        f"{name}.{tag}" if tag else name,
+        name if weights is True else f"{name}.{weights}",
         pretrained=True,
         pretrained_cfg_overlay={"file": str(path)},
         num_classes=num_classes,
@@ -142,6 +151,7 @@ def _spec(name: str) -> ModelSpec | None:
         weights=cfg.tag or None if cfg.has_weights else None,
         pretrained_classes=int(cfg.num_classes) if cfg.has_weights and cfg.num_classes else None,
         describe=_describe,
+        fetch=lambda weights=True, _name=name: fetch_weights(_name, weights),
     )
 
 

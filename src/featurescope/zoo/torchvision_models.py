@@ -4,8 +4,10 @@ Each entry is read off torchvision itself, never written out per family: its pre
 its default weights' transforms (resize, crop, mean, std, interpolation), its embedding node (the
 input of its final classifier ``Linear``) and its stage nodes (where the spatial resolution
 changes) from a trace of the built model, shapes propagated with fake tensors so that nothing is
-computed. Pretrained weights load from torch's hub cache only: when the file is not there,
-:class:`~featurescope.WeightsUnavailableError` names it and the folder to put it in, at once.
+computed. Pretrained weights are fetched as torchvision fetches them: into torch's hub cache
+(``torch.hub.get_dir()/checkpoints``), their SHA-256 prefix checked, and read from there by
+torchvision's own loader; a file already there is used without a request, and with
+``FEATURESCOPE_OFFLINE=1`` nothing is downloaded (see :mod:`featurescope.zoo._download`).
 torchvision's ``alexnet`` is ``tv_alexnet`` here: ``alexnet`` is the study's.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,21 +24,18 @@ import torch
 from torch import nn
 
 from featurescope.data.transforms import Preprocessing
-from featurescope.errors import FeaturescopeError, WeightsUnavailableError
+from featurescope.errors import FeaturescopeError
 from featurescope.hookspecs import hookimpl
+from featurescope.zoo._download import fetch_url
 from featurescope.zoo._registry import ModelSpec
 
-__all__ = ["describe", "torchvision_names", "tv_alexnet"]
+__all__ = ["describe", "fetch_weights", "torchvision_names", "tv_alexnet"]
 
 #: Stage nodes picked from a model whose resolution never changes (ViT): this many blocks.
 TOKEN_STAGES = 4
 #: Families whose reshapes (window partitions) fool the resolution rule: the container whose
 #: children are the stages.
 STAGE_CONTAINERS = {"maxvit_": "blocks"}
-
-
-def _cached_weights_path(url: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
 @functools.cache
@@ -78,15 +76,19 @@ def _resolve_weights(name: str, weights: Any) -> Any:
         ) from exc
 
 
-def _require_cached(name: str, weights: Any) -> None:
-    cached = _cached_weights_path(weights.url)
-    if not cached.is_file():
-        raise WeightsUnavailableError(
-            f"the {weights} weights of {name} are not in torch's hub cache, and featurescope "
-            f"never downloads. Download {weights.url} on a machine with network access and copy "
-            f"it to {cached} (torch.hub.get_dir()/checkpoints; set TORCH_HOME to move it), then "
-            "try again."
-        )
+def fetch_weights(name: str, weights: Any = True) -> Path:
+    """The file of ``name``'s pretrained weights in torch's hub cache, downloaded if missing.
+
+    Args:
+        name: a torchvision model name (``"resnet18"``).
+        weights: ``True`` for its default weights, or a tag (``"IMAGENET1K_V2"``) or member of
+            its weights enum.
+
+    Raises:
+        WeightsUnavailableError: the file is not cached and could not be downloaded.
+    """
+    enum = _resolve_weights(name, weights)
+    return fetch_url(enum.url, what=f"{enum.name} weights of {name}", check_hash=True)
 
 
 def _classifier(model: nn.Module) -> tuple[str, nn.Module]:
@@ -112,13 +114,13 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
 
 
 def build(name: str, num_classes: int = 1000, weights: Any = None, **kwargs: Any) -> nn.Module:
-    """torchvision's ``get_model(name)``, with weights from the local cache only.
+    """torchvision's ``get_model(name)``; pretrained weights are fetched first if not cached.
 
     With weights and ``num_classes`` other than theirs, the final ``Linear`` is replaced by a
     freshly initialised one, ready for fine-tuning.
 
     Raises:
-        WeightsUnavailableError: the weights' file is not in torch's hub cache.
+        WeightsUnavailableError: the weights' file is not cached and could not be downloaded.
     """
     from torchvision.models import get_model
 
@@ -131,7 +133,8 @@ def build(name: str, num_classes: int = 1000, weights: Any = None, **kwargs: Any
                 kwargs["image_size"] = _preprocessing(_weights_enum(name).DEFAULT).crop
             return get_model(name, weights=None, num_classes=num_classes, **kwargs)  # type: ignore[no-any-return]
         enum = _resolve_weights(name, weights)
-        _require_cached(name, enum)
+        # torchvision's loader then finds the file where it would have put it: no request.
+        fetch_weights(name, enum)
         model: nn.Module = get_model(name, weights=enum, **kwargs)
     if num_classes != len(enum.meta["categories"]):
         _replace_head(model, num_classes)
@@ -330,7 +333,9 @@ def _spec(name: str) -> ModelSpec:
         f"1000 classes)",
         weights=weights.name,
         pretrained_classes=len(weights.meta["categories"]),
+        pretrained_class_names=tuple(weights.meta["categories"]),
         describe=describe,
+        fetch=functools.partial(fetch_weights, name),
     )
 
 
@@ -347,6 +352,8 @@ def featurescope_register_models() -> Mapping[str, ModelSpec]:
         "in torchvision's naming)",
         weights=alexnet.weights,
         pretrained_classes=alexnet.pretrained_classes,
+        pretrained_class_names=alexnet.pretrained_class_names,
         describe=describe,
+        fetch=alexnet.fetch,
     )
     return specs

@@ -1,0 +1,110 @@
+"""Argument helpers several commands share: lists of names, ``--device``, and early checks of
+the files a command reads and writes, so that a wrong path is reported before a model is built.
+
+Nothing here imports torch at module level: the parser must build without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from featurescope.errors import FeaturescopeError
+
+__all__ = [
+    "LIST_OPTIONS",
+    "LIST_OPTIONS_HINT",
+    "add_device_option",
+    "add_list_option",
+    "check_device",
+    "check_file",
+    "check_folder",
+    "check_output",
+]
+
+#: The flags :func:`add_list_option` made, for :data:`LIST_OPTIONS_HINT`.
+LIST_OPTIONS: set[str] = set()
+#: Appended to argparse's "unrecognized arguments" when a list option was given.
+LIST_OPTIONS_HINT = (
+    " (an option that takes several names takes them comma-separated or repeated: "
+    "--layers conv1,conv2 or --layers conv1 --layers conv2)"
+)
+
+
+def _names(text: str) -> list[str]:
+    """``"conv1,conv2"`` -> ``["conv1", "conv2"]``; empty items are refused."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected NAME[,NAME...], got {text!r}")
+    return names
+
+
+def add_list_option(p: argparse.ArgumentParser, flag: str, *, metavar: str, help: str) -> None:
+    """An option taking several names as ``--flag a,b`` or ``--flag a --flag b``.
+
+    One value per flag, unlike ``nargs="+"``, which would swallow the positional arguments that
+    follow it (``maps --layers conv1 photo.jpg`` would take the photo for a layer).
+    """
+    LIST_OPTIONS.add(flag)
+    p.add_argument(
+        flag,
+        action="extend",
+        type=_names,
+        metavar=f"{metavar}[,{metavar}...]",
+        help=f"{help}; comma-separated, or the option repeated",
+    )
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: CUDA when available)")
+
+
+def check_device(device: str | None) -> Any:
+    """The ``torch.device`` of ``--device``, or a one-line error when this machine has none."""
+    from featurescope._torch_utils import resolve_device
+
+    return resolve_device(device)
+
+
+def check_file(path: str, what: str) -> Path:
+    """``path`` as a :class:`~pathlib.Path`, or an error saying it is not an existing file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        state = "is a folder, not a file" if p.is_dir() else "does not exist"
+        raise FeaturescopeError(f"{what} {path!r} {state}")
+    return p
+
+
+def check_folder(path: str, what: str) -> Path:
+    """``path`` as a :class:`~pathlib.Path`, or an error saying it is not an existing folder."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        state = "is a file, not a folder" if p.exists() else "does not exist"
+        raise FeaturescopeError(f"{what} {path!r} {state}")
+    return p
+
+
+def check_output(path: str, *, folder: bool, replaceable: str | None = None) -> Path:
+    """Refuse an output path that cannot be written before any work is done.
+
+    Args:
+        path: the ``--out`` value.
+        folder: whether the output is a folder (else a file).
+        replaceable: for an output folder, the file that marks one this command may replace
+            (``search.json``); an existing folder without it is refused.
+    """
+    p = Path(path).expanduser()
+    if folder and p.exists() and not p.is_dir():
+        raise FeaturescopeError(f"--out {path!r} is a file; give a folder")
+    if not folder and p.is_dir():
+        raise FeaturescopeError(f"--out {path!r} is a folder; give a file name")
+    if replaceable and p.is_dir() and not (p / replaceable).is_file():
+        raise FeaturescopeError(
+            f"--out {path!r} is an existing folder without {replaceable}, which this command "
+            "would replace; give a new folder"
+        )
+    parent = next((a for a in p.absolute().parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise FeaturescopeError(f"--out {path!r}: {parent} is a file, not a folder")
+    return p
