@@ -84,9 +84,8 @@ def browser():
         browser.close()
 
 
-def test_explorer_in_a_real_browser(page_and_search, browser, tmp_path):
-    page_path, search, test = page_and_search
-    problems: list[str] = []
+def _open(browser, page_path, problems):
+    """Open ``page_path``, recording console errors, page errors and any outside request."""
     url = page_path.resolve().as_uri()
     page = browser.new_page(viewport={"width": 1280, "height": 1800})
     page.on(
@@ -106,6 +105,13 @@ def test_explorer_in_a_real_browser(page_and_search, browser, tmp_path):
     page.on("request", check_request)
     page.goto(url)
     page.wait_for_selector("body[data-fs-ready='1']", timeout=20_000)
+    return page
+
+
+def test_explorer_in_a_real_browser(page_and_search, browser, tmp_path):
+    page_path, search, test = page_and_search
+    problems: list[str] = []
+    page = _open(browser, page_path, problems)
 
     # Search by image: the neighbours shown are exactly the index's answer.
     query = 3
@@ -123,13 +129,14 @@ def test_explorer_in_a_real_browser(page_and_search, browser, tmp_path):
     assert hits == [labels[i] == test.targets[query] for i in expected]
     assert page.locator("[data-fs-query]").count() == len(test)
 
-    # Feature maps: switching the channel redraws the channel's canvas.
+    # Feature maps: switching the channel redraws the channel's canvas (once inflated).
     before = page.evaluate("document.getElementById('fs-map-channel').toDataURL()")
     channels = page.eval_on_selector_all(
         "[data-fs-channel]", "nodes => nodes.map(n => n.dataset.fsChannel)"
     )
     assert channels[0].startswith("conv1:") and len(channels) == 48
     page.click(f"[data-fs-channel='{channels[-1]}']")
+    page.wait_for_selector(f"body[data-fs-drawn='0:{channels[-1]}']", timeout=10_000)
     after = page.evaluate("document.getElementById('fs-map-channel').toDataURL()")
     assert after != before
 
@@ -156,10 +163,73 @@ def test_explorer_in_a_real_browser(page_and_search, browser, tmp_path):
     if os.environ.get("FEATURESCOPE_SCREENSHOT"):  # the docs' picture: the page's first screen
         page.click(f"[data-fs-query='{query}']")
         page.click(f"[data-fs-channel='{channels[0]}']")
+        page.wait_for_selector(f"body[data-fs-drawn='0:{channels[0]}']", timeout=10_000)
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(
             path=os.environ["FEATURESCOPE_SCREENSHOT"],
             clip={"x": 0, "y": 0, "width": 1280, "height": 1250},
         )
+    page.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_the_page_of_a_users_folder_in_a_real_browser(browser, tmp_path):
+    """File names, no study wording, no self-match, a trained head's Grad-CAM drawn."""
+    from PIL import Image
+    from skimage import data as images
+
+    photos = tmp_path / "photos"
+    (photos / "cats").mkdir(parents=True)
+    (photos / "things").mkdir()
+    for folder, name in (
+        ("cats", "chelsea"),
+        ("things", "coffee"),
+        ("things", "rocket"),
+        ("cats", "cat"),
+        ("things", "astronaut"),
+    ):
+        picture = Image.fromarray(getattr(images, name)()).resize((80, 64))
+        picture.save(photos / folder / f"{name}.webp")
+    model = fs.create_model("alexnet_half", class_names=["cats", "things"])
+    meta = fs.model_metadata(model)
+    fs.zoo.attach_metadata(model, meta.replace(weights="checkpoint:0123"))  # a trained head
+    search = fs.ImageSearch.build(model, photos, progress=False)
+    where = search.image_paths()
+    queries = [where[i] for i in sorted(where)]
+    page_path = write_explorer(
+        tmp_path / "photos.html",
+        search,
+        queries,
+        query_labels=list(search.labels().values()),
+        k=3,
+    )
+    problems: list[str] = []
+    page = _open(browser, page_path, problems)
+    text = page.inner_text("body")
+    assert "training" not in text.lower() and "test image" not in text.lower()
+    assert "chelsea.webp" in text and "Weights from a checkpoint" in text
+    options = page.eval_on_selector_all("#fs-map-image option", "os => os.map(o => o.text)")
+    assert options[0] == "1: cats/cat.webp (cats)"
+    stage = page.eval_on_selector("#fs-stage option", "o => o.text")
+    assert stage.startswith("stage 1 (27×27)") and "conv1" in stage
+    for i, own in enumerate(sorted(where)):
+        page.click(f"[data-fs-query='{i}']")
+        shown = page.eval_on_selector_all(
+            "#fs-search-results [data-fs-neighbour]",
+            "nodes => nodes.map(n => +n.dataset.fsNeighbour)",
+        )
+        assert own not in shown and len(shown) == 3  # itself left out, the rest found
+        captions = page.eval_on_selector_all(
+            "#fs-search-results figcaption", "nodes => nodes.map(n => n.textContent)"
+        )
+        assert all(".webp" in c for c in captions)
+        caption = page.inner_text("#fs-query-caption")
+        assert Path(where[own]).name in caption and "predicted" in caption
+    cam = page.evaluate(
+        "(() => { const c = document.getElementById('fs-gradcam');"
+        " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        " let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i]; return s; })()"
+    )
+    assert cam > 0  # the last query's Grad-CAM was drawn over its picture
     page.close()
     assert not problems, "\n".join(problems)

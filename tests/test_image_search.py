@@ -216,3 +216,90 @@ def test_a_flat_folder_of_unlabelled_photos_is_searched(tmp_path, capsys):
         )
         == 0
     )
+
+
+def test_a_moved_folder_is_re_pointed_with_root(search, data, tmp_path, capsys):
+    """Build on a real copy of a folder, move the copy, search it again from where it went."""
+    from featurescope.cli import main
+
+    original = Path(shutil.copytree(data, tmp_path / "shapes")).resolve()
+    built = fs.ImageSearch.build(search.model, original, progress=False)
+    folder = built.save(tmp_path / "shapes.fsindex")
+    manifest = json.loads((folder / "search.json").read_text())
+    assert all(not Path(p).is_absolute() for p in manifest["paths"])
+    assert manifest["weights"] == "random"
+    queries = sorted((original / "test").rglob("*.png"))[:3]
+    before = built.search_images(queries, k=4)
+    moved = tmp_path.resolve() / "elsewhere" / "shapes"
+    moved.parent.mkdir()
+    os.rename(original, moved)
+
+    stale = fs.ImageSearch.load(folder)
+    assert len(stale.missing_images()) == len(stale.index)
+    assert main(["explore", "--index", str(folder), "--out", str(tmp_path / "x.html")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "missing" in err and "--root" in err  # one line, what to do
+    again = fs.ImageSearch.load(folder, root=moved / "train")
+    assert again.missing_images() == [] and again.missing_summary() is None
+    assert again.weights == "random" and fs.model_metadata(again.model).weights == "random"
+    moved_queries = [moved / q.relative_to(original) for q in queries]
+    after = again.search_images(moved_queries, k=4)
+    assert after.ids.tolist() == before.ids.tolist()
+    torch.testing.assert_close(after.distances, before.distances)
+    expected = [
+        [str(moved / Path(p).relative_to(original)) for p in row] for row in before.metadata
+    ]
+    assert after.metadata == expected
+
+    # The command line re-points it the same way, and says nothing is missing.
+    argv = ["index", "search", str(folder), str(moved_queries[0]), "-k", "2"]
+    assert main([*argv, "--root", str(moved / "train"), "--out", str(tmp_path / "m.png")]) == 0
+    out, err = capsys.readouterr()
+    assert "missing" not in err and str(moved) in out
+    with pytest.raises(fs.FeaturescopeError, match="not a folder"):
+        fs.ImageSearch.load(folder, root=tmp_path / "nowhere")
+
+
+def test_missing_images_are_named_and_the_rest_still_works(search, data, tmp_path, capsys):
+    from featurescope.cli import main
+
+    copy = shutil.copytree(data, tmp_path / "shapes")
+    built = fs.ImageSearch.build(search.model, copy, progress=False)
+    folder = built.save(tmp_path / "s.fsindex")
+    gone = sorted((copy / "train" / "star").glob("*.png"))[:2]
+    for path in gone:
+        path.unlink()
+    again = fs.ImageSearch.load(folder)
+    assert sorted(again.missing_images()) == sorted(str(p.resolve()) for p in gone)
+    summary = again.missing_summary()
+    assert summary.startswith(f"2 of {len(again.index)} indexed images are missing: ")
+    assert all(f"star/{p.name}" in summary for p in gone)
+    # The star query's nearest images include the missing ones: drawn as placeholders.
+    query = sorted((copy / "test" / "star").glob("*.png"))[0]
+    figure = again.montage([query], k=len(again.index))
+    titles = [ax.get_title() for ax in figure.axes]
+    assert sum("missing: " in t for t in titles) == 2
+    montage = tmp_path / "m.png"
+    argv = ["index", "search", str(folder), str(query), "-k", "100", "--out", str(montage)]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        f"note: {summary}",
+        f"note: -k 100 is more than the {len(again.index)} indexed images; showing "
+        f"{len(again.index)}",
+    ]
+    assert "Random weights" in err
+    assert len([line for line in out.splitlines() if line.startswith("  ")]) == len(again.index)
+    assert montage.stat().st_size > 0
+
+    page = tmp_path / "p.html"
+    assert main(["explore", "--index", str(folder), "--out", str(page), "-k", "3"]) == 0
+    from featurescope.study.explorer import read_explorer_data
+
+    content = read_explorer_data(page)
+    assert content["notes"]["missing"] == summary
+    assert "missing" in capsys.readouterr().err
+    assert all(os.path.isfile(q["path"]) for q in content["queries"])  # missing: not queried
+    blank = [g for g in content["gallery"] if g["image"] is None]
+    assert {g["name"] for g in blank} == {f"star/{p.name}" for p in gone}

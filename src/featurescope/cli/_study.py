@@ -124,14 +124,23 @@ def register(subparsers: Any) -> None:
         help="find the images nearest to query images, and draw a montage",
         description=(
             "Embed each IMAGE with the model saved in INDEX, print its K nearest indexed "
-            "images (distance, label, path) and write a montage figure."
+            "images (distance, label, path) and write a montage figure. Indexed images that "
+            "are missing (a moved folder: re-point it with --root) are named in one line and "
+            "drawn as placeholders."
         ),
     )
     s.add_argument(
         "index", help="a folder written by 'featurescope index build' or ImageSearch.save"
     )
     s.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
-    s.add_argument("-k", type=int, default=10, help="neighbours per query (default: 10)")
+    s.add_argument(
+        "-k", type=int, default=10, help="neighbours per query (default: 10; at most the index's)"
+    )
+    s.add_argument(
+        "--root",
+        metavar="DIR",
+        help="where the indexed images are now, if their folder moved since 'index build'",
+    )
     s.add_argument("--out", default="featurescope-search.png", help="montage figure")
     s.set_defaults(func=_index_search)
 
@@ -232,10 +241,23 @@ def _index_build(args: argparse.Namespace) -> int:
 
 
 def _index_search(args: argparse.Namespace) -> int:
-    import featurescope as fs
+    import sys
 
-    search = fs.ImageSearch.load(args.index)
+    import featurescope as fs
+    from featurescope.study import weights_sentence
+
+    search = fs.ImageSearch.load(args.index, root=args.root)
+    if search.weights == "random":
+        print(weights_sentence(search.weights), file=sys.stderr)
+    missing = search.missing_summary()
+    if missing:
+        print(f"note: {missing}", file=sys.stderr)
     k = min(args.k, len(search.index))
+    if k < args.k:
+        print(
+            f"note: -k {args.k} is more than the {len(search.index)} indexed images; showing {k}",
+            file=sys.stderr,
+        )
     result = search.search_images(list(args.images), k)
     classes = search.class_names or []
     names = {

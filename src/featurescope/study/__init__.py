@@ -26,7 +26,7 @@ from featurescope.study._experiments import (
     stage_maps,
     train_run,
 )
-from featurescope.study._search import ImageSearch
+from featurescope.study._search import ImageSearch, weights_sentence
 from featurescope.study.explorer import write_explorer
 
 __all__ = [
@@ -44,5 +44,6 @@ __all__ = [
     "preprocess_image",
     "stage_maps",
     "train_run",
+    "weights_sentence",
     "write_explorer",
 ]

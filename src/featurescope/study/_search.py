@@ -4,7 +4,9 @@
 ``featurescope explore`` load: a folder (``my.fsindex/``) holding the
 :class:`~featurescope.EmbeddingIndex`, the model's weights as a safetensors checkpoint (left out
 when the zoo name alone rebuilds them) and ``search.json`` naming the model, the node, the
-preprocessing, the images (relative to their root) and the class names. Nothing is pickled.
+preprocessing, where the weights came from (``"random"`` when they are), the images (relative to
+their root, so that ``load(path, root=...)`` re-points a moved folder) and the class names.
+Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from featurescope.tap import FeatureTap
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["ImageSearch"]
+__all__ = ["ImageSearch", "weights_sentence"]
 
 PathLike = str | os.PathLike[str]
 
@@ -49,6 +51,7 @@ class _ZooFacts:
     preprocessing: Preprocessing | None
     embedding_node: str | None
     stages: tuple[str, ...] = ()
+    weights: str | None = None
 
 
 def _zoo_facts(model: nn.Module) -> _ZooFacts:
@@ -66,7 +69,34 @@ def _zoo_facts(model: nn.Module) -> _ZooFacts:
         preprocessing=meta.preprocessing,
         embedding_node=meta.embedding_node,
         stages=meta.stage_nodes,
+        weights=meta.weights,
     )
+
+
+def weights_sentence(origin: str | None) -> str:
+    """Where a model's weights came from, said plainly for a page, a report or a terminal.
+
+    Args:
+        origin: :attr:`ModelMetadata.weights <featurescope.zoo.ModelMetadata.weights>`
+            (``"random"``, ``"torchvision:IMAGENET1K_V1"``, ``"checkpoint:<sha256 prefix>"``),
+            or ``None`` where it is not known.
+
+    Example:
+        >>> weights_sentence("random").split(":")[0]
+        'Random weights'
+        >>> weights_sentence("torchvision:IMAGENET1K_V1")
+        'Pretrained weights: torchvision:IMAGENET1K_V1.'
+    """
+    if origin == "random":
+        return (
+            "Random weights: this network is untrained, so its maps and neighbours show its "
+            "architecture, not anything learned."
+        )
+    if origin is None:
+        return "Weights of unknown origin (not recorded)."
+    if origin.startswith("checkpoint:"):
+        return f"Weights from a checkpoint (sha256 {origin.removeprefix('checkpoint:')}…)."
+    return f"Pretrained weights: {origin}."
 
 
 def _relative(path: str, root: Path | None) -> str:
@@ -74,6 +104,18 @@ def _relative(path: str, root: Path | None) -> str:
         with contextlib.suppress(ValueError):
             return Path(path).resolve().relative_to(root).as_posix()
     return str(Path(path).resolve())
+
+
+def _display_name(path: str, root: Path | None) -> str:
+    if root is not None:
+        with contextlib.suppress(ValueError):
+            return Path(os.path.abspath(path)).relative_to(root).as_posix()
+    return Path(path).name
+
+
+def _placeholder() -> torch.Tensor:
+    """A light grey square standing in for an image that is not there any more."""
+    return torch.full((3, 32, 32), 0.85)
 
 
 def _weights_reproducible(model: nn.Module, facts: _ZooFacts) -> bool:
@@ -164,13 +206,17 @@ class ImageSearch:
         self.root: Path | None = Path(root).resolve() if root is not None else None
         names = class_names if class_names is not None else facts.class_names
         self.class_names: list[str] | None = list(names) if names is not None else None
+        #: Where the model's weights came from (its metadata's ``weights``): ``"random"``, a
+        #: pretrained tag, ``"checkpoint:..."``, or ``None`` when not known.
+        self.weights: str | None = facts.weights
         self._tap: FeatureTap | None = None
 
     def __repr__(self) -> str:
         model = _zoo_facts(self.model).name or type(self.model).__name__
         return (
             f"ImageSearch({model}, node={self.node!r}, {len(self.index)} images, "
-            f"{self.index.dim}-d, root={str(self.root) if self.root else None!r})"
+            f"{self.index.dim}-d, weights={self.weights!r}, "
+            f"root={str(self.root) if self.root else None!r})"
         )
 
     # -- building -----------------------------------------------------------------------------
@@ -291,6 +337,64 @@ class ImageSearch:
         """``{id: image path}`` of every indexed image (``None`` where it has none)."""
         return dict(zip(self.index.ids.tolist(), self.index.metadata, strict=True))
 
+    def gallery_ids(self, images: Sequence[PathLike]) -> list[int | None]:
+        """The id of each image file that is in the gallery (the same file), else ``None``.
+
+        Files are compared by their resolved path, so ``photos/../photos/a.jpg`` is
+        ``photos/a.jpg``; a copy of an image elsewhere is not the gallery's.
+
+        Example:
+            >>> import tempfile, featurescope as fs
+            >>> root = fs.make_synthetic_dataset(tempfile.mkdtemp(), train_per_class=1,
+            ...                                  val_per_class=0, test_per_class=1, size=32)
+            >>> search = fs.ImageSearch.build(fs.create_model("alexnet_half"), root, progress=False)
+            >>> inside, outside = search.index.metadata[0], fs.ImageFolder(root / "test").paths[0]
+            >>> search.gallery_ids([inside, outside])
+            [0, None]
+        """
+        by_path = {os.path.realpath(p): i for i, p in self.image_paths().items() if p is not None}
+        return [by_path.get(os.path.realpath(os.fspath(image))) for image in images]
+
+    def missing_images(self) -> list[str]:
+        """The indexed images whose files are not where the index says (moved or deleted).
+
+        Re-point a moved folder with ``ImageSearch.load(path, root=new_folder)``.
+        """
+        return [p for p in self.index.metadata if p is not None and not os.path.isfile(p)]
+
+    def missing_summary(self, limit: int = 5) -> str | None:
+        """One line naming the missing images (:meth:`missing_images`), or ``None`` if none.
+
+        Example:
+            >>> import torch, featurescope as fs
+            >>> index = fs.EmbeddingIndex(2)
+            >>> index.add(torch.zeros(2, 2), metadata=["/gone/a.jpg", "/gone/b.png"])
+            >>> search = fs.ImageSearch(fs.create_model("alexnet_half"), index, node="fc.4")
+            >>> print(search.missing_summary().split(" (")[0])
+            2 of 2 indexed images are missing: a.jpg, b.png
+        """
+        missing = self.missing_images()
+        if not missing:
+            return None
+        names = [_display_name(p, self.root) for p in missing[:limit]]
+        more = f" and {len(missing) - limit} more" if len(missing) > limit else ""
+        return (
+            f"{len(missing)} of {len(self.index)} indexed images are missing: "
+            f"{', '.join(names)}{more} (moved? re-point the folder with root=... or --root DIR)"
+        )
+
+    def display_name(self, path: PathLike) -> str:
+        """How a page names an image: its path below the gallery's root, else its file name.
+
+        Example:
+            >>> import torch, featurescope as fs
+            >>> search = fs.ImageSearch(fs.create_model("alexnet_half"), fs.EmbeddingIndex(2),
+            ...                         node="fc.4", root="/photos")
+            >>> search.display_name("/photos/trip/cat.jpg"), search.display_name("/tmp/q.png")
+            ('trip/cat.jpg', 'q.png')
+        """
+        return _display_name(os.fspath(path), self.root)
+
     def labels(self) -> dict[int, int]:
         """``{id: label}`` of every indexed image (``-1`` where unlabelled)."""
         return dict(zip(self.index.ids.tolist(), self.index.labels.tolist(), strict=True))
@@ -306,12 +410,21 @@ class ImageSearch:
             queries = self.preprocessing.denormalize(self.preprocess(images))
         elif isinstance(images, (str, os.PathLike)):
             queries = [images]
+        missing = set(self.missing_images())
+        labels: dict[int, Any] = self.labels()
+        pictures: dict[int, Any] = {}
+        for i, path in self.image_paths().items():
+            pictures[i] = path
+            if path in missing:
+                # A moved or deleted file: a placeholder captioned with its name, not a failure.
+                pictures[i] = _placeholder()
+                labels[i] = f"missing: {Path(path).name}"
         return visualize(
             "montage",
             result,
-            images=self.image_paths(),
+            images=pictures,
             queries=queries,
-            labels=self.labels(),
+            labels=labels,
             class_names=self.class_names,
             title=title or f"{result.ids.shape[1]} nearest images",
         )
@@ -351,6 +464,9 @@ class ImageSearch:
             "model": facts.name,
             "num_classes": facts.num_classes,
             "checkpoint": None if _weights_reproducible(self.model, facts) else WEIGHTS,
+            # Where the weights came from: "random" stays "random" even though they are kept
+            # in model.safetensors (which, reloaded, would read as a checkpoint).
+            "weights": self.weights,
             "node": self.node,
             "preprocessing": self.preprocessing.to_dict(),
             "root": str(self.root) if self.root is not None else None,
@@ -380,65 +496,93 @@ class ImageSearch:
         cls,
         path: PathLike,
         *,
+        root: PathLike | None = None,
         images: PathLike | None = None,
         device: str | torch.device = "cpu",
     ) -> ImageSearch:
         """Open a folder written by :meth:`save` or ``featurescope index build``.
 
+        Image paths are stored relative to the gallery's root, so a moved folder is re-pointed
+        by naming where it is now. Images that are missing are not an error here:
+        :meth:`missing_images` lists them, :meth:`montage` draws a placeholder for each, and the
+        explorer marks them.
+
         Args:
             path: the folder.
-            images: where the indexed images are now, if they moved (default: the folder
+            root: where the indexed images are now, if they moved (default: the folder
                 recorded at build time).
+            images: the former name of ``root``.
             device: where to put the model and the index.
 
         Raises:
             IndexFileError: ``path`` is not a saved ImageSearch, or its files are damaged.
+            FeaturescopeError: both ``root`` and ``images`` are given, or ``root`` is not a
+                folder.
         """
-        from featurescope.zoo import create_model, load_checkpoint
+        from featurescope.zoo import attach_metadata, create_model, load_checkpoint, model_metadata
 
+        if root is not None and images is not None:
+            raise FeaturescopeError("give root=... (or its former name images=...), not both")
+        new_root = root if root is not None else images
+        if new_root is not None and not Path(new_root).is_dir():
+            raise FeaturescopeError(
+                f"root {os.fspath(new_root)!r} is not a folder; pass the folder the indexed "
+                "images were moved to"
+            )
         folder = Path(path)
-        manifest_path = folder / MANIFEST
-        if not manifest_path.is_file():
-            raise IndexFileError(
-                f"{folder} is not a saved ImageSearch (no {MANIFEST}); build one with "
-                "featurescope.ImageSearch.build(...).save(path) or 'featurescope index build'"
-            )
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise IndexFileError(f"{manifest_path} is not readable JSON: {exc}") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise IndexFileError(
-                f"{manifest_path} is not an ImageSearch manifest of format {FORMAT!r}"
-            )
-        for key in ("index", "checkpoint"):
-            name = manifest.get(key)
-            if name is not None and (not isinstance(name, str) or Path(name).name != name):
-                raise IndexFileError(f"{manifest_path}: {key!r} must name a file in the folder")
+        manifest = _read_manifest(folder)
         index = EmbeddingIndex.load(folder / manifest["index"], device=device)
         if manifest["checkpoint"] is None:
             model = create_model(manifest["model"], num_classes=manifest.get("num_classes"))
         else:
             model = load_checkpoint(folder / manifest["checkpoint"], map_location=device)
+        meta = model_metadata(model)
+        if meta is not None and "weights" in manifest:
+            # The origin recorded at save time: random weights kept in model.safetensors are
+            # still random weights.
+            attach_metadata(model, meta.replace(weights=manifest["weights"]))
         model.eval().to(device)
-        root = Path(images) if images is not None else manifest.get("root")
+        base = Path(new_root).resolve() if new_root is not None else manifest.get("root")
         paths = manifest["paths"]
         if len(paths) != len(index):
             raise IndexFileError(
-                f"{manifest_path} lists {len(paths)} images for an index of {len(index)}"
+                f"{folder / MANIFEST} lists {len(paths)} images for an index of {len(index)}"
             )
         resolved = [
-            None if p is None else str(Path(root) / p) if root is not None else p for p in paths
+            None if p is None else str(Path(base) / p) if base is not None else p for p in paths
         ]
-        return cls(
+        search = cls(
             model,
             _relabelled(index, resolved),
             node=manifest["node"],
             preprocessing=Preprocessing.from_dict(manifest["preprocessing"]),
-            root=root,
+            root=base,
             class_names=manifest.get("class_names"),
             skipped=[(p, why) for p, why in manifest.get("skipped", [])],
         )
+        if meta is None or "weights" not in manifest:
+            search.weights = manifest.get("weights")  # an older folder: not recorded
+        return search
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise IndexFileError(
+            f"{folder} is not a saved ImageSearch (no {MANIFEST}); build one with "
+            "featurescope.ImageSearch.build(...).save(path) or 'featurescope index build'"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise IndexFileError(f"{manifest_path} is not readable JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexFileError(f"{manifest_path} is not an ImageSearch manifest of format {FORMAT!r}")
+    for key in ("index", "checkpoint"):
+        name = manifest.get(key)
+        if name is not None and (not isinstance(name, str) or Path(name).name != name):
+            raise IndexFileError(f"{manifest_path}: {key!r} must name a file in the folder")
+    return manifest
 
 
 def _relabelled(index: EmbeddingIndex, metadata: list[str | None]) -> EmbeddingIndex:

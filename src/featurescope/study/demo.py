@@ -228,6 +228,7 @@ def _retrieval_experiment(
         "random_weights": baseline,
         "chance_precision": chance,
         "model": name,
+        "weights": architecture.weights if architecture is not None else None,
         "embedding_node": train_emb.nodes.get("embedding"),
         "embedding_dim": index.dim,
         "figure": "retrieval_montage.png",
@@ -362,6 +363,7 @@ def _explorer(
         metrics={"trained": retrieval["trained"], "random weights": retrieval["random_weights"]},
         k=retrieval["k"],
         title="featurescope demo: the AlexNet study, to explore",
+        splits=("test", "training"),
     )
 
 

@@ -7,8 +7,14 @@
   const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
                    "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
   const colour = (i) => PALETTE[((i % PALETTE.length) + PALETTE.length) % PALETTE.length];
-  const className = (label) => (label >= 0 && label < D.classes.length ? D.classes[label] : "–");
+  const className = (label) => (label >= 0 && label < D.classes.length ? D.classes[label] : "");
+  // An image's name: its file (below the folder's root), with its class folder where it has one.
+  const named = (item) => {
+    const cls = className(item.label);
+    return cls ? `${item.name} (${cls})` : item.name;
+  };
   const gallery = new Map(D.gallery.map((g) => [g.id, g]));
+  const picture = (index) => (index === null || index === undefined ? null : D.images[index]);
 
   function el(tag, attrs, children) {
     const node = document.createElement(tag);
@@ -29,6 +35,11 @@
     const out = new Uint8Array(raw.length);
     for (let i = 0; i < raw.length; i++) out[i] = raw.charCodeAt(i);
     return out;
+  }
+  // Maps travel zlib-compressed; the browser inflates them itself (no library, no network).
+  async function inflate(b64) {
+    const stream = new Blob([decode(b64)]).stream().pipeThrough(new DecompressionStream("deflate"));
+    return new Uint8Array(await new Response(stream).arrayBuffer());
   }
 
   // --- colour maps: viridis-like for maps, jet-like for overlays --------------------------
@@ -143,58 +154,78 @@
   // --- feature maps -----------------------------------------------------------------------
   const fm = { query: 0, stage: 0, channel: null };
   function stageOf(i) { return D.stages[i]; }
-  function drawMaps() {
+  async function unpacked(entry) {
+    if (!entry._data) [entry._data, entry._sum] = await Promise.all([inflate(entry.data), inflate(entry.sum)]);
+    return entry;
+  }
+  function drawOver(canvas, imageIndex, values, w, h) {
+    const size = canvas.width;
+    const ctx = canvas.getContext("2d");
+    return new Promise((resolve) => {
+      const img = new Image();
+      img.onload = () => {
+        ctx.clearRect(0, 0, size, size);
+        drawScaled(canvas, img);
+        drawScaled(canvas, mapCanvas(values, w, h, JET, 255), 0.5);
+        resolve();
+      };
+      img.src = picture(imageIndex);
+    });
+  }
+  async function drawMaps() {
     const stage = stageOf(fm.stage);
-    const entry = stage.maps[fm.query];
-    const [C, h, w] = stage.shape;
-    if (!entry._data) { entry._data = decode(entry.data); entry._sum = decode(entry.sum); }
-    if (fm.channel === null) fm.channel = entry.order[0];
+    const entry = await unpacked(stage.maps[fm.query]);
+    const [shown, h, w] = stage.shipped;
+    if (fm.channel === null) fm.channel = 0;  // a position in entry.order: the strongest first
+    const c = entry.order[fm.channel];
     const channel = entry._data.subarray(fm.channel * h * w, (fm.channel + 1) * h * w);
-    const size = D.display_size;
     const targets = { "fs-map-channel": channel, "fs-map-sum": entry._sum };
     for (const [id, values] of Object.entries(targets)) {
-      const c = $(id);
-      c.getContext("2d").clearRect(0, 0, c.width, c.height);
-      drawScaled(c, mapCanvas(values, w, h, VIRIDIS, 255));
+      const canvas = $(id);
+      canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+      drawScaled(canvas, mapCanvas(values, w, h, VIRIDIS, 255));
     }
-    const over = $("fs-map-overlay");
-    const picture = new Image();
-    picture.onload = () => {
-      over.getContext("2d").clearRect(0, 0, size, size);
-      drawScaled(over, picture);
-      drawScaled(over, mapCanvas(entry._sum, w, h, JET, 255), 0.5);
-    };
-    picture.src = D.queries[fm.query].crop;
+    const q = D.queries[fm.query];
+    await drawOver($("fs-map-overlay"), q.image, entry._sum, w, h);
+    const [C, H, W] = stage.shape;
+    const strongest = shown < C ? ` (the ${shown} strongest shown)` : "";
     $("fs-map-caption").textContent =
-      `${stage.name} channel ${fm.channel} of ${C} (mean ${entry.means[fm.channel].toFixed(3)}), ` +
-      `${h}×${w}; test image ${fm.query} (${className(D.queries[fm.query].label)})`;
+      `${stage.label}, node ${stage.name}: channel ${c} of ${C}${strongest} ` +
+      `(mean ${entry.means[fm.channel].toFixed(3)}), ${H}×${W}; ${named(q)}`;
     document.querySelectorAll("[data-fs-channel]").forEach((b) =>
-      b.classList.toggle("fs-selected", b.getAttribute("data-fs-channel") === `${stage.name}:${fm.channel}`));
+      b.classList.toggle("fs-selected", b.getAttribute("data-fs-channel") === `${stage.name}:${c}`));
+    document.body.setAttribute("data-fs-drawn", `${fm.query}:${stage.name}:${c}`);
   }
   function channelList() {
     const stage = stageOf(fm.stage);
     const entry = stage.maps[fm.query];
     const list = $("fs-channels");
     list.textContent = "";
-    entry.order.forEach((c) => {
+    entry.order.forEach((c, position) => {
       const b = el("button", { type: "button", class: "fs-chan", "data-fs-channel": `${stage.name}:${c}`,
-                               title: `mean activation ${entry.means[c].toFixed(4)}`, text: String(c) });
-      b.addEventListener("click", () => { fm.channel = c; drawMaps(); });
+                               title: `mean activation ${entry.means[position].toFixed(4)}`, text: String(c) });
+      b.addEventListener("click", () => { fm.channel = position; drawMaps(); });
       list.appendChild(b);
     });
   }
   function maps() {
-    if (!$("fs-maps") || !D.stages.length) return;
+    if (!$("fs-maps") || !D.stages.length) return Promise.resolve();
     const stageSel = $("fs-stage"), imageSel = $("fs-map-image");
-    D.stages.forEach((s, i) => stageSel.appendChild(el("option", { value: i, text: `${s.name} [${s.shape.join(", ")}]` })));
-    D.queries.forEach((q, i) => imageSel.appendChild(el("option", { value: i, text: `${i}: ${className(q.label)}` })));
+    D.stages.forEach((s, i) => stageSel.appendChild(el("option", {
+      value: i, title: `node ${s.name}, [${s.shape.join(", ")}]`, text: `${s.label} · ${s.name}` })));
+    D.stages[0].maps.forEach((_, i) => imageSel.appendChild(el("option", { value: i, text: `${i + 1}: ${named(D.queries[i])}` })));
     stageSel.addEventListener("change", () => { fm.stage = +stageSel.value; fm.channel = null; channelList(); drawMaps(); });
     imageSel.addEventListener("change", () => { fm.query = +imageSel.value; fm.channel = null; channelList(); drawMaps(); });
     channelList();
-    drawMaps();
+    return drawMaps();
   }
 
   // --- search by image --------------------------------------------------------------------
+  function tileImage(g) {
+    const src = picture(g.image);
+    if (src) return el("img", { src: src, alt: g.name });
+    return el("div", { class: "fs-missing", text: "missing", title: `${g.path}: file not found` });
+  }
   function neighbourTiles(host, hits, queryLabel) {
     host.textContent = "";
     hits.forEach(([id, dist], rank) => {
@@ -202,35 +233,46 @@
       const hit = queryLabel >= 0 && g.label === queryLabel;
       const fig = el("figure", { class: "fs-tile " + (queryLabel < 0 ? "" : hit ? "fs-hit" : "fs-miss"),
                                  "data-fs-neighbour": String(id), title: g.path });
-      fig.appendChild(el("img", { src: g.thumb, alt: g.path }));
-      fig.appendChild(el("figcaption", { text: `${rank + 1}. ${className(g.label)} ${dist.toFixed(3)}${hit ? " ✓" : ""}` }));
+      fig.appendChild(tileImage(g));
+      const cls = className(g.label);
+      fig.appendChild(el("figcaption", {
+        text: `${rank + 1}. ${g.name}${cls ? " · " + cls : ""} ${dist.toFixed(3)}${hit ? " ✓" : ""}` }));
       host.appendChild(fig);
     });
+  }
+  function drawCam(q) {
+    const cam = $("fs-gradcam");
+    if (!cam) return Promise.resolve();
+    if (!q.cam) {
+      cam.style.display = "none";
+      $("fs-gradcam-caption").textContent = "";
+      return Promise.resolve();
+    }
+    cam.style.display = "";
+    $("fs-gradcam-caption").textContent = `${q.predicted_name} (node ${D.cam_node})`;
+    return inflate(q.cam).then((values) => drawOver(cam, q.image, values, D.cam_side, D.cam_side));
   }
   function selectQuery(i) {
     const q = D.queries[i];
     document.querySelectorAll("[data-fs-query]").forEach((n) =>
       n.classList.toggle("fs-selected", n.getAttribute("data-fs-query") === String(i)));
     $("fs-query-caption").textContent =
-      `test image ${i}: ${className(q.label)}` +
-      (q.predicted !== null ? `, predicted ${className(q.predicted)}` : "") + ` — ${q.path}`;
-    const cam = $("fs-gradcam");
-    if (cam) {
-      if (q.gradcam) { cam.src = q.gradcam; cam.style.display = ""; }
-      else cam.style.display = "none";
-    }
+      `${D.wording.query} ${i + 1}: ${named(q)}` +
+      (q.predicted_name !== null ? `, predicted ${q.predicted_name}` : "");
+    $("fs-query-caption").title = q.path;
     neighbourTiles($("fs-search-results"), q.neighbours, q.label);
+    return drawCam(q);
   }
   function search() {
     const host = $("fs-queries");
-    if (!host) return;
+    if (!host) return Promise.resolve();
     D.queries.forEach((q, i) => {
-      const img = el("img", { src: q.thumb, alt: q.path, title: `${className(q.label)}: ${q.path}`,
+      const img = el("img", { src: picture(q.image), alt: q.name, title: `${named(q)} — ${q.path}`,
                               class: "fs-query", "data-fs-query": String(i) });
       img.addEventListener("click", () => selectQuery(i));
       host.appendChild(img);
     });
-    if (D.queries.length) selectQuery(0);
+    return D.queries.length ? selectQuery(0) : Promise.resolve();
   }
 
   // --- projection -------------------------------------------------------------------------
@@ -248,14 +290,15 @@
       const g = gallery.get(id);
       const dot = svg("circle", { cx: X(x), cy: Y(y), r: 5, fill: colour(g.label), "data-fs-point": String(id) });
       const tip = svg("title");
-      tip.textContent = `${className(g.label)}: ${g.path}`;
+      tip.textContent = named(g);
       dot.appendChild(tip);
       dot.addEventListener("click", () => {
         s.querySelectorAll(".fs-picked").forEach((n) => n.classList.remove("fs-picked"));
         dot.classList.add("fs-picked");
-        $("fs-point-image").src = g.thumb;
-        $("fs-point-image").style.display = "";
-        $("fs-point-caption").textContent = `${className(g.label)} — ${g.path}`;
+        const src = picture(g.image);
+        $("fs-point-image").style.display = src ? "" : "none";
+        if (src) $("fs-point-image").src = src;
+        $("fs-point-caption").textContent = `${named(g)}${src ? "" : " (file missing)"} — ${g.path}`;
         neighbourTiles($("fs-point-neighbours"), D.projection.neighbours[String(id)] || [], g.label);
       });
       s.appendChild(dot);
@@ -272,8 +315,6 @@
   }
 
   curves();
-  maps();
-  search();
   projection();
-  document.body.setAttribute("data-fs-ready", "1");
+  Promise.all([maps(), search()]).then(() => document.body.setAttribute("data-fs-ready", "1"));
 })();

@@ -1,26 +1,23 @@
 """The explorer: one offline HTML page to look at a model's training, feature maps and search.
 
 :func:`write_explorer` writes a single file that works from ``file://`` with no server and no
-network request: the data (thumbnails, feature maps as bytes, neighbours, a 2-D projection)
-sits inline as JSON and a small vanilla script (``explorer.js``, shipped beside this module)
-draws it. ``featurescope demo`` ends by writing one; ``featurescope explore`` writes one for any
-saved :class:`~featurescope.ImageSearch`.
+network request: the data (pictures, feature maps as compressed bytes, neighbours, a 2-D
+projection) sits inline as JSON and a small vanilla script (``explorer.js``, shipped beside this
+module) draws it. ``featurescope demo`` ends by writing one with the study's wording (test
+images searching training images); ``featurescope explore`` writes one for any saved
+:class:`~featurescope.ImageSearch`, speaking of the folder's own files.
 
 The page has a stable contract for tests: each query thumbnail carries
 ``data-fs-query="<query index>"``, each neighbour shown ``data-fs-neighbour="<gallery id>"``,
-each channel choice ``data-fs-channel="<stage>:<channel>"``, each training run
-``data-fs-run="<name>"`` and each projected point ``data-fs-point="<gallery id>"``.
+each channel choice ``data-fs-channel="<stage node>:<channel>"``, each training run
+``data-fs-run="<name>"`` and each projected point ``data-fs-point="<gallery id>"``;
+:func:`read_explorer_data` returns the page's data.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import json
 import os
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,111 +25,19 @@ import numpy as np
 import torch
 
 from featurescope._io import atomic_open
-from featurescope._torch_utils import model_device, training_mode
 from featurescope._version import __version__
 from featurescope.errors import FeaturescopeError
 from featurescope.index import retrieval_metrics
-from featurescope.study._search import ImageSearch, _zoo_facts
-from featurescope.tap import FeatureTap, last_spatial_node
+from featurescope.study import _explorer_data as pack
+from featurescope.study._explorer_page import metric_rows, parse, render
+from featurescope.study._search import ImageSearch, _zoo_facts, weights_sentence
 
-__all__ = ["explore_index", "query_images", "write_explorer"]
+__all__ = ["explore_index", "query_images", "read_explorer_data", "write_explorer"]
 
 PathLike = str | os.PathLike[str]
 
-#: Side in pixels of the feature-map canvases and of each query's crop.
-DISPLAY_SIZE = 160
-_THUMB = 72
-_METRIC_NAMES = {
-    "precision_at_1": "precision@1",
-    "precision_at_k": "precision@k",
-    "recall_at_k": "recall@k",
-    "r_precision": "R-precision",
-    "mean_average_precision_at_r": "mAP@R",
-}
-
-
-def _data_url(picture: Any, fmt: str = "JPEG") -> str:
-    buffer = io.BytesIO()
-    picture.save(buffer, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
-    mime = "image/jpeg" if fmt == "JPEG" else "image/png"
-    return f"data:{mime};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _thumbnail(path: str, side: int = _THUMB) -> str:
-    from PIL import ImageOps
-
-    from featurescope.data.folders import load_rgb
-
-    return _data_url(ImageOps.fit(load_rgb(path), (side, side)))
-
-
-def _crop(tensor: torch.Tensor, search: ImageSearch) -> str:
-    """The preprocessed input as the model saw it, for overlays that line up with its maps."""
-    from PIL import Image
-
-    rgb = search.preprocessing.denormalize(tensor).permute(1, 2, 0).numpy()
-    picture = Image.fromarray((rgb * 255).round().astype(np.uint8))
-    return _data_url(picture.resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.Resampling.BILINEAR))
-
-
-def _to_bytes(values: torch.Tensor) -> str:
-    """Scale each leading slice of ``values`` to 0-255 on its own and base64 the uint8 bytes."""
-    flat = values.reshape(values.shape[0], -1).double() if values.dim() > 2 else values.double()
-    lo = flat.min(dim=-1, keepdim=True).values
-    span = flat.max(dim=-1, keepdim=True).values - lo
-    scaled = torch.where(span > 0, (flat - lo) / span.clamp(min=1e-300), torch.zeros_like(flat))
-    raw = (scaled * 255).round().to(torch.uint8).numpy().tobytes()
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _stage_maps(
-    search: ImageSearch, batch: torch.Tensor, stages: Sequence[str]
-) -> list[dict[str, Any]]:
-    if not stages:
-        return []
-    model = search.model
-    with training_mode(model, False), torch.inference_mode():
-        out = FeatureTap(model, list(stages))(batch.to(model_device(model) or "cpu"))
-    result = []
-    for stage in stages:
-        maps = out[stage].float().cpu()
-        if maps.dim() != 4:
-            continue  # class scores and other non-maps are not drawn
-        entries = []
-        for one in maps:
-            means = one.mean(dim=(1, 2))
-            order = sorted(range(len(means)), key=lambda c: (-float(means[c]), c))
-            entries.append(
-                {
-                    "order": order,
-                    "means": [round(float(m), 5) for m in means],
-                    "data": _to_bytes(one),
-                    "sum": _to_bytes(one.sum(dim=0)[None]),
-                }
-            )
-        result.append({"name": stage, "shape": list(maps.shape[1:]), "maps": entries})
-    return result
-
-
-def _gradcams(search: ImageSearch, batch: torch.Tensor, class_names: Any) -> list[str]:
-    from featurescope.visualizers import visualize
-
-    node = last_spatial_node(search.model, tuple(batch.shape[1:]))
-    urls = []
-    for image in batch:
-        figure = visualize(
-            "gradcam",
-            image,
-            model=search.model,
-            node=node,
-            preprocessing=search.preprocessing,
-            class_names=class_names,
-            size=2.4,
-        )
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=72)
-        urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
-    return urls
+#: Side in pixels of the feature-map canvases and of each query's picture.
+DISPLAY_SIZE = pack.DISPLAY_SIZE
 
 
 def _project(vectors: torch.Tensor, method: str) -> tuple[str, np.ndarray[Any, Any]]:
@@ -176,6 +81,40 @@ def _runs(runs: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     return out
 
 
+def _wording(search: ImageSearch, splits: tuple[str, str] | None) -> dict[str, str]:
+    """How the page names its queries and its gallery: the study's splits, or the folder."""
+    if splits is not None:
+        query, gallery = splits
+        return {
+            "query": f"{query} image",
+            "queries": f"{query} images",
+            "a_query": f"a {query} image",
+            "gallery": f"{gallery} images",
+        }
+    where = f"images of {search.root.name}/" if search.root is not None else "indexed images"
+    return {"query": "image", "queries": "query images", "a_query": "an image", "gallery": where}
+
+
+def _no_cam_reason(search: ImageSearch, names: list[str] | None) -> str:
+    if names is not None:
+        return "No Grad-CAM: this model has no spatial map to explain its class scores."
+    if search.weights == "random":
+        return (
+            "No Grad-CAM and no class shown: the classifier head is untrained (random "
+            "weights), so its class scores mean nothing."
+        )
+    return (
+        "No Grad-CAM and no class shown: the classifier head's classes are not known (a "
+        "checkpoint without class names, or a new head on pretrained weights)."
+    )
+
+
+def _exclusions(search: ImageSearch, own: list[int | None]) -> torch.Tensor:
+    """``[nq, 1]`` ids to leave out: each query's own gallery id, else one that is no id."""
+    nobody = int(search.index.ids.min()) - 1
+    return torch.tensor([[nobody if i is None else i] for i in own], dtype=torch.int64)
+
+
 def write_explorer(
     out: PathLike,
     search: ImageSearch,
@@ -189,14 +128,25 @@ def write_explorer(
     projection: str = "auto",
     max_points: int = 2000,
     max_map_images: int = 40,
+    max_channels: int = pack.MAX_CHANNELS,
     title: str = "featurescope explorer",
+    splits: tuple[str, str] | None = None,
+    keep_self: bool = False,
+    batch_size: int = 16,
 ) -> Path:
     """Write the explorer page of ``search`` queried by ``queries`` to the file ``out``.
+
+    Images are named by their path below the gallery's root (else their file name) and by
+    their class folder where there are classes. A query that is itself in the gallery (the same
+    file) is left out of its own neighbours unless ``keep_self``. The predicted class and its
+    Grad-CAM are shown only for a trained head (weights that are not random, with known
+    classes); the page's header says where the weights came from.
 
     Args:
         out: the HTML file to write (atomically).
         search: the model and the gallery index.
-        queries: query image files (the study's test images).
+        queries: query image files; those that cannot be read are left out and named on the
+            page.
         query_labels: their labels, in ``search.class_names`` order, to mark hits and score
             precision@k and mAP@R; ``-1`` or ``None`` for unlabelled.
         runs: ``{run name: History}`` (or its ``to_dict()``) for the training curves.
@@ -208,25 +158,34 @@ def write_explorer(
             ``"umap"``.
         max_points: gallery images projected at most (evenly spaced beyond that).
         max_map_images: queries whose feature maps and Grad-CAM the page carries at most.
+        max_channels: channels of each stage the page carries, the strongest first (each
+            stage's maps are also average-pooled to at most 32 pixels a side).
         title: the page's title.
+        splits: the names of the query and gallery sets, e.g. the study's
+            ``("test", "training")``; default: the page speaks of the folder's images.
+        keep_self: keep a query that is in the gallery among its own neighbours (at rank 1,
+            distance 0).
+        batch_size: images per forward pass.
 
     Returns:
         The path written.
 
     Raises:
-        FeaturescopeError: no queries, or ``projection`` is unknown.
+        FeaturescopeError: no queries, none readable, or ``projection`` is unknown.
 
     Example:
         >>> import pathlib, tempfile, featurescope as fs
         >>> from featurescope.study import write_explorer
+        >>> from featurescope.study.explorer import read_explorer_data
         >>> root = fs.make_synthetic_dataset(tempfile.mkdtemp(), train_per_class=2,
         ...                                  val_per_class=0, test_per_class=1, size=32)
         >>> search = fs.ImageSearch.build(fs.create_model("alexnet_half"), root, progress=False)
         >>> test = fs.ImageFolder(root / "test")
         >>> page = write_explorer(root / "explorer.html", search, test.paths,
         ...                       query_labels=test.targets, k=3)
-        >>> 'data-fs-query' in page.read_text()
-        True
+        >>> data = read_explorer_data(page)
+        >>> data["weights"], data["queries"][0]["name"], len(data["queries"][0]["neighbours"])
+        ('random', 'circle_0000.png', 3)
     """
     if projection not in ("auto", "pca", "umap"):
         raise FeaturescopeError(f"projection must be 'auto', 'pca' or 'umap', got {projection!r}")
@@ -236,108 +195,177 @@ def write_explorer(
     labels = [int(v) for v in query_labels] if query_labels is not None else [-1] * len(paths)
     if len(labels) != len(paths):
         raise FeaturescopeError(f"{len(labels)} query labels for {len(paths)} queries")
-    k = min(k, len(search.index))
-    batch = search.preprocess(paths)
-    vectors = search.embed_images(batch)
-    answer = search.index.search(vectors, k)
-    facts = _zoo_facts(search.model)
-    with training_mode(search.model, False), torch.inference_mode():
-        scores = search.model(batch.to(model_device(search.model) or "cpu"))
-    classifier = isinstance(scores, torch.Tensor) and scores.dim() == 2
-    predicted = scores.argmax(dim=1).tolist() if classifier else [None] * len(paths)
-    shown = batch[:max_map_images]
-    maps = _stage_maps(search, shown, list(stages) if stages is not None else list(facts.stages))
-    model_classes = facts.class_names or search.class_names
-    cams = _gradcams(search, shown, model_classes) if classifier else []
-
-    all_ids = search.index.ids
-    step = max(1, -(-len(all_ids) // max_points))
-    rows = torch.arange(0, len(all_ids), step)
-    method, xy = _project(
-        search.index.vectors[rows], "auto" if projection == "auto" else projection
-    )
-    point_ids = all_ids[rows]
-    around = (
-        search.index.search(
-            search.index.vectors[rows],
-            min(k, len(all_ids) - 1) or 1,
-            exclude_ids=point_ids[:, None],
+    batch, kept, unreadable = pack.load_queries(search, paths)
+    if batch is None:
+        raise FeaturescopeError(
+            f"none of the {len(paths)} query images could be read (first: {paths[0]!r})"
         )
-        if len(all_ids) > 1
-        else None
+    paths, labels = [paths[i] for i in kept], [labels[i] for i in kept]
+    facts = _zoo_facts(search.model)
+    names = pack.head_classes(search.model)
+    analysis = pack.analyse(
+        search,
+        batch,
+        list(stages) if stages is not None else list(facts.stages),
+        trained_head=names is not None,
+        max_map_images=max_map_images,
+        max_channels=max_channels,
+        batch_size=batch_size,
     )
-    point_hits = _hits(around.distances, around.ids) if around is not None else [[] for _ in rows]
-
+    vectors = analysis.vectors
+    own = search.gallery_ids(paths)
+    exclude = None if keep_self or all(i is None for i in own) else _exclusions(search, own)
+    if exclude is not None and len(search.index) > 1:
+        k = min(k, len(search.index) - 1)  # a query in the gallery has one image fewer
+    k = min(k, len(search.index))
+    query_hits = _hits(*search.index.search(vectors, k, exclude_ids=exclude))
+    projected = _projection(search, k, max_points, projection)
     if (
         metrics is None
         and all(label >= 0 for label in labels)
         and bool((search.index.labels >= 0).all())
     ):
-        metrics = {"this model": retrieval_metrics(search.index, vectors, labels, k=k)}
-    query_hits = _hits(answer.distances, answer.ids)
-    used = {i for hits in query_hits + point_hits for i, _ in hits} | set(point_ids.tolist())
-    where = search.image_paths()
-    gallery_labels = search.labels()
-    gallery = []
-    for i in sorted(used):
-        path = where.get(i)
-        if path:
-            gallery.append(
-                {"id": i, "label": gallery_labels[i], "path": path, "thumb": _thumbnail(path)}
-            )
-    model_name = facts.name or type(search.model).__name__
+        metrics = {
+            "this model": retrieval_metrics(search.index, vectors, labels, k=k, exclude_ids=exclude)
+        }
+    pictures = [pack.model_view(t, search) for t in batch]
+    queries_data = [
+        {
+            "path": path,
+            "name": search.display_name(path),
+            "id": own[i],
+            "label": label,
+            "predicted": analysis.predicted[i],
+            "predicted_name": _class_name(names, analysis.predicted[i]),
+            "image": i,
+            "neighbours": hits,
+            "cam": analysis.cams[i] if i < len(analysis.cams) else None,
+        }
+        for i, (path, label, hits) in enumerate(zip(paths, labels, query_hits, strict=True))
+    ]
+    points = [point[0] for point in projected["points"]]
+    shown = query_hits + list(projected["neighbours"].values())
     data = {
         "title": title,
         "version": __version__,
-        "model": model_name,
+        "model": facts.name or type(search.model).__name__,
         "node": search.node,
+        "weights": search.weights,
+        "weights_sentence": weights_sentence(search.weights),
         "k": k,
+        "exclude_self": not keep_self,
         "classes": list(search.class_names or []),
-        "display_size": DISPLAY_SIZE,
+        "wording": _wording(search, splits),
+        "display_size": pack.DISPLAY_SIZE,
         "runs": _runs(runs),
-        "metrics": {
-            row: {_METRIC_NAMES.get(key, key): value for key, value in values.items()}
-            for row, values in (metrics or {}).items()
-        },
-        "queries": [
-            {
-                "path": path,
-                "label": label,
-                "predicted": pred,
-                "thumb": crop,
-                "crop": crop,
-                "neighbours": hits,
-                "gradcam": cams[i] if i < len(cams) else None,
-            }
-            for i, (path, label, pred, hits, crop) in enumerate(
-                zip(
-                    paths,
-                    labels,
-                    predicted,
-                    query_hits,
-                    [_crop(t, search) for t in batch],
-                    strict=True,
-                )
-            )
-        ],
-        "gallery": gallery,
-        "stages": maps,
-        "projection": {
-            "method": method,
-            "points": [
-                [int(i), round(float(x), 5), round(float(y), 5)]
-                for i, (x, y) in zip(point_ids.tolist(), xy.tolist(), strict=True)
-            ],
-            "neighbours": {
-                str(int(i)): h for i, h in zip(point_ids.tolist(), point_hits, strict=True)
-            },
-        },
+        "metrics": metric_rows(metrics),
+        "notes": _notes(search, unreadable),
+        "images": pictures,
+        "queries": queries_data,
+        "cam_node": analysis.cam_node,
+        "cam_side": pack.CAM_SIDE,
+        "no_cam_reason": _no_cam_reason(search, names),
+        "gallery": _gallery(search, shown, points, own, pictures),
+        "stages": analysis.stages,
+        "projection": projected,
     }
-    page = _page(data)
     target = Path(out)
     with atomic_open(target, encoding="utf-8") as fh:
-        fh.write(page)
+        fh.write(render(data))
     return target
+
+
+def _class_name(names: list[str] | None, predicted: int | None) -> str | None:
+    if names is None or predicted is None or predicted >= len(names):
+        return None
+    return names[predicted]
+
+
+def _projection(search: ImageSearch, k: int, max_points: int, method: str) -> dict[str, Any]:
+    """The gallery in 2-D (at most ``max_points``, evenly spaced) and each point's neighbours."""
+    all_ids = search.index.ids
+    step = max(1, -(-len(all_ids) // max_points))
+    rows = torch.arange(0, len(all_ids), step)
+    used, xy = _project(search.index.vectors[rows], method)
+    point_ids = all_ids[rows].tolist()
+    hits: list[list[list[Any]]] = [[] for _ in point_ids]
+    if len(all_ids) > 1:
+        around = search.index.search(
+            search.index.vectors[rows],
+            min(k, len(all_ids) - 1),
+            exclude_ids=all_ids[rows][:, None],
+        )
+        hits = _hits(around.distances, around.ids)
+    return {
+        "method": used,
+        "points": [
+            [int(i), round(float(x), 5), round(float(y), 5)]
+            for i, (x, y) in zip(point_ids, xy.tolist(), strict=True)
+        ],
+        "neighbours": {str(int(i)): h for i, h in zip(point_ids, hits, strict=True)},
+    }
+
+
+def _notes(search: ImageSearch, unreadable: list[str]) -> dict[str, str]:
+    """What the page warns of: indexed images that are missing, queries that did not decode."""
+    notes = {}
+    missing = search.missing_summary()
+    if missing:
+        notes["missing"] = missing
+    if unreadable:
+        shown = ", ".join(Path(p).name for p in unreadable[:5])
+        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        notes["unreadable"] = (
+            f"{len(unreadable)} query image(s) could not be read and are left out: {shown}{more}"
+        )
+    return notes
+
+
+def _gallery(
+    search: ImageSearch,
+    shown: list[list[list[Any]]],
+    points: list[int],
+    own: list[int | None],
+    pictures: list[str],
+) -> list[dict[str, Any]]:
+    """The gallery images the page shows (neighbours and projected points), each picture
+    shipped once: a query's own picture serves for its gallery entry; a missing file gets
+    ``"image": None``."""
+    used = {i for hits in shown for i, _ in hits} | set(points)
+    already = {gid: position for position, gid in enumerate(own) if gid is not None}
+    where, by_id = search.image_paths(), search.labels()
+    gallery = []
+    for i in sorted(used):
+        path = where.get(i)
+        picture: int | None = already.get(i)
+        if picture is None and path:
+            url = pack.thumbnail(path)
+            if url is not None:
+                pictures.append(url)
+                picture = len(pictures) - 1
+        gallery.append(
+            {
+                "id": i,
+                "label": by_id[i],
+                "path": path,
+                "name": search.display_name(path) if path else f"#{i}",
+                "image": picture,
+            }
+        )
+    return gallery
+
+
+def read_explorer_data(page: PathLike) -> dict[str, Any]:
+    """The data an explorer page carries (its ``<script id="fs-data">`` JSON), for tests and
+    for tools that read the page back.
+
+    Raises:
+        FeaturescopeError: the file is not an explorer page.
+    """
+    data = parse(Path(page).read_text(encoding="utf-8"))
+    if not data:
+        raise FeaturescopeError(f"{os.fspath(page)!r} is not an explorer page (no fs-data)")
+    return data
 
 
 def query_images(
@@ -376,6 +404,8 @@ def explore_index(
     *,
     k: int = 10,
     queries: int = 40,
+    root: PathLike | None = None,
+    keep_self: bool = False,
 ) -> Path:
     """Write the explorer page of a saved :class:`~featurescope.ImageSearch`.
 
@@ -384,22 +414,34 @@ def explore_index(
             ``featurescope index build``.
         images: the query images: a folder (class subfolders named as the index's classes
             mark hits and score precision) or one file; default: ``queries`` of the indexed
-            images themselves, evenly spaced.
+            images themselves (those whose files are there), evenly spaced.
         out: the HTML file to write.
         k: neighbours shown per query.
         queries: how many query images at most.
+        root: where the indexed images are now, if their folder moved (see
+            :meth:`ImageSearch.load <featurescope.ImageSearch.load>`).
+        keep_self: keep a query that is in the gallery among its own neighbours.
 
     Returns:
         The page's path.
+
+    Raises:
+        FeaturescopeError: none of the indexed images is where the index says and no
+            ``images`` are given (re-point the folder with ``root``).
     """
-    search = ImageSearch.load(index)
+    search = ImageSearch.load(index, root=root)
     if images is not None:
         paths, labels = query_images(images, search.class_names, limit=queries)
     else:
         where, by_id = search.image_paths(), search.labels()
-        ids = sorted(where)
-        step = max(1, -(-len(ids) // queries))
-        picked = [i for i in ids[::step] if where[i]]
+        present = [i for i in sorted(where) if where[i] and os.path.isfile(where[i] or "")]
+        if not present:
+            raise FeaturescopeError(
+                f"none of the {len(where)} indexed images is there to query: "
+                f"{search.missing_summary() or 'the index records no paths'}"
+            )
+        step = max(1, -(-len(present) // queries))
+        picked = present[::step]
         paths, labels = [where[i] or "" for i in picked], [by_id[i] for i in picked]
     return write_explorer(
         out,
@@ -408,107 +450,5 @@ def explore_index(
         query_labels=labels,
         k=k,
         title=f"featurescope explorer: {Path(index).name}",
+        keep_self=keep_self,
     )
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; padding: 0 1em;
-       color: #222; }
-h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }
-.fs-row { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
-.fs-note { color: #666; font-size: .9em; margin: .3em 0; }
-.fs-legend { display: flex; flex-wrap: wrap; gap: .4em; margin: .4em 0; }
-.fs-run { border: 1px solid #ccc; background: #fff; border-radius: 4px; padding: .2em .5em;
-          cursor: pointer; font: inherit; }
-.fs-run.fs-off { opacity: .35; text-decoration: line-through; }
-.fs-swatch { display: inline-block; width: .8em; height: .8em; margin-right: .35em;
-             border-radius: 2px; vertical-align: middle; }
-.fs-chart .fs-grid { stroke: #eee; } .fs-tick { font-size: 10px; fill: #555; }
-.fs-title { font-size: 12px; font-weight: 600; } .fs-dot { cursor: default; }
-#fs-channels { display: flex; flex-wrap: wrap; gap: 2px; max-height: 9.5em; overflow-y: auto;
-               max-width: 560px; }
-.fs-chan { font: 11px monospace; padding: 1px 3px; border: 1px solid #ccc; background: #fafafa;
-           cursor: pointer; min-width: 2.4em; }
-.fs-chan.fs-selected, .fs-query.fs-selected { outline: 3px solid #1f77b4; }
-canvas { border: 1px solid #ddd; image-rendering: auto; }
-figure { margin: 0; } figcaption { font-size: 11px; text-align: center; }
-#fs-queries { display: flex; flex-wrap: wrap; gap: 4px; }
-.fs-query { width: 64px; height: 64px; cursor: pointer; border: 1px solid #ccc; }
-.fs-tiles { display: flex; flex-wrap: wrap; gap: 6px; }
-.fs-tile img { width: 72px; height: 72px; display: block; border: 3px solid transparent; }
-.fs-hit img { border-color: #2ca02c; } .fs-miss img { border-color: #d62728; }
-table { border-collapse: collapse; } th, td { border: 1px solid #ccc; padding: .25em .6em;
-text-align: right; } th:first-child, td:first-child { text-align: left; }
-.fs-scatter circle { cursor: pointer; stroke: #fff; stroke-width: .8; }
-.fs-scatter circle.fs-picked { stroke: #000; stroke-width: 2.5; }
-"""
-
-
-def _metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
-    if not metrics:
-        return "<p class='fs-note'>No labels on the queries: no precision to score.</p>"
-    columns = list(dict.fromkeys(c for row in metrics.values() for c in row if c != "num_queries"))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join(
-        f"<tr><td>{html.escape(name)}</td>"
-        + "".join(f"<td>{row.get(c, float('nan')):.3f}</td>" for c in columns)
-        + "</tr>"
-        for name, row in metrics.items()
-    )
-    return f"<table id='fs-metrics'><tr><th></th>{head}</tr>{body}</table>"
-
-
-def _page(data: dict[str, Any]) -> str:
-    script = resources.files("featurescope.study").joinpath("explorer.js").read_text("utf-8")
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-    size = data["display_size"]
-    canvases = "".join(
-        f"<figure><canvas id='fs-map-{name}' width='{size}' height='{size}'></canvas>"
-        f"<figcaption>{caption}</figcaption></figure>"
-        for name, caption in (
-            ("channel", "the channel"),
-            ("sum", "summed over channels"),
-            ("overlay", "the sum over the input"),
-        )
-    )
-    curves = (
-        "<h2>Training: width × batch size</h2><div id='fs-curves'></div>" if data["runs"] else ""
-    )
-    maps = (
-        "<h2>Feature maps</h2><div id='fs-maps'><p>Test image <select id='fs-map-image'>"
-        "</select> stage <select id='fs-stage'></select></p><p class='fs-note'>Channels, "
-        "strongest mean activation first:</p><div id='fs-channels'></div>"
-        f"<div class='fs-row'>{canvases}</div><p id='fs-map-caption' class='fs-note'></p></div>"
-        if data["stages"]
-        else ""
-    )
-    k = data["k"]
-    method = data["projection"]["method"]
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
-<title>{html.escape(data["title"])}</title><style>{_CSS}</style></head>
-<body>
-<h1>{html.escape(data["title"])}</h1>
-<p class="fs-note">{html.escape(data["model"])}, embedding node {html.escape(data["node"])};
-{len(data["queries"])} queries, {len(data["gallery"])} gallery images shown. featurescope
-{html.escape(data["version"])}. Works offline: everything is in this file.</p>
-{curves}
-<h2>Search by image</h2>
-<p class="fs-note">Click a test image: its {k} nearest training images, nearest first, framed
-green where the class matches (a hit) and red where not.</p>
-<div id="fs-queries"></div>
-<div class="fs-row"><div style="flex: 1 1 560px"><p id="fs-query-caption"></p>
-<div id="fs-search-results" class="fs-tiles"></div></div>
-<div><h3>Retrieval scores</h3>{_metrics_table(data["metrics"])}
-<h3>Grad-CAM of the predicted class</h3><img id="fs-gradcam" alt="Grad-CAM"></div></div>
-{maps}
-<h2>Gallery embeddings in 2-D ({html.escape(method)})</h2>
-<p class="fs-note">Coloured by class; click a point for its image and its nearest neighbours.</p>
-<div class="fs-row"><div id="fs-projection"></div><div><img id="fs-point-image" alt=""
-style="display:none;width:120px"><p id="fs-point-caption" class="fs-note"></p>
-<div id="fs-point-neighbours" class="fs-tiles"></div></div></div>
-<script id="fs-data" type="application/json">{payload}</script>
-<script>{script}</script>
-</body></html>
-"""

@@ -14,6 +14,7 @@ from typing import Any
 
 from featurescope._io import atomic_open
 from featurescope._version import __version__
+from featurescope.study._search import weights_sentence
 
 __all__ = ["write_report"]
 
@@ -182,6 +183,10 @@ def _retrieval_section(page: _Page, retrieval: Mapping[str, Any]) -> None:
         f"{html.escape(str(retrieval.get('model')))}) are close in Euclidean distance look alike. "
         f"Each of {retrieval['num_queries']} test images searched the "
         f"{retrieval['gallery_size']} training images for its {k} nearest, exactly.</p>"
+    )
+    page.add(
+        f"<p class='note' id='weights'>{html.escape(weights_sentence(retrieval.get('weights')))} "
+        "The last column is the same network with random weights, before training.</p>"
     )
     trained, base = retrieval["trained"], retrieval["random_weights"]
     model = html.escape(str(retrieval.get("model", "net")))
