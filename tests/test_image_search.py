@@ -124,7 +124,7 @@ def test_resave_replaces_but_a_foreign_folder_is_refused(search, tmp_path):
     precious = tmp_path / "photos"
     precious.mkdir()
     (precious / "keep.txt").write_text("mine")
-    with pytest.raises(fs.FeaturescopeError, match="not a saved ImageSearch"):
+    with pytest.raises(fs.FeaturescopeError, match="did not write"):
         search.save(precious)
     assert [p.name for p in precious.iterdir()] == ["keep.txt"]
 

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,13 @@ from featurescope.data import ImageFolder
 from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
 from featurescope.errors import FeaturescopeError, IndexFileError, InputShapeError
 from featurescope.index import EmbeddingIndex, SearchResult
+from featurescope.study._owned_folder import (
+    check_replaceable,
+    owned_folder_lock,
+    remove_leftovers,
+    replace_owned_folder,
+    staging_folder,
+)
 from featurescope.tap import FeatureTap
 
 if TYPE_CHECKING:
@@ -41,6 +47,9 @@ PathLike = str | os.PathLike[str]
 
 FORMAT = "featurescope-image-search/1"
 MANIFEST, INDEX, WEIGHTS = "search.json", "index.safetensors", "model.safetensors"
+#: Everything a saved search's folder may hold: a folder with anything else is not replaced.
+_OWN_FILES = frozenset({MANIFEST, INDEX, WEIGHTS})
+_FORMAT_PREFIX = FORMAT.rsplit("/", 1)[0] + "/"
 
 
 @dataclass(frozen=True)
@@ -431,11 +440,20 @@ class ImageSearch:
 
     # -- persistence --------------------------------------------------------------------------
 
-    def save(self, path: PathLike) -> Path:
+    def save(self, path: PathLike, *, overwrite: bool = True) -> Path:
         """Write this search to the folder ``path`` (e.g. ``photos.fsindex``), atomically.
 
-        The folder is assembled beside ``path`` and renamed into place, replacing an earlier
-        ImageSearch folder there; any other existing file or folder is refused.
+        The folder is assembled beside ``path`` and exchanged into place in one step, so the
+        path always holds the old search or the new one. Only a folder that featurescope
+        wrote, holding nothing but a saved search's files, is ever replaced: a folder with
+        anything else in it (a photo, a note) is refused and left as it was. Saves to one path
+        are serialised with a lock file beside it, and the temporary folders of a killed save
+        are removed by the next.
+
+        Args:
+            path: the folder to write.
+            overwrite: replace a saved search already at ``path`` (default); with ``False``
+                an existing one is refused.
 
         Returns:
             The folder written.
@@ -447,11 +465,7 @@ class ImageSearch:
         from featurescope.zoo import save_checkpoint
 
         target = Path(path)
-        if target.exists() and not (target / MANIFEST).is_file():
-            raise FeaturescopeError(
-                f"{target} exists and is not a saved ImageSearch (no {MANIFEST}); choose "
-                "another path or remove it"
-            )
+        check_replaceable(target, _OWN_FILES, _FORMAT_PREFIX, overwrite=overwrite)
         facts = _zoo_facts(self.model)
         if facts.name is None:
             raise FeaturescopeError(
@@ -475,20 +489,23 @@ class ImageSearch:
             "paths": paths,
             "skipped": [[_relative(p, self.root), why] for p, why in self.skipped],
         }
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            relative = _relabelled(self.index, paths)
-            relative.save(staging / INDEX)
-            if manifest["checkpoint"] is not None:
-                save_checkpoint(self.model, staging / WEIGHTS)
-            with open(staging / MANIFEST, "w", encoding="utf-8") as fh:
-                json.dump(manifest, fh, indent=1)
-            os.chmod(staging, new_dir_mode())  # mkdtemp's 0700 is for secrets
-            _swap_in(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with owned_folder_lock(target):
+            remove_leftovers(target, _OWN_FILES)
+            # Checked again under the lock: another process may have written there meanwhile.
+            check_replaceable(target, _OWN_FILES, _FORMAT_PREFIX, overwrite=overwrite)
+            staging = staging_folder(target)
+            try:
+                relative = _relabelled(self.index, paths)
+                relative.save(staging / INDEX)
+                if manifest["checkpoint"] is not None:
+                    save_checkpoint(self.model, staging / WEIGHTS)
+                with open(staging / MANIFEST, "w", encoding="utf-8") as fh:
+                    json.dump(manifest, fh, indent=1)
+                os.chmod(staging, new_dir_mode())  # mkdtemp's 0700 is for secrets
+                replace_owned_folder(staging, target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
         return target
 
     @classmethod
@@ -600,19 +617,3 @@ def _relabelled(index: EmbeddingIndex, metadata: list[str | None]) -> EmbeddingI
     if len(index):
         copy.add(index.vectors, ids=index.ids, labels=kept, metadata=metadata)
     return copy
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``, replacing an old folder there only once both exist."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    old.rmdir()
-    os.replace(target, old)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
