@@ -11,6 +11,7 @@ from featurescope.data.folders import (
     load_image_folders,
     load_rgb,
 )
+from featurescope.data.images import as_rgb
 from featurescope.data.synthetic import (
     SYNTHETIC_CLASSES,
     default_data_dir,
@@ -36,6 +37,7 @@ __all__ = [
     "ImageFolder",
     "Preprocessing",
     "SkippedFilesWarning",
+    "as_rgb",
     "default_data_dir",
     "load_image_folders",
     "load_rgb",

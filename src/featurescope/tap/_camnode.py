@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from featurescope._torch_utils import model_device, model_dtype, training_mode
-from featurescope.errors import FeaturescopeError
+from featurescope.errors import FeaturescopeError, InputShapeError
 from featurescope.tap._fx import Trace, trace
 from featurescope.tap._maps import MapLayout, read_layout, to_chw
 from featurescope.tap._tap import FeatureTap
@@ -62,8 +62,14 @@ def _propagate(traced: Trace, x: Tensor) -> None:
         torch.func.functional_call(runner, meta, (x.to("meta"),))
     except Exception:
         # An op without a meta kernel (or one that reads values): compute the shapes for real.
-        with torch.no_grad():
-            runner(x)
+        try:
+            with torch.no_grad():
+                runner(x)
+        except Exception as exc:
+            raise InputShapeError(
+                f"{type(graph).__name__} cannot run on an input of shape {list(x.shape[1:])}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def _shape(meta: dict[str, object]) -> tuple[int, ...] | None:
@@ -93,6 +99,7 @@ def map_candidates(model: nn.Module, input_size: Sequence[int]) -> Candidates:
 
     Raises:
         FeaturescopeError: torch.fx cannot trace the model.
+        InputShapeError: the model cannot run on an input of ``input_size``.
     """
     try:
         traced = trace(model, training=False)

@@ -50,13 +50,17 @@ class MapLayout:
         return self.grid[0] * self.grid[1] > 1
 
 
-def _downsamples(h: int, w: int, image: tuple[int, int]) -> bool:
-    """Whether an ``h × w`` grid is the ``image`` shrunk by one stride on both axes."""
+def _mismatch(h: int, w: int, image: tuple[int, int]) -> float | None:
+    """How far (in cells) an ``h × w`` grid is from the image shrunk by one common stride.
+
+    ``None`` when it is further than rounding allows, or larger than the image.
+    """
     height, width = image
     if not (1 <= h <= height and 1 <= w <= width):
-        return False
+        return None
     # h ≈ height / s and w ≈ width / s, each within rounding: compare h·width with w·height.
-    return abs(h * width - w * height) <= _ROUNDING * (height + width)
+    cells = abs(h * width - w * height) / (height + width)
+    return cells if cells <= _ROUNDING else None
 
 
 def _patch_grid(tokens: int, image: tuple[int, int]) -> tuple[tuple[int, int], int] | None:
@@ -82,7 +86,8 @@ def read_layout(
         shape: the output's shape, batch first.
         image: the input's height and width.
         layout: ``"chw"``, ``"hwc"`` or ``"tokens"`` to say it; ``None`` reads it from the
-            shape, channels-first where both readings fit.
+            shape: the reading whose spatial axes fit the image's aspect better,
+            channels-first on a tie.
 
     Returns:
         The layout, or ``None`` if the shape is not a map over the image in that layout.
@@ -100,10 +105,14 @@ def read_layout(
     kinds = LAYOUTS if layout is None else (layout,)
     if len(shape) == 4:
         _, a, b, c = (int(s) for s in shape)
-        if "chw" in kinds and _downsamples(b, c, image):
-            return MapLayout("chw", (b, c))
-        if "hwc" in kinds and _downsamples(a, b, image):
-            return MapLayout("hwc", (a, b))
+        readings = [
+            (miss, kind, grid)
+            for kind, grid in (("chw", (b, c)), ("hwc", (a, b)))
+            if kind in kinds and (miss := _mismatch(*grid, image)) is not None
+        ]
+        if readings:  # the closer fit; channels-first on a tie
+            _, kind, grid = min(readings, key=lambda r: (r[0], r[1] != "chw"))
+            return MapLayout(kind, grid)
     if len(shape) == 3 and "tokens" in kinds:
         found = _patch_grid(int(shape[1]), image)
         if found is not None:

@@ -39,6 +39,7 @@ class GradCam:
         node: the graph node whose activations were weighted.
         layout: how the node's output lies over the image: ``"chw"``, ``"hwc"`` or
             ``"tokens"``.
+        grid: ``(h, w)``, the node's map size (for tokens, the patch grid).
     """
 
     maps: Tensor
@@ -46,6 +47,7 @@ class GradCam:
     scores: Tensor
     node: str
     layout: str = "chw"
+    grid: tuple[int, int] = (0, 0)
 
 
 def _output_node(model: nn.Module) -> str:
@@ -157,6 +159,7 @@ def grad_cam(
         scores=scores.detach().float().cpu(),
         node=node,
         layout=found.kind,
+        grid=found.grid,
     )
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from featurescope.hookspecs import hookimpl
 from featurescope.visualizers._common import new_figure
 from featurescope.visualizers._layout import as_maps
+from featurescope.visualizers._titles import place_title, room_for_title, title_size
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -63,8 +64,10 @@ def channel_sum(
     fig = new_figure(size * 1.25 if colorbar else size, size)
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(total, cmap=cmap, interpolation="nearest")
-    ax.set_title(title if title is not None else f"sum over {len(maps)} channels")
+    text = title if title is not None else f"sum over {len(maps)} channels"
+    header = place_title(fig, ax, text, title_size(size)) if text else 0.0
     ax.set_axis_off()
+    fig.subplots_adjust(top=room_for_title(fig, header))
     if colorbar:
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     return fig
