@@ -31,16 +31,19 @@ def _pattern(channels: int = 3) -> np.ndarray:
 
 
 def _write(folder, kind: str):
-    path = folder / {
-        "png16": "deep.png",
-        "rgba": "clear.png",
-        "exif": "turned.jpg",
-        "grey": "grey.png",
-        "gif": "palette.gif",
-        "cmyk": "print.tif",
-        "webp": "photo.webp",
-        "bmp": "old.bmp",
-    }[kind]
+    path = (
+        folder
+        / {
+            "png16": "deep.png",
+            "rgba": "clear.png",
+            "exif": "turned.jpg",
+            "grey": "grey.png",
+            "gif": "palette.gif",
+            "cmyk": "print.tif",
+            "webp": "photo.webp",
+            "bmp": "old.bmp",
+        }[kind]
+    )
     rgb = Image.fromarray(_pattern())
     if kind == "png16":
         values = (np.mgrid[0:H, 0:W][1] * 1600 + 300).astype(np.uint16)  # up to 62,700

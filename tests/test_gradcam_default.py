@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,7 +172,11 @@ def test_channels_last_map_is_found_and_weighed_over_its_spatial_axes(one_thread
         scores = model.head(chw.mean(dim=(2, 3)))
         expected = _manual_cam(chw, scores[:, 4].sum(), x.shape[-2:])
     cam = grad_cam(model, x, target=4)
-    assert (cam.node, cam.layout, cam.grid) == ("a_rather_long_stage_name_for_a_title", "hwc", (5, 7))
+    assert (cam.node, cam.layout, cam.grid) == (
+        "a_rather_long_stage_name_for_a_title",
+        "hwc",
+        (5, 7),
+    )
     torch.testing.assert_close(cam.maps, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(fs.InputShapeError, match="layout='tokens'"):
         grad_cam(model, x, node=cam.node, layout="tokens")

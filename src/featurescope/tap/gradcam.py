@@ -145,7 +145,8 @@ def grad_cam(
     with training_mode(model, False), torch.enable_grad():
         out = tap(x)
         activation, scores = out["activation"], out["scores"]
-        found = _layout(node, activation, tuple(images.shape[-2:]), layout)
+        image = (int(images.shape[-2]), int(images.shape[-1]))
+        found = _layout(node, activation, image, layout)
         targets = _targets(target, scores)
         chosen = scores.gather(1, targets[:, None]).sum()
         (grads,) = torch.autograd.grad(chosen, activation)
