@@ -8,10 +8,10 @@ from featurescope.data.folders import (
     EmptyDatasetError,
     ImageFolder,
     SkippedFilesWarning,
+    as_rgb,
     load_image_folders,
     load_rgb,
 )
-from featurescope.data.images import as_rgb
 from featurescope.data.synthetic import (
     SYNTHETIC_CLASSES,
     default_data_dir,

@@ -328,7 +328,7 @@ def preprocess_image(model: nn.Module, image: Any) -> torch.Tensor:
     """
     from PIL import Image
 
-    from featurescope.data.images import as_rgb, load_rgb
+    from featurescope.data.folders import as_rgb, load_rgb
 
     if isinstance(image, (str, os.PathLike)):
         try:

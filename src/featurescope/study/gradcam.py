@@ -105,7 +105,7 @@ def _as_tensor(data: Any, prep: Preprocessing) -> torch.Tensor:
     # the model saw it: the preprocessed crop.
     from PIL import Image
 
-    from featurescope.data.images import as_rgb, load_rgb
+    from featurescope.data.folders import as_rgb, load_rgb
 
     if isinstance(data, (str, os.PathLike)):
         try:

@@ -104,7 +104,7 @@ def to_display_image(image: Any, what: str = "image") -> np.ndarray[Any, Any]:
     [0, 1] (a normalised model input, say) are rescaled to [0, 1] for display only.
     """
     # Decoded exactly as the model reads images, so the display is what the model saw.
-    from featurescope.data.images import as_rgb, load_rgb
+    from featurescope.data.folders import as_rgb, load_rgb
 
     if isinstance(image, (str, os.PathLike)):
         try:
