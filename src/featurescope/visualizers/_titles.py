@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["place_title", "room_for_title", "title_size", "wrap_text"]
+__all__ = ["fit_suptitle", "place_title", "room_for_title", "title_size", "wrap_text"]
 
 # Glyph widths differ by a pixel or so between the metrics and a rasteriser's hinting.
 _SAFETY = 0.92
@@ -89,11 +89,14 @@ def title_size(height: float) -> float:
 
 
 def place_title(fig: Figure, ax: Axes, title: str, size: float) -> float:
-    """Set ``ax``'s title wrapped to ``fig``'s width; return the height it needs in inches.
+    """Set ``ax``'s title wrapped to the axes' width; return the height it needs in inches.
 
-    The caller leaves that much room at the top (``subplots_adjust(top=...)``).
+    Call it once the axes are placed across (after any colour bar took its room): the title is
+    centred on the axes, so no wider than them it stays inside the figure. The caller leaves
+    the height returned free at the top (``subplots_adjust(top=...)``).
     """
-    text = wrap_text(title, size, fig.get_figwidth())
+    width = ax.get_position(original=True).width * fig.get_figwidth()
+    text = wrap_text(title, size, width)
     pad = 4.0  # points between the title and the axes
     ax.set_title(text, fontsize=size, pad=pad)
     lines = text.count("\n") + 1
@@ -111,3 +114,20 @@ def room_for_title(fig: Figure, header: float, margin: float = 0.02) -> float:
         height += header - 0.5 * height
         fig.set_figheight(height)
     return 1.0 - margin - header / height
+
+
+def fit_suptitle(title: str, width: float) -> tuple[str, float]:
+    """A figure title wrapped to ``width`` inches, and the height in inches it needs above the axes.
+
+    Example:
+        >>> text, height = fit_suptitle("conv1 of alexnet", 6.0)
+        >>> text, 0.2 < height < 0.5
+        ('conv1 of alexnet', True)
+    """
+    from matplotlib import rcParams
+    from matplotlib.font_manager import FontProperties
+
+    size = FontProperties(size=rcParams["figure.titlesize"]).get_size_in_points()
+    text = wrap_text(title, size, width)
+    lines = text.count("\n") + 1
+    return text, (lines * size * _LINE_SPACING + 8.0) / 72.0

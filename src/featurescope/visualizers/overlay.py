@@ -102,11 +102,13 @@ def overlay(
     ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0.0, vmax=1.0)
     heat_image = ax.imshow(heat, cmap=cmap, alpha=float(alpha), vmin=0.0, vmax=1.0)
     ax.set_axis_off()
-    header = place_title(fig, ax, title, title_size(size)) if title else 0.0
     # Adjust before adding the colour bar: it takes its room from the axes as placed now.
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=room_for_title(fig, header))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.98)
     if colorbar:
         fig.colorbar(heat_image, ax=ax, fraction=0.046, pad=0.04)
+    if title:  # wrapped to the axes as finally placed across, with room made above them
+        header = place_title(fig, ax, title, title_size(size))
+        fig.subplots_adjust(top=room_for_title(fig, header))
     return fig
 
 

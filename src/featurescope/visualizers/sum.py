@@ -64,12 +64,13 @@ def channel_sum(
     fig = new_figure(size * 1.25 if colorbar else size, size)
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(total, cmap=cmap, interpolation="nearest")
-    text = title if title is not None else f"sum over {len(maps)} channels"
-    header = place_title(fig, ax, text, title_size(size)) if text else 0.0
     ax.set_axis_off()
-    fig.subplots_adjust(top=room_for_title(fig, header))
     if colorbar:
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    text = title if title is not None else f"sum over {len(maps)} channels"
+    if text:  # wrapped to the axes as finally placed across, with room made above them
+        header = place_title(fig, ax, text, title_size(size))
+        fig.subplots_adjust(top=room_for_title(fig, header))
     return fig
 
 
