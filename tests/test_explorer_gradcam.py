@@ -84,11 +84,36 @@ def test_grad_cam_refuses_what_it_cannot_explain():
         fs.grad_cam(model, torch.randn(1, 3, 16, 16), node="head.0")
     with pytest.raises(fs.InputShapeError):
         fs.grad_cam(model, torch.randn(16, 16))
-    inplace = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 14 * 14, 2)
-    )
     with pytest.raises(fs.FeaturescopeError, match="in-place"):
-        fs.grad_cam(inplace, torch.randn(1, 3, 16, 16), node="0")
+        fs.grad_cam(_Scaled().eval(), torch.randn(1, 3, 16, 16), node="conv")
+
+
+class _Scaled(nn.Module):
+    """A conv whose output ``mul_`` overwrites: the tap must copy it, so it has no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 14 * 14, 2))
+
+    def forward(self, x):
+        a = self.conv(x)
+        a.mul_(2.0)
+        return self.head(a)
+
+
+def test_grad_cam_of_a_node_an_in_place_activation_overwrites_is_its_own_gradient():
+    """The tap runs ``ReLU(inplace=True)`` out of place, so the conv keeps its own output."""
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 14 * 14, 2)
+    ).eval()
+    images = torch.randn(2, 3, 16, 16)
+    cam = fs.grad_cam(model, images, node="0", target=1)
+    head = nn.Sequential(nn.ReLU(), nn.Flatten(), model[3])
+    expected, _ = _manual_cam(model[0], head, images, 1)
+    torch.testing.assert_close(cam.maps, expected, rtol=1e-5, atol=1e-6)
+    assert model[1].inplace
 
 
 def test_gradcam_visualizer_is_a_builtin_plugin(tmp_path):

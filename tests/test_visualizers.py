@@ -629,3 +629,39 @@ def test_no_layout_fits_is_a_clear_error():
         fs.visualize("grid", torch.randn(3, 4, 4), layout="nhwc")
     with pytest.raises(fs.VisualizationError, match="go together"):
         fs.visualize("grid", torch.randn(1, 17, 8), image_size=64)
+
+
+_LONG = "Grad-CAM: a class with a long name (features.7.2.block.5.stochastic_depth_long_node)"
+
+
+@pytest.mark.parametrize("name", ["grid", "sum", "overlay", "montage", "curves"])
+@pytest.mark.parametrize("dpi", [72, 150])
+def test_long_titles_are_drawn_whole_inside_the_figure(name, dpi):
+    """A title wider than its figure is wrapped, never cut at the figure's edge."""
+    import re
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    maps = torch.rand(4, 5, 5)
+    data, options = {
+        "grid": (maps, {"panel_size": 0.6}),
+        "sum": (maps, {"size": 2.0}),
+        "overlay": (maps, {"image": torch.rand(3, 40, 20), "size": 2.4}),
+        "montage": (
+            (torch.tensor([[0.1, 0.2]]), torch.tensor([[0, 1]])),
+            {"images": torch.rand(2, 3, 8, 8), "panel_size": 1.0},
+        ),
+        "curves": ({"run": {"loss": [1.0, 0.5], "acc": [0.2, 0.6]}}, {"size": 1.5}),
+    }[name]
+    fig = fs.visualize(name, data, title=_LONG, **options)
+    fig.set_dpi(dpi)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    texts = [t for t in (fig._suptitle, *(ax.title for ax in fig.axes)) if t and t.get_text()]
+    title = next(t for t in texts if "Grad" in t.get_text())
+    assert re.sub(r"\s", "", title.get_text()) == re.sub(r"\s", "", _LONG)
+    assert "\n" in title.get_text()  # it did need wrapping
+    box = title.get_window_extent(canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, (box, fig.bbox)
+    for ax in fig.axes:  # and it is above every axes, not over them
+        assert box.y0 >= ax.get_window_extent().y1 - 1

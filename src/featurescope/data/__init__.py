@@ -8,6 +8,7 @@ from featurescope.data.folders import (
     EmptyDatasetError,
     ImageFolder,
     SkippedFilesWarning,
+    as_rgb,
     load_image_folders,
     load_rgb,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ImageFolder",
     "Preprocessing",
     "SkippedFilesWarning",
+    "as_rgb",
     "default_data_dir",
     "load_image_folders",
     "load_rgb",

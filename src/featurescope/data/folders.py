@@ -33,6 +33,7 @@ __all__ = [
     "EmptyDatasetError",
     "ImageFolder",
     "SkippedFilesWarning",
+    "as_rgb",
     "load_image_folders",
     "load_rgb",
 ]
@@ -106,6 +107,28 @@ def load_rgb(path: PathLike) -> Image.Image:
         upright = ImageOps.exif_transpose(img)
         rgb: Image.Image = _to_rgb(upright if upright is not None else img)
     return rgb
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """An image in memory as 8-bit RGB, converted as :func:`load_rgb` converts a file's.
+
+    Every display (montages, overlays, Grad-CAM) converts the images it is given with it, and
+    reads files with :func:`load_rgb`, so what is shown is what the model saw. The EXIF
+    orientation is applied (an image fresh from ``Image.open`` still carries it; one from
+    :func:`load_rgb` no longer does, so converting twice changes nothing).
+
+    Example:
+        >>> import numpy as np
+        >>> clear = Image.new("RGBA", (2, 1), (255, 0, 0, 0))  # fully transparent red
+        >>> as_rgb(clear).getpixel((0, 0))
+        (255, 255, 255)
+        >>> as_rgb(Image.fromarray(np.full((1, 2), 32896, np.uint16))).getpixel((0, 0))
+        (128, 128, 128)
+    """
+    from PIL import ImageOps
+
+    upright = ImageOps.exif_transpose(image)
+    return _to_rgb(upright if upright is not None else image)
 
 
 def _check_readable(path: Path) -> str | None:

@@ -330,13 +330,17 @@ def preprocess_image(model: nn.Module, image: Any) -> torch.Tensor:
         >>> preprocess_image(fs.create_model("tv_alexnet"), Image.new("RGB", (300, 260))).shape
         torch.Size([3, 224, 224])
     """
-    from featurescope.data.folders import load_rgb
+    from PIL import Image
+
+    from featurescope.data.folders import as_rgb, load_rgb
 
     if isinstance(image, (str, os.PathLike)):
         try:
             image = load_rgb(image)
         except (OSError, ValueError) as exc:
             raise FeaturescopeError(f"cannot read image {str(image)!r}: {exc}") from exc
+    elif isinstance(image, Image.Image):  # converted as a file is, as the displays convert it
+        image = as_rgb(image)
     preprocessing = resolve_preprocessing(model)
     tensor: torch.Tensor = preprocessing.transform()(image)
     return tensor

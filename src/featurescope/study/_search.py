@@ -285,7 +285,7 @@ class ImageSearch:
     def preprocess(self, images: Any) -> torch.Tensor:
         """Query images as one ``[N, 3, H, W]`` batch: paths and PIL images preprocessed,
         tensors passed through."""
-        from featurescope.data.folders import load_rgb
+        from featurescope.data.folders import as_rgb, load_rgb
 
         if isinstance(images, torch.Tensor):
             if images.dim() == 3:
@@ -312,6 +312,8 @@ class ImageSearch:
                     image = load_rgb(image)
                 except (OSError, ValueError) as exc:
                     raise FeaturescopeError(f"cannot read image {str(image)!r}: {exc}") from exc
+            else:
+                image = as_rgb(image)  # a PIL image in memory: converted as a file would be
             pictures.append(transform(image))
         return torch.stack(pictures)
 

@@ -101,13 +101,19 @@ def _as_tensor(data: Any, prep: Preprocessing) -> torch.Tensor:
             )
         image: torch.Tensor = data.float()
         return image
-    if isinstance(data, (str, os.PathLike)):
-        from featurescope.data.folders import load_rgb
+    # Decoded as the model's data is (EXIF orientation, 16-bit, transparency), and drawn as
+    # the model saw it: the preprocessed crop.
+    from PIL import Image
 
+    from featurescope.data.folders import as_rgb, load_rgb
+
+    if isinstance(data, (str, os.PathLike)):
         try:
             data = load_rgb(data)
         except (OSError, ValueError) as exc:
             raise FeaturescopeError(f"cannot read image {os.fspath(data)!r}: {exc}") from exc
+    elif isinstance(data, Image.Image):
+        data = as_rgb(data)
     tensor: torch.Tensor = prep.transform()(data)
     return tensor
 

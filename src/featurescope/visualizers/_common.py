@@ -98,19 +98,21 @@ def to_display_image(image: Any, what: str = "image") -> np.ndarray[Any, Any]:
     """An image as a float ``[H, W, 3]`` (or ``[H, W]`` grey) array in [0, 1] for ``imshow``.
 
     Accepts a PIL image, a path, a ``[3, H, W]``/``[1, 3, H, W]``/``[H, W]`` tensor, or a NumPy
-    array laid out ``[H, W, 3]`` (uint8 or float) or ``[3, H, W]``. Float values outside
+    array laid out ``[H, W, 3]`` (uint8 or float) or ``[3, H, W]``. Files and PIL images are
+    decoded as the model reads them (:func:`featurescope.data.load_rgb`, :func:`~featurescope.data.as_rgb`):
+    EXIF orientation applied, 16-bit scaled, transparency over white. Float values outside
     [0, 1] (a normalised model input, say) are rescaled to [0, 1] for display only.
     """
-    if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
+    # Decoded exactly as the model reads images, so the display is what the model saw.
+    from featurescope.data.folders import as_rgb, load_rgb
 
+    if isinstance(image, (str, os.PathLike)):
         try:
-            with Image.open(image) as im:
-                image = im.convert("RGB")
-        except OSError as exc:
+            image = load_rgb(image)
+        except (OSError, ValueError) as exc:
             raise VisualizationError(f"cannot read {what} {os.fspath(image)!r}: {exc}") from exc
     if type(image).__module__.startswith("PIL."):
-        image = np.asarray(image.convert("RGB"))
+        image = np.asarray(as_rgb(image))
     is_uint8 = _is_uint8(image)
     arr = to_numpy(image, what)
     if arr.ndim == 4 and arr.shape[0] == 1:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from featurescope.errors import InputShapeError, VisualizationError
 from featurescope.hookspecs import hookimpl
 from featurescope.visualizers._common import new_figure
+from featurescope.visualizers._titles import fit_suptitle
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -152,11 +153,12 @@ def curves(data: Any, *, title: str | None = None, size: float = 4.0) -> Figure:
             "curves found no metric named like '*loss*' or '*acc*' in any run; "
             f"the runs have: {', '.join(metrics) or 'no numeric series'}"
         )
+    top = 0.95
     if title:
-        fig.suptitle(title)
-    fig.subplots_adjust(
-        left=0.08, right=0.98, bottom=0.13, top=0.88 if title else 0.95, wspace=0.25
-    )
+        text, header = fit_suptitle(title, fig.get_figwidth())
+        fig.suptitle(text)
+        top = max(0.5, min(0.88, 1.0 - (header + 0.25) / fig.get_figheight()))  # and the ticks
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=top, wspace=0.25)
     return fig
 
 

@@ -12,6 +12,7 @@ from featurescope.errors import VisualizationError
 from featurescope.hookspecs import hookimpl
 from featurescope.visualizers._common import check_positive_int, new_figure, normalize01
 from featurescope.visualizers._layout import as_maps
+from featurescope.visualizers._titles import fit_suptitle
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -101,7 +102,8 @@ def grid(
     cols = check_positive_int(ncols, "ncols", allow_none=True) or math.ceil(math.sqrt(n))
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    header = 0.5 if title else 0.0
+    heading, header = fit_suptitle(title, cols * panel_size) if title else ("", 0.0)
+    header = max(header, 0.5) if title else 0.0
     fig = new_figure(cols * panel_size, rows * panel_size * 1.15 + header)
     for i, (channel, image) in enumerate(zip(channels, shown, strict=True)):
         ax = fig.add_subplot(rows, cols, i + 1)
@@ -111,7 +113,7 @@ def grid(
     top = 1.0 - header / fig.get_figheight() - 0.02
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.08, hspace=0.3)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(heading)
     return fig
 
 

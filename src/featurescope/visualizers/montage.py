@@ -11,6 +11,7 @@ import numpy as np
 from featurescope.errors import InputShapeError, VisualizationError
 from featurescope.hookspecs import hookimpl
 from featurescope.visualizers._common import new_figure, to_display_image, to_numpy
+from featurescope.visualizers._titles import fit_suptitle
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -169,7 +170,8 @@ def montage(
         return image, label
 
     cols = k + (query_items is not None)
-    header = 0.4 if title else 0.0
+    heading, header = fit_suptitle(title, cols * panel_size) if title else ("", 0.0)
+    header = max(header, 0.4) if title else 0.0
     fig = new_figure(cols * panel_size, nq * panel_size * 1.3 + header)
     for row in range(nq):
         query_label: Any = None if query_labels is None else query_labels[row]
@@ -200,7 +202,7 @@ def montage(
     top = 1.0 - header / fig.get_figheight() - 0.01
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.05, hspace=0.45)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(heading)
     return fig
 
 

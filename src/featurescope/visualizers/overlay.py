@@ -15,6 +15,7 @@ from featurescope.visualizers._common import (
     to_display_image,
 )
 from featurescope.visualizers._layout import as_maps
+from featurescope.visualizers._titles import place_title, room_for_title, title_size
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -64,7 +65,7 @@ def overlay(
             ``Preprocessing.denormalize``).
         alpha: opacity of the map over the image, in [0, 1].
         cmap: a matplotlib colormap name for the map.
-        title: the axes' title.
+        title: the axes' title, wrapped to the figure's width (never cut).
         colorbar: add a colour bar (a second axes) for the scaled map.
         size: the figure's height in inches.
         layout: how ``data`` is laid out: ``"chw"``, ``"hwc"`` (channels last, as Swin's
@@ -101,12 +102,13 @@ def overlay(
     ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0.0, vmax=1.0)
     heat_image = ax.imshow(heat, cmap=cmap, alpha=float(alpha), vmin=0.0, vmax=1.0)
     ax.set_axis_off()
-    if title:
-        ax.set_title(title)
     # Adjust before adding the colour bar: it takes its room from the axes as placed now.
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9 if title else 0.98)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.98)
     if colorbar:
         fig.colorbar(heat_image, ax=ax, fraction=0.046, pad=0.04)
+    if title:  # wrapped to the axes as finally placed across, with room made above them
+        header = place_title(fig, ax, title, title_size(size))
+        fig.subplots_adjust(top=room_for_title(fig, header))
     return fig
 
 

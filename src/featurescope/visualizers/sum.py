@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from featurescope.hookspecs import hookimpl
 from featurescope.visualizers._common import new_figure
 from featurescope.visualizers._layout import as_maps
+from featurescope.visualizers._titles import place_title, room_for_title, title_size
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -63,10 +64,13 @@ def channel_sum(
     fig = new_figure(size * 1.25 if colorbar else size, size)
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(total, cmap=cmap, interpolation="nearest")
-    ax.set_title(title if title is not None else f"sum over {len(maps)} channels")
     ax.set_axis_off()
     if colorbar:
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    text = title if title is not None else f"sum over {len(maps)} channels"
+    if text:  # wrapped to the axes as finally placed across, with room made above them
+        header = place_title(fig, ax, text, title_size(size))
+        fig.subplots_adjust(top=room_for_title(fig, header))
     return fig
 
 
