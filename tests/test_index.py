@@ -179,6 +179,19 @@ def test_result_unpacks_and_looks_up_labels_and_metadata():
     assert torch.allclose(distances[0], torch.tensor([0.1, 0.9], dtype=torch.float64))
 
 
+def test_result_indexes_like_a_named_tuple():
+    index = fs.EmbeddingIndex(2)
+    index.add(torch.tensor([[0.0, 0.0], [1.0, 0.0], [4.0, 0.0]]), labels=[3, 4, 5])
+    result = index.search(np.array([[0.9, 0.0]]), 2)
+    assert len(result) == 2
+    assert result[0] is result.distances and result[1] is result.ids
+    assert result[-1] is result.ids and result[:] == (result.distances, result.ids)
+    assert tuple(result) == (result.distances, result.ids)
+    with pytest.raises(IndexError):
+        result[2]
+    assert result.labels.tolist() == [[4, 3]]
+
+
 def test_ids_assigned_in_order_after_explicit_ids():
     index = fs.EmbeddingIndex(1)
     index.add(torch.zeros(2, 1))
@@ -404,7 +417,7 @@ def test_worker_threads_match_single_lane_and_restore_thread_count():
 
 
 def test_worker_errors_propagate():
-    from featurescope.index.search._parallel import run_in_threads
+    from featurescope.index.search._threads import run_in_threads
 
     before = torch.get_num_threads()
 

@@ -95,3 +95,59 @@ def test_few_queries_split_the_gallery_exactly(workers):
         order = np.lexsort((ids, d64[r].numpy()))[:7]
         assert index.ids[rows[r]].tolist() == ids[order].tolist()
         assert torch.equal(dist[r], d64[r, order])
+
+
+def test_search_leaves_other_threads_torch_and_blas_settings_alone():
+    # A search runs its own single-threaded workers; the thread counts other threads see (and
+    # threads started during the search inherit) never change, and their matrix work is right.
+    import threadpoolctl
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(11)
+        index = fs.EmbeddingIndex(32, memory_budget=1 << 22)
+        index.add(rng.standard_normal((20000, 32)).astype(np.float32))
+        queries = rng.standard_normal((256, 32)).astype(np.float32)
+        blas = [i["num_threads"] for i in threadpoolctl.threadpool_info()]
+        a = torch.from_numpy(rng.standard_normal((300, 200)))
+        b = torch.from_numpy(rng.standard_normal((200, 300)))
+        want = (a.numpy() @ b.numpy()).sum()
+        seen: list[int] = []
+        sums: list[float] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                seen.append(torch.get_num_threads())
+                sums.append(float((a @ b).sum()))
+                fresh: list[int] = []
+                t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+                t.start()
+                t.join()
+                seen.extend(fresh)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for _ in range(3):
+                index.search(queries, 5)
+                assert torch.get_num_threads() == 2
+        finally:
+            stop.set()
+            watcher.join()
+        assert seen and set(seen) == {2}
+        assert np.allclose(sums, want, rtol=1e-9)
+        assert [i["num_threads"] for i in threadpoolctl.threadpool_info()] == blas
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_workers_run_single_threaded_operations():
+    from featurescope.index.search._threads import run_in_threads, thread_local_setters
+
+    if not thread_local_setters():
+        pytest.skip("no thread-local thread-count setter in this build of torch")
+    counts: list[int] = []
+    run_in_threads([lambda: counts.append(torch.get_num_threads())] * 2)
+    assert counts == [1, 1]

@@ -32,7 +32,7 @@ from featurescope.index._checks import (
 from featurescope.index._mapped import MappedStore
 from featurescope.index._result import SearchResult
 from featurescope.index._store import Store
-from featurescope.index.search import Gallery, plan_tiles, search_exact, single_threaded_ops
+from featurescope.index.search import Gallery, plan_tiles, search_exact
 
 __all__ = ["EmbeddingIndex"]
 
@@ -294,13 +294,7 @@ class EmbeddingIndex:
         """
         if not len(self):
             raise EmbeddingIndexError("the index is empty; add vectors before searching")
-        if self.device.type != "cpu":
-            return self._search(queries, k, where, exclude_ids)
-        # Every CPU operation of a search runs single-threaded (on worker threads where it
-        # pays): a two-thread operation waits at a barrier whenever another process holds a
-        # core, which on a shared machine costs more than small operations compute.
-        with single_threaded_ops():
-            return self._search(queries, k, where, exclude_ids)
+        return self._search(queries, k, where, exclude_ids)
 
     def _search(self, queries: Any, k: int, where: Any, exclude_ids: Any) -> SearchResult:
         q = as_vectors(queries, self._dim, "queries")

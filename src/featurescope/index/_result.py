@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from torch import Tensor
 
@@ -16,7 +17,10 @@ __all__ = ["SearchResult"]
 class SearchResult:
     """Nearest neighbours of a batch of queries, nearest first.
 
-    Unpacks like FAISS's ``index.search``: ``distances, ids = index.search(queries, k)``.
+    Unpacks and indexes like FAISS's ``index.search`` pair and ``torch.topk``'s named tuple:
+    ``distances, ids = index.search(queries, k)``, ``result[0]`` is ``result.distances``,
+    ``result[1]`` is ``result.ids`` and ``len(result) == 2``; the labels and metadata are extra
+    attributes.
 
     Attributes:
         distances: ``[nq, k]`` float64 Euclidean (not squared) distances, ascending per row;
@@ -37,6 +41,8 @@ class SearchResult:
         ([[1.0, 4.242640687119285]], [[1, 0]])
         >>> result.labels.tolist(), result.metadata
         ([[8, 7]], [['b.png', 'a.png']])
+        >>> len(result), result[1].tolist()
+        (2, [[1, 0]])
     """
 
     distances: Tensor
@@ -47,6 +53,19 @@ class SearchResult:
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter((self.distances, self.ids))
+
+    def __len__(self) -> int:
+        return 2
+
+    @overload
+    def __getitem__(self, item: int) -> Tensor: ...
+
+    @overload
+    def __getitem__(self, item: slice) -> tuple[Tensor, ...]: ...
+
+    def __getitem__(self, item: int | slice) -> Tensor | tuple[Tensor, ...]:
+        """``result[0]`` is :attr:`distances`, ``result[1]`` :attr:`ids` (as ``torch.topk``'s)."""
+        return (self.distances, self.ids)[item]
 
     @property
     def metadata(self) -> list[list[str | None]]:

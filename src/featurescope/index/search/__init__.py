@@ -19,7 +19,6 @@ from featurescope.index.search._kernel import (
     search_exact,
 )
 from featurescope.index.search._merge import lex_smallest
-from featurescope.index.search._parallel import single_threaded_ops
 from featurescope.index.search._profile import time_breakdown
 
 __all__ = [
@@ -34,6 +33,5 @@ __all__ = [
     "plan_tiles",
     "rounding_error",
     "search_exact",
-    "single_threaded_ops",
     "time_breakdown",
 ]

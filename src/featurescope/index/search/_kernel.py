@@ -37,7 +37,7 @@ from featurescope.index.search._gemm import (
     scores_into,
 )
 from featurescope.index.search._merge import lex_smallest, lex_smallest_grouped
-from featurescope.index.search._parallel import caller_threads, run_in_threads, single_threaded_ops
+from featurescope.index.search._threads import run_in_threads
 from featurescope.index.search._profile import phase
 
 __all__ = [
@@ -860,7 +860,7 @@ def search_exact(
     if device.type == "cuda":
         lanes = max(1, streams)
     else:
-        threads = caller_threads() if workers is None else workers
+        threads = torch.get_num_threads() if workers is None else workers
         lanes = max(1, min(threads, nq // MIN_QUERIES_PER_WORKER))
         if lanes == 1:
             # Few queries: the workers split the gallery instead, for latency.
@@ -913,8 +913,10 @@ def _pick_backend(gal: Gallery, queries: Tensor, rows: int) -> str:
     def sample() -> tuple[Tensor, Tensor]:
         return gal.tile(0, min(gal.size, GALLERY_TILE))
 
-    with single_threaded_ops():
-        return choose_backend(queries, sample, rows, gal.size, allow_low)
+    # Timed on a worker thread, single-threaded like the workers that will run the product.
+    chosen: list[str] = []
+    run_in_threads([lambda: chosen.append(choose_backend(queries, sample, rows, gal.size, allow_low))])
+    return chosen[0]
 
 
 def _fast(
@@ -948,14 +950,13 @@ def _fast(
         else:
             _run_tiles(job, 0, nq)
         return out_d, out_r
-    with single_threaded_ops():
-        if lanes > 1:
-            ranges = [(a, min(nq, a + per_lane)) for a in range(0, nq, per_lane)]
-            run_in_threads([functools.partial(_run_tiles, job, a, b) for a, b in ranges])
-        elif split > 1:
-            _run_split(job, split)
-        else:
-            _run_tiles(job, 0, nq)
+    if lanes > 1:
+        ranges = [(a, min(nq, a + per_lane)) for a in range(0, nq, per_lane)]
+        run_in_threads([functools.partial(_run_tiles, job, a, b) for a, b in ranges])
+    elif split > 1:
+        _run_split(job, split)
+    else:
+        run_in_threads([functools.partial(_run_tiles, job, 0, nq)])
     return out_d, out_r
 
 
