@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import featurescope as fs
 from featurescope.errors import EmbeddingIndexError, InputShapeError
 from featurescope.index.search import _kernel as _index_search
+from featurescope.index.search._metric import error_coefficients
 
 
 def brute_force(gallery, ids, queries, k):
@@ -443,7 +444,7 @@ def test_stream_pipeline_logic_on_cpu_lanes():
     plan = _index_search.TilePlan(32, 256, keep, 8, False)
     out_d = torch.empty(len(q), k, dtype=torch.float64)
     out_r = torch.empty(len(q), k, dtype=torch.int64)
-    rel, absolute = _index_search._error_coefficients(8, torch.device("cpu"))
+    rel, absolute = error_coefficients(8, torch.device("cpu"))
     job = _index_search._Job(gal, qt, k, plan, 1 << 20, rel, absolute, out_d, out_r)
     _index_search._run_pipelined(job, [contextlib.nullcontext] * 3)
     ref_d, ref_i = brute_force(g, ids, q, k)

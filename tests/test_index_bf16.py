@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import featurescope as fs
-from featurescope.index.search import _gemm, _kernel
+from featurescope.index.search import _gemm, _kernel, _metric
 from test_index import KINDS, brute_force, make_data
 
 
@@ -63,8 +63,8 @@ def test_bf16_scores_stay_within_their_bound_pair_by_pair(kind, storage):
     index = fs.EmbeddingIndex(48, dtype=storage)
     index.add(g)
     gal = index._gallery()
-    rel, absolute = _kernel._error_coefficients(48, torch.device("cpu"))
-    qs = _kernel._prepare(torch.from_numpy(q), gal, rel, absolute, "bf16")
+    rel, absolute = _metric.error_coefficients(48, torch.device("cpu"))
+    qs = gal.metric.prepare(torch.from_numpy(q), gal, rel, absolute, low=True)
     assert qs.product.dtype == torch.bfloat16
     tile, norms = gal.tile(0, gal.size, None, torch.bfloat16)
     scores = torch.empty(q.shape[0], gal.size)

@@ -32,7 +32,7 @@ from featurescope.index._checks import (
 from featurescope.index._mapped import MappedStore
 from featurescope.index._result import SearchResult
 from featurescope.index._store import Store
-from featurescope.index.search import Gallery, plan_tiles, search_exact
+from featurescope.index.search import Gallery, Metric, metric_named, plan_tiles, search_exact
 
 __all__ = ["EmbeddingIndex"]
 
@@ -40,24 +40,25 @@ _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class EmbeddingIndex:
-    """Exact Euclidean nearest-neighbour search over vectors with ids, labels and metadata.
+    """Exact nearest-neighbour search (L2, cosine or inner product) over vectors with ids,
+    labels and metadata.
 
     Searches run a matrix-product pass whose rounding error is bounded, then re-rank the
     few candidates the bound cannot separate in float64, so the ids returned are those of a
-    float64 brute force with ties broken by the smaller id. Temporaries never exceed
-    ``memory_budget`` bytes, whatever the number of queries and vectors. The product runs in
-    float32, or in bfloat16 where the processor makes that clearly faster (AMX, AVX-512-BF16);
-    an in-memory index then keeps a bfloat16 copy of its rows, half their float32 size (see
-    the index guide, "Product backends").
+    float64 brute force with ties broken by the smaller id, whatever the ``metric``.
+    Temporaries never exceed ``memory_budget`` bytes, whatever the number of queries and
+    vectors. For L2 the product runs in float32, or in bfloat16 where the processor makes that
+    clearly faster (AMX, AVX-512-BF16); an in-memory index then keeps a bfloat16 copy of its
+    rows, half their float32 size (see the index guide, "Product backends"). Cosine and inner
+    product searches multiply in float32.
 
     The index stores the float32 values of what is added; "exact" refers to those values.
 
-    On the CPU a search of many queries splits them over ``torch.get_num_threads()`` worker
-    threads, and a search of few queries splits the gallery instead; every operation runs
-    single-threaded (``torch.set_num_threads(1)`` and numpy's BLAS at one thread while the
-    search runs, then restored, also when searches run from several threads at once): on a
-    machine shared with other work that keeps every core busy without stalling at parallel
-    barriers. On a GPU, batches of queries go to CUDA streams.
+    On the CPU a search of many queries splits them over worker threads of its own, and a
+    search of few queries splits the gallery instead; each worker runs single-threaded
+    operations, set for that worker alone (the caller's and other threads' torch and BLAS
+    settings never change): on a machine shared with other work that keeps every core busy
+    without stalling at parallel barriers. On a GPU, batches of queries go to CUDA streams.
 
     Args:
         dim: length of every vector.
@@ -67,10 +68,13 @@ class EmbeddingIndex:
             used for the exact re-rank stay on the CPU and the bound includes the storage
             rounding, so results stay exact.
         memory_budget: bytes the temporaries of one search may take (default 256 MiB).
+        metric: ``"l2"`` (Euclidean distance, smallest first; default), ``"cosine"`` (cosine
+            similarity, largest first; a zero vector has similarity 0 with everything) or
+            ``"ip"`` (inner product, largest first). Saved with the index.
 
     Raises:
-        EmbeddingIndexError: for a non-positive ``dim``, an unsupported ``dtype`` or a budget
-            too small for one query.
+        EmbeddingIndexError: for a non-positive ``dim``, an unsupported ``dtype`` or
+            ``metric``, or a budget too small for one query.
 
     Example:
         >>> import torch, featurescope as fs
@@ -81,6 +85,10 @@ class EmbeddingIndex:
         >>> distances, ids = index.search(torch.tensor([[0.9, 0.1, 0.0]]), k=2)
         >>> ids.tolist()
         [[0, 1]]
+        >>> cosine = fs.EmbeddingIndex(2, metric="cosine")
+        >>> cosine.add(torch.tensor([[10.0, 0.0], [1.0, 1.0]]))
+        >>> cosine.search(torch.tensor([[1.0, 0.2]]), k=2).distances.tolist()
+        [[0.9805806751289282, 0.8320502959273969]]
     """
 
     def __init__(
@@ -90,6 +98,7 @@ class EmbeddingIndex:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         memory_budget: int = 256 * 2**20,
+        metric: str = "l2",
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise EmbeddingIndexError(f"dim must be a positive int, got {dim!r}")
@@ -102,10 +111,16 @@ class EmbeddingIndex:
             plan_tiles(1, 1, dim, 32, budget, upcast=dtype != torch.float32)
         except ValueError as exc:
             raise EmbeddingIndexError(f"{exc}; raise memory_budget") from exc
+        try:
+            self._metric: Metric = metric_named(metric)
+        except ValueError as exc:
+            raise EmbeddingIndexError(f"{exc}; see the index guide, 'Choosing a metric'") from exc
         self._dim = dim
         self._dtype = dtype
         self._budget = budget
-        self._store: Store | MappedStore = Store(dim, torch.device(device), dtype, budget)
+        self._store: Store | MappedStore = Store(
+            dim, torch.device(device), dtype, budget, self._metric
+        )
 
     # -- properties -------------------------------------------------------------------------
 
@@ -123,6 +138,11 @@ class EmbeddingIndex:
     def dtype(self) -> torch.dtype:
         """Storage type of the searched copy of the vectors."""
         return self._dtype
+
+    @property
+    def metric(self) -> str:
+        """``"l2"``, ``"cosine"`` or ``"ip"``: what :meth:`search` ranks by."""
+        return self._metric.name
 
     @property
     def memory_budget(self) -> int:
@@ -160,7 +180,7 @@ class EmbeddingIndex:
     def __repr__(self) -> str:
         return (
             f"EmbeddingIndex(dim={self._dim}, n={len(self)}, device={str(self.device)!r}, "
-            f"dtype={self._dtype})"
+            f"dtype={self._dtype}, metric={self.metric!r})"
         )
 
     # -- mutation -----------------------------------------------------------------------------
@@ -311,7 +331,7 @@ class EmbeddingIndex:
             dist, rows = _drop_excluded(dist, rows, gal.ids, excl.to(rows.device), k)
         if dist.shape[1] < k:
             dist, rows = _pad(dist, rows, k)
-        return self._result(dist, rows)
+        return self._result(self._metric.report(dist), rows)
 
     def select(self, *, ids: Any = None, labels: Any = None) -> Tensor:
         """A ``where`` mask for :meth:`search`: the vectors with one of these ids and labels.
@@ -365,8 +385,8 @@ class EmbeddingIndex:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the index to a ``.safetensors`` file, atomically; see :meth:`load`.
 
-        Vectors, ids and labels are tensors; dim, dtype, format version and metadata strings
-        are JSON. Nothing is pickled.
+        Vectors, ids and labels are tensors; dim, dtype, metric, format version and metadata
+        strings are JSON. Nothing is pickled.
 
         Returns:
             The path written.
@@ -425,6 +445,7 @@ class EmbeddingIndex:
         *,
         mmap: bool = True,
         memory_budget: int = 256 * 2**20,
+        metric: str = "l2",
     ) -> EmbeddingIndex:
         """An index over one node of a folder written by ``FeatureTap.extract(out=...)``.
 
@@ -439,6 +460,7 @@ class EmbeddingIndex:
             node: the alias of the node to index; may be left out when there is only one.
             mmap: search the float32 rows in place instead of copying them into memory.
             memory_budget: bytes the temporaries of one search may take.
+            metric: ``"l2"``, ``"cosine"`` or ``"ip"`` (see :class:`EmbeddingIndex`).
 
         Raises:
             EmbeddingIndexError: if the folder is not an extraction, or ``mmap=True`` and the
@@ -458,12 +480,18 @@ class EmbeddingIndex:
         """
         from featurescope.index._features import index_from_features
 
-        return index_from_features(cls, folder, node, mmap=mmap, memory_budget=memory_budget)
+        return index_from_features(
+            cls, folder, node, mmap=mmap, memory_budget=memory_budget, metric=metric
+        )
 
     # -- used by the sharded index and persistence --------------------------------------------
 
     def _gallery(self) -> Gallery:
         return self._store.gallery()
+
+    def _key(self, distances: Tensor) -> Tensor:
+        """Reported distances back to the ascending key results merge by."""
+        return self._metric.key(distances)
 
 
 def _unique_ints(data: Any, what: str) -> Tensor:

@@ -54,6 +54,7 @@ def index_from_features(
     *,
     mmap: bool,
     memory_budget: int,
+    metric: str = "l2",
 ) -> EmbeddingIndex:
     """See :meth:`EmbeddingIndex.from_features`."""
     from featurescope.index._mapped import MappedStore, map_rows
@@ -85,7 +86,7 @@ def index_from_features(
     else:
         labels = torch.full((done,), -1, dtype=torch.int64)
     metadata: list[str | None] = [None] * done if paths is None else [str(p) for p in paths[:done]]
-    index = cls(vectors.shape[1], memory_budget=memory_budget)
+    index = cls(vectors.shape[1], memory_budget=memory_budget, metric=metric)
     if done == 0:
         return index
     if not mmap:
@@ -104,5 +105,6 @@ def index_from_features(
         root / nodes[node]["file"],
         index.memory_budget,
         int(ids.max()) + 1,
+        index._metric,
     )
     return index

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from featurescope.errors import EmbeddingIndexError
-from featurescope.index.search import MAX_NORM, NORM_CELLS, Gallery, centred_sq_norms
+from featurescope.index.search import METRICS, MAX_NORM, NORM_CELLS, Gallery, Metric, centred_sq_norms
 
 __all__ = ["MappedStore", "map_rows"]
 
@@ -41,6 +41,7 @@ class MappedStore:
         source: the file mapped (for messages).
         budget: the index's memory budget.
         next_id: the next automatic id.
+        metric: the index's metric.
 
     Raises:
         EmbeddingIndexError: if a row holds NaN, infinity or a norm too large to search, naming
@@ -59,12 +60,14 @@ class MappedStore:
         source: Path,
         budget: int,
         next_id: int,
+        metric: Metric = METRICS["l2"],
     ) -> None:
         self.n, self.dim = vectors.shape
         self.budget = budget
         self.source = source
         self.metadata = metadata
         self.next_id = next_id
+        self.metric = metric
         self._vectors = vectors
         self._ids = ids
         self._labels = labels
@@ -103,12 +106,21 @@ class MappedStore:
                 )
             total += x64.sum(0)
             radius_max = max(radius_max, float(norms.max()))
+        if not self.metric.centred:
+            return torch.zeros(self.dim), 0.0, radius_max
         centre = (total / max(self.n, 1)).float()
         norm_max = 0.0
         for s in self._chunks():
             norms32 = centred_sq_norms(self._vectors[s : s + step], centre)
             norm_max = max(norm_max, float(norms32.max()))
         return centre, norm_max, radius_max
+
+    def _eps_max(self) -> float:
+        """How far a tile's searched rows may be from the rows the metric wants."""
+        if self.metric.searches_vectors:
+            return 0.0
+        # Unit rows divided in float64, then rounded once to float32 (at most 2⁻²⁴ each way).
+        return 2.0**-24 * (1 + 2.0**-20) + self.metric.rows_pad(self.dim)
 
     def append(self, *args: object) -> None:
         raise AssertionError("EmbeddingIndex refuses to add to a mapped store")
@@ -134,8 +146,9 @@ class MappedStore:
                 centre=self._centre,
                 vectors=self._vectors,
                 ids=self._ids,
-                eps_max=0.0,
+                eps_max=self._eps_max(),
                 norm_max=self._norm_max,
-                radius_max=self._radius_max,
+                radius_max=self._radius_max if self.metric.searches_vectors else 1.0 + 2.0**-20,
+                metric=self.metric,
             )
         return self._cache

@@ -69,6 +69,7 @@ def save_index(index: EmbeddingIndex, path: str | os.PathLike[str]) -> Path:
     config = {
         "dim": index.dim,
         "dtype": dtype_name,
+        "metric": index.metric,
         "memory_budget": index.memory_budget,
         "next_id": index._store.next_id,
         "count": len(index),
@@ -109,9 +110,18 @@ def _config(p: Path, header: dict[str, str]) -> dict[str, Any]:
             int(config[k]) for k in ("dim", "count", "memory_budget", "next_id")
         )
         dtype = _DTYPES[config["dtype"]]
+        # Files written before metrics existed hold Euclidean indexes.
+        metric = str(config.get("metric", "l2"))
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexFileError(f"{p}: corrupt index configuration ({exc!r})") from exc
-    return {"dim": dim, "count": count, "budget": budget, "next_id": next_id, "dtype": dtype}
+    return {
+        "dim": dim,
+        "count": count,
+        "budget": budget,
+        "next_id": next_id,
+        "dtype": dtype,
+        "metric": metric,
+    }
 
 
 def _check_tensors(
@@ -167,12 +177,24 @@ def load_index(
     if cfg["count"] and int(labels.min()) < -1:
         raise IndexFileError(f"{p}: labels below -1")
     try:
-        index = cls(cfg["dim"], device=device, dtype=cfg["dtype"], memory_budget=cfg["budget"])
+        index = cls(
+            cfg["dim"],
+            device=device,
+            dtype=cfg["dtype"],
+            memory_budget=cfg["budget"],
+            metric=cfg["metric"],
+        )
     except FeaturescopeError as exc:
         raise IndexFileError(f"{p}: invalid index configuration: {exc}") from exc
     if memory_budget is not None:
         # A budget the caller chose: its errors are the caller's, not the file's.
-        index = cls(cfg["dim"], device=device, dtype=cfg["dtype"], memory_budget=memory_budget)
+        index = cls(
+            cfg["dim"],
+            device=device,
+            dtype=cfg["dtype"],
+            memory_budget=memory_budget,
+            metric=cfg["metric"],
+        )
     try:
         vectors = as_vectors(tensors["vectors"], cfg["dim"])
         ids = as_ids(tensors["ids"], cfg["count"])
@@ -236,7 +258,7 @@ def _map_index(
     meta = _check_tensors(p, tensors, header, cfg)
     budget = cfg["budget"] if memory_budget is None else memory_budget
     try:
-        index = cls(cfg["dim"], device=device, memory_budget=budget)
+        index = cls(cfg["dim"], device=device, memory_budget=budget, metric=cfg["metric"])
         if torch.device(device).type != "cpu":
             raise FeaturescopeError(f"mmap=True searches on the CPU, not {device}")
     except FeaturescopeError as exc:
@@ -253,7 +275,14 @@ def _map_index(
         raise IndexFileError(f"{p}: invalid index contents: duplicate ids")
     try:
         store = MappedStore(
-            tensors["vectors"], ids, labels, meta, p, index.memory_budget, cfg["next_id"]
+            tensors["vectors"],
+            ids,
+            labels,
+            meta,
+            p,
+            index.memory_budget,
+            cfg["next_id"],
+            index._metric,
         )
     except FeaturescopeError as exc:
         raise IndexFileError(f"{p}: invalid index contents: {exc}") from exc

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from featurescope.errors import EmbeddingIndexError
-from featurescope.index.search import Gallery, centred_sq_norms, rounding_error
+from featurescope.index.search import Gallery, Metric, centred_sq_norms, rounding_error
 
 __all__ = ["Store"]
 
@@ -35,8 +35,11 @@ def _put(buf: Tensor, n: int, new: Tensor) -> Tensor:
 class Store:
     """Rows of an index; see the module docstring."""
 
-    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype, budget: int) -> None:
+    def __init__(
+        self, dim: int, device: torch.device, dtype: torch.dtype, budget: int, metric: Metric
+    ) -> None:
         self.dim = dim
+        self.metric = metric
         self.device = device
         self.dtype = dtype
         self.budget = budget
@@ -56,8 +59,9 @@ class Store:
 
     @property
     def _alias(self) -> bool:
-        """float32 storage searches the exact vectors themselves: no second copy."""
-        return self.dtype == torch.float32
+        """float32 storage searches the exact vectors themselves: no second copy (except for
+        cosine, whose search reads unit rows)."""
+        return self.dtype == torch.float32 and self.metric.searches_vectors
 
     @property
     def _vector_device(self) -> torch.device:
@@ -95,9 +99,12 @@ class Store:
         for s in range(0, m, chunk):
             e = min(m, s + chunk)
             x64 = x[s:e].to(torch.float64)
-            rel = x64 - c64
+            rel = self.metric.rows(x64, c64)
             if self._alias:
-                norms[s:e] = centred_sq_norms(x[s:e], centre)
+                if self.metric.uses_norms:
+                    norms[s:e] = centred_sq_norms(x[s:e], centre)
+                else:
+                    norms[s:e] = 0.0
                 radius[s:e] = torch.linalg.vector_norm(x64, dim=1)
                 continue
             stored = rel.to(self.dtype)
@@ -113,9 +120,9 @@ class Store:
             s64 = stored.to(torch.float64)
             sq = (s64 * s64).sum(1)
             search[s:e] = stored
-            norms[s:e] = sq.float()
+            norms[s:e] = sq.float() if self.metric.uses_norms else 0.0
             radius[s:e] = sq.sqrt()
-            eps[s:e] = rounding_error(s64, rel)
+            eps[s:e] = rounding_error(s64, rel) + self.metric.rows_pad(self.dim)
         return search, norms, radius.cpu(), eps.cpu()
 
     # -- mutation --------------------------------------------------------------------------
@@ -125,7 +132,7 @@ class Store:
         m = x.shape[0]
         total = self.n + m
         x = x.to(self._vector_device)
-        if self._centred_at == 0 or total >= 2 * self._centred_at:
+        if self.metric.centred and (self._centred_at == 0 or total >= 2 * self._centred_at):
             mean = (
                 self.vectors.sum(0, dtype=torch.float64) + x.sum(0, dtype=torch.float64)
             ) / total
@@ -211,5 +218,6 @@ class Store:
                 eps_max=float(self._eps[:n].max()) if n else 0.0,
                 norm_max=float(self._norms[:n].max()) if n else 0.0,
                 radius_max=float(self._radius[:n].max()) if n else 0.0,
+                metric=self.metric,
             )
         return self._cache

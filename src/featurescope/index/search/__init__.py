@@ -13,15 +13,18 @@ from featurescope.index.search._kernel import (
     Gallery,
     TilePlan,
     centred_sq_norms,
-    exact_distances,
     plan_tiles,
     rounding_error,
     search_exact,
 )
 from featurescope.index.search._merge import lex_smallest
+from featurescope.index.search._metric import METRICS, Metric, exact_distances, metric_named
 from featurescope.index.search._profile import time_breakdown
 
 __all__ = [
+    "METRICS",
+    "Metric",
+    "metric_named",
     "MAX_NORM",
     "NORM_CELLS",
     "Gallery",

@@ -37,6 +37,7 @@ from featurescope.index.search._gemm import (
     scores_into,
 )
 from featurescope.index.search._merge import lex_smallest, lex_smallest_grouped
+from featurescope.index.search._metric import METRICS, Metric, Queries, error_coefficients
 from featurescope.index.search._threads import run_in_threads
 from featurescope.index.search._profile import phase
 
@@ -44,7 +45,6 @@ __all__ = [
     "Gallery",
     "TilePlan",
     "centred_sq_norms",
-    "exact_distances",
     "plan_tiles",
     "rounding_error",
     "search_exact",
@@ -75,8 +75,6 @@ MERGE_EVERY = 16
 _U32 = 2.0**-24
 #: Unit roundoff of bfloat16 (8-bit significand, round to nearest).
 _U16 = 2.0**-8
-#: Smallest normal float32: the bfloat16 product may flush anything below it to zero.
-_TINY = 2.0**-126
 _INT64_MAX = torch.iinfo(torch.int64).max
 
 
@@ -105,6 +103,18 @@ def centred_sq_norms(
         rel = work[: (e - s) * d].view(e - s, d)
         torch.sub(x[s:e], c64, out=rel)
         out[s:e] = rel.square_().sum(1)
+    return out
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """Float32 rows ``x / ‖x‖``, divided in float64 and rounded once (zero rows stay zero), in
+    bounded chunks: a tile of a gallery left on disk as a cosine search reads it."""
+    out = torch.empty_like(x, dtype=torch.float32)
+    chunk = max(1, NORM_CELLS // max(1, x.shape[1]))
+    for s in range(0, x.shape[0], chunk):
+        x64 = x[s : s + chunk].to(torch.float64)
+        norm = torch.linalg.vector_norm(x64, dim=1, keepdim=True)
+        out[s : s + chunk] = torch.where(norm > 0, x64 / norm.clamp(min=2.0**-1000), 0.0)
     return out
 
 
@@ -175,6 +185,7 @@ class Gallery:
     norm_max: float  # max norms[i]
     radius_max: float  # max ‖search[i]‖
     subset: Tensor | None = None  # [m] int64 ascending rows searched, on the index device
+    metric: Metric = METRICS["l2"]
     low: _LowPrecisionCopy = dataclasses.field(default_factory=_LowPrecisionCopy, repr=False)
 
     @property
@@ -262,7 +273,12 @@ class Gallery:
             norms = self.norms.index_select(0, rows) if self.norms is not None else None
         if norms is None:  # only float32 galleries are left on disk: search is vectors
             buf, into = work if work is not None else (None, None)
-            norms = centred_sq_norms(tile, self.centre, into, buf)
+            if self.metric.uses_norms:
+                norms = centred_sq_norms(tile, self.centre, into, buf)
+            else:
+                norms = torch.zeros(stop - start, dtype=torch.float32, device=tile.device)
+                if not self.metric.searches_vectors:
+                    tile = unit_rows(tile)
             if low:
                 tile = tile - self.centre
         if tile.dtype != dtype:
@@ -347,52 +363,6 @@ def plan_tiles(
             break
         bn = wider.gallery_tile
     return TilePlan(bq, bn, keep, dim, upcast, *extra)
-
-
-def exact_distances(queries: Tensor, candidates: Tensor) -> Tensor:
-    """Float64 Euclidean distances of each query to its own candidate rows.
-
-    Args:
-        queries: ``[r, d]`` float64.
-        candidates: ``[r, m, d]`` or, with ``m`` squeezed, ``[r, d]``; float32 or float64.
-
-    Every path uses this, and every square is exact (a difference of two float32 numbers and its
-    square fit float64's 53 bits), so only the final ``sum`` rounds: equal pairs give bit-equal
-    distances, the same as ``((q - x) ** 2).sum(-1).sqrt()`` in float64.
-    """
-    # ``.to`` returns the input itself when it is float64 already; the work below is in place
-    # (a float32 − float64 subtraction that promotes is several times slower on the CPU).
-    work = candidates.to(torch.float64, copy=True)
-    work.sub_(queries[:, None, :] if work.dim() == 3 else queries)
-    work.square_()
-    return work.sum(-1).sqrt_()
-
-
-def _product_rounding(device: torch.device) -> float:
-    """Relative error a matrix product may add per term by rounding its float32 inputs."""
-    precision = torch.get_float32_matmul_precision()
-    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        precision = "high" if precision == "highest" else precision
-    if precision == "medium":  # bfloat16 inputs
-        return 2.0**-7 + 2.0**-16
-    if precision == "high":  # TensorFloat-32 (or better) inputs
-        return 2.0**-10 + 2.0**-22
-    return 0.0
-
-
-def _error_coefficients(dim: int, device: torch.device) -> tuple[float, float]:
-    """Relative and absolute bound on one float32 score ``‖x̃‖² − 2⟨q', x̃⟩``.
-
-    With ``n = d + 2`` roundings in any summation order, ``γₙ = nu/(1−nu)`` bounds the relative
-    error of the sum of absolute terms (Higham, *Accuracy and Stability*, §3.1); underflow adds at
-    most half a subnormal spacing per term. Doubled as a margin against BLAS paths we cannot see.
-    """
-    n = dim + 2
-    if n * _U32 >= 0.25:
-        raise ValueError(f"dim={dim} is too large for a float32 error bound")
-    gamma = n * _U32 / (1 - n * _U32)
-    rel = 2.0 * (gamma + _product_rounding(device) * (1 + gamma))
-    return rel, 2.0 * n * 2.0**-149
 
 
 def _scan_tile(
@@ -555,83 +525,6 @@ class _Selection:
         return vals, self.pos.gather(1, j)
 
 
-@dataclass
-class _Queries:
-    """One query tile in the forms the passes need."""
-
-    centred: Tensor  # [b, d] float32 on the index device: fl(q − c)
-    product: Tensor  # [b, d] ``centred`` in the dtype of the product (itself for float32)
-    exact: Tensor  # [b, d] float64 on the vectors' device
-    constant: Tensor  # [b] float64: ‖q'‖² − 2⟨q', offset⟩, on the index device
-    slack: Tensor  # [b] float64: ε_q + ε_max
-    error: Tensor  # [b] float64: bound on |score − exact score|
-
-
-def _prepare(
-    q32: Tensor, gal: Gallery, rel: float, absolute: float, backend: str = "torch"
-) -> _Queries:
-    centred = q32 - gal.centre
-    q64 = q32.to(torch.float64)
-    c64 = centred.to(torch.float64)
-    exact_rel = q64 - gal.centre.to(torch.float64)
-    # Pad for the float64 subtraction itself, inexact only for far-apart exponents.
-    eps_q = torch.linalg.vector_norm(c64 - exact_rel, dim=1) + 1e-15 * torch.linalg.vector_norm(
-        exact_rel, dim=1
-    )
-    qnorm = torch.linalg.vector_norm(c64, dim=1)
-    if PRODUCT_DTYPE[backend] == torch.bfloat16:
-        product = centred.to(torch.bfloat16)
-        error = _bf16_error(product, c64, qnorm, gal)
-        constant = (c64 * c64).sum(1)  # the bfloat16 rows are centred already: no offset
-    else:
-        product = centred
-        error = rel * (gal.norm_max + 2.0 * qnorm * gal.radius_max) + absolute
-        constant = (c64 * c64).sum(1) - 2.0 * (c64 @ gal.offset)
-    return _Queries(
-        centred=centred,
-        product=product,
-        exact=q64.to(gal.vectors.device),
-        constant=constant,
-        slack=eps_q * (1 + 1e-12) + gal.eps_max,
-        error=error,
-    )
-
-
-def _bf16_error(product: Tensor, c64: Tensor, qnorm: Tensor, gal: Gallery) -> Tensor:
-    """Bound on ``score − exact score`` when the product runs in bfloat16 (see ``_gemm``).
-
-    With ``a`` the float32 centred query, ``ã`` its bfloat16 copy (``δ = ‖ã − a‖``, measured),
-    ``b = search[i] + offset``, ``b̃`` its bfloat16 copy (``ε = max ‖b̃ − b‖``, see
-    :meth:`Gallery.low_precision_error`) and ``R`` the largest ``‖b‖``: products of bfloat16
-    numbers are exact in float32, so the float32 accumulation errs by at most
-    ``γ_d ‖ã‖‖b̃‖``; the inputs' rounding moves the product by at most ``δ(R + ε) + ‖a‖ε``. The output's rounding is already in
-    each score (lowered by its own bound), and the float32 operations that form the score add
-    a few roundings of its size. BLAS terms are doubled, as for the float32 product; subnormals
-    the kernel may flush add an absolute term.
-    """
-    d = c64.shape[1]
-    delta = torch.linalg.vector_norm(product.to(torch.float64) - c64, dim=1) * (1 + 1e-12)
-    eps_b = gal.low_precision_error()
-    a_norm = qnorm + delta
-    b_norm = gal.centred_radius + eps_b
-    gamma = d * _U32 / (1 - d * _U32)
-    blas = 4.0 * gamma * a_norm * b_norm
-    score_ops = 10.0 * _U32 * (gal.norm_max + 2.0 * (1 + BF16_LOWER) * a_norm * b_norm)
-    inputs = 2.0 * (delta * b_norm + qnorm * eps_b) * (1 + 1e-9)
-    flushed = 8.0 * (d + 2) * _TINY * (1 + a_norm) * (1 + b_norm)
-    bound: Tensor = blas + score_ops + inputs + flushed
-    return bound
-
-
-def _threshold(upper: Tensor, qs: _Queries) -> Tensor:
-    """Largest float32 score a vector within float64 distance ``upper`` of the query can get."""
-    # A float64 distance over d terms is within (d + 2) float64 roundings of the real one.
-    d = qs.centred.shape[1]
-    reach = upper * (1 + 4 * (d + 2) * 2.0**-53) + qs.slack
-    theta = reach * reach - qs.constant + qs.error
-    return theta + 1e-12 * (reach * reach + qs.constant.abs() + qs.error)
-
-
 def _rerank_rows(gal: Gallery, q64: Tensor, rows: Tensor, budget: int) -> Tensor:
     """Float64 distances of ``q64[i]`` to ``vectors[rows[i, j]]``, in cache-sized chunks."""
     r, m = rows.shape
@@ -645,7 +538,7 @@ def _rerank_rows(gal: Gallery, q64: Tensor, rows: Tensor, budget: int) -> Tensor
     for s in range(0, r, chunk):
         e = min(r, s + chunk)
         cand = gal.vectors.index_select(0, rows[s:e].reshape(-1)).view(e - s, m, d)
-        out[s:e] = exact_distances(q64[s:e], cand)
+        out[s:e] = gal.metric.exact(q64[s:e], cand)
     return out
 
 
@@ -658,12 +551,12 @@ def _rerank_pairs(gal: Gallery, q64: Tensor, who: Tensor, rows: Tensor, budget: 
     who = who.to(q64.device)
     for s in range(0, rows.numel(), chunk):
         cand = gal.vectors.index_select(0, real[s : s + chunk])
-        out[s : s + chunk] = exact_distances(q64.index_select(0, who[s : s + chunk]), cand)
+        out[s : s + chunk] = gal.metric.exact(q64.index_select(0, who[s : s + chunk]), cand)
     return out
 
 
 def _finish_tile(
-    gal: Gallery, qs: _Queries, vals: Tensor, rows: Tensor, k: int, budget: int
+    gal: Gallery, qs: Queries, vals: Tensor, rows: Tensor, k: int, budget: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Re-rank a tile's candidates; flag queries whose candidate list may be incomplete.
 
@@ -676,7 +569,7 @@ def _finish_tile(
     head = _rerank_rows(gal, qs.exact, rows[:, :k], budget).to(vals.device)
     # k distinct vectors lie within the largest of these distances, so every true neighbour
     # scores at most theta in the fast pass.
-    theta = _threshold(head.max(1).values, qs)
+    theta = gal.metric.threshold(head.max(1).values, qs)
     inside = (vals.to(torch.float64) <= theta[:, None]).sum(1).clamp_(min=k)
     incomplete = (inside >= keep) & (keep < n)
     most = int(inside.max())
@@ -712,7 +605,7 @@ def _merge_pairs(
 
 def _collect(
     gal: Gallery,
-    qs: _Queries,
+    qs: Queries,
     theta: Tensor,
     k: int,
     plan: TilePlan,
@@ -743,7 +636,7 @@ def _collect(
             rr, cc = r[s : s + pair_chunk], c[s : s + pair_chunk] + start
             real = gal.rows_of(cc)
             vecs = gal.vectors[real.to(gal.vectors.device)]
-            dist = exact_distances(qs.exact[rr.to(qs.exact.device)], vecs).to(device)
+            dist = gal.metric.exact(qs.exact[rr.to(qs.exact.device)], vecs).to(device)
             best = _merge_pairs(best, rr, dist, cc, gal.ids[real])
     return best[0], best[1]
 
@@ -770,14 +663,19 @@ class _Scanned:
 
     start: int
     stop: int
-    queries: _Queries
+    queries: Queries
     scores: Tensor
     rows: Tensor
     block: Tensor
 
 
+def _prepare(job: _Job, a: int, b: int) -> Queries:
+    low = PRODUCT_DTYPE[job.backend] == torch.bfloat16
+    return job.gal.metric.prepare(job.queries[a:b], job.gal, job.rel, job.absolute, low)
+
+
 def _scan(job: _Job, a: int, b: int, block: Tensor) -> _Scanned:
-    qs = _prepare(job.queries[a:b], job.gal, job.rel, job.absolute, job.backend)
+    qs = _prepare(job, a, b)
     vals, rows = _scan_tile(qs.product, job.gal, job.plan, block, job.backend)
     return _Scanned(a, b, qs, vals, rows, block)
 
@@ -788,7 +686,7 @@ def _finish(job: _Job, t: _Scanned) -> None:
         dist, found, incomplete, theta = _finish_tile(gal, qs, t.scores, t.rows, k, job.budget)
     redo = incomplete.nonzero().flatten()
     if redo.numel():
-        sub = _Queries(
+        sub = Queries(
             qs.centred[redo],
             qs.product[redo],
             qs.exact[redo.to(qs.exact.device)],
@@ -906,6 +804,9 @@ def _pick_backend(gal: Gallery, queries: Tensor, rows: int) -> str:
     :data:`MIN_ROWS_LOW_PRECISION` searched rows (a narrow filter) make the product cheap
     whatever its precision, and float32's tighter bound sends fewer candidates to the re-rank.
     """
+    if not gal.metric.uses_norms:
+        # The bfloat16 bound is derived for the L2 score; other metrics multiply in float32.
+        return "torch"
     allow_low = gal.size >= MIN_ROWS_LOW_PRECISION and (
         queries.shape[0] >= MIN_QUERIES_LOW_PRECISION or gal.low_precision_ready()
     )
@@ -938,7 +839,7 @@ def _fast(
     """
     nq, d = queries.shape
     device = queries.device
-    rel, absolute = _error_coefficients(d, device)
+    rel, absolute = error_coefficients(d, device)
     out_d = torch.empty(nq, k, dtype=torch.float64, device=device)
     out_r = torch.empty(nq, k, dtype=torch.int64, device=device)
     job = _Job(
@@ -969,10 +870,10 @@ def _run_split(job: _Job, split: int) -> None:
     nq = job.queries.shape[0]
     for a in range(0, nq, job.plan.query_tile):
         b = min(nq, a + job.plan.query_tile)
-        qs = _prepare(job.queries[a:b], job.gal, job.rel, job.absolute, job.backend)
+        qs = _prepare(job, a, b)
         parts: list[tuple[Tensor, Tensor]] = [(qs.centred, qs.centred)] * len(bounds)
 
-        def scan(i: int, qs: _Queries = qs, parts: list[tuple[Tensor, Tensor]] = parts) -> None:
+        def scan(i: int, qs: Queries = qs, parts: list[tuple[Tensor, Tensor]] = parts) -> None:
             lo, hi = bounds[i]
             parts[i] = _scan_tile(qs.product, job.gal, job.plan, blocks[i], job.backend, lo, hi)
 
@@ -1009,7 +910,7 @@ def _exhaustive(gal: Gallery, queries: Tensor, k: int, budget: int) -> tuple[Ten
             e = min(n, s + cols)
             pos = torch.arange(s, e, device=gal.search.device)
             vecs = gal.vectors.index_select(0, gal.rows_of(pos).to(gal.vectors.device))
-            dist[:, s:e] = exact_distances(q64, vecs[None].expand(b - a, e - s, d))
+            dist[:, s:e] = gal.metric.exact(q64, vecs[None].expand(b - a, e - s, d))
         dist = dist.to(device)
         pick = lex_smallest(dist, ids.expand(b - a, n), k)
         out_d[a:b] = dist.gather(1, pick)
