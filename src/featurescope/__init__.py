@@ -31,6 +31,7 @@ from featurescope.errors import (
 from featurescope.hookspecs import hookimpl
 from featurescope.index import (
     EmbeddingIndex,
+    SearchConfig,
     SearchResult,
     ShardedEmbeddingIndex,
     retrieval_metrics,
@@ -78,6 +79,7 @@ __all__ = [
     "NodeNotFoundError",
     "PluginError",
     "Preprocessing",
+    "SearchConfig",
     "SearchResult",
     "ShardedEmbeddingIndex",
     "UnknownNameError",

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from featurescope.errors import EmbeddingIndexError, InputShapeError
-from featurescope.index.search import MAX_NORM
+from featurescope.index._search._gallery import MAX_NORM
 
 __all__ = [
     "as_exclusions",

@@ -31,8 +31,12 @@ from featurescope.index._checks import (
 )
 from featurescope.index._mapped import MappedStore
 from featurescope.index._result import SearchResult
+from featurescope.index._search._config import SearchConfig
+from featurescope.index._search._gallery import Gallery
+from featurescope.index._search._metric import Metric, metric_named
+from featurescope.index._search._plan import plan_tiles
+from featurescope.index._search._schedule import search_exact
 from featurescope.index._store import Store
-from featurescope.index.search import Gallery, Metric, metric_named, plan_tiles, search_exact
 
 __all__ = ["EmbeddingIndex"]
 
@@ -71,6 +75,9 @@ class EmbeddingIndex:
         metric: ``"l2"`` (Euclidean distance, smallest first; default), ``"cosine"`` (cosine
             similarity, largest first; a zero vector has similarity 0 with everything) or
             ``"ip"`` (inner product, largest first). Saved with the index.
+        config: tuning (worker threads, tile sizes, the product backend): a
+            :class:`SearchConfig`; the default suits most machines. Not saved (it describes
+            the machine, not the data): pass it to :meth:`load` again.
 
     Raises:
         EmbeddingIndexError: for a non-positive ``dim``, an unsupported ``dtype`` or
@@ -99,6 +106,7 @@ class EmbeddingIndex:
         dtype: torch.dtype = torch.float32,
         memory_budget: int = 256 * 2**20,
         metric: str = "l2",
+        config: SearchConfig | None = None,
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise EmbeddingIndexError(f"dim must be a positive int, got {dim!r}")
@@ -106,9 +114,14 @@ class EmbeddingIndex:
             raise EmbeddingIndexError(
                 f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}"
             )
+        if config is not None and not isinstance(config, SearchConfig):
+            raise EmbeddingIndexError(
+                f"config must be a featurescope.SearchConfig, got {type(config).__name__}"
+            )
+        self._config = SearchConfig() if config is None else config
         budget = int(memory_budget)
         try:
-            plan_tiles(1, 1, dim, 32, budget, upcast=dtype != torch.float32)
+            plan_tiles(1, 1, dim, 32, budget, upcast=dtype != torch.float32, config=self._config)
         except ValueError as exc:
             raise EmbeddingIndexError(f"{exc}; raise memory_budget") from exc
         try:
@@ -143,6 +156,11 @@ class EmbeddingIndex:
     def metric(self) -> str:
         """``"l2"``, ``"cosine"`` or ``"ip"``: what :meth:`search` ranks by."""
         return self._metric.name
+
+    @property
+    def config(self) -> SearchConfig:
+        """The search tuning (see :class:`SearchConfig`)."""
+        return self._config
 
     @property
     def memory_budget(self) -> int:
@@ -326,12 +344,14 @@ class EmbeddingIndex:
         if mask is not None:
             gal = gal.restrict(mask.nonzero().flatten())
         k_search = min(gal.size, k + extra)
-        dist, rows = search_exact(gal, q.to(self.device), k_search, self._budget)
+        dist, rows, backend = search_exact(
+            gal, q.to(self.device), k_search, self._budget, self._config
+        )
         if excl is not None:
             dist, rows = _drop_excluded(dist, rows, gal.ids, excl.to(rows.device), k)
         if dist.shape[1] < k:
             dist, rows = _pad(dist, rows, k)
-        return self._result(self._metric.report(dist), rows)
+        return self._result(self._metric.report(dist), rows, backend)
 
     def select(self, *, ids: Any = None, labels: Any = None) -> Tensor:
         """A ``where`` mask for :meth:`search`: the vectors with one of these ids and labels.
@@ -372,13 +392,13 @@ class EmbeddingIndex:
             keep &= torch.isin(store.labels, _unique_ints(labels, "labels"))
         return keep
 
-    def _result(self, dist: Tensor, rows: Tensor) -> SearchResult:
+    def _result(self, dist: Tensor, rows: Tensor, backend: str) -> SearchResult:
         store = self._store
         rows_cpu = rows.cpu()
         real = rows >= 0
         ids = torch.where(real, store.ids[rows.clamp(min=0)], -1)
         labels = torch.where(rows_cpu >= 0, store.labels[rows_cpu.clamp(min=0)], -1)
-        return SearchResult(dist, ids, labels.to(ids.device), rows_cpu, store.metadata)
+        return SearchResult(dist, ids, labels.to(ids.device), backend, rows_cpu, store.metadata)
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -403,6 +423,7 @@ class EmbeddingIndex:
         device: str | torch.device = "cpu",
         memory_budget: int | None = None,
         mmap: bool = False,
+        config: SearchConfig | None = None,
     ) -> EmbeddingIndex:
         """Read an index written by :meth:`save`, never unpickling anything.
 
@@ -419,6 +440,7 @@ class EmbeddingIndex:
             device: where to put the searched vectors (the CPU only, with ``mmap=True``).
             memory_budget: overrides the saved budget.
             mmap: leave the vectors on disk (float32 indexes).
+            config: the search tuning (see :class:`SearchConfig`; not saved with the index).
 
         Raises:
             IndexFileError: if the file is missing, truncated, corrupt or not an index, or
@@ -435,7 +457,9 @@ class EmbeddingIndex:
         """
         from featurescope.index._persist import load_index
 
-        return load_index(cls, path, device=device, memory_budget=memory_budget, mmap=mmap)
+        return load_index(
+            cls, path, device=device, memory_budget=memory_budget, mmap=mmap, config=config
+        )
 
     @classmethod
     def from_features(
@@ -446,6 +470,7 @@ class EmbeddingIndex:
         mmap: bool = True,
         memory_budget: int = 256 * 2**20,
         metric: str = "l2",
+        config: SearchConfig | None = None,
     ) -> EmbeddingIndex:
         """An index over one node of a folder written by ``FeatureTap.extract(out=...)``.
 
@@ -461,6 +486,7 @@ class EmbeddingIndex:
             mmap: search the float32 rows in place instead of copying them into memory.
             memory_budget: bytes the temporaries of one search may take.
             metric: ``"l2"``, ``"cosine"`` or ``"ip"`` (see :class:`EmbeddingIndex`).
+            config: the search tuning (see :class:`SearchConfig`).
 
         Raises:
             EmbeddingIndexError: if the folder is not an extraction, or ``mmap=True`` and the
@@ -481,7 +507,7 @@ class EmbeddingIndex:
         from featurescope.index._features import index_from_features
 
         return index_from_features(
-            cls, folder, node, mmap=mmap, memory_budget=memory_budget, metric=metric
+            cls, folder, node, mmap=mmap, memory_budget=memory_budget, metric=metric, config=config
         )
 
     # -- used by the sharded index and persistence --------------------------------------------

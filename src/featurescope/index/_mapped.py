@@ -4,7 +4,7 @@
 loaded with ``mmap=True`` or built from an extraction folder. Its vectors are a read-only
 (copy-on-write) memory map of the file, so the pages a search reads belong to the page cache,
 which the kernel reclaims, not to the process's anonymous memory. The per-row squared norms the
-fast pass needs are recomputed tile by tile (:func:`~featurescope.index.search.centred_sq_norms`,
+fast pass needs are recomputed tile by tile (``_search._gallery.centred_sq_norms``,
 the same float32 values an in-memory index stores); only the centre and three maxima are kept,
 found in one streaming pass when the store opens. Results equal an in-memory index's.
 """
@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from featurescope.errors import EmbeddingIndexError
-from featurescope.index.search import METRICS, MAX_NORM, NORM_CELLS, Gallery, Metric, centred_sq_norms
+from featurescope.index._search._gallery import MAX_NORM, NORM_CELLS, Gallery, centred_sq_norms
+from featurescope.index._search._metric import METRICS, Metric
 
 __all__ = ["MappedStore", "map_rows"]
 

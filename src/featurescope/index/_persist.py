@@ -25,6 +25,7 @@ from featurescope.index._checks import as_ids, as_vectors
 
 if TYPE_CHECKING:
     from featurescope.index._embedding import EmbeddingIndex
+    from featurescope.index._search._config import SearchConfig
 
 __all__ = ["FORMAT", "load_index", "save_index"]
 
@@ -163,13 +164,14 @@ def load_index(
     device: str | torch.device = "cpu",
     memory_budget: int | None = None,
     mmap: bool = False,
+    config: SearchConfig | None = None,
 ) -> EmbeddingIndex:
     """Read an index written by :func:`save_index`; see :meth:`EmbeddingIndex.load`."""
     p = Path(path)
     if not p.is_file():
         raise IndexFileError(f"index file {str(p)!r} does not exist or is not a file")
     if mmap:
-        return _map_index(cls, p, device=device, memory_budget=memory_budget)
+        return _map_index(cls, p, device=device, memory_budget=memory_budget, config=config)
     header, tensors = _read(p)
     cfg = _config(p, header)
     meta = _check_tensors(p, tensors, header, cfg)
@@ -183,6 +185,7 @@ def load_index(
             dtype=cfg["dtype"],
             memory_budget=cfg["budget"],
             metric=cfg["metric"],
+            config=config,
         )
     except FeaturescopeError as exc:
         raise IndexFileError(f"{p}: invalid index configuration: {exc}") from exc
@@ -194,6 +197,7 @@ def load_index(
             dtype=cfg["dtype"],
             memory_budget=memory_budget,
             metric=cfg["metric"],
+            config=config,
         )
     try:
         vectors = as_vectors(tensors["vectors"], cfg["dim"])
@@ -244,6 +248,7 @@ def _map_index(
     *,
     device: str | torch.device,
     memory_budget: int | None,
+    config: SearchConfig | None = None,
 ) -> EmbeddingIndex:
     """Open ``p`` with its vectors, ids and labels memory-mapped; see :meth:`EmbeddingIndex.load`."""
     from featurescope.index._mapped import MappedStore
@@ -258,7 +263,9 @@ def _map_index(
     meta = _check_tensors(p, tensors, header, cfg)
     budget = cfg["budget"] if memory_budget is None else memory_budget
     try:
-        index = cls(cfg["dim"], device=device, memory_budget=budget, metric=cfg["metric"])
+        index = cls(
+            cfg["dim"], device=device, memory_budget=budget, metric=cfg["metric"], config=config
+        )
         if torch.device(device).type != "cpu":
             raise FeaturescopeError(f"mmap=True searches on the CPU, not {device}")
     except FeaturescopeError as exc:

@@ -23,13 +23,20 @@ class SearchResult:
     attributes.
 
     Attributes:
-        distances: ``[nq, k]`` float64 Euclidean (not squared) distances, ascending per row;
-            ``+inf`` where fewer than ``k`` vectors could be returned (a ``where`` filter or
-            ``exclude_ids`` left too few), as FAISS pads.
-        ids: ``[nq, k]`` int64 ids of the hits; equal distances are ordered by id; ``-1`` in
-            the padding.
+        distances: ``[nq, k]`` float64, nearest first, by the index's ``metric``: for
+            ``"l2"`` Euclidean (not squared) distances, ascending; for ``"cosine"`` cosine
+            similarities and for ``"ip"`` inner products, both descending (largest first).
+            Padding where fewer than ``k`` vectors could be returned (a ``where`` filter or
+            ``exclude_ids`` left too few) is ``+inf`` for L2 and ``-inf`` for the others, as
+            FAISS pads.
+        ids: ``[nq, k]`` int64 ids of the hits; equal distances are ordered by id (smaller
+            first); ``-1`` in the padding.
         labels: ``[nq, k]`` int64 labels of the hits, ``-1`` where a hit was added without one
             and in the padding.
+        backend: the matrix product the fast pass ran (``"float32"``, ``"bfloat16"`` or
+            ``"numpy"``, see :class:`SearchConfig`), or ``"float64"`` when every distance was
+            computed exactly (``k`` near the number of vectors searched); ``""`` for results
+            merged across ranks.
 
     Example:
         >>> import torch, featurescope as fs
@@ -48,6 +55,7 @@ class SearchResult:
     distances: Tensor
     ids: Tensor
     labels: Tensor
+    backend: str = ""
     _rows: Tensor | None = field(default=None, repr=False)
     _metadata: Sequence[str | None] | None = field(default=None, repr=False)
 

@@ -9,7 +9,7 @@ import torch
 from featurescope.errors import EmbeddingIndexError
 from featurescope.index._checks import as_vectors, check_k
 from featurescope.index._result import SearchResult
-from featurescope.index.search import lex_smallest
+from featurescope.index._search._merge import lex_smallest
 
 if TYPE_CHECKING:
     from featurescope.index._embedding import EmbeddingIndex

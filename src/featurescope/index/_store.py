@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from featurescope.errors import EmbeddingIndexError
-from featurescope.index.search import Gallery, Metric, centred_sq_norms, rounding_error
+from featurescope.index._search._gallery import Gallery, centred_sq_norms, rounding_error
+from featurescope.index._search._metric import Metric
 
 __all__ = ["Store"]
 

@@ -19,6 +19,7 @@ process-wide count), which is why the race of product backends no longer times n
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -36,10 +37,9 @@ def thread_local_setters() -> tuple[Callable[[int], object], ...]:
     found: list[Callable[[int], object]] = []
     libraries = [ctypes.CDLL(None)]
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-    try:
+    # Another build layout may lack the file: OpenMP's setter can still be in the process.
+    with contextlib.suppress(OSError):
         libraries.append(ctypes.CDLL(torch_lib))
-    except OSError:
-        pass  # another build layout: OpenMP's setter may still be found in the process
     # MKL's C entry point; the lower-case names are its Fortran interface, which takes a pointer.
     for name in ("omp_set_num_threads", "MKL_Set_Num_Threads_Local"):
         fn = _first_symbol(libraries, name)

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from featurescope.index.search._gemm import BF16_LOWER
+from featurescope.index._search._backends import BF16_LOWER
 
 if TYPE_CHECKING:
-    from featurescope.index.search._kernel import Gallery
+    from featurescope.index._search._gallery import Gallery
 
 __all__ = [
     "METRICS",
@@ -34,6 +34,7 @@ __all__ = [
     "error_coefficients",
     "exact_distances",
     "metric_named",
+    "unit",
 ]
 
 _U32 = 2.0**-24
@@ -63,7 +64,6 @@ def exact_distances(queries: Tensor, candidates: Tensor) -> Tensor:
     return work.sum(-1).sqrt_()
 
 
-
 def _product_rounding(device: torch.device) -> float:
     """Relative error a matrix product may add per term by rounding its float32 inputs."""
     precision = torch.get_float32_matmul_precision()
@@ -91,7 +91,6 @@ def error_coefficients(dim: int, device: torch.device) -> tuple[float, float]:
     return rel, 2.0 * n * 2.0**-149
 
 
-
 @dataclass
 class Queries:
     """One query tile in the forms the passes need."""
@@ -104,9 +103,8 @@ class Queries:
     error: Tensor  # [b] float64: bound on |score − exact score|
 
 
-
 def bf16_error(product: Tensor, c64: Tensor, qnorm: Tensor, gal: Gallery) -> Tensor:
-    """Bound on ``score − exact score`` when the product runs in bfloat16 (see ``_gemm``).
+    """Bound on ``score − exact score`` when the product runs in bfloat16 (see ``_backends``).
 
     With ``a`` the float32 centred query, ``ã`` its bfloat16 copy (``δ = ‖ã − a‖``, measured),
     ``b = search[i] + offset``, ``b̃`` its bfloat16 copy (``ε = max ‖b̃ − b‖``, see
@@ -129,8 +127,6 @@ def bf16_error(product: Tensor, c64: Tensor, qnorm: Tensor, gal: Gallery) -> Ten
     flushed = 8.0 * (d + 2) * _TINY * (1 + a_norm) * (1 + b_norm)
     bound: Tensor = blas + score_ops + inputs + flushed
     return bound
-
-
 
 
 class Metric:
@@ -220,8 +216,6 @@ class L2(Metric):
             error=error,
         )
 
-
-
     def threshold(self, upper: Tensor, qs: Queries) -> Tensor:
         """Largest float32 score a vector within float64 distance ``upper`` of the query can get."""
         # A float64 distance over d terms is within (d + 2) float64 roundings of the real one.
@@ -229,8 +223,6 @@ class L2(Metric):
         reach = upper * (1 + 4 * (d + 2) * 2.0**-53) + qs.slack
         theta = reach * reach - qs.constant + qs.error
         return theta + 1e-12 * (reach * reach + qs.constant.abs() + qs.error)
-
-
 
 
 class InnerProduct(Metric):
@@ -273,7 +265,7 @@ class Cosine(Metric):
     searches_vectors = False
 
     def rows(self, x64: Tensor, centre64: Tensor) -> Tensor:
-        return _unit(x64)
+        return unit(x64)
 
     def rows_pad(self, dim: int) -> float:
         # A float64 norm, square root and division: a few float64 roundings per coordinate.
@@ -293,22 +285,22 @@ class Cosine(Metric):
         self, q32: Tensor, gal: Gallery, rel: float, absolute: float, low: bool = False
     ) -> Queries:
         q64 = q32.to(torch.float64)
-        u64 = _unit(q64)
-        unit = u64.to(torch.float32)
+        u64 = unit(q64)
+        p32 = u64.to(torch.float32)
         d = q32.shape[1]
-        eps_q = torch.linalg.vector_norm(unit.to(torch.float64) - u64, dim=1) + self.rows_pad(d)
+        eps_q = torch.linalg.vector_norm(p32.to(torch.float64) - u64, dim=1) + self.rows_pad(d)
         # −2⟨p, s⟩ is within 2(ε_q(1 + ε) + ε) of −2 cos (‖s‖ ≤ 1 + ε, ‖q̂‖ ≤ 1); the float64
         # key errs by a few roundings of numbers at most 1.
         key_error = 4.0 * (d + 8) * _U64
         slack = 2.0 * (key_error + eps_q * (1 + gal.eps_max) + gal.eps_max) * (1 + 1e-9)
-        unorm = torch.linalg.vector_norm(unit.to(torch.float64), dim=1)
-        return _similarity_queries(unit, q64, unorm, slack, rel, absolute, gal)
+        pnorm = torch.linalg.vector_norm(p32.to(torch.float64), dim=1)
+        return _similarity_queries(p32, q64, pnorm, slack, rel, absolute, gal)
 
     def threshold(self, upper: Tensor, qs: Queries) -> Tensor:
         return _similarity_threshold(upper, qs)
 
 
-def _unit(x64: Tensor) -> Tensor:
+def unit(x64: Tensor) -> Tensor:
     """Rows divided by their float64 norm; zero rows stay zero."""
     norm = torch.linalg.vector_norm(x64, dim=-1, keepdim=True)
     return torch.where(norm > 0, x64 / norm.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
@@ -361,6 +353,4 @@ def metric_named(name: str) -> Metric:
     try:
         return METRICS[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"metric must be one of {sorted(METRICS)}, got {name!r}"
-        ) from None
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {name!r}") from None
