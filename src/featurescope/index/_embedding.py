@@ -27,6 +27,7 @@ from featurescope.index._checks import (
     as_mask,
     as_metadata,
     as_vectors,
+    as_vectors_and_norms,
     check_k,
 )
 from featurescope.index._mapped import MappedStore
@@ -230,7 +231,7 @@ class EmbeddingIndex:
                 index cannot store.
         """
         self._check_writable("add to")
-        vecs = as_vectors(vectors, self._dim)
+        vecs, radius = as_vectors_and_norms(vectors, self._dim)
         n = vecs.shape[0]
         if ids is None:
             new_ids = torch.arange(self._store.next_id, self._store.next_id + n, dtype=torch.int64)
@@ -240,7 +241,7 @@ class EmbeddingIndex:
         labs = torch.full((n,), -1, dtype=torch.int64) if labels is None else as_labels(labels, n)
         meta = as_metadata(metadata, n)
         if n:
-            self._store.append(vecs, new_ids, labs, meta)
+            self._store.append(vecs, new_ids, labs, meta, radius)
 
     def _check_writable(self, what: str) -> None:
         if isinstance(self._store, MappedStore):

@@ -21,7 +21,7 @@ from torch import Tensor
 from featurescope._io import atomic_path
 from featurescope._version import __version__
 from featurescope.errors import FeaturescopeError, IndexFileError
-from featurescope.index._checks import as_ids, as_vectors
+from featurescope.index._checks import as_ids, as_vectors_and_norms
 
 if TYPE_CHECKING:
     from featurescope.index._embedding import EmbeddingIndex
@@ -200,10 +200,11 @@ def load_index(
             config=config,
         )
     try:
-        vectors = as_vectors(tensors["vectors"], cfg["dim"])
+        vectors, radius = as_vectors_and_norms(tensors["vectors"], cfg["dim"])
         ids = as_ids(tensors["ids"], cfg["count"])
         if cfg["count"]:
-            index._store.append(vectors.clone(), ids, labels, meta)
+            # The store copies the rows: the file's tensors are not kept.
+            index._store.append(vectors, ids, labels, meta, radius)
     except IndexFileError:
         raise
     except FeaturescopeError as exc:

@@ -4,10 +4,14 @@ Every row keeps its exact float32 vector, id, label and metadata string, and the
 precomputations: the squared norm of the row relative to the gallery's centre, and, for
 half-precision storage, the rounded copy that is searched and how far it is from the exact row.
 The centre is the mean of the rows; it is recomputed whenever the number of rows has doubled,
-which costs amortised O(d) per added row.
+which costs amortised O(d) per added row. Rows searched as they are (float32 storage, L2 or inner
+product) are only copied when added: their norms and the centre wait for the next search, so
+adding costs a validation pass and a copy, as FAISS's ``add`` does.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import Tensor
@@ -56,6 +60,8 @@ class Store:
         self._eps = torch.empty(0, dtype=torch.float64)
         self._centre = torch.zeros(dim, dtype=torch.float32, device=device)
         self._centred_at = 0
+        self._ready = 0  # rows whose norms are computed (see _refresh)
+        self._lock = threading.Lock()
         self._cache: Gallery | None = None
 
     @property
@@ -92,7 +98,7 @@ class Store:
         """
         m = x.shape[0]
         c64 = centre.to(device=x.device, dtype=torch.float64)
-        search = torch.empty(0 if self._alias else m, self.dim, dtype=self.dtype, device=x.device)
+        search = torch.empty(m, self.dim, dtype=self.dtype, device=x.device)
         norms = torch.empty(m, dtype=torch.float32, device=x.device)
         radius = torch.empty(m, dtype=torch.float64, device=x.device)
         eps = torch.zeros(m, dtype=torch.float64, device=x.device)
@@ -101,13 +107,6 @@ class Store:
             e = min(m, s + chunk)
             x64 = x[s:e].to(torch.float64)
             rel = self.metric.rows(x64, c64)
-            if self._alias:
-                if self.metric.uses_norms:
-                    norms[s:e] = centred_sq_norms(x[s:e], centre)
-                else:
-                    norms[s:e] = 0.0
-                radius[s:e] = torch.linalg.vector_norm(x64, dim=1)
-                continue
             stored = rel.to(self.dtype)
             ok = torch.isfinite(stored).all(1)
             if not bool(ok.all()):
@@ -128,11 +127,24 @@ class Store:
 
     # -- mutation --------------------------------------------------------------------------
 
-    def append(self, x: Tensor, ids: Tensor, labels: Tensor, metadata: list[str | None]) -> None:
-        """Add validated rows; raises before changing anything if a row cannot be stored."""
+    def append(
+        self,
+        x: Tensor,
+        ids: Tensor,
+        labels: Tensor,
+        metadata: list[str | None],
+        radius: Tensor | None = None,
+    ) -> None:
+        """Add validated rows; raises before changing anything if a row cannot be stored.
+
+        ``radius`` (``‖x[i]‖`` in float64, as validation measured it) saves a pass.
+        """
+        x = x.to(self._vector_device)
+        if self._alias:
+            self._append_lazily(x, ids, labels, metadata, radius)
+            return
         m = x.shape[0]
         total = self.n + m
-        x = x.to(self._vector_device)
         if self.metric.centred and (self._centred_at == 0 or total >= 2 * self._centred_at):
             mean = (
                 self.vectors.sum(0, dtype=torch.float64) + x.sum(0, dtype=torch.float64)
@@ -167,11 +179,60 @@ class Store:
         self.next_id = max(self.next_id, int(ids.max()) + 1)
         if recentred:
             self._centre, self._centred_at = centre, total
-        self.n = total
+        self.n = self._ready = total
         self._cache = None
+
+    def _append_lazily(
+        self,
+        x: Tensor,
+        ids: Tensor,
+        labels: Tensor,
+        metadata: list[str | None],
+        radius: Tensor | None,
+    ) -> None:
+        """Rows searched as they are: store them; their norms wait for the next search.
+
+        Adding is then one copy (validation made the other pass), and a batch of adds
+        re-centres and computes norms once, at the first search (:meth:`_refresh`).
+        """
+        m = x.shape[0]
+        if radius is None:
+            radius = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+        with self._lock:
+            self._vectors = _put(self._vectors, self.n, x)
+            self._radius = _put(self._radius, self.n, radius.cpu())
+            self._eps = _put(self._eps, self.n, torch.zeros(m, dtype=torch.float64))
+            self._ids = _put(self._ids, self.n, ids.to(self.device))
+            self._labels = _put(self._labels, self.n, labels)
+            self.metadata.extend(metadata)
+            self.next_id = max(self.next_id, int(ids.max()) + 1)
+            self.n += m
+            self._cache = None
+
+    def _refresh(self) -> None:
+        """Compute the norms of rows added since the last search (all rows when the centre
+        moves: whenever the number of rows has doubled, amortised O(d) per row). Call with
+        ``_lock`` held."""
+        n = self.n
+        if self._ready == n:
+            return
+        start = self._ready
+        if self.metric.centred and (self._centred_at == 0 or n >= 2 * self._centred_at):
+            mean = self.vectors.sum(0, dtype=torch.float64) / n
+            self._centre, self._centred_at = mean.float().to(self.device), n
+            start = 0
+        rows = self.vectors[start:n]
+        if self.metric.uses_norms:
+            norms = centred_sq_norms(rows, self._centre)
+        else:
+            norms = torch.zeros(n - start, dtype=torch.float32, device=rows.device)
+        self._norms = _put(self._norms, start, norms.to(self.device))
+        self._ready = n
 
     def remove(self, ids: Tensor) -> None:
         """Drop the rows with these ids (all known to be present)."""
+        with self._lock:
+            self._refresh()
         keep = ~torch.isin(self.ids, ids.to(self.device))
         keep_cpu = keep.cpu()
         kv = keep.to(self._vector_device)
@@ -184,13 +245,15 @@ class Store:
         self._radius = self._radius[: self.n][keep_cpu].clone()
         self._eps = self._eps[: self.n][keep_cpu].clone()
         self.metadata = [m for m, k in zip(self.metadata, keep_cpu.tolist(), strict=True) if k]
-        self.n = int(keep_cpu.sum())
+        self.n = self._ready = int(keep_cpu.sum())
         if self.n == 0:
             self._centred_at = 0
         self._cache = None
 
     def to(self, device: torch.device) -> None:
         """Move the searched tensors (and, for float32 storage, the vectors) to ``device``."""
+        with self._lock:
+            self._refresh()
         self.device = device
         self._vectors = self.vectors.to(self._vector_device)
         self._search = self._search[: self.n].to(device)
@@ -206,6 +269,11 @@ class Store:
 
     def gallery(self) -> Gallery:
         """A snapshot of what a search needs (cached until the next change)."""
+        with self._lock:
+            self._refresh()
+            return self._snapshot()
+
+    def _snapshot(self) -> Gallery:
         if self._cache is None:
             n = self.n
             c64 = self._centre.to(torch.float64)
