@@ -129,6 +129,7 @@ def test_bf16_is_chosen_only_when_clearly_faster(speedup, expected):
     config = fs.SearchConfig()
     got = _backends.choose_backend(q, sample, 300, 10**9, config, timer=timer, chosen=chosen)
     assert got.name == expected and chosen == {8: expected}
+    raced = len(timed)
     # numpy's sgemm only where the process holds its BLAS at one thread (never set by us).
     import threadpoolctl
 
@@ -144,7 +145,7 @@ def test_bf16_is_chosen_only_when_clearly_faster(speedup, expected):
     again = _backends.choose_backend(
         q, sample, 300, 10**9, config, False, timer=timer, chosen=chosen
     )
-    assert again.name == "float32" and len(timed) == 2
+    assert again.name == "float32" and len(timed) == raced
 
 
 def test_named_backend_is_used_without_timing():
