@@ -35,7 +35,10 @@ __all__ = ["run_in_threads", "thread_local_setters"]
 def thread_local_setters() -> tuple[Callable[[int], object], ...]:
     """The thread-local thread-count setters found in the loaded libraries (looked up once)."""
     found: list[Callable[[int], object]] = []
-    libraries = [ctypes.CDLL(None)]
+    libraries: list[ctypes.CDLL] = []
+    # The process's own symbols (POSIX); Windows has no such handle and finds none.
+    with contextlib.suppress(OSError, TypeError):
+        libraries.append(ctypes.CDLL(None))
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
     # Another build layout may lack the file: OpenMP's setter can still be in the process.
     with contextlib.suppress(OSError):
