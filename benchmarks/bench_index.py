@@ -5,8 +5,9 @@ Times, side by side in one run, on the same data and with the same thread count
 faiss-cpu ``IndexFlatL2.search``, and the float32 matrix product of the same shapes through
 torch (MKL or OpenBLAS) and numpy (its bundled OpenBLAS); the faster product is the ceiling of
 any float32 method that computes every distance. The bfloat16 product of the same shapes is
-timed too: the ceiling of the index's ``bf16`` backend, where the processor makes it faster. Repeats run round-robin so that noise from other
-processes falls on every method alike; medians are reported.
+timed too: the ceiling of the index's ``bfloat16`` backend, where the processor makes it
+faster. Repeats run round-robin so that noise from other processes falls on every method alike;
+medians are reported. ``add`` is timed side by side with FAISS's ``add`` (fresh indexes).
 
 Per shape it also prints the time breakdown of one search (product, selection, re-rank,
 summed over worker threads), latency at nq = 1 and 16, filtered search at 1 % and 50 %
@@ -39,8 +40,10 @@ import numpy as np
 import torch
 
 import featurescope as fs
-from featurescope.index.search import chosen_backends, time_breakdown
+from featurescope.index._search._backends import chosen_backends
+from featurescope.index._search._profile import time_breakdown
 
+_PHASES = ("product", "selection", "re-rank", "second pass")
 _SIMD = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
          "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")  # fmt: skip
 
@@ -207,6 +210,36 @@ def _exact_ids(x: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _adding(x: torch.Tensor, q: torch.Tensor, k: int, repeats: int, no_faiss: bool) -> None:
+    """``add`` side by side with FAISS's, and the first search after it (which computes the
+    norms ``add`` leaves for later)."""
+    d = x.shape[1]
+    methods: dict[str, Callable[[], Any]] = {
+        "EmbeddingIndex.add": lambda: fs.EmbeddingIndex(d).add(x)
+    }
+    if not no_faiss and _faiss_flat(x[:1]) is not None:
+        import faiss
+
+        xn = x.numpy()
+        methods["faiss IndexFlatL2.add"] = lambda: faiss.IndexFlatL2(d).add(xn)
+
+    def add_then_search() -> None:
+        index = fs.EmbeddingIndex(d)
+        index.add(x)
+        index.search(q[:1], k)
+
+    methods["EmbeddingIndex.add + first search (1 query)"] = add_then_search
+    times = _round_robin(methods, repeats, warm=False)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    print("\n| add (fresh index each time) | median s | min s | max s |")
+    print("|---|---:|---:|---:|")
+    for name, m in med.items():
+        print(f"| {name} | {m:.4f} | {min(times[name]):.4f} | {max(times[name]):.4f} |")
+    if "faiss IndexFlatL2.add" in med:
+        ratio = med["EmbeddingIndex.add"] / med["faiss IndexFlatL2.add"]
+        print(f"EmbeddingIndex.add / FAISS add: {ratio:.2f}x")
+
+
 def run(nb: int, d: int, nq: int, k: int, repeats: int, args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(nb, d, generator=gen)
@@ -232,13 +265,16 @@ def run(nb: int, d: int, nq: int, k: int, repeats: int, args: argparse.Namespace
     best_mm = min(med["torch.mm (sgemm)"], med["numpy matmul (sgemm)"])
     print(f"\nEmbeddingIndex at {best_mm / ours:.0%} of the best sgemm rate of the same shapes "
           f"({med['torch.mm (bfloat16)'] / ours:.0%} of the bfloat16 product's); product "
-          f"backend chosen: {chosen_backends().get(d, 'torch (not timed)')}")  # fmt: skip
+          f"backend chosen: {chosen_backends().get(d, 'float32 (not raced)')}")  # fmt: skip
     if flat is not None:
         print(f"EmbeddingIndex / FAISS: {med['faiss IndexFlatL2'] / ours:.2f}x")
+    _adding(x, q, k, repeats, args.no_faiss)
     with time_breakdown() as parts:
         elapsed = _timed(lambda: index.search(q, k))
-    total = sum(parts.values()) or 1.0
-    shares = ", ".join(f"{name} {v:.3f} s ({v / total:.0%})" for name, v in parts.items())
+    # The breakdown also counts rows and bytes; only the phases are times.
+    times_only = {n: v for n, v in parts.items() if n in _PHASES}
+    total = sum(times_only.values()) or 1.0
+    shares = ", ".join(f"{name} {v:.3f} s ({v / total:.0%})" for name, v in times_only.items())
     print(f"breakdown (thread-seconds, one search of {elapsed:.3f} s): {shares}")
     _latency(index, flat, q, k, max(3, repeats))
     _filtered(index, flat, q, k, repeats, ours)

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 import featurescope as fs
 from featurescope.errors import EmbeddingIndexError, InputShapeError
-from featurescope.index.search import _kernel as _index_search
+from featurescope.index._search import _schedule
+from featurescope.index._search._plan import TilePlan, plan_tiles
+from featurescope.index._search._profile import time_breakdown
 
 
 def brute_force(gallery, ids, queries, k):
@@ -89,12 +91,10 @@ def test_search_equals_float64_brute_force(kind, n, d, nq, k_frac, seed, dtype):
 def test_search_exact_across_many_tiles(kind, n, k, seed):
     # Small tiles force many gallery tiles, the grouped selection and the periodic merges.
     g, q, ids = make_data(kind, n, 6, 20, seed)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_index_search, "GALLERY_TILE", 256)
-        mp.setattr(_index_search, "MERGE_EVERY", 2)
-        index = fs.EmbeddingIndex(6, memory_budget=1 << 16)
-        index.add(g, ids=ids)
-        dist, found = index.search(q, k)
+    config = fs.SearchConfig(gallery_tile=256, merge_every=2)
+    index = fs.EmbeddingIndex(6, memory_budget=1 << 16, config=config)
+    index.add(g, ids=ids)
+    dist, found = index.search(q, k)
     ref_d, ref_i = brute_force(g, ids, q, k)
     assert torch.equal(found, ref_i)
     assert torch.equal(dist, ref_d)
@@ -177,6 +177,19 @@ def test_result_unpacks_and_looks_up_labels_and_metadata():
     assert result.metadata == [["b.png", "a.png"], [None, "b.png"]]
     assert distances.dtype == torch.float64
     assert torch.allclose(distances[0], torch.tensor([0.1, 0.9], dtype=torch.float64))
+
+
+def test_result_indexes_like_a_named_tuple():
+    index = fs.EmbeddingIndex(2)
+    index.add(torch.tensor([[0.0, 0.0], [1.0, 0.0], [4.0, 0.0]]), labels=[3, 4, 5])
+    result = index.search(np.array([[0.9, 0.0]]), 2)
+    assert len(result) == 2
+    assert result[0] is result.distances and result[1] is result.ids
+    assert result[-1] is result.ids and result[:] == (result.distances, result.ids)
+    assert tuple(result) == (result.distances, result.ids)
+    with pytest.raises(IndexError):
+        result[2]
+    assert result.labels.tolist() == [[4, 3]]
 
 
 def test_ids_assigned_in_order_after_explicit_ids():
@@ -266,9 +279,9 @@ def test_small_budget_same_answers_as_large_budget():
 )
 def test_tile_plan_respects_budget(nq, nb, dim, keep, budget, upcast):
     try:
-        plan = _index_search.plan_tiles(nq, nb, dim, keep, budget, upcast=upcast)
+        plan = plan_tiles(nq, nb, dim, keep, budget, upcast=upcast)
     except ValueError:
-        assert _index_search.TilePlan(1, min(nb, keep), keep, dim, upcast).scan_bytes() > budget
+        assert TilePlan(1, min(nb, keep), keep, dim, upcast).scan_bytes() > budget
         return
     assert plan.scan_bytes() <= budget
     assert 1 <= plan.query_tile <= nq
@@ -276,38 +289,34 @@ def test_tile_plan_respects_budget(nq, nb, dim, keep, budget, upcast):
 
 
 def test_two_thousand_queries_over_200k_never_plan_the_full_matrix():
-    plan = _index_search.plan_tiles(2000, 200_000, 256, 20, 256 * 2**20)
+    plan = plan_tiles(2000, 200_000, 256, 20, 256 * 2**20)
     full = 2000 * 200_000 * 4
     assert plan.scan_bytes() <= 256 * 2**20 < full
     assert plan.query_tile * plan.gallery_tile * 4 <= 256 * 2**20
 
 
-def test_search_blocks_stay_in_budget(monkeypatch):
-    # Spy on every score block the search writes: none may exceed the budget.
-    seen = []
-    real = _index_search.scores_into
-
-    def spy(q, tile, norms, out, backend):
-        seen.append(out.numel() * out.element_size())
-        return real(q, tile, norms, out, backend)
-
-    monkeypatch.setattr(_index_search, "scores_into", spy)
+def test_search_blocks_stay_in_budget():
+    # The largest score block the search writes may not exceed the budget.
     g, q, _ = make_data("random", 5000, 32, 400, 0)
     budget = 1 << 18
     index = fs.EmbeddingIndex(32, memory_budget=budget)
     index.add(g)
-    index.search(q, 5)
-    assert seen and max(seen) <= budget
+    with time_breakdown() as seen:
+        index.search(q, 5)
+    assert 0 < seen["score block bytes"] <= budget
+    assert seen["rows scored"] >= 5000
 
 
-@pytest.mark.parametrize("backend", ["torch", "numpy", "bf16"])
-def test_both_cpu_product_backends_are_exact(monkeypatch, backend):
-    pytest.importorskip("threadpoolctl")
-    monkeypatch.setenv("FEATURESCOPE_GEMM", backend)
+@pytest.mark.parametrize("backend", ["float32", "numpy", "bfloat16"])
+def test_every_cpu_product_backend_is_exact(backend):
     g, q, ids = make_data("offset", 3000, 16, 100, 8)
-    index = fs.EmbeddingIndex(16)
+    # Every search in the named backend, however small (see SearchConfig.backend).
+    config = fs.SearchConfig(backend=backend, min_queries_low_precision=1)
+    index = fs.EmbeddingIndex(16, config=config)
     index.add(g, ids=ids)
-    dist, found = index.search(q, 6)
+    result = index.search(q, 6)
+    assert result.backend == backend
+    dist, found = result
     ref_d, ref_i = brute_force(g, ids, q, 6)
     assert torch.equal(found, ref_i) and torch.equal(dist, ref_d)
 
@@ -397,14 +406,14 @@ def test_worker_threads_match_single_lane_and_restore_thread_count():
     gal = index._gallery()
     before = torch.get_num_threads()
     qt = torch.as_tensor(q)
-    one = _index_search.search_exact(gal, qt, 6, 1 << 22, workers=1)
-    three = _index_search.search_exact(gal, qt, 6, 1 << 22, workers=3)
+    one = _schedule.search_exact(gal, qt, 6, 1 << 22, fs.SearchConfig(threads=1))
+    three = _schedule.search_exact(gal, qt, 6, 1 << 22, fs.SearchConfig(threads=3))
     assert torch.get_num_threads() == before
     assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
 
 
 def test_worker_errors_propagate():
-    from featurescope.index.search._parallel import run_in_threads
+    from featurescope.index._search._threads import run_in_threads
 
     before = torch.get_num_threads()
 
@@ -427,12 +436,10 @@ def test_stream_pipeline_logic_on_cpu_lanes():
     qt = torch.as_tensor(q)
     k = 5
     keep = min(len(g), k + max(8, k))
-    plan = _index_search.TilePlan(32, 256, keep, 8, False)
-    out_d = torch.empty(len(q), k, dtype=torch.float64)
-    out_r = torch.empty(len(q), k, dtype=torch.int64)
-    rel, absolute = _index_search._error_coefficients(8, torch.device("cpu"))
-    job = _index_search._Job(gal, qt, k, plan, 1 << 20, rel, absolute, out_d, out_r)
-    _index_search._run_pipelined(job, [contextlib.nullcontext] * 3)
+    plan = TilePlan(32, 256, keep, 8, False)
+    job = _schedule._new_job(gal, qt, k, plan, 1 << 20)
+    _schedule._run_pipelined(job, [contextlib.nullcontext] * 3)
+    out_d, out_r = job.out_d, job.out_r
     ref_d, ref_i = brute_force(g, ids, q, k)
     assert torch.equal(index._store.ids[out_r], ref_i)
     assert torch.equal(out_d, ref_d)

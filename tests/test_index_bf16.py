@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,13 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import featurescope as fs
-from featurescope.index.search import _gemm, _kernel
+from featurescope.index._search import _backends, _metric
 from test_index import KINDS, brute_force, make_data
 
-
-@pytest.fixture
-def bf16(monkeypatch):
-    monkeypatch.setenv("FEATURESCOPE_GEMM", "bf16")
+#: bfloat16 for every search; BF16_AUTO: where it pays (enough queries, rows, or a copy).
+BF16 = fs.SearchConfig(backend="bfloat16", min_queries_low_precision=1, min_rows_low_precision=1)
+BF16_AUTO = fs.SearchConfig(backend="bfloat16")
 
 
 @settings(max_examples=40, deadline=None)
@@ -34,14 +34,13 @@ def test_bf16_search_equals_float64_brute_force(kind, n, d, k, seed, dtype):
     if dtype == torch.float16 and kind == "mixed":
         dtype = torch.bfloat16
     k = min(k, n)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FEATURESCOPE_GEMM", "bf16")
-        mp.setattr(_kernel, "GALLERY_TILE", 64)  # many tiles, the grouped selection, merges
-        index = fs.EmbeddingIndex(d, dtype=dtype, memory_budget=1 << 16)
-        index.add(g, ids=ids)
-        dist, found = index.search(q, k)
-        where = torch.from_numpy(np.random.default_rng(seed).random(n) < 0.3)
-        fdist, ffound = index.search(q, k, where=where)
+    # Small tiles: many of them, the grouped selection, merges.
+    config = dataclasses.replace(BF16, gallery_tile=64)
+    index = fs.EmbeddingIndex(d, dtype=dtype, memory_budget=1 << 16, config=config)
+    index.add(g, ids=ids)
+    dist, found = index.search(q, k)
+    where = torch.from_numpy(np.random.default_rng(seed).random(n) < 0.3)
+    fdist, ffound = index.search(q, k, where=where)
     ref_d, ref_i = brute_force(g, ids, q, k)
     assert torch.equal(found, ref_i)
     assert torch.equal(dist, ref_d)
@@ -63,12 +62,12 @@ def test_bf16_scores_stay_within_their_bound_pair_by_pair(kind, storage):
     index = fs.EmbeddingIndex(48, dtype=storage)
     index.add(g)
     gal = index._gallery()
-    rel, absolute = _kernel._error_coefficients(48, torch.device("cpu"))
-    qs = _kernel._prepare(torch.from_numpy(q), gal, rel, absolute, "bf16")
+    rel, absolute = _metric.error_coefficients(48, torch.device("cpu"))
+    qs = gal.metric.prepare(torch.from_numpy(q), gal, rel, absolute, low=True)
     assert qs.product.dtype == torch.bfloat16
     tile, norms = gal.tile(0, gal.size, None, torch.bfloat16)
     scores = torch.empty(q.shape[0], gal.size)
-    _gemm.scores_into(qs.product, tile, norms, scores, "bf16")
+    _backends.BACKENDS["bfloat16"].scores_into(qs.product, tile, norms, scores)
     exact = torch.cdist(torch.from_numpy(q).double(), torch.from_numpy(g).double())
     d = 48
     reach = exact * (1 + 4 * (d + 2) * 2.0**-53) + qs.slack[:, None]
@@ -80,9 +79,9 @@ def test_bf16_scores_stay_within_their_bound_pair_by_pair(kind, storage):
     assert float(qs.error.median()) < 0.2 * float(spread)
 
 
-def test_bf16_copy_is_made_once_and_shared_with_filtered_views(bf16):
+def test_bf16_copy_is_made_once_and_shared_with_filtered_views():
     g, q, _ = make_data("random", 2000, 32, 50, 2)
-    index = fs.EmbeddingIndex(32)
+    index = fs.EmbeddingIndex(32, config=BF16)
     index.add(g)
     index.search(q, 5)
     gal = index._gallery()
@@ -95,45 +94,80 @@ def test_bf16_copy_is_made_once_and_shared_with_filtered_views(bf16):
     assert index._gallery().low.value is None
 
 
-def test_mapped_gallery_converts_tiles_instead_of_keeping_a_copy(bf16, tmp_path):
+def test_mapped_gallery_converts_tiles_instead_of_keeping_a_copy(tmp_path):
     g, q, ids = make_data("offset", 3000, 16, 40, 3)
     index = fs.EmbeddingIndex(16)
     index.add(g, ids=ids)
-    mapped = fs.EmbeddingIndex.load(index.save(tmp_path / "g.safetensors"), mmap=True)
-    dist, found = mapped.search(q, 7)
+    mapped = fs.EmbeddingIndex.load(index.save(tmp_path / "g.safetensors"), mmap=True, config=BF16)
+    result = mapped.search(q, 7)
+    assert result.backend == "bfloat16"
+    dist, found = result
     ref_d, ref_i = brute_force(g, ids, q, 7)
     assert torch.equal(found, ref_i) and torch.equal(dist, ref_d)
     assert mapped._gallery().low.value is None
 
 
 @pytest.mark.parametrize(
-    ("speedup", "expected"), [(1.0, "torch"), (1.2, "torch"), (1.3, "bf16"), (3.0, "bf16")]
+    ("speedup", "expected"),
+    [(1.0, "float32"), (1.2, "float32"), (1.3, "bfloat16"), (3.0, "bfloat16")],
 )
-def test_bf16_is_chosen_only_when_clearly_faster(monkeypatch, speedup, expected):
-    monkeypatch.delenv("FEATURESCOPE_GEMM", raising=False)
-    monkeypatch.setattr(_gemm, "_chosen", {})
-    fake = {"torch": 1.0, "numpy": 1.1, "bf16": 1.0 / speedup}
-    monkeypatch.setattr(_gemm, "_race", lambda fns, rounds=3: {b: fake[b] for b in fns})
+def test_bf16_is_chosen_only_when_clearly_faster(speedup, expected):
+    fake = {"float32": 1.0, "numpy": 1.1, "bfloat16": 1.0 / speedup}
+    timed: list[str] = []
+
+    def timer(fns):
+        timed.extend(fns)
+        return {b: fake[b] for b in fns}
+
     q = torch.randn(300, 8)
     tile = torch.randn(64, 8)
 
     def sample():
         return tile, torch.zeros(64)
 
-    assert _gemm.choose_backend(q, sample, 300, 10**9) == expected
-    assert _gemm.chosen_backends() == {8: expected}
+    chosen: dict[int, str] = {}
+    config = fs.SearchConfig()
+    got = _backends.choose_backend(q, sample, 300, 10**9, config, timer=timer, chosen=chosen)
+    assert got.name == expected and chosen == {8: expected}
+    raced = len(timed)
+    # numpy's sgemm only where the process holds its BLAS at one thread (never set by us).
+    import threadpoolctl
+
+    single = all(
+        i["num_threads"] == 1
+        for i in threadpoolctl.threadpool_info()
+        if i["user_api"] == "blas" and "numpy" in i["filepath"]
+    )
+    assert sorted(timed) == (
+        ["bfloat16", "float32", "numpy"] if single else ["bfloat16", "float32"]
+    )
+    # Remembered: no second race; a search that may not use bfloat16 gets float32.
+    again = _backends.choose_backend(
+        q, sample, 300, 10**9, config, False, timer=timer, chosen=chosen
+    )
+    assert again.name == "float32" and len(timed) == raced
 
 
-def test_forced_backend_is_used_without_timing(monkeypatch):
-    monkeypatch.setenv("FEATURESCOPE_GEMM", "BF16")
+def test_named_backend_is_used_without_timing():
     called = []
-    assert _gemm.choose_backend(torch.randn(3, 4), lambda: called.append(1), 3, 10) == "bf16"
+    for name in ("float32", "bfloat16", "numpy"):
+        config = fs.SearchConfig(backend=name)
+        got = _backends.choose_backend(torch.randn(3, 4), lambda: called.append(1), 3, 10, config)
+        assert got.name == name
     assert not called
 
 
-def test_bf16_error_has_no_infinite_or_nan_terms_for_extreme_scales(bf16):
+def test_small_searches_are_not_raced():
+    called = []
+    got = _backends.choose_backend(
+        torch.randn(3, 4), lambda: called.append(1), 3, 10, fs.SearchConfig(), chosen={}
+    )
+    assert got.name == "float32" and not called
+
+
+def test_bf16_error_has_no_infinite_or_nan_terms_for_extreme_scales():
     g = np.float32([[1e-30] * 4, [3e12, -3e12, 1.0, 0.0], [0.0] * 4])
-    index = fs.EmbeddingIndex(4)
+    index = fs.EmbeddingIndex(4, config=BF16)
     index.add(g)
     dist, found = index.search(g, 3)
     ref_d, ref_i = brute_force(g, np.arange(3), g, 3)
@@ -141,57 +175,40 @@ def test_bf16_error_has_no_infinite_or_nan_terms_for_extreme_scales(bf16):
     assert math.isfinite(float(dist[0, 0]))
 
 
-@pytest.fixture
-def backends_used(monkeypatch):
-    """The backend of every score block the kernel computes, in order."""
-    seen: list[str] = []
-    real = _gemm.scores_into
-
-    def spy(q, tile, norms, out, backend):
-        seen.append(backend)
-        return real(q, tile, norms, out, backend)
-
-    monkeypatch.setattr(_kernel, "scores_into", spy)
-    return seen
-
-
-def test_few_queries_do_not_make_the_copy_but_use_one_that_exists(monkeypatch, backends_used):
+def test_few_queries_do_not_make_the_copy_but_use_one_that_exists():
     # Making the bfloat16 copy costs more than a few queries' product saves: a small search
     # stays in float32 until a large one has made the copy.
-    monkeypatch.delenv("FEATURESCOPE_GEMM", raising=False)
-    monkeypatch.setattr(_gemm, "_chosen", {16: "bf16"})
-    monkeypatch.setattr(_gemm, "_chosen_float", {16: "numpy"})
     g, q, ids = make_data("random", 3000, 16, 300, 6)
-    index = fs.EmbeddingIndex(16)
+    index = fs.EmbeddingIndex(16, config=BF16_AUTO)
     index.add(g, ids=ids)
     small = index.search(q[:8], 4)
-    assert set(backends_used) == {"numpy"} and index._gallery().low.value is None
-    backends_used.clear()
+    assert small.backend == "float32" and index._gallery().low.value is None
     large = index.search(q, 4)
-    assert set(backends_used) == {"bf16"} and index._gallery().low.value is not None
-    backends_used.clear()
+    assert large.backend == "bfloat16" and index._gallery().low.value is not None
     again = index.search(q[:8], 4)
-    assert set(backends_used) == {"bf16"}
+    assert again.backend == "bfloat16"
     ref_d, ref_i = brute_force(g, ids, q, 4)
     assert torch.equal(large.ids, ref_i) and torch.equal(large.distances, ref_d)
     assert torch.equal(small.ids, ref_i[:8]) and torch.equal(again.ids, ref_i[:8])
 
 
-def test_a_narrow_filter_searches_in_float32(monkeypatch, backends_used):
-    monkeypatch.delenv("FEATURESCOPE_GEMM", raising=False)
-    monkeypatch.setattr(_gemm, "_chosen", {16: "bf16"})
-    monkeypatch.setattr(_gemm, "_chosen_float", {16: "torch"})
+def test_a_narrow_filter_searches_in_float32():
     g, q, ids = make_data("random", 6000, 16, 300, 7)
-    index = fs.EmbeddingIndex(16)
+    index = fs.EmbeddingIndex(16, config=BF16_AUTO)
     index.add(g, ids=ids)
-    index.search(q, 4)  # makes the bfloat16 copy
-    backends_used.clear()
+    assert index.search(q, 4).backend == "bfloat16"  # makes the bfloat16 copy
     narrow = torch.zeros(6000, dtype=torch.bool)
     narrow[::10] = True  # 600 rows
     found = index.search(q, 4, where=narrow)
-    assert set(backends_used) == {"torch"}
+    assert found.backend == "float32"
     ref_d, ref_i = brute_force(g[::10], ids[::10], q, 4)
     assert torch.equal(found.ids, ref_i) and torch.equal(found.distances, ref_d)
-    backends_used.clear()
-    index.search(q, 4, where=~narrow)  # 5400 rows: the copy is used
-    assert set(backends_used) == {"bf16"}
+    assert index.search(q, 4, where=~narrow).backend == "bfloat16"  # 5400 rows: the copy
+
+
+def test_other_metrics_multiply_in_float32():
+    g, q, _ = make_data("random", 3000, 16, 300, 8)
+    for metric in ("cosine", "ip"):
+        index = fs.EmbeddingIndex(16, metric=metric, config=BF16)
+        index.add(g)
+        assert index.search(q, 4).backend == "float32"

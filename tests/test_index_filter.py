@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import featurescope as fs
 from featurescope.errors import EmbeddingIndexError, InputShapeError
-from featurescope.index.search import _kernel
+from featurescope.index._search._profile import time_breakdown
 
 
 def brute_force(gallery, ids, queries, k, allowed=None):
@@ -87,33 +87,24 @@ def test_where_across_many_tiles(kind, share, k, seed):
     # Small tiles: the subset is gathered tile by tile, the grouped selection runs.
     g, q, ids, rng = make(kind, 2000, 6, 40, seed)
     mask = rng.random(2000) < share
-    index = fs.EmbeddingIndex(6, memory_budget=1 << 16)
+    config = fs.SearchConfig(gallery_tile=256, merge_every=2)
+    index = fs.EmbeddingIndex(6, memory_budget=1 << 16, config=config)
     index.add(g, ids=ids)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_kernel, "GALLERY_TILE", 256)
-        mp.setattr(_kernel, "MERGE_EVERY", 2)
-        dist, found = index.search(q, k, where=mask)
+    dist, found = index.search(q, k, where=mask)
     ref_d, ref_i = brute_force(g, ids, q, k, mask)
     assert torch.equal(found, ref_i)
     assert torch.equal(dist, ref_d)
 
 
-def test_where_never_scores_excluded_rows(monkeypatch):
+def test_where_never_scores_excluded_rows():
     # Every score block the search writes covers allowed rows only: no full distance matrix.
-    seen = []
-    real = _kernel.scores_into
-
-    def spy(q, tile, norms, out, backend):
-        seen.append(tile.shape[0])
-        return real(q, tile, norms, out, backend)
-
-    monkeypatch.setattr(_kernel, "scores_into", spy)
     g, q, ids, rng = make("random", 5000, 16, 8, 3)  # 8 queries: one query tile
     mask = rng.random(5000) < 0.01
     index = fs.EmbeddingIndex(16)
     index.add(g, ids=ids)
-    _, found = index.search(q, 5, where=mask)
-    assert sum(seen) == mask.sum()
+    with time_breakdown() as seen:
+        _, found = index.search(q, 5, where=mask)
+    assert seen["rows scored"] == mask.sum()
     assert torch.equal(found, brute_force(g, ids, q, 5, mask)[1])
 
 
@@ -168,22 +159,18 @@ def test_k_equals_gallery_size(kind):
     assert torch.equal(dist, ref_d)
 
 
-def test_large_k_temporaries_stay_in_budget(monkeypatch):
+def test_large_k_temporaries_stay_in_budget():
     # The exhaustive path holds one query tile's distances: bq * n cells within the budget.
-    rows = []
-    real = _kernel.lex_smallest
-
-    def spy(dist, ids, k):
-        rows.append(dist.shape[0])
-        return real(dist, ids, k)
-
-    monkeypatch.setattr(_kernel, "lex_smallest", spy)
     g, q, ids, _ = make("random", 4000, 4, 50, 2)
     budget = 1 << 20
     index = fs.EmbeddingIndex(4, memory_budget=budget)
     index.add(g, ids=ids)
-    _, found = index.search(q, 3000)
-    assert rows and max(rows) * 4000 * 40 <= budget
+    with time_breakdown() as seen:
+        result = index.search(q, 3000)
+    found = result.ids
+    assert result.backend == "float64"
+    rows = seen["exhaustive query rows"]
+    assert rows > 0 and rows * 4000 * 40 <= budget
     assert torch.equal(found, brute_force(g, ids, q, 3000)[1])
 
 
@@ -200,12 +187,10 @@ def test_threshold_selection_across_tiles(kind, k, seed):
     if kind == "approaching":
         q = np.repeat(q[:1], 20, 0) + 1e-3 * rng.standard_normal((20, 4)).astype(np.float32)
         g = g[np.argsort(-((g - q[0]) ** 2).sum(1))]
-    index = fs.EmbeddingIndex(4, memory_budget=1 << 20)
+    config = fs.SearchConfig(gallery_tile=1024, block_cells=20 * 1024)
+    index = fs.EmbeddingIndex(4, memory_budget=1 << 20, config=config)
     index.add(g, ids=ids)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_kernel, "GALLERY_TILE", 1024)
-        mp.setattr(_kernel, "BLOCK_CELLS", 20 * 1024)
-        dist, found = index.search(q, k)
+    dist, found = index.search(q, k)
     ref_d, ref_i = brute_force(g, ids, q, k)
     assert torch.equal(found, ref_i)
     assert torch.equal(dist, ref_d)

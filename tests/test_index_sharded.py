@@ -34,17 +34,18 @@ def _worker(rank: int, init_method: str) -> None:
         g, ids, labels, q = _data()
         # Unequal shards: rank 1 holds only 5 vectors, fewer than k.
         mine = np.arange(len(g)) >= 5 if rank == 0 else np.arange(len(g)) < 5
-        local = fs.EmbeddingIndex(6)
-        local.add(g[mine], ids=ids[mine], labels=labels[mine])
-        sharded = fs.ShardedEmbeddingIndex(local)
-        assert len(sharded) == len(g)
-        whole = fs.EmbeddingIndex(6)
-        whole.add(g, ids=ids, labels=labels)
-        for k in (1, 8, len(g)):
-            got, want = sharded.search(q, k), whole.search(q, k)
-            assert torch.equal(got.ids, want.ids), (rank, k)
-            assert torch.equal(got.distances, want.distances), (rank, k)
-            assert torch.equal(got.labels, want.labels), (rank, k)
+        for metric in ("cosine", "ip", "l2"):  # similarities merge largest first
+            local = fs.EmbeddingIndex(6, metric=metric)
+            local.add(g[mine], ids=ids[mine], labels=labels[mine])
+            sharded = fs.ShardedEmbeddingIndex(local)
+            assert len(sharded) == len(g)
+            whole = fs.EmbeddingIndex(6, metric=metric)
+            whole.add(g, ids=ids, labels=labels)
+            for k in (1, 8, len(g)):
+                got, want = sharded.search(q, k), whole.search(q, k)
+                assert torch.equal(got.ids, want.ids), (rank, k, metric)
+                assert torch.equal(got.distances, want.distances), (rank, k, metric)
+                assert torch.equal(got.labels, want.labels), (rank, k, metric)
         # Every rank returns the same answer.
         parts = [torch.empty(len(q), 8, dtype=torch.int64) for _ in range(WORLD)]
         dist.all_gather(parts, sharded.search(q, 8).ids)

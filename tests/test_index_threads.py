@@ -17,13 +17,13 @@ def _blas_threads() -> list[tuple[str, int]]:
     return [(i["prefix"], i["num_threads"]) for i in threadpoolctl.threadpool_info()]
 
 
-@pytest.mark.parametrize("gemm", ["torch", "numpy", "bf16"])
-def test_concurrent_searches_equal_serial_and_restore_thread_settings(monkeypatch, gemm):
-    monkeypatch.setenv("FEATURESCOPE_GEMM", gemm)
+@pytest.mark.parametrize("backend", ["float32", "numpy", "bfloat16"])
+def test_concurrent_searches_equal_serial_and_restore_thread_settings(backend):
     rng = np.random.default_rng(0)
     g = rng.standard_normal((6000, 24)).astype(np.float32)
     g[3000:] = g[:3000]  # ties everywhere
-    index = fs.EmbeddingIndex(24, memory_budget=1 << 22)
+    config = fs.SearchConfig(backend=backend)
+    index = fs.EmbeddingIndex(24, memory_budget=1 << 22, config=config)
     index.add(g, ids=rng.permutation(6000), labels=rng.integers(0, 3, 6000))
     calls = [
         (rng.standard_normal((n, 24)).astype(np.float32), k, where)
@@ -79,7 +79,7 @@ def test_search_restores_a_caller_thread_count_of_one():
 @pytest.mark.parametrize("workers", [2, 3])
 def test_few_queries_split_the_gallery_exactly(workers):
     # Under 16 queries per worker, workers take gallery ranges; duplicates straddle the ranges.
-    from featurescope.index.search import _kernel
+    from featurescope.index._search import _schedule
 
     rng = np.random.default_rng(5)
     base = rng.standard_normal((500, 6)).astype(np.float32)
@@ -89,9 +89,64 @@ def test_few_queries_split_the_gallery_exactly(workers):
     index.add(g, ids=ids)
     q = torch.from_numpy(np.concatenate([g[:3], rng.standard_normal((4, 6)).astype(np.float32)]))
     gal = index._gallery()
-    dist, rows = _kernel.search_exact(gal, q, 7, 1 << 22, workers=workers)
+    dist, rows, _ = _schedule.search_exact(gal, q, 7, 1 << 22, fs.SearchConfig(threads=workers))
     d64 = ((q.double()[:, None] - torch.from_numpy(g).double()[None]) ** 2).sum(-1).sqrt()
     for r in range(len(q)):
         order = np.lexsort((ids, d64[r].numpy()))[:7]
         assert index.ids[rows[r]].tolist() == ids[order].tolist()
         assert torch.equal(dist[r], d64[r, order])
+
+
+def test_search_leaves_other_threads_torch_and_blas_settings_alone():
+    # A search runs its own single-threaded workers; the thread counts other threads see (and
+    # threads started during the search inherit) never change, and their matrix work is right.
+    import threadpoolctl
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(11)
+        index = fs.EmbeddingIndex(32, memory_budget=1 << 22)
+        index.add(rng.standard_normal((20000, 32)).astype(np.float32))
+        queries = rng.standard_normal((256, 32)).astype(np.float32)
+        blas = [i["num_threads"] for i in threadpoolctl.threadpool_info()]
+        a = torch.from_numpy(rng.standard_normal((300, 200)))
+        b = torch.from_numpy(rng.standard_normal((200, 300)))
+        want = (a.numpy() @ b.numpy()).sum()
+        seen: list[int] = []
+        sums: list[float] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                seen.append(torch.get_num_threads())
+                sums.append(float((a @ b).sum()))
+                # A thread started during the search inherits the process default.
+                t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+                t.start()
+                t.join()
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for _ in range(3):
+                index.search(queries, 5)
+                assert torch.get_num_threads() == 2
+        finally:
+            stop.set()
+            watcher.join()
+        assert seen and set(seen) == {2}
+        assert np.allclose(sums, want, rtol=1e-9)
+        assert [i["num_threads"] for i in threadpoolctl.threadpool_info()] == blas
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_workers_run_single_threaded_operations():
+    from featurescope.index._search._threads import run_in_threads, thread_local_setters
+
+    if not thread_local_setters():
+        pytest.skip("no thread-local thread-count setter in this build of torch")
+    counts: list[int] = []
+    run_in_threads([lambda: counts.append(torch.get_num_threads())] * 2)
+    assert counts == [1, 1]

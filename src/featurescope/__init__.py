@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # what _LAZY imports at run time, spelled out for type checke
     from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
     from featurescope.index import (
         EmbeddingIndex,
+        SearchConfig,
         SearchResult,
         ShardedEmbeddingIndex,
         retrieval_metrics,
@@ -79,6 +80,7 @@ _LAZY_MODULES: dict[str, tuple[str, ...]] = {
     "featurescope.data.transforms": ("STUDY_PREPROCESSING", "Preprocessing"),
     "featurescope.index": (
         "EmbeddingIndex",
+        "SearchConfig",
         "SearchResult",
         "ShardedEmbeddingIndex",
         "retrieval_metrics",
@@ -161,6 +163,7 @@ __all__ = [
     "NodeNotFoundError",
     "PluginError",
     "Preprocessing",
+    "SearchConfig",
     "SearchResult",
     "ShardedEmbeddingIndex",
     "UnknownNameError",

@@ -27,12 +27,17 @@ from featurescope.index._checks import (
     as_mask,
     as_metadata,
     as_vectors,
+    as_vectors_and_norms,
     check_k,
 )
 from featurescope.index._mapped import MappedStore
 from featurescope.index._result import SearchResult
+from featurescope.index._search._config import SearchConfig
+from featurescope.index._search._gallery import Gallery
+from featurescope.index._search._metric import Metric, metric_named
+from featurescope.index._search._plan import plan_tiles
+from featurescope.index._search._schedule import search_exact
 from featurescope.index._store import Store
-from featurescope.index.search import Gallery, plan_tiles, search_exact, single_threaded_ops
 
 __all__ = ["EmbeddingIndex"]
 
@@ -40,24 +45,25 @@ _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class EmbeddingIndex:
-    """Exact Euclidean nearest-neighbour search over vectors with ids, labels and metadata.
+    """Exact nearest-neighbour search (L2, cosine or inner product) over vectors with ids,
+    labels and metadata.
 
     Searches run a matrix-product pass whose rounding error is bounded, then re-rank the
     few candidates the bound cannot separate in float64, so the ids returned are those of a
-    float64 brute force with ties broken by the smaller id. Temporaries never exceed
-    ``memory_budget`` bytes, whatever the number of queries and vectors. The product runs in
-    float32, or in bfloat16 where the processor makes that clearly faster (AMX, AVX-512-BF16);
-    an in-memory index then keeps a bfloat16 copy of its rows, half their float32 size (see
-    the index guide, "Product backends").
+    float64 brute force with ties broken by the smaller id, whatever the ``metric``.
+    Temporaries never exceed ``memory_budget`` bytes, whatever the number of queries and
+    vectors. For L2 the product runs in float32, or in bfloat16 where the processor makes that
+    clearly faster (AMX, AVX-512-BF16); an in-memory index then keeps a bfloat16 copy of its
+    rows, half their float32 size (see the index guide, "Product backends"). Cosine and inner
+    product searches multiply in float32.
 
     The index stores the float32 values of what is added; "exact" refers to those values.
 
-    On the CPU a search of many queries splits them over ``torch.get_num_threads()`` worker
-    threads, and a search of few queries splits the gallery instead; every operation runs
-    single-threaded (``torch.set_num_threads(1)`` and numpy's BLAS at one thread while the
-    search runs, then restored, also when searches run from several threads at once): on a
-    machine shared with other work that keeps every core busy without stalling at parallel
-    barriers. On a GPU, batches of queries go to CUDA streams.
+    On the CPU a search of many queries splits them over worker threads of its own, and a
+    search of few queries splits the gallery instead; each worker runs single-threaded
+    operations, set for that worker alone (the caller's and other threads' torch and BLAS
+    settings never change): on a machine shared with other work that keeps every core busy
+    without stalling at parallel barriers. On a GPU, batches of queries go to CUDA streams.
 
     Args:
         dim: length of every vector.
@@ -67,10 +73,16 @@ class EmbeddingIndex:
             used for the exact re-rank stay on the CPU and the bound includes the storage
             rounding, so results stay exact.
         memory_budget: bytes the temporaries of one search may take (default 256 MiB).
+        metric: ``"l2"`` (Euclidean distance, smallest first; default), ``"cosine"`` (cosine
+            similarity, largest first; a zero vector has similarity 0 with everything) or
+            ``"ip"`` (inner product, largest first). Saved with the index.
+        config: tuning (worker threads, tile sizes, the product backend): a
+            :class:`SearchConfig`; the default suits most machines. Not saved (it describes
+            the machine, not the data): pass it to :meth:`load` again.
 
     Raises:
-        EmbeddingIndexError: for a non-positive ``dim``, an unsupported ``dtype`` or a budget
-            too small for one query.
+        EmbeddingIndexError: for a non-positive ``dim``, an unsupported ``dtype`` or
+            ``metric``, or a budget too small for one query.
 
     Example:
         >>> import torch, featurescope as fs
@@ -81,6 +93,10 @@ class EmbeddingIndex:
         >>> distances, ids = index.search(torch.tensor([[0.9, 0.1, 0.0]]), k=2)
         >>> ids.tolist()
         [[0, 1]]
+        >>> cosine = fs.EmbeddingIndex(2, metric="cosine")
+        >>> cosine.add(torch.tensor([[10.0, 0.0], [1.0, 1.0]]))
+        >>> cosine.search(torch.tensor([[1.0, 0.2]]), k=2).distances.tolist()
+        [[0.9805806751289282, 0.8320502959273969]]
     """
 
     def __init__(
@@ -90,6 +106,8 @@ class EmbeddingIndex:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         memory_budget: int = 256 * 2**20,
+        metric: str = "l2",
+        config: SearchConfig | None = None,
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise EmbeddingIndexError(f"dim must be a positive int, got {dim!r}")
@@ -97,15 +115,26 @@ class EmbeddingIndex:
             raise EmbeddingIndexError(
                 f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}"
             )
+        if config is not None and not isinstance(config, SearchConfig):
+            raise EmbeddingIndexError(
+                f"config must be a featurescope.SearchConfig, got {type(config).__name__}"
+            )
+        self._config = SearchConfig() if config is None else config
         budget = int(memory_budget)
         try:
-            plan_tiles(1, 1, dim, 32, budget, upcast=dtype != torch.float32)
+            plan_tiles(1, 1, dim, 32, budget, upcast=dtype != torch.float32, config=self._config)
         except ValueError as exc:
             raise EmbeddingIndexError(f"{exc}; raise memory_budget") from exc
+        try:
+            self._metric: Metric = metric_named(metric)
+        except ValueError as exc:
+            raise EmbeddingIndexError(f"{exc}; see the index guide, 'Choosing a metric'") from exc
         self._dim = dim
         self._dtype = dtype
         self._budget = budget
-        self._store: Store | MappedStore = Store(dim, torch.device(device), dtype, budget)
+        self._store: Store | MappedStore = Store(
+            dim, torch.device(device), dtype, budget, self._metric
+        )
 
     # -- properties -------------------------------------------------------------------------
 
@@ -123,6 +152,16 @@ class EmbeddingIndex:
     def dtype(self) -> torch.dtype:
         """Storage type of the searched copy of the vectors."""
         return self._dtype
+
+    @property
+    def metric(self) -> str:
+        """``"l2"``, ``"cosine"`` or ``"ip"``: what :meth:`search` ranks by."""
+        return self._metric.name
+
+    @property
+    def config(self) -> SearchConfig:
+        """The search tuning (see :class:`SearchConfig`)."""
+        return self._config
 
     @property
     def memory_budget(self) -> int:
@@ -160,7 +199,7 @@ class EmbeddingIndex:
     def __repr__(self) -> str:
         return (
             f"EmbeddingIndex(dim={self._dim}, n={len(self)}, device={str(self.device)!r}, "
-            f"dtype={self._dtype})"
+            f"dtype={self._dtype}, metric={self.metric!r})"
         )
 
     # -- mutation -----------------------------------------------------------------------------
@@ -192,7 +231,7 @@ class EmbeddingIndex:
                 index cannot store.
         """
         self._check_writable("add to")
-        vecs = as_vectors(vectors, self._dim)
+        vecs, radius = as_vectors_and_norms(vectors, self._dim)
         n = vecs.shape[0]
         if ids is None:
             new_ids = torch.arange(self._store.next_id, self._store.next_id + n, dtype=torch.int64)
@@ -202,7 +241,7 @@ class EmbeddingIndex:
         labs = torch.full((n,), -1, dtype=torch.int64) if labels is None else as_labels(labels, n)
         meta = as_metadata(metadata, n)
         if n:
-            self._store.append(vecs, new_ids, labs, meta)
+            self._store.append(vecs, new_ids, labs, meta, radius)
 
     def _check_writable(self, what: str) -> None:
         if isinstance(self._store, MappedStore):
@@ -294,13 +333,7 @@ class EmbeddingIndex:
         """
         if not len(self):
             raise EmbeddingIndexError("the index is empty; add vectors before searching")
-        if self.device.type != "cpu":
-            return self._search(queries, k, where, exclude_ids)
-        # Every CPU operation of a search runs single-threaded (on worker threads where it
-        # pays): a two-thread operation waits at a barrier whenever another process holds a
-        # core, which on a shared machine costs more than small operations compute.
-        with single_threaded_ops():
-            return self._search(queries, k, where, exclude_ids)
+        return self._search(queries, k, where, exclude_ids)
 
     def _search(self, queries: Any, k: int, where: Any, exclude_ids: Any) -> SearchResult:
         q = as_vectors(queries, self._dim, "queries")
@@ -312,12 +345,14 @@ class EmbeddingIndex:
         if mask is not None:
             gal = gal.restrict(mask.nonzero().flatten())
         k_search = min(gal.size, k + extra)
-        dist, rows = search_exact(gal, q.to(self.device), k_search, self._budget)
+        dist, rows, backend = search_exact(
+            gal, q.to(self.device), k_search, self._budget, self._config
+        )
         if excl is not None:
             dist, rows = _drop_excluded(dist, rows, gal.ids, excl.to(rows.device), k)
         if dist.shape[1] < k:
             dist, rows = _pad(dist, rows, k)
-        return self._result(dist, rows)
+        return self._result(self._metric.report(dist), rows, backend)
 
     def select(self, *, ids: Any = None, labels: Any = None) -> Tensor:
         """A ``where`` mask for :meth:`search`: the vectors with one of these ids and labels.
@@ -358,21 +393,21 @@ class EmbeddingIndex:
             keep &= torch.isin(store.labels, _unique_ints(labels, "labels"))
         return keep
 
-    def _result(self, dist: Tensor, rows: Tensor) -> SearchResult:
+    def _result(self, dist: Tensor, rows: Tensor, backend: str) -> SearchResult:
         store = self._store
         rows_cpu = rows.cpu()
         real = rows >= 0
         ids = torch.where(real, store.ids[rows.clamp(min=0)], -1)
         labels = torch.where(rows_cpu >= 0, store.labels[rows_cpu.clamp(min=0)], -1)
-        return SearchResult(dist, ids, labels.to(ids.device), rows_cpu, store.metadata)
+        return SearchResult(dist, ids, labels.to(ids.device), backend, rows_cpu, store.metadata)
 
     # -- persistence --------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the index to a ``.safetensors`` file, atomically; see :meth:`load`.
 
-        Vectors, ids and labels are tensors; dim, dtype, format version and metadata strings
-        are JSON. Nothing is pickled.
+        Vectors, ids and labels are tensors; dim, dtype, metric, format version and metadata
+        strings are JSON. Nothing is pickled.
 
         Returns:
             The path written.
@@ -389,6 +424,7 @@ class EmbeddingIndex:
         device: str | torch.device = "cpu",
         memory_budget: int | None = None,
         mmap: bool = False,
+        config: SearchConfig | None = None,
     ) -> EmbeddingIndex:
         """Read an index written by :meth:`save`, never unpickling anything.
 
@@ -405,6 +441,7 @@ class EmbeddingIndex:
             device: where to put the searched vectors (the CPU only, with ``mmap=True``).
             memory_budget: overrides the saved budget.
             mmap: leave the vectors on disk (float32 indexes).
+            config: the search tuning (see :class:`SearchConfig`; not saved with the index).
 
         Raises:
             IndexFileError: if the file is missing, truncated, corrupt or not an index, or
@@ -421,7 +458,9 @@ class EmbeddingIndex:
         """
         from featurescope.index._persist import load_index
 
-        return load_index(cls, path, device=device, memory_budget=memory_budget, mmap=mmap)
+        return load_index(
+            cls, path, device=device, memory_budget=memory_budget, mmap=mmap, config=config
+        )
 
     @classmethod
     def from_features(
@@ -431,6 +470,8 @@ class EmbeddingIndex:
         *,
         mmap: bool = True,
         memory_budget: int = 256 * 2**20,
+        metric: str = "l2",
+        config: SearchConfig | None = None,
     ) -> EmbeddingIndex:
         """An index over one node of a folder written by ``FeatureTap.extract(out=...)``.
 
@@ -445,6 +486,8 @@ class EmbeddingIndex:
             node: the alias of the node to index; may be left out when there is only one.
             mmap: search the float32 rows in place instead of copying them into memory.
             memory_budget: bytes the temporaries of one search may take.
+            metric: ``"l2"``, ``"cosine"`` or ``"ip"`` (see :class:`EmbeddingIndex`).
+            config: the search tuning (see :class:`SearchConfig`).
 
         Raises:
             EmbeddingIndexError: if the folder is not an extraction, or ``mmap=True`` and the
@@ -464,12 +507,18 @@ class EmbeddingIndex:
         """
         from featurescope.index._features import index_from_features
 
-        return index_from_features(cls, folder, node, mmap=mmap, memory_budget=memory_budget)
+        return index_from_features(
+            cls, folder, node, mmap=mmap, memory_budget=memory_budget, metric=metric, config=config
+        )
 
     # -- used by the sharded index and persistence --------------------------------------------
 
     def _gallery(self) -> Gallery:
         return self._store.gallery()
+
+    def _key(self, distances: Tensor) -> Tensor:
+        """Reported distances back to the ascending key results merge by."""
+        return self._metric.key(distances)
 
 
 def _unique_ints(data: Any, what: str) -> Tensor:

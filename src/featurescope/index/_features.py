@@ -21,6 +21,7 @@ from featurescope.index._checks import as_ids, as_labels
 
 if TYPE_CHECKING:
     from featurescope.index._embedding import EmbeddingIndex
+    from featurescope.index._search._config import SearchConfig
 
 __all__ = ["index_from_features"]
 
@@ -54,6 +55,8 @@ def index_from_features(
     *,
     mmap: bool,
     memory_budget: int,
+    metric: str = "l2",
+    config: SearchConfig | None = None,
 ) -> EmbeddingIndex:
     """See :meth:`EmbeddingIndex.from_features`."""
     from featurescope.index._mapped import MappedStore, map_rows
@@ -85,7 +88,7 @@ def index_from_features(
     else:
         labels = torch.full((done,), -1, dtype=torch.int64)
     metadata: list[str | None] = [None] * done if paths is None else [str(p) for p in paths[:done]]
-    index = cls(vectors.shape[1], memory_budget=memory_budget)
+    index = cls(vectors.shape[1], memory_budget=memory_budget, metric=metric, config=config)
     if done == 0:
         return index
     if not mmap:
@@ -104,5 +107,6 @@ def index_from_features(
         root / nodes[node]["file"],
         index.memory_budget,
         int(ids.max()) + 1,
+        index._metric,
     )
     return index

@@ -4,7 +4,7 @@
 loaded with ``mmap=True`` or built from an extraction folder. Its vectors are a read-only
 (copy-on-write) memory map of the file, so the pages a search reads belong to the page cache,
 which the kernel reclaims, not to the process's anonymous memory. The per-row squared norms the
-fast pass needs are recomputed tile by tile (:func:`~featurescope.index.search.centred_sq_norms`,
+fast pass needs are recomputed tile by tile (``_search._gallery.centred_sq_norms``,
 the same float32 values an in-memory index stores); only the centre and three maxima are kept,
 found in one streaming pass when the store opens. Results equal an in-memory index's.
 """
@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from featurescope.errors import EmbeddingIndexError
-from featurescope.index.search import MAX_NORM, NORM_CELLS, Gallery, centred_sq_norms
+from featurescope.index._search._gallery import MAX_NORM, NORM_CELLS, Gallery, centred_sq_norms
+from featurescope.index._search._metric import METRICS, Metric
 
 __all__ = ["MappedStore", "map_rows"]
 
@@ -41,6 +42,7 @@ class MappedStore:
         source: the file mapped (for messages).
         budget: the index's memory budget.
         next_id: the next automatic id.
+        metric: the index's metric.
 
     Raises:
         EmbeddingIndexError: if a row holds NaN, infinity or a norm too large to search, naming
@@ -59,12 +61,14 @@ class MappedStore:
         source: Path,
         budget: int,
         next_id: int,
+        metric: Metric = METRICS["l2"],
     ) -> None:
         self.n, self.dim = vectors.shape
         self.budget = budget
         self.source = source
         self.metadata = metadata
         self.next_id = next_id
+        self.metric = metric
         self._vectors = vectors
         self._ids = ids
         self._labels = labels
@@ -103,12 +107,21 @@ class MappedStore:
                 )
             total += x64.sum(0)
             radius_max = max(radius_max, float(norms.max()))
+        if not self.metric.centred:
+            return torch.zeros(self.dim), 0.0, radius_max
         centre = (total / max(self.n, 1)).float()
         norm_max = 0.0
         for s in self._chunks():
             norms32 = centred_sq_norms(self._vectors[s : s + step], centre)
             norm_max = max(norm_max, float(norms32.max()))
         return centre, norm_max, radius_max
+
+    def _eps_max(self) -> float:
+        """How far a tile's searched rows may be from the rows the metric wants."""
+        if self.metric.searches_vectors:
+            return 0.0
+        # Unit rows divided in float64, then rounded once to float32 (at most 2⁻²⁴ each way).
+        return 2.0**-24 * (1 + 2.0**-20) + self.metric.rows_pad(self.dim)
 
     def append(self, *args: object) -> None:
         raise AssertionError("EmbeddingIndex refuses to add to a mapped store")
@@ -134,8 +147,9 @@ class MappedStore:
                 centre=self._centre,
                 vectors=self._vectors,
                 ids=self._ids,
-                eps_max=0.0,
+                eps_max=self._eps_max(),
                 norm_max=self._norm_max,
-                radius_max=self._radius_max,
+                radius_max=self._radius_max if self.metric.searches_vectors else 1.0 + 2.0**-20,
+                metric=self.metric,
             )
         return self._cache

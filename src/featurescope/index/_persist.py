@@ -21,10 +21,11 @@ from torch import Tensor
 from featurescope._io import atomic_path
 from featurescope._version import __version__
 from featurescope.errors import FeaturescopeError, IndexFileError
-from featurescope.index._checks import as_ids, as_vectors
+from featurescope.index._checks import as_ids, as_vectors_and_norms
 
 if TYPE_CHECKING:
     from featurescope.index._embedding import EmbeddingIndex
+    from featurescope.index._search._config import SearchConfig
 
 __all__ = ["FORMAT", "load_index", "save_index"]
 
@@ -69,6 +70,7 @@ def save_index(index: EmbeddingIndex, path: str | os.PathLike[str]) -> Path:
     config = {
         "dim": index.dim,
         "dtype": dtype_name,
+        "metric": index.metric,
         "memory_budget": index.memory_budget,
         "next_id": index._store.next_id,
         "count": len(index),
@@ -109,9 +111,18 @@ def _config(p: Path, header: dict[str, str]) -> dict[str, Any]:
             int(config[k]) for k in ("dim", "count", "memory_budget", "next_id")
         )
         dtype = _DTYPES[config["dtype"]]
+        # Files written before metrics existed hold Euclidean indexes.
+        metric = str(config.get("metric", "l2"))
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexFileError(f"{p}: corrupt index configuration ({exc!r})") from exc
-    return {"dim": dim, "count": count, "budget": budget, "next_id": next_id, "dtype": dtype}
+    return {
+        "dim": dim,
+        "count": count,
+        "budget": budget,
+        "next_id": next_id,
+        "dtype": dtype,
+        "metric": metric,
+    }
 
 
 def _check_tensors(
@@ -153,13 +164,14 @@ def load_index(
     device: str | torch.device = "cpu",
     memory_budget: int | None = None,
     mmap: bool = False,
+    config: SearchConfig | None = None,
 ) -> EmbeddingIndex:
     """Read an index written by :func:`save_index`; see :meth:`EmbeddingIndex.load`."""
     p = Path(path)
     if not p.is_file():
         raise IndexFileError(f"index file {str(p)!r} does not exist or is not a file")
     if mmap:
-        return _map_index(cls, p, device=device, memory_budget=memory_budget)
+        return _map_index(cls, p, device=device, memory_budget=memory_budget, config=config)
     header, tensors = _read(p)
     cfg = _config(p, header)
     meta = _check_tensors(p, tensors, header, cfg)
@@ -167,17 +179,32 @@ def load_index(
     if cfg["count"] and int(labels.min()) < -1:
         raise IndexFileError(f"{p}: labels below -1")
     try:
-        index = cls(cfg["dim"], device=device, dtype=cfg["dtype"], memory_budget=cfg["budget"])
+        index = cls(
+            cfg["dim"],
+            device=device,
+            dtype=cfg["dtype"],
+            memory_budget=cfg["budget"],
+            metric=cfg["metric"],
+            config=config,
+        )
     except FeaturescopeError as exc:
         raise IndexFileError(f"{p}: invalid index configuration: {exc}") from exc
     if memory_budget is not None:
         # A budget the caller chose: its errors are the caller's, not the file's.
-        index = cls(cfg["dim"], device=device, dtype=cfg["dtype"], memory_budget=memory_budget)
+        index = cls(
+            cfg["dim"],
+            device=device,
+            dtype=cfg["dtype"],
+            memory_budget=memory_budget,
+            metric=cfg["metric"],
+            config=config,
+        )
     try:
-        vectors = as_vectors(tensors["vectors"], cfg["dim"])
+        vectors, radius = as_vectors_and_norms(tensors["vectors"], cfg["dim"])
         ids = as_ids(tensors["ids"], cfg["count"])
         if cfg["count"]:
-            index._store.append(vectors.clone(), ids, labels, meta)
+            # The store copies the rows: the file's tensors are not kept.
+            index._store.append(vectors, ids, labels, meta, radius)
     except IndexFileError:
         raise
     except FeaturescopeError as exc:
@@ -222,6 +249,7 @@ def _map_index(
     *,
     device: str | torch.device,
     memory_budget: int | None,
+    config: SearchConfig | None = None,
 ) -> EmbeddingIndex:
     """Open ``p`` with its vectors, ids and labels memory-mapped; see :meth:`EmbeddingIndex.load`."""
     from featurescope.index._mapped import MappedStore
@@ -236,7 +264,9 @@ def _map_index(
     meta = _check_tensors(p, tensors, header, cfg)
     budget = cfg["budget"] if memory_budget is None else memory_budget
     try:
-        index = cls(cfg["dim"], device=device, memory_budget=budget)
+        index = cls(
+            cfg["dim"], device=device, memory_budget=budget, metric=cfg["metric"], config=config
+        )
         if torch.device(device).type != "cpu":
             raise FeaturescopeError(f"mmap=True searches on the CPU, not {device}")
     except FeaturescopeError as exc:
@@ -253,7 +283,14 @@ def _map_index(
         raise IndexFileError(f"{p}: invalid index contents: duplicate ids")
     try:
         store = MappedStore(
-            tensors["vectors"], ids, labels, meta, p, index.memory_budget, cfg["next_id"]
+            tensors["vectors"],
+            ids,
+            labels,
+            meta,
+            p,
+            index.memory_budget,
+            cfg["next_id"],
+            index._metric,
         )
     except FeaturescopeError as exc:
         raise IndexFileError(f"{p}: invalid index contents: {exc}") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from torch import Tensor
 
@@ -16,16 +17,26 @@ __all__ = ["SearchResult"]
 class SearchResult:
     """Nearest neighbours of a batch of queries, nearest first.
 
-    Unpacks like FAISS's ``index.search``: ``distances, ids = index.search(queries, k)``.
+    Unpacks and indexes like FAISS's ``index.search`` pair and ``torch.topk``'s named tuple:
+    ``distances, ids = index.search(queries, k)``, ``result[0]`` is ``result.distances``,
+    ``result[1]`` is ``result.ids`` and ``len(result) == 2``; the labels and metadata are extra
+    attributes.
 
     Attributes:
-        distances: ``[nq, k]`` float64 Euclidean (not squared) distances, ascending per row;
-            ``+inf`` where fewer than ``k`` vectors could be returned (a ``where`` filter or
-            ``exclude_ids`` left too few), as FAISS pads.
-        ids: ``[nq, k]`` int64 ids of the hits; equal distances are ordered by id; ``-1`` in
-            the padding.
+        distances: ``[nq, k]`` float64, nearest first, by the index's ``metric``: for
+            ``"l2"`` Euclidean (not squared) distances, ascending; for ``"cosine"`` cosine
+            similarities and for ``"ip"`` inner products, both descending (largest first).
+            Padding where fewer than ``k`` vectors could be returned (a ``where`` filter or
+            ``exclude_ids`` left too few) is ``+inf`` for L2 and ``-inf`` for the others, as
+            FAISS pads.
+        ids: ``[nq, k]`` int64 ids of the hits; equal distances are ordered by id (smaller
+            first); ``-1`` in the padding.
         labels: ``[nq, k]`` int64 labels of the hits, ``-1`` where a hit was added without one
             and in the padding.
+        backend: the matrix product the fast pass ran (``"float32"``, ``"bfloat16"`` or
+            ``"numpy"``, see :class:`SearchConfig`), or ``"float64"`` when every distance was
+            computed exactly (``k`` near the number of vectors searched); ``""`` for results
+            merged across ranks.
 
     Example:
         >>> import torch, featurescope as fs
@@ -37,16 +48,32 @@ class SearchResult:
         ([[1.0, 4.242640687119285]], [[1, 0]])
         >>> result.labels.tolist(), result.metadata
         ([[8, 7]], [['b.png', 'a.png']])
+        >>> len(result), result[1].tolist()
+        (2, [[1, 0]])
     """
 
     distances: Tensor
     ids: Tensor
     labels: Tensor
+    backend: str = ""
     _rows: Tensor | None = field(default=None, repr=False)
     _metadata: Sequence[str | None] | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter((self.distances, self.ids))
+
+    def __len__(self) -> int:
+        return 2
+
+    @overload
+    def __getitem__(self, item: int) -> Tensor: ...
+
+    @overload
+    def __getitem__(self, item: slice) -> tuple[Tensor, ...]: ...
+
+    def __getitem__(self, item: int | slice) -> Tensor | tuple[Tensor, ...]:
+        """``result[0]`` is :attr:`distances`, ``result[1]`` :attr:`ids` (as ``torch.topk``'s)."""
+        return (self.distances, self.ids)[item]
 
     @property
     def metadata(self) -> list[list[str | None]]:

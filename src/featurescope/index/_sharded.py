@@ -9,7 +9,7 @@ import torch
 from featurescope.errors import EmbeddingIndexError
 from featurescope.index._checks import as_vectors, check_k
 from featurescope.index._result import SearchResult
-from featurescope.index.search import lex_smallest
+from featurescope.index._search._merge import lex_smallest
 
 if TYPE_CHECKING:
     from featurescope.index._embedding import EmbeddingIndex
@@ -93,7 +93,8 @@ class ShardedEmbeddingIndex:
         lab_pad = torch.full((nq, k), -1, dtype=torch.int64, device=dev)
         if kl:
             found = local.search(q, kl)
-            dist_pad[:, :kl] = found.distances.to(dev)
+            # Merged by the ascending key (similarities negated), as one index would order them.
+            dist_pad[:, :kl] = local._key(found.distances).to(dev)
             ids_pad[:, :kl] = found.ids.to(dev)
             lab_pad[:, :kl] = found.labels.to(dev)
         world = dist.get_world_size(self.group)
@@ -106,7 +107,7 @@ class ShardedEmbeddingIndex:
         order = lex_smallest(d_all, i_all, k)
         out_dev = local.device
         return SearchResult(
-            d_all.gather(1, order).to(out_dev),
+            local._metric.report(d_all.gather(1, order)).to(out_dev),
             i_all.gather(1, order).to(out_dev),
             l_all.gather(1, order).to(out_dev),
         )

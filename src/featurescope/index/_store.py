@@ -4,16 +4,21 @@ Every row keeps its exact float32 vector, id, label and metadata string, and the
 precomputations: the squared norm of the row relative to the gallery's centre, and, for
 half-precision storage, the rounded copy that is searched and how far it is from the exact row.
 The centre is the mean of the rows; it is recomputed whenever the number of rows has doubled,
-which costs amortised O(d) per added row.
+which costs amortised O(d) per added row. Rows searched as they are (float32 storage, L2 or inner
+product) are only copied when added: their norms and the centre wait for the next search, so
+adding costs a validation pass and a copy, as FAISS's ``add`` does.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import Tensor
 
 from featurescope.errors import EmbeddingIndexError
-from featurescope.index.search import Gallery, centred_sq_norms, rounding_error
+from featurescope.index._search._gallery import Gallery, centred_sq_norms, rounding_error
+from featurescope.index._search._metric import Metric
 
 __all__ = ["Store"]
 
@@ -35,8 +40,11 @@ def _put(buf: Tensor, n: int, new: Tensor) -> Tensor:
 class Store:
     """Rows of an index; see the module docstring."""
 
-    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype, budget: int) -> None:
+    def __init__(
+        self, dim: int, device: torch.device, dtype: torch.dtype, budget: int, metric: Metric
+    ) -> None:
         self.dim = dim
+        self.metric = metric
         self.device = device
         self.dtype = dtype
         self.budget = budget
@@ -52,12 +60,15 @@ class Store:
         self._eps = torch.empty(0, dtype=torch.float64)
         self._centre = torch.zeros(dim, dtype=torch.float32, device=device)
         self._centred_at = 0
+        self._ready = 0  # rows whose norms are computed (see _refresh)
+        self._lock = threading.Lock()
         self._cache: Gallery | None = None
 
     @property
     def _alias(self) -> bool:
-        """float32 storage searches the exact vectors themselves: no second copy."""
-        return self.dtype == torch.float32
+        """float32 storage searches the exact vectors themselves: no second copy (except for
+        cosine, whose search reads unit rows)."""
+        return self.dtype == torch.float32 and self.metric.searches_vectors
 
     @property
     def _vector_device(self) -> torch.device:
@@ -87,7 +98,7 @@ class Store:
         """
         m = x.shape[0]
         c64 = centre.to(device=x.device, dtype=torch.float64)
-        search = torch.empty(0 if self._alias else m, self.dim, dtype=self.dtype, device=x.device)
+        search = torch.empty(m, self.dim, dtype=self.dtype, device=x.device)
         norms = torch.empty(m, dtype=torch.float32, device=x.device)
         radius = torch.empty(m, dtype=torch.float64, device=x.device)
         eps = torch.zeros(m, dtype=torch.float64, device=x.device)
@@ -95,11 +106,7 @@ class Store:
         for s in range(0, m, chunk):
             e = min(m, s + chunk)
             x64 = x[s:e].to(torch.float64)
-            rel = x64 - c64
-            if self._alias:
-                norms[s:e] = centred_sq_norms(x[s:e], centre)
-                radius[s:e] = torch.linalg.vector_norm(x64, dim=1)
-                continue
+            rel = self.metric.rows(x64, c64)
             stored = rel.to(self.dtype)
             ok = torch.isfinite(stored).all(1)
             if not bool(ok.all()):
@@ -113,19 +120,32 @@ class Store:
             s64 = stored.to(torch.float64)
             sq = (s64 * s64).sum(1)
             search[s:e] = stored
-            norms[s:e] = sq.float()
+            norms[s:e] = sq.float() if self.metric.uses_norms else 0.0
             radius[s:e] = sq.sqrt()
-            eps[s:e] = rounding_error(s64, rel)
+            eps[s:e] = rounding_error(s64, rel) + self.metric.rows_pad(self.dim)
         return search, norms, radius.cpu(), eps.cpu()
 
     # -- mutation --------------------------------------------------------------------------
 
-    def append(self, x: Tensor, ids: Tensor, labels: Tensor, metadata: list[str | None]) -> None:
-        """Add validated rows; raises before changing anything if a row cannot be stored."""
+    def append(
+        self,
+        x: Tensor,
+        ids: Tensor,
+        labels: Tensor,
+        metadata: list[str | None],
+        radius: Tensor | None = None,
+    ) -> None:
+        """Add validated rows; raises before changing anything if a row cannot be stored.
+
+        ``radius`` (``‖x[i]‖`` in float64, as validation measured it) saves a pass.
+        """
+        x = x.to(self._vector_device)
+        if self._alias:
+            self._append_lazily(x, ids, labels, metadata, radius)
+            return
         m = x.shape[0]
         total = self.n + m
-        x = x.to(self._vector_device)
-        if self._centred_at == 0 or total >= 2 * self._centred_at:
+        if self.metric.centred and (self._centred_at == 0 or total >= 2 * self._centred_at):
             mean = (
                 self.vectors.sum(0, dtype=torch.float64) + x.sum(0, dtype=torch.float64)
             ) / total
@@ -159,11 +179,60 @@ class Store:
         self.next_id = max(self.next_id, int(ids.max()) + 1)
         if recentred:
             self._centre, self._centred_at = centre, total
-        self.n = total
+        self.n = self._ready = total
         self._cache = None
+
+    def _append_lazily(
+        self,
+        x: Tensor,
+        ids: Tensor,
+        labels: Tensor,
+        metadata: list[str | None],
+        radius: Tensor | None,
+    ) -> None:
+        """Rows searched as they are: store them; their norms wait for the next search.
+
+        Adding is then one copy (validation made the other pass), and a batch of adds
+        re-centres and computes norms once, at the first search (:meth:`_refresh`).
+        """
+        m = x.shape[0]
+        if radius is None:
+            radius = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+        with self._lock:
+            self._vectors = _put(self._vectors, self.n, x)
+            self._radius = _put(self._radius, self.n, radius.cpu())
+            self._eps = _put(self._eps, self.n, torch.zeros(m, dtype=torch.float64))
+            self._ids = _put(self._ids, self.n, ids.to(self.device))
+            self._labels = _put(self._labels, self.n, labels)
+            self.metadata.extend(metadata)
+            self.next_id = max(self.next_id, int(ids.max()) + 1)
+            self.n += m
+            self._cache = None
+
+    def _refresh(self) -> None:
+        """Compute the norms of rows added since the last search (all rows when the centre
+        moves: whenever the number of rows has doubled, amortised O(d) per row). Call with
+        ``_lock`` held."""
+        n = self.n
+        if self._ready == n:
+            return
+        start = self._ready
+        if self.metric.centred and (self._centred_at == 0 or n >= 2 * self._centred_at):
+            mean = self.vectors.sum(0, dtype=torch.float64) / n
+            self._centre, self._centred_at = mean.float().to(self.device), n
+            start = 0
+        rows = self.vectors[start:n]
+        if self.metric.uses_norms:
+            norms = centred_sq_norms(rows, self._centre)
+        else:
+            norms = torch.zeros(n - start, dtype=torch.float32, device=rows.device)
+        self._norms = _put(self._norms, start, norms.to(self.device))
+        self._ready = n
 
     def remove(self, ids: Tensor) -> None:
         """Drop the rows with these ids (all known to be present)."""
+        with self._lock:
+            self._refresh()
         keep = ~torch.isin(self.ids, ids.to(self.device))
         keep_cpu = keep.cpu()
         kv = keep.to(self._vector_device)
@@ -176,13 +245,15 @@ class Store:
         self._radius = self._radius[: self.n][keep_cpu].clone()
         self._eps = self._eps[: self.n][keep_cpu].clone()
         self.metadata = [m for m, k in zip(self.metadata, keep_cpu.tolist(), strict=True) if k]
-        self.n = int(keep_cpu.sum())
+        self.n = self._ready = int(keep_cpu.sum())
         if self.n == 0:
             self._centred_at = 0
         self._cache = None
 
     def to(self, device: torch.device) -> None:
         """Move the searched tensors (and, for float32 storage, the vectors) to ``device``."""
+        with self._lock:
+            self._refresh()
         self.device = device
         self._vectors = self.vectors.to(self._vector_device)
         self._search = self._search[: self.n].to(device)
@@ -198,6 +269,11 @@ class Store:
 
     def gallery(self) -> Gallery:
         """A snapshot of what a search needs (cached until the next change)."""
+        with self._lock:
+            self._refresh()
+            return self._snapshot()
+
+    def _snapshot(self) -> Gallery:
         if self._cache is None:
             n = self.n
             c64 = self._centre.to(torch.float64)
@@ -211,5 +287,6 @@ class Store:
                 eps_max=float(self._eps[:n].max()) if n else 0.0,
                 norm_max=float(self._norms[:n].max()) if n else 0.0,
                 radius_max=float(self._radius[:n].max()) if n else 0.0,
+                metric=self.metric,
             )
         return self._cache

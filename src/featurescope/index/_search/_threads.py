@@ -1,0 +1,75 @@
+"""Run a search's CPU work on its own worker threads, each doing single-threaded operations.
+
+Two threads that each run single-threaded operations keep two cores busy without ever meeting
+at a parallel barrier; one thread running two-thread operations stalls at every barrier when
+another process holds a core. A search has many small operations, so it splits its queries (or,
+for few queries, its gallery) over workers it starts itself.
+
+Only the workers are made single-threaded, and only through settings local to a thread: OpenMP's
+``omp_set_num_threads`` (a per-thread setting) and MKL's ``mkl_set_num_threads_local``.
+``torch.set_num_threads`` is never called: besides
+the calling thread it sets the default every thread that starts later inherits, so a data
+loader started during a search would run on one thread for good. The caller's and every other
+thread's torch and BLAS settings stay as they were. Where a library offers no such setting, its
+operations in the workers keep their default thread count: slower on a busy machine, never
+different in result. numpy's OpenBLAS has none (its ``openblas_set_num_threads_local`` sets the
+process-wide count), which is why the race of product backends no longer times numpy's
+``sgemm`` (``_gemm``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+__all__ = ["run_in_threads", "thread_local_setters"]
+
+
+@functools.cache
+def thread_local_setters() -> tuple[Callable[[int], object], ...]:
+    """The thread-local thread-count setters found in the loaded libraries (looked up once)."""
+    found: list[Callable[[int], object]] = []
+    libraries: list[ctypes.CDLL] = []
+    # The process's own symbols (POSIX); Windows has no such handle and finds none.
+    with contextlib.suppress(OSError, TypeError):
+        libraries.append(ctypes.CDLL(None))
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    # Another build layout may lack the file: OpenMP's setter can still be in the process.
+    with contextlib.suppress(OSError):
+        libraries.append(ctypes.CDLL(torch_lib))
+    # MKL's C entry point; the lower-case names are its Fortran interface, which takes a pointer.
+    for name in ("omp_set_num_threads", "MKL_Set_Num_Threads_Local"):
+        fn = _first_symbol(libraries, name)
+        if fn is not None:
+            found.append(fn)
+    return tuple(found)
+
+
+def _first_symbol(libraries: list[ctypes.CDLL], name: str) -> Callable[[int], object] | None:
+    for lib in libraries:
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            return fn  # type: ignore[no-any-return]
+    return None
+
+
+def _single_threaded_worker() -> None:
+    """Thread initialiser: make this worker's operations single-threaded, for it alone."""
+    # torch fills in a thread's OpenMP and MKL settings on its first parallel operation, from
+    # the process default: do that first, so it does not undo the settings below.
+    torch.get_num_threads()
+    for set_local in thread_local_setters():
+        set_local(1)
+
+
+def run_in_threads(tasks: list[Callable[[], None]]) -> None:
+    """Run ``tasks`` on one fresh worker thread each, single-threaded; re-raise errors."""
+    with ThreadPoolExecutor(len(tasks), initializer=_single_threaded_worker) as pool:
+        for future in [pool.submit(task) for task in tasks]:
+            future.result()
