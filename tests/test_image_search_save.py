@@ -138,3 +138,40 @@ def test_concurrent_saves_to_one_path_are_serialised(search, tmp_path):
     assert errors == []
     assert fs.ImageSearch.load(target).index.ids.tolist() == search.index.ids.tolist()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".s.fsindex.lock", "s.fsindex"]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip"])
+def test_the_metric_is_built_saved_and_searched(search_data, tmp_path, metric):
+    import torch
+
+    model = fs.create_model("alexnet_half", num_classes=3).eval()
+    built = fs.ImageSearch.build(model, search_data / "train", progress=False, metric=metric)
+    again = fs.ImageSearch.load(built.save(tmp_path / "m.fsindex"))
+    assert built.index.metric == again.index.metric == metric
+    queries = sorted((search_data / "test").rglob("*.png"))[:2]
+    result = again.search_images(queries, k=3)
+    gallery = again.index.vectors.double()
+    q = again.embed_images(queries).double()
+    if metric == "cosine":
+        gallery = gallery / gallery.norm(dim=1, keepdim=True)
+        q = q / q.norm(dim=1, keepdim=True)
+    scores = q @ gallery.T
+    ids = again.index.ids
+    for row, found in zip(scores, result.ids.tolist(), strict=True):
+        order = sorted(range(len(row)), key=lambda j: (-row[j].item(), ids[j].item()))[:3]
+        assert found == [ids[j].item() for j in order]
+    torch.testing.assert_close(
+        result.distances.double(), scores.sort(dim=1, descending=True).values[:, :3]
+    )
+
+
+def test_the_cli_builds_with_a_metric(search_data, tmp_path, capsys):
+    out = tmp_path / "c.fsindex"
+    argv = ["index", "build", str(search_data / "train"), "--model", "alexnet_half"]
+    assert (
+        main([*argv, "--weights", "none", "--metric", "cosine", "--out", str(out), "--quiet"]) == 0
+    )
+    assert fs.ImageSearch.load(out).index.metric == "cosine"
+    with pytest.raises(SystemExit):
+        main([*argv, "--metric", "manhattan", "--out", str(out)])
+    assert "invalid choice: 'manhattan'" in capsys.readouterr().err

@@ -115,6 +115,13 @@ def register(subparsers: Any) -> None:
         "--out", default="featurescope-index.fsindex", help="output folder (default: %(default)s)"
     )
     b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument(
+        "--metric",
+        choices=("l2", "cosine", "ip"),
+        default="l2",
+        help="how images are compared: Euclidean distance (default), cosine similarity or inner "
+        "product (the last two list the most similar first)",
+    )
     add_device_option(b)
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_index_build)
@@ -233,6 +240,7 @@ def _index_build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=device,
         progress=not args.quiet,
+        metric=args.metric,
     )
     path = search.save(args.out)
     classes = len(search.class_names or [])

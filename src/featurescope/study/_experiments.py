@@ -424,9 +424,11 @@ def draw_stage_maps(
     return written
 
 
-def index_embeddings(extraction: Any, alias: str = "embedding") -> EmbeddingIndex:
+def index_embeddings(
+    extraction: Any, alias: str = "embedding", *, metric: str = "l2"
+) -> EmbeddingIndex:
     """An :class:`~featurescope.EmbeddingIndex` of an extraction's vectors, with their sample
-    ids as ids, labels as labels and file paths as metadata.
+    ids as ids, labels as labels and file paths as metadata, searched by ``metric``.
 
     Example:
         >>> import torch, featurescope as fs
@@ -437,7 +439,7 @@ def index_embeddings(extraction: Any, alias: str = "embedding") -> EmbeddingInde
         (4, 2048)
     """
     vectors = torch.as_tensor(extraction[alias]).flatten(1)
-    index = EmbeddingIndex(vectors.shape[1])
+    index = EmbeddingIndex(vectors.shape[1], metric=metric)
     index.add(
         vectors,
         ids=torch.as_tensor(extraction.sample_ids),

@@ -241,6 +241,7 @@ class ImageSearch:
         batch_size: int = 32,
         device: str | torch.device | None = None,
         progress: bool = True,
+        metric: str = "l2",
     ) -> ImageSearch:
         """Embed every image of ``folder`` with ``model`` and index them.
 
@@ -253,6 +254,9 @@ class ImageSearch:
             batch_size: images per forward.
             device: where to run the model.
             progress: show a progress bar (plain lines when not on a terminal).
+            metric: how images are compared: ``"l2"`` (Euclidean distance, the study's),
+                ``"cosine"`` or ``"ip"`` (similarities, largest first); see
+                :class:`~featurescope.EmbeddingIndex`. Saved with the search.
 
         Raises:
             EmptyDatasetError: the folder holds no readable image.
@@ -269,7 +273,7 @@ class ImageSearch:
         extraction = embed(
             model, dataset, node=node, batch_size=batch_size, device=device, progress=progress
         )
-        index = index_embeddings(extraction)
+        index = index_embeddings(extraction, metric=metric)
         return cls(
             model,
             index,
@@ -614,7 +618,12 @@ def _relabelled(index: EmbeddingIndex, metadata: list[str | None]) -> EmbeddingI
     else:
         raise FeaturescopeError("an ImageSearch index must label all of its images or none")
     copy = EmbeddingIndex(
-        index.dim, device=index.device, dtype=index.dtype, memory_budget=index.memory_budget
+        index.dim,
+        device=index.device,
+        dtype=index.dtype,
+        memory_budget=index.memory_budget,
+        metric=index.metric,
+        config=index.config,
     )
     if len(index):
         copy.add(index.vectors, ids=index.ids, labels=kept, metadata=metadata)
