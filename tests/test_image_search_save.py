@@ -96,7 +96,7 @@ def test_a_killed_saves_leftovers_are_removed_and_nothing_else(search, tmp_path)
     assert not leftover.exists()
     assert all(d.is_dir() for d in user_dirs) and (user_dirs[1] / "photo.jpg").exists()
     hidden = {p.name for p in tmp_path.iterdir() if p.name.startswith(".s.fsindex")}
-    assert hidden == {".s.fsindex.lock", ".s.fsindex.backup", ".s.fsindex.abcdefgh"}
+    assert hidden == {".s.fsindex.backup", ".s.fsindex.abcdefgh"}
 
 
 def test_replacing_exchanges_the_folder_in_one_step(search, tmp_path, monkeypatch):
@@ -137,7 +137,7 @@ def test_concurrent_saves_to_one_path_are_serialised(search, tmp_path):
         t.join()
     assert errors == []
     assert fs.ImageSearch.load(target).index.ids.tolist() == search.index.ids.tolist()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.fsindex.lock", "s.fsindex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.fsindex"]  # no lock file left
 
 
 @pytest.mark.parametrize("metric", ["cosine", "ip"])

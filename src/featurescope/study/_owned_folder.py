@@ -83,12 +83,26 @@ def check_replaceable(
 
 @contextlib.contextmanager
 def owned_folder_lock(target: Path) -> Iterator[None]:
-    """Hold the lock that serialises saves to ``target`` (a ``.<name>.lock`` file beside it)."""
-    from filelock import FileLock
+    """Hold the lock that serialises saves to ``target``.
 
+    On POSIX systems it is an ``flock`` on the parent folder itself, so no lock file is left
+    beside the user's files; elsewhere a ``filelock`` file ``.<name>.lock`` beside ``target``.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{target.name}.lock")):
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        from filelock import FileLock
+
+        with FileLock(str(target.parent / f".{target.name}.lock")):
+            yield
+        return
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def remove_leftovers(target: Path, names: Collection[str]) -> None:

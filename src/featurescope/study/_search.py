@@ -453,7 +453,7 @@ class ImageSearch:
         path always holds the old search or the new one. Only a folder that featurescope
         wrote, holding nothing but a saved search's files, is ever replaced: a folder with
         anything else in it (a photo, a note) is refused and left as it was. Saves to one path
-        are serialised with a lock file beside it, and the temporary folders of a killed save
+        are serialised with a lock on the parent folder, and the temporary folders of a killed save
         are removed by the next.
 
         Args:
