@@ -39,6 +39,9 @@ def _chromium() -> str:
     )
 
 
+_COMPARISONS: dict = {}  # the comparison each page shows, by page path
+
+
 @pytest.fixture(scope="module")
 def page_and_search(tmp_path_factory):
     root = tmp_path_factory.mktemp("explorer")
@@ -61,9 +64,27 @@ def page_and_search(tmp_path_factory):
             "val_acc": [0.2, 0.3],
         },
     }
-    page = write_explorer(
-        root / "explorer.html", search, test.paths, query_labels=test.targets, runs=runs, k=5
+    images = fs.ImageFolder(data / "test", search.preprocessing.transform())
+    comparison = fs.compare(
+        search.model,
+        search.model,
+        images,
+        nodes_a=["conv1", "conv2", "fc"],
+        nodes_b=["conv1", "conv2"],
+        batch_size=5,
+        progress=False,
     )
+    similarity = {"comparisons": [{**comparison.to_dict(), "name": "alexnet_half with itself"}]}
+    page = write_explorer(
+        root / "explorer.html",
+        search,
+        test.paths,
+        query_labels=test.targets,
+        runs=runs,
+        k=5,
+        similarity=similarity,
+    )
+    _COMPARISONS[page] = comparison
     return page, search, test
 
 
@@ -112,6 +133,18 @@ def test_explorer_in_a_real_browser(page_and_search, browser, tmp_path):
     page_path, search, test = page_and_search
     problems: list[str] = []
     page = _open(browser, page_path, problems)
+
+    # Representation similarity: one cell per node pair, its hover text the exact value.
+    comparison = _COMPARISONS[page_path]
+    cells = page.eval_on_selector_all(
+        "#fs-similarity [data-fs-cka]", "nodes => nodes.map(n => [n.dataset.fsCka, n.title])"
+    )
+    assert len(cells) == 3 * 2
+    for where, title in cells:
+        i, j = map(int, where.split(","))
+        value = comparison.matrix[i, j].item()
+        assert f"{comparison.nodes_a[i]} \u00d7 {comparison.nodes_b[j]}: CKA {value:.4f}" in title
+        assert comparison.estimators[i][j] in title
 
     # Search by image: the neighbours shown are exactly the index's answer.
     query = 3

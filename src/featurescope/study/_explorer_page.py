@@ -23,6 +23,9 @@ h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }
 .fs-run.fs-off { opacity: .35; text-decoration: line-through; }
 .fs-swatch { display: inline-block; width: .8em; height: .8em; margin-right: .35em;
              border-radius: 2px; vertical-align: middle; }
+.fs-cka { border-collapse: collapse; font-size: 13px; }
+.fs-cka td { padding: 4px 8px; text-align: center; font-variant-numeric: tabular-nums; }
+.fs-cka th { font-weight: normal; padding: 2px 6px; }
 .fs-chart .fs-grid { stroke: #eee; } .fs-tick { font-size: 10px; fill: #555; }
 .fs-title { font-size: 12px; font-weight: 600; } .fs-dot { cursor: default; }
 #fs-channels { display: flex; flex-wrap: wrap; gap: 2px; max-height: 9.5em; overflow-y: auto;
@@ -127,6 +130,16 @@ def _maps_block(data: Mapping[str, Any]) -> str:
     )
 
 
+def _similarity_block(data: dict[str, Any]) -> str:
+    if not data.get("similarity"):
+        return ""
+    return (
+        "<h2>Do the two widths learn the same thing?</h2><p class='fs-note'>Linear CKA between "
+        "every pair of nodes (1: the same representation up to rotation and scale). Hover a cell "
+        "for its value and estimator.</p><div id='fs-similarity' class='fs-row'></div>"
+    )
+
+
 def render(data: dict[str, Any]) -> str:
     """The whole page: ``data`` as inline JSON, drawn by ``explorer.js``."""
     script = resources.files("featurescope.study").joinpath("explorer.js").read_text("utf-8")
@@ -161,6 +174,7 @@ def render(data: dict[str, Any]) -> str:
 <div><h3>Retrieval scores</h3>{_metrics_table(data["metrics"])}
 {_gradcam_block(data)}</div></div>
 {_maps_block(data)}
+{_similarity_block(data)}
 <h2>Gallery embeddings in 2-D ({html.escape(method)})</h2>
 <p class="fs-note">{colour} a point for its image and its nearest neighbours.</p>
 <div class="fs-row"><div id="fs-projection"></div><div><img id="fs-point-image" alt=""

@@ -306,7 +306,7 @@ def run_demo(
 
     log("5/5 the explorer page")
     t = time.perf_counter()
-    explorer = _explorer(model, splits, index, queries, runs, retrieval, out)
+    explorer = _explorer(model, splits, index, queries, runs, retrieval, out, similarity)
     timings["explorer"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 
@@ -349,6 +349,7 @@ def _explorer(
     runs: list[study.WidthRun],
     retrieval: dict[str, Any],
     out: Path,
+    similarity: dict[str, Any] | None = None,
 ) -> Path:
     from featurescope.study._search import ImageSearch
     from featurescope.study.explorer import write_explorer
@@ -364,6 +365,7 @@ def _explorer(
         k=retrieval["k"],
         title="featurescope demo: the AlexNet study, to explore",
         splits=("test", "training"),
+        similarity=similarity,
     )
 
 

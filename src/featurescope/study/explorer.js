@@ -314,7 +314,41 @@
     host.appendChild(legend);
   }
 
+  // --- representation similarity (linear CKA) ------------------------------------------
+  function similarity() {
+    const host = $("fs-similarity");
+    if (!host) return;
+    (D.similarity || []).forEach((t) => {
+      const box = el("div", { class: "fs-similarity" });
+      box.appendChild(el("h3", { text: t.name }));
+      const table = el("table", { class: "fs-cka" });
+      const head = el("tr", {}, [el("th", { text: `${t.model_a} \u2193 / ${t.model_b} \u2192` })]);
+      t.nodes_b.forEach((b) => head.appendChild(el("th", { text: b })));
+      table.appendChild(head);
+      t.matrix.forEach((row, i) => {
+        const tr = el("tr", {}, [el("th", { text: t.nodes_a[i] })]);
+        row.forEach((v, j) => {
+          const est = t.estimators ? t.estimators[i][j] : "";
+          const shown = v === null ? "n/a" : v.toFixed(2);
+          const [r, g, b] = cmap(VIRIDIS, v === null ? 0 : Math.max(0, Math.min(1, v)) * 255);
+          const ink = v !== null && v > 0.6 ? "#000" : "#fff";
+          const cell = el("td", {
+            text: shown,
+            style: `background:rgb(${r},${g},${b});color:${ink}`,
+            title: `${t.nodes_a[i]} \u00d7 ${t.nodes_b[j]}: CKA ${v === null ? "undefined (constant features)" : v.toFixed(4)}${est ? ` (${est})` : ""}`,
+            "data-fs-cka": `${i},${j}`,
+          });
+          tr.appendChild(cell);
+        });
+        table.appendChild(tr);
+      });
+      box.appendChild(table);
+      host.appendChild(box);
+    });
+  }
+
   curves();
+  similarity();
   projection();
   Promise.all([maps(), search()]).then(() => document.body.setAttribute("data-fs-ready", "1"));
 })();

@@ -133,6 +133,7 @@ def write_explorer(
     splits: tuple[str, str] | None = None,
     keep_self: bool = False,
     batch_size: int = 16,
+    similarity: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the explorer page of ``search`` queried by ``queries`` to the file ``out``.
 
@@ -166,6 +167,11 @@ def write_explorer(
         keep_self: keep a query that is in the gallery among its own neighbours (at rank 1,
             distance 0).
         batch_size: images per forward pass.
+        similarity: representation similarity to show as node × node tables with hover
+            values: ``{"comparisons": [{"name", "nodes_a", "nodes_b", "matrix",
+            "estimators"}, ...], "num_images": ...}`` (what the demo's
+            ``compare_width_representations`` returns, or :meth:`Comparison.to_dict
+            <featurescope.compare.Comparison.to_dict>` entries).
 
     Returns:
         The path written.
@@ -268,11 +274,41 @@ def write_explorer(
         "gallery": _gallery(search, shown, points, own, pictures),
         "stages": analysis.stages,
         "projection": projected,
+        "similarity": _similarity(similarity),
     }
     target = Path(out)
     with atomic_open(target, encoding="utf-8") as fh:
         fh.write(render(data))
     return target
+
+
+def _similarity(similarity: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The comparisons the page draws as tables: plain names, nodes, values and estimators."""
+    if not similarity:
+        return []
+    tables = []
+    for entry in similarity.get("comparisons", []):
+        nodes_a = list(entry.get("nodes_a") or similarity.get("stages") or [])
+        nodes_b = list(entry.get("nodes_b") or similarity.get("stages") or [])
+        matrix = [[None if v != v else float(v) for v in row] for row in entry["matrix"]]
+        if len(matrix) != len(nodes_a) or any(len(row) != len(nodes_b) for row in matrix):
+            raise FeaturescopeError(
+                f"comparison {entry.get('name')!r}: a {len(matrix)}-row matrix for "
+                f"{len(nodes_a)} × {len(nodes_b)} nodes"
+            )
+        tables.append(
+            {
+                "name": str(entry.get("name", "")),
+                "model_a": str(entry.get("model_a", "")),
+                "model_b": str(entry.get("model_b", "")),
+                "nodes_a": nodes_a,
+                "nodes_b": nodes_b,
+                "matrix": matrix,
+                "estimators": entry.get("estimators"),
+                "num_images": similarity.get("num_images", entry.get("num_images")),
+            }
+        )
+    return tables
 
 
 def _class_name(names: list[str] | None, predicted: int | None) -> str | None:
