@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
+import io
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -485,3 +489,98 @@ def test_load_image_folders_splits_without_classes(tmp_path: Path) -> None:
     splits = load_image_folders(tmp_path, transform=_pil)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (3, 1, 1)
     assert splits.val.classes == [] and splits.val.targets == [NO_LABEL]
+
+
+# --- files and folders as they come ----------------------------------------------------------
+
+
+def _within(seconds: float, call: Any) -> Any:
+    """``call()``, or a test failure if it has not returned after ``seconds`` (not a hang)."""
+    result: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as exc:  # handed to the test thread below
+            errors.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)  # a hung worker must not block exit
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        pytest.fail(f"still running after {seconds} s: it hangs")
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+def _three_images(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 80, 0, 0)).save(root / f"{i}.png")
+    return root
+
+
+def test_a_symbolic_link_loop_is_walked_once_and_listed(tmp_path: Path) -> None:
+    root = _three_images(tmp_path / "photos")
+    (root / "self").symlink_to(".")
+    with pytest.warns(SkippedFilesWarning, match=r"self \(a symbolic link to a folder already"):
+        ds = _within(30, lambda: ImageFolder(root, labels=False))
+    assert sorted(Path(p).name for p in ds.paths) == ["0.png", "1.png", "2.png"]
+    assert [(Path(p).name, "loop" in why) for p, why in ds.skipped] == [("self", True)]
+
+
+def test_two_links_into_each_other_do_not_hang(tmp_path: Path) -> None:
+    root = _three_images(tmp_path / "photos")
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    (root / "a" / "to_b").symlink_to("../b")
+    (root / "b" / "to_a").symlink_to("../a")
+    (root / "self").symlink_to(".")
+    with pytest.warns(SkippedFilesWarning):
+        ds = _within(30, lambda: ImageFolder(root, labels=False))
+    assert len(ds) == 3
+    assert all("loop" in why for _, why in ds.skipped)
+
+
+def test_a_link_to_a_folder_outside_is_still_followed(tmp_path: Path) -> None:
+    elsewhere = _three_images(tmp_path / "elsewhere")
+    root = _three_images(tmp_path / "photos")
+    (root / "more").symlink_to(elsewhere)
+    assert len(ImageFolder(root, labels=False)) == 6
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_named_pipe_called_jpg_is_skipped_not_opened(tmp_path: Path, verify: bool) -> None:
+    root = _three_images(tmp_path / "photos")
+    os.mkfifo(root / "pipe.jpg")  # opening it for reading would wait for a writer forever
+    with pytest.warns(SkippedFilesWarning, match=r"pipe.jpg \(not a regular file: a named pipe"):
+        ds = _within(30, lambda: ImageFolder(root, labels=False, verify=verify))
+    assert len(ds) == 3
+    with pytest.raises(fs.FeaturescopeError, match="named pipe"):
+        _within(30, lambda: load_rgb(root / "pipe.jpg"))
+
+
+def test_a_dangling_link_is_skipped_with_its_reason(tmp_path: Path) -> None:
+    root = _three_images(tmp_path / "photos")
+    (root / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.warns(SkippedFilesWarning, match=r"gone.png \(FileNotFoundError"):
+        assert len(ImageFolder(root, labels=False)) == 3
+
+
+def test_a_name_that_is_not_utf8_is_read_and_kept_byte_for_byte(tmp_path: Path) -> None:
+    root = _three_images(tmp_path / "photos")
+    raw = os.fsencode(root) + b"/caf\xe9.png"  # Latin-1: not valid UTF-8
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(buffer, "PNG")
+    with open(raw, "wb") as fh:
+        fh.write(buffer.getvalue())
+    (open(os.fsencode(root) + b"/na\xefve.txt", "wb")).close()
+    with pytest.warns(SkippedFilesWarning) as record:
+        ds = ImageFolder(root, labels=False, transform=lambda image: image)
+    [path] = [p for p in ds.paths if os.fsencode(p) == raw]  # the bytes come back unchanged
+    assert ds[ds.paths.index(path)][0].getpixel((0, 0)) == (0, 200, 0)
+    message = str(record[0].message)
+    assert r"na\xefve.txt" in message  # the byte shown as an escape...
+    message.encode("utf-8")  # ...and the message prints on any UTF-8 terminal

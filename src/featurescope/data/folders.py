@@ -13,7 +13,9 @@ palette, transparent and 16-bit images converted to 8-bit RGB.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from featurescope._printable import printable
 from featurescope.errors import EmptyDatasetError, FeaturescopeError, FeaturescopeWarning
 
 __all__ = [
@@ -45,7 +48,8 @@ _LISTED = 20
 
 
 class SkippedFilesWarning(FeaturescopeWarning):
-    """Some files of an image folder were left out: not images, or not decodable.
+    """Some files of an image folder were left out: not images, not decodable, not regular
+    files (a named pipe, a socket, a device), or folders a symbolic link loops back to.
 
     Example:
         >>> issubclass(SkippedFilesWarning, FeaturescopeWarning)
@@ -102,6 +106,9 @@ def load_rgb(path: PathLike) -> Image.Image:
     """
     from PIL import ImageOps
 
+    not_regular = _not_regular(path)
+    if not_regular is not None:
+        raise FeaturescopeError(f"cannot read image {printable(os.fspath(path))}: {not_regular}")
     with Image.open(path) as img:
         img.load()
         upright = ImageOps.exif_transpose(img)
@@ -131,12 +138,47 @@ def as_rgb(image: Image.Image) -> Image.Image:
     return _to_rgb(upright if upright is not None else image)
 
 
+_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def _not_regular(path: PathLike) -> str | None:
+    """``None`` if ``path`` is a regular file (after symbolic links), else what it is instead.
+
+    Checked before :func:`PIL.Image.open`, which would wait forever on a named pipe with no
+    writer, or read a device without end.
+
+    Example:
+        >>> import os, tempfile
+        >>> fifo = os.path.join(tempfile.mkdtemp(), "pipe.jpg")
+        >>> os.mkfifo(fifo)
+        >>> _not_regular(fifo)
+        'not a regular file: a named pipe (FIFO)'
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:  # a dangling symbolic link, or no permission to look
+        return f"{type(exc).__name__}: {exc.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+    return f"not a regular file: {kind}"
+
+
 def _check_readable(path: Path) -> str | None:
     """``None`` if ``path`` decodes as an image, else why not.
 
     JPEGs are decoded at reduced scale (``draft``): that still reads every byte, so a truncated
     file fails, at a fraction of the cost of a full decode.
     """
+    not_regular = _not_regular(path)
+    if not_regular is not None:
+        return not_regular
     try:
         with Image.open(path) as img:
             img.draft("RGB", (64, 64))
@@ -150,13 +192,53 @@ def _class_folders(root: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def _files(folder: Path) -> list[Path]:
-    """Every file under ``folder``, recursively and sorted; hidden files and folders left out."""
-    files = []
-    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+def _files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Every file under ``folder``, recursively and sorted, and the folders left out and why.
+
+    Hidden files and folders are left out silently. Symbolic links to folders are followed,
+    but a folder already walked (the same device and inode, e.g. ``ln -s . self`` or two links
+    pointing at each other) is walked once: it is listed as skipped, never walked again, so a
+    loop neither multiplies the images nor hangs. Folders that cannot be listed are skipped.
+
+    Example:
+        >>> import os, pathlib, tempfile
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> (root / "a.png").touch()
+        >>> os.symlink(".", root / "self")
+        >>> files, skipped = _files(root)
+        >>> [f.name for f in files], [(os.path.basename(p), why) for p, why in skipped]
+        (['a.png'], [('self', 'a symbolic link to a folder already read (a loop)')])
+    """
+    files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[tuple[int, int]] = set()
+    with contextlib.suppress(OSError):
+        top = os.stat(folder)
+        seen.add((top.st_dev, top.st_ino))
+
+    def unreadable(exc: OSError) -> None:
+        skipped.append((str(exc.filename), f"folder not readable: {exc.strerror}"))
+
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True, onerror=unreadable):
+        kept = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            path = os.path.join(dirpath, d)
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                skipped.append((path, f"{type(exc).__name__}: {exc.strerror}"))
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                skipped.append((path, "a symbolic link to a folder already read (a loop)"))
+                continue
+            seen.add(key)
+            kept.append(d)
+        dirnames[:] = kept
         files += [Path(dirpath) / n for n in names if not n.startswith(".")]
-    return sorted(files)
+    return sorted(files), skipped
 
 
 def _has_images(folder: Path, extensions: tuple[str, ...]) -> bool:
@@ -172,12 +254,14 @@ def _skipped_message(root: Path, skipped: Sequence[tuple[str, str]], total: int)
 
     def item(path: str, why: str) -> str:
         # PIL's reasons repeat the file's path, which the item already starts with.
-        return f"{os.path.relpath(path, root)} ({why.replace(f' {path!r}', '')})"
+        why = printable(why.replace(f" {path!r}", ""))
+        return f"{printable(os.path.relpath(path, root))} ({why})"
 
     listed = "; ".join(item(p, why) for p, why in skipped[:_LISTED])
     more = f"; and {len(skipped) - _LISTED} more" if len(skipped) > _LISTED else ""
     return (
-        f"skipped {len(skipped)} of {total} files in {root} (not readable images): {listed}{more}"
+        f"skipped {len(skipped)} of {total} files in {printable(str(root))} (not readable "
+        f"images): {listed}{more}"
     )
 
 
@@ -286,13 +370,15 @@ class ImageFolder(Dataset[tuple[Any, int]]):
         self.samples: list[tuple[str, int]] = []
         groups = [(self.root / c, self.class_to_idx[c]) for c in found] if labels else []
         for folder, label in groups or [(self.root, NO_LABEL)]:
-            for path in _files(folder):
+            files, left_out = _files(folder)
+            self.skipped += left_out
+            for path in files:
                 if not path.name.lower().endswith(exts):
                     self.skipped.append(
                         (str(path), f"not an image file ({path.suffix or 'no extension'})")
                     )
                     continue
-                reason = _check_readable(path) if verify else None
+                reason = _check_readable(path) if verify else _not_regular(path)
                 if reason is None:
                     self.samples.append((str(path), label))
                 else:
