@@ -7,9 +7,11 @@ Nothing here imports torch at module level: the parser must build without it.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
+from featurescope._printable import printable
 from featurescope.errors import FeaturescopeError
 
 __all__ = [
@@ -21,6 +23,9 @@ __all__ = [
     "check_file",
     "check_folder",
     "check_output",
+    "positive_float",
+    "positive_int",
+    "shown",
 ]
 
 #: The flags :func:`add_list_option` made, for :data:`LIST_OPTIONS_HINT`.
@@ -30,6 +35,59 @@ LIST_OPTIONS_HINT = (
     " (an option that takes several names takes them comma-separated or repeated: "
     "--layers conv1,conv2 or --layers conv1 --layers conv2)"
 )
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """``path`` as the command line prints it: control characters and undecodable bytes escaped.
+
+    Every handler prints file names through this, so a name holding an escape sequence cannot
+    recolour or clear the terminal and a newline in a name cannot forge an output line.
+
+    Example:
+        >>> print(shown("photos/\x1b[31mred.png"))
+        photos/\x1b[31mred.png
+    """
+    return printable(os.fsdecode(path))
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 1 (``--batch-size 0`` is refused).
+
+    Example:
+        >>> positive_int("8")
+        8
+        >>> positive_int("0")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: expected a positive whole number, got '0'
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number above 0 (a learning rate, a fraction).
+
+    Example:
+        >>> positive_float("0.01")
+        0.01
+        >>> positive_float("nan")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: expected a positive number, got 'nan'
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _names(text: str) -> list[str]:
@@ -72,7 +130,7 @@ def check_file(path: str, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
         state = "is a folder, not a file" if p.is_dir() else "does not exist"
-        raise FeaturescopeError(f"{what} {path!r} {state}")
+        raise FeaturescopeError(f"{what} '{shown(path)}' {state}")
     return p
 
 
@@ -81,7 +139,7 @@ def check_folder(path: str, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
         state = "is a file, not a folder" if p.exists() else "does not exist"
-        raise FeaturescopeError(f"{what} {path!r} {state}")
+        raise FeaturescopeError(f"{what} '{shown(path)}' {state}")
     return p
 
 

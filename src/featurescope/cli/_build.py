@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from featurescope.cli._args import shown
 from featurescope.errors import FeaturescopeError, WeightsUnavailableError
 
 __all__ = ["Weights", "add_model_options", "build_model", "structure_model", "weights_choice"]
@@ -86,7 +87,7 @@ def _random_notice(name: str, weights: Weights, pretrained_tag: str | None) -> s
             "(e.g. --model resnet18)"
         )
     return (
-        f"featurescope: {name} has random weights ({why}): its feature maps and neighbours "
+        f"featurescope: {shown(name)} has random weights ({why}): its feature maps and neighbours "
         f"mean little; {way_out}"
     )
 

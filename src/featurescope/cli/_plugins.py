@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from featurescope.cli._args import shown
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -52,26 +54,26 @@ def _plugins(args: argparse.Namespace) -> int:
         if info.distribution:
             where += f", {info.distribution} {info.version or ''}".rstrip()
         module = "" if info.module == info.name else f"  {info.module}"
-        print(f"{info.name}  [{where}]{module}")
+        print(shown(f"{info.name}  [{where}]{module}"))
         if args.hooks:
-            print(f"    hooks: {', '.join(info.hooks) or '-'}")
+            print(shown(f"    hooks: {', '.join(info.hooks) or '-'}"))
         try:
             provides = plugin_provides(info.name)
         except PluginError as exc:
-            print(f"    error: {exc}")
+            print(shown(f"    error: {exc}"))
             status = 1
             continue
         for kind, names in provides.items():
             if not names:
                 continue
-            shown = []
+            names_shown = []
             for name in names:
                 winner = winners[kind].get(name)
                 if winner and winner != info.name:
-                    shown.append(f"{name} (overridden by {winner})")
+                    names_shown.append(f"{name} (overridden by {winner})")
                 else:
-                    shown.append(name)
-            print(f"    {kind}: {', '.join(shown)}")
+                    names_shown.append(name)
+            print(shown(f"    {kind}: {', '.join(names_shown)}"))
     if autoload_disabled():
         print(f"(third-party plugins are not loaded: {DISABLE_AUTOLOAD_ENV} is set)")
     return status

@@ -13,6 +13,7 @@ from featurescope.cli._args import (
     check_file,
     check_folder,
     check_output,
+    positive_int,
 )
 from featurescope.cli._build import add_model_options, build_model
 from featurescope.errors import FeaturescopeError
@@ -58,8 +59,8 @@ def register(subparsers: Any) -> None:
     t.add_argument("model", help="zoo model name, e.g. alexnet or alexnet_half")
     t.add_argument("--data", help=_DATA_HELP)
     t.add_argument("--preset", default="quick", help="quick (CPU minutes) or study (150 epochs)")
-    t.add_argument("--epochs", type=int, help="total epochs (default: the preset's)")
-    t.add_argument("--batch-size", type=int, help="default: the preset's first")
+    t.add_argument("--epochs", type=positive_int, help="total epochs (default: the preset's)")
+    t.add_argument("--batch-size", type=positive_int, help="default: the preset's first")
     t.add_argument(
         "--lr-schedule",
         type=_lr_schedule,

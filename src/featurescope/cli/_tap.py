@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from featurescope.cli._args import add_list_option
+from featurescope.cli._args import add_list_option, positive_int, shown
 from featurescope.cli._build import structure_model
 
 
@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
     s.add_argument(
         "--input-size",
         nargs=3,
-        type=int,
+        type=positive_int,
         metavar=("C", "H", "W"),
         help="input size (default: the model's own)",
     )
@@ -65,5 +65,5 @@ def _nodes(args: argparse.Namespace) -> int:
 
     train_nodes, eval_nodes = fs.get_graph_node_names(structure_model(args.model))
     for name in train_nodes if args.train else eval_nodes:
-        print(name)
+        print(shown(name))
     return 0

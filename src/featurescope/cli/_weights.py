@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from featurescope.cli._args import shown
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -59,5 +61,5 @@ def _fetch(args: argparse.Namespace) -> int:
         if info.weights is None:
             raise fs.FeaturescopeError(f"model {name!r} has no pretrained weights to fetch")
     for name in args.names:
-        print(f"{name}: {fs.fetch_weights(name, weights)}", flush=True)
+        print(f"{shown(name)}: {shown(fs.fetch_weights(name, weights))}", flush=True)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from featurescope.cli._args import add_list_option, check_output
+from featurescope.cli._args import add_list_option, check_output, positive_int, shown
 from featurescope.cli._build import structure_model
 
 
@@ -41,7 +41,7 @@ def register(subparsers: Any) -> None:
     c.add_argument("src", help="the .pt/.pth file to convert")
     c.add_argument("dst", help="where to write the .safetensors checkpoint")
     c.add_argument("--model", required=True, help="zoo architecture, e.g. alexnet")
-    c.add_argument("--num-classes", type=int, help="default: read from the last layer")
+    c.add_argument("--num-classes", type=positive_int, help="default: read from the last layer")
     add_list_option(c, "--class-names", metavar="NAME", help="label names in index order")
     c.add_argument(
         "--trust-pickle",
@@ -60,19 +60,19 @@ def _models(args: argparse.Namespace) -> int:
     for name in names:
         info = fs.get_model_info(name)
         size = list(info.input_size) if info.input_size else "?"
-        print(f"{name:<24} input {size}  [{info.plugin}]")
+        print(f"{shown(name):<24} input {size}  [{shown(info.plugin)}]")
         if info.description:
-            print(f"    {info.description}")
+            print(f"    {shown(info.description)}")
         if args.details:
             model = structure_model(name)
             meta = fs.model_metadata(model)
             assert meta is not None  # every zoo model carries it
             params = sum(p.numel() for p in model.parameters())
-            print(f"    {params:,} params; embedding node {meta.embedding_node}")
+            print(f"    {params:,} params; embedding node {shown(str(meta.embedding_node))}")
             if meta.stage_nodes and meta.input_size:
                 rows = fs.FeatureTap(model, list(meta.stage_nodes)).summary(print_fn=None)
                 shapes = ", ".join(f"{r.alias} {list(r.output_shape[1:])}" for r in rows)
-                print(f"    stages: {shapes}")
+                print(f"    stages: {shown(shapes)}")
     return 0
 
 
@@ -88,7 +88,7 @@ def _convert(args: argparse.Namespace) -> int:
         class_names=args.class_names,
         trust_pickle=args.trust_pickle,
     )
-    print(f"wrote {out}")
+    print(f"wrote {shown(out)}")
     return 0
 
 
