@@ -320,3 +320,94 @@ def test_both_torch_save_formats_still_read(tmp_path, zipped):
     read = checkpoints.read_state_dict(path)
     assert read.keys() == state.keys()
     assert all(torch.equal(read[k], state[k]) for k in state)
+
+
+# --- untrusted headers: bounded by the bytes, fields checked ------------------------------------
+
+
+@pytest.fixture
+def guarded_model():
+    """A registered tiny model whose builder fails the test if it would allocate a huge head."""
+    from featurescope.zoo import _registry
+
+    def guarded(num_classes: int = 3) -> nn.Module:
+        if num_classes > 1000 and torch.empty(0).device.type != "meta":
+            raise AssertionError(f"allocated a {num_classes}-class head from the header")
+        return nn.Sequential(nn.Flatten(), nn.Linear(12, num_classes))
+
+    fs.register_model("guarded_probe")(guarded)
+    try:
+        yield "guarded_probe"
+    finally:
+        _registry._DECORATED.pop("guarded_probe", None)
+        _registry.MODELS.invalidate()
+
+
+def test_a_header_asking_for_millions_of_classes_is_refused_before_building(
+    tmp_path, guarded_model
+):
+    model = fs.create_model(guarded_model)
+    path = fs.save_checkpoint(model, tmp_path / "forged.safetensors", num_classes=3_000_000)
+    # A Linear(12, n) head: 12 n weights and n biases, against the 3-class file's 39 values.
+    needed, present = 13 * 3_000_000, 13 * 3
+    with pytest.raises(
+        fs.CheckpointError, match=rf"has {needed / 1e6:.1f} M values but .* only {present} values"
+    ):
+        fs.load_checkpoint(path)
+
+
+def test_the_study_alexnet_with_a_forged_class_count_is_refused_at_once(tmp_path):
+    model = fs.create_model("alexnet_half", num_classes=3)
+    path = fs.save_checkpoint(model, tmp_path / "forged.safetensors", num_classes=3_000_000)
+    with pytest.raises(fs.CheckpointError, match="the file holds only"):
+        fs.load_checkpoint(path)
+
+
+def test_an_honest_checkpoint_still_loads_with_its_own_class_count(tmp_path, guarded_model):
+    model = fs.create_model(guarded_model, num_classes=7)
+    path = fs.save_checkpoint(model, tmp_path / "ok.safetensors")
+    loaded = fs.load_checkpoint(path)
+    _same_weights(model, loaded)
+    assert fs.model_metadata(loaded).num_classes == 7
+
+
+def _forged(tmp_path, **fields: str):
+    from safetensors.torch import save_file
+
+    header = {
+        "format": checkpoints.FORMAT,
+        "model": '"alexnet_half"',
+        "num_classes": "3",
+        "class_names": "null",
+        "metadata": "{}",
+        **fields,
+    }
+    path = tmp_path / "junk.safetensors"
+    save_file({"w": torch.zeros(2, 2)}, str(path), metadata=header)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [
+        ("num_classes", '"3"'),
+        ("num_classes", "-4"),
+        ("num_classes", "true"),
+        ("num_classes", "2.5"),
+        ("model", "5"),
+        ("model", '["alexnet"]'),
+        ("class_names", '{"a": 1}'),
+        ("class_names", "[1, 2, 3]"),
+        ("class_names", '["a", "b"]'),
+        ("metadata", "[1, 2]"),
+        ("metadata", '"text"'),
+        ("metadata", "[" * 100_000 + "]" * 100_000),
+        ("class_names", "[" * 100_000),
+        ("num_classes", "{not json"),
+    ],
+)
+def test_malformed_metadata_is_a_checkpoint_error_naming_the_field(tmp_path, field, text):
+    path = _forged(tmp_path, **{field: text})
+    for read in (fs.read_checkpoint_metadata, fs.load_checkpoint):
+        with pytest.raises(fs.CheckpointError, match=f"'{field}'"):
+            read(path)

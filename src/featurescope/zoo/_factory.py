@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from featurescope.zoo.checkpoints import (
     read_pickled_state_dict,
     read_state_dict,
     save_checkpoint,
+    tensor_shapes,
     weights_tag,
 )
 from featurescope.zoo.metadata import ModelMetadata, attach_metadata
@@ -78,6 +80,45 @@ def _num_classes(
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise FeaturescopeError(f"num_classes must be a positive integer, got {num_classes!r}")
     return num_classes
+
+
+def _values(count: int) -> str:
+    for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= size:
+            return f"{count / size:.1f} {unit} values"
+    return f"{count} values"
+
+
+def _check_fits_the_file(
+    info: ModelInfo, num_classes: int, kwargs: dict[str, Any], checkpoint: PathLike
+) -> None:
+    """Refuse, before anything is allocated, a model larger than the checkpoint's tensors.
+
+    A checkpoint's metadata is untrusted: ``num_classes=3000000`` would make the builder
+    allocate gigabytes before the first shape is compared. The model is built on the ``meta``
+    device (shapes, no memory) and its size compared with the tensors the file's header
+    declares, which are bounded by the file's length. A strict load needs a tensor for every
+    value of the model, so a model larger than the file can never load.
+    """
+    shapes = tensor_shapes(checkpoint)
+    if shapes is None:  # a .pt state dict carries no metadata to distrust
+        return
+    try:
+        with torch.device("meta"):
+            probe = info.builder(num_classes=num_classes, **kwargs)
+    except Exception:  # a builder that cannot build on meta: the load's own check remains
+        return
+    if not isinstance(probe, nn.Module):
+        return  # create_model reports that after the real build
+    needed = sum(t.numel() for t in probe.state_dict().values())
+    present = sum(math.prod(shape) for shape in shapes.values())
+    if needed > present:
+        raise CheckpointError(
+            f"{checkpoint}: {info.name} with num_classes={num_classes} has {_values(needed)} "
+            f"but the file holds only {_values(present)}, so its weights cannot fit; the "
+            "checkpoint's metadata does not match its tensors (a corrupt or forged file), or "
+            "num_classes= is wrong"
+        )
 
 
 def create_model(
@@ -145,6 +186,8 @@ def create_model(
     if names is not None and len(names) != n:
         raise FeaturescopeError(f"{len(names)} class names given for {n} classes")
     extra, weights = _pretrained_kwargs(info, pretrained)
+    if checkpoint is not None:
+        _check_fits_the_file(info, n, kwargs, checkpoint)
     model = info.builder(num_classes=n, **extra, **kwargs)
     if not isinstance(model, nn.Module):
         raise FeaturescopeError(

@@ -33,6 +33,7 @@ __all__ = [
     "read_pickled_state_dict",
     "read_state_dict",
     "save_checkpoint",
+    "tensor_shapes",
     "weights_tag",
 ]
 
@@ -178,14 +179,81 @@ def read_checkpoint_metadata(path: PathLike) -> dict[str, Any]:
         raise _unreadable(p, exc) from exc
     if raw.get("format") != FORMAT:
         return {}
+    return _checked_metadata(p, raw)
+
+
+def _parsed(path: Path, field: str, text: str) -> Any:
     try:
-        meta: dict[str, Any] = json.loads(raw.get("metadata", "{}"))
-        for key in ("model", "num_classes", "class_names"):
-            meta[key] = json.loads(raw.get(key, "null"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{p}: corrupt featurescope metadata ({exc})") from exc
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CheckpointError(
+            f"{path}: corrupt featurescope metadata field {field!r} ({why})"
+        ) from exc
+
+
+def _field_error(path: Path, field: str, expected: str, value: Any) -> CheckpointError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return CheckpointError(
+        f"{path}: the checkpoint's metadata field {field!r} must be {expected}, got {shown}; "
+        "the file is corrupt or was not written by featurescope.save_checkpoint"
+    )
+
+
+def _checked_metadata(path: Path, raw: Mapping[str, str]) -> dict[str, Any]:
+    """The metadata of a featurescope header, every field checked for its type."""
+    extras = _parsed(path, "metadata", raw.get("metadata", "{}"))
+    if not isinstance(extras, dict):
+        raise _field_error(path, "metadata", "a JSON object", extras)
+    meta: dict[str, Any] = dict(extras)
+    model = _parsed(path, "model", raw.get("model", "null"))
+    if model is not None and not (isinstance(model, str) and model):
+        raise _field_error(path, "model", "a model name", model)
+    num_classes = _parsed(path, "num_classes", raw.get("num_classes", "null"))
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise _field_error(path, "num_classes", "a positive whole number", num_classes)
+    names = _parsed(path, "class_names", raw.get("class_names", "null"))
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise _field_error(path, "class_names", "a list of strings", names)
+        if num_classes is not None and len(names) != num_classes:
+            raise _field_error(
+                path, "class_names", f"{num_classes} names (num_classes)", f"{len(names)} names"
+            )
+    meta.update(model=model, num_classes=num_classes, class_names=names)
     meta["featurescope_version"] = raw.get("featurescope_version")
     return meta
+
+
+def tensor_shapes(path: PathLike) -> dict[str, tuple[int, ...]] | None:
+    """The shape of every tensor of a ``.safetensors`` file, read from its header alone.
+
+    The header's sizes are checked against the file's length when it is opened, so these
+    shapes are bounded by the bytes actually present: what a checkpoint's metadata claims
+    (``num_classes``) can be checked against them before a model is built. ``None`` for other
+    kinds of files.
+
+    Example:
+        >>> import tempfile, featurescope as fs
+        >>> path = fs.save_checkpoint(fs.create_model("alexnet_half", num_classes=3),
+        ...                           tempfile.mkdtemp() + "/m.safetensors")
+        >>> shapes = tensor_shapes(path)
+        >>> min(shape[0] for shape in shapes.values() if len(shape) == 2)
+        3
+    """
+    p = _existing(path)
+    if _kind(p) != "safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise _unreadable(p, exc) from exc
 
 
 def _unreadable(path: Path, exc: Exception) -> CheckpointError:
