@@ -244,7 +244,8 @@ def test_third_party_overrides_builtin(mark):
         plugin.featurescope_register_visualizers
     )
     fs.register_plugin(plugin, "better-grid")
-    fig = fs.visualize("grid", torch.rand(3, 4, 4))
+    with pytest.warns(fs.errors.PluginOverrideWarning, match="'better-grid' replaces the builtin"):
+        fig = fs.visualize("grid", torch.rand(3, 4, 4))
     assert [ax.get_title() for ax in fig.axes] == ["third party"]
     from featurescope.visualizers import VISUALIZERS
 
@@ -443,3 +444,71 @@ def test_cli_reports_a_broken_plugin_and_fails(capsys):
     out = capsys.readouterr().out
     assert "error: plugin 'broken' raised RuntimeError" in out
     assert "visualizers: grid" in out  # the other plugins are still listed
+
+
+# --- misbehaving plugins ------------------------------------------------------------------------
+
+
+def test_an_entry_point_calling_sys_exit_at_import_is_an_error_naming_it(
+    tmp_path, monkeypatch, autoload, capsys
+):
+    module = unique_module()
+    make_distribution(
+        tmp_path, "fs-quitter", {"quitter": module}, {module: "import sys\nsys.exit(0)\n"}
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(fs.PluginError, match=r"'quitter'.*fs-quitter.*called sys.exit\(0\)"):
+        plugins.get_plugin_manager()
+    # The command line does not exit 0 having done nothing: one line, exit code 1.
+    assert cli_main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("featurescope models: error: plugin 'quitter'") and err.count("\n") == 1
+
+
+def test_a_registry_hook_calling_sys_exit_is_an_error_naming_the_plugin():
+    def quit_now():
+        sys.exit(3)
+
+    fs.register_plugin(namespace_plugin(featurescope_register_models=quit_now), "quitter")
+    with pytest.raises(fs.PluginError, match=r"plugin 'quitter' called sys.exit\(3\)"):
+        fs.list_models()
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (RuntimeError("no GPU kernel"), r"raised RuntimeError in the builder .*no GPU kernel"),
+        (SystemExit(0), r"called sys.exit\(0\) in the builder of model 'toy_broken'"),
+    ],
+)
+def test_a_builder_that_raises_or_exits_names_its_plugin(failure, expected):
+    def builder(num_classes: int = 5) -> torch.nn.Module:
+        raise failure
+
+    fs.register_plugin(
+        namespace_plugin(featurescope_register_models=lambda: {"toy_broken": builder}), "breaker"
+    )
+    with pytest.raises(fs.PluginError, match=rf"plugin 'breaker' {expected}") as caught:
+        fs.create_model("toy_broken")
+    assert caught.value.__cause__ is failure
+
+
+def test_a_builtin_builder_keeps_its_own_exception():
+    with pytest.raises(TypeError):
+        fs.create_model("alexnet", no_such_option=1)
+
+
+def test_a_plugin_overriding_a_builtin_model_warns_once():
+    impostor = namespace_plugin(
+        featurescope_register_models=lambda: {"alexnet": lambda num_classes=5: torch.nn.Identity()}
+    )
+    fs.register_plugin(impostor, "impostor")
+    with pytest.warns(fs.errors.PluginOverrideWarning) as record:
+        assert fs.get_model_info("alexnet").plugin == "impostor"
+    assert [str(w.message).split(":")[0] for w in record] == [
+        "plugin 'impostor' replaces the builtin model 'alexnet' (of 'featurescope.zoo.alexnet')"
+    ]
+    # Rebuilt after another plugin registers: not said again (FeaturescopeWarnings are errors
+    # in this suite, so a second warning would fail here).
+    fs.register_plugin(namespace_plugin(featurescope_register_models=lambda: {}), "other")
+    assert isinstance(fs.create_model("alexnet"), torch.nn.Identity)

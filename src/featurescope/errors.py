@@ -24,6 +24,7 @@ __all__ = [
     "InputShapeError",
     "NodeNotFoundError",
     "PluginError",
+    "PluginOverrideWarning",
     "UnknownNameError",
     "UnsafeCheckpointError",
     "VisualizationError",
@@ -193,6 +194,18 @@ class PluginError(FeaturescopeError):
         ...     fs.unregister_plugin("no-such-plugin")
         ... except fs.PluginError as err:
         ...     "no-such-plugin" in str(err)
+        True
+    """
+
+
+class PluginOverrideWarning(FeaturescopeWarning):
+    """A third-party plugin replaced a builtin model or visualizer of the same name.
+
+    Overriding is allowed (that is how a plugin improves a builtin), but ``create_model(name)``
+    then builds the plugin's model under the builtin's name, so it is said once.
+
+    Example:
+        >>> issubclass(PluginOverrideWarning, FeaturescopeWarning)
         True
     """
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from featurescope.errors import PluginError, did_you_mean
+from featurescope.errors import PluginError, PluginOverrideWarning, did_you_mean
 from featurescope.plugins._manager import (
     DEFAULT_PLUGINS,
     DISABLE_AUTOLOAD_ENV,
@@ -28,6 +28,7 @@ from featurescope.plugins._manager import (
     hook_names,
     invalidate,
     load_entrypoints,
+    plugin_raised,
     reset,
     source_of,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "REGISTRY_HOOKS",
     "Entry",
     "PluginInfo",
+    "PluginOverrideWarning",
     "Registry",
     "autoload_disabled",
     "call_hook",
@@ -49,6 +51,7 @@ __all__ = [
     "list_plugins",
     "load_entrypoints",
     "plugin_provides",
+    "plugin_raised",
     "register_plugin",
     "unregister_plugin",
 ]

@@ -232,7 +232,7 @@ def load_entrypoints(pm: pluggy.PluginManager | None = None) -> list[str]:
         before = {name for name, _ in pm.list_name_plugin()}
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin's sys.exit() must not end the program
             culprit = next(
                 ((ep, d) for ep, d in _entry_points() if pm.get_plugin(ep.name) is None), None
             )
@@ -240,11 +240,14 @@ def load_entrypoints(pm: pluggy.PluginManager | None = None) -> list[str]:
             if culprit is None:
                 raise
             ep, dist = culprit
+            what = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, SystemExit):
+                what = f"it called sys.exit({exc.code!r}) while being imported"
             if isinstance(exc, PluginError):
                 raise
             raise PluginError(
                 f"plugin {ep.name!r} ({ep.value}, from distribution {dist.metadata['Name']!r}) "
-                f"failed to load: {type(exc).__name__}: {exc}. Fix or uninstall that package, "
+                f"failed to load: {what}. Fix or uninstall that package, "
                 f"or set {DISABLE_AUTOLOAD_ENV}=1 to skip third-party plugins."
             ) from exc
         new = [name for name, _ in pm.list_name_plugin() if name not in before]
@@ -358,12 +361,27 @@ def call_hook(hook_name: str, **kwargs: Any) -> list[Any]:
         return list(hook(**kwargs))
     except PluginError:
         raise  # already names a plugin (a hook that called featurescope, which hit another)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         name = culprit(hook, exc.__traceback__)
         if name is None:
             raise
-        raise PluginError(
-            f"plugin {name!r} raised {type(exc).__name__} in {hook_name}: {exc}. Fix or "
-            f"uninstall that plugin, or remove it for this process with "
-            f"featurescope.plugins.unregister_plugin({name!r})."
-        ) from exc
+        raise plugin_raised(name, hook_name, exc) from exc
+
+
+def plugin_raised(plugin: str, where: str, exc: BaseException) -> PluginError:
+    """The error for a plugin that raised (or called :func:`sys.exit`) in ``where``.
+
+    Example:
+        >>> print(plugin_raised("acme", "its model builder", SystemExit(0)))  # doctest: +ELLIPSIS
+        plugin 'acme' called sys.exit(0) in its model builder. Fix or uninstall that plugin, ...
+    """
+    what = (
+        f"called sys.exit({exc.code!r})"
+        if isinstance(exc, SystemExit)
+        else f"raised {type(exc).__name__}"
+    )
+    detail = "" if isinstance(exc, SystemExit) else f": {exc}"
+    return PluginError(
+        f"plugin {plugin!r} {what} in {where}{detail}. Fix or uninstall that plugin, or remove "
+        f"it for this process with featurescope.plugins.unregister_plugin({plugin!r})."
+    )

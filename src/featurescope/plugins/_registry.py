@@ -11,16 +11,29 @@ from __future__ import annotations
 
 import fnmatch
 import threading
+import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import pluggy
 
-from featurescope.errors import PluginError, UnknownNameError, did_you_mean
+from featurescope.errors import (
+    PluginError,
+    PluginOverrideWarning,
+    UnknownNameError,
+    did_you_mean,
+)
 from featurescope.plugins import _manager
 
 T = TypeVar("T")
+
+# The overrides already warned of, per plugin manager: said once, however often a registry is
+# rebuilt; a new manager (after plugins._reset()) says them again.
+_WARNED: weakref.WeakKeyDictionary[pluggy.PluginManager, set[tuple[str, str, str]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass(frozen=True)
@@ -132,7 +145,7 @@ class Registry(Generic[T]):
                 continue
             try:
                 result = impl.function()
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise _raised(plugin, self.hook_name, exc) from exc
             if result is not None and not isinstance(result, Mapping):
                 raise PluginError(
@@ -149,6 +162,21 @@ class Registry(Generic[T]):
 
     # -- building ------------------------------------------------------------------------------
 
+    def _warn_override(
+        self, pm: pluggy.PluginManager, name: str, builtin: str, plugin: str
+    ) -> None:
+        warned = _WARNED.setdefault(pm, set())
+        if (self.kind, name, plugin) in warned:
+            return
+        warned.add((self.kind, name, plugin))
+        warnings.warn(
+            f"plugin {plugin!r} replaces the builtin {self.kind} {name!r} (of {builtin!r}): "
+            f"{name!r} now means the plugin's. Unregister or uninstall the plugin to get the "
+            "builtin back",
+            PluginOverrideWarning,
+            stacklevel=4,
+        )
+
     def _results(self, pm: pluggy.PluginManager) -> list[tuple[str, Mapping[Any, Any]]]:
         """``(plugin, mapping)`` per implementation, builtins first, from one call by pluggy."""
         hook = getattr(pm.hook, self.hook_name)
@@ -157,7 +185,7 @@ class Registry(Generic[T]):
             results = hook()
         except PluginError:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             culprit = _manager.culprit(hook, exc.__traceback__) or "?"
             raise _raised(culprit, self.hook_name, exc) from exc
         if len(results) != len(impls):
@@ -182,6 +210,7 @@ class Registry(Generic[T]):
 
     def _build(self, pm: pluggy.PluginManager) -> dict[str, Entry[T]]:
         merged: dict[str, Entry[T]] = {}
+        overrides: list[tuple[str, str, str]] = []  # said once the merge has succeeded
         for plugin, result in self._results(pm):
             builtin = _manager.is_builtin(pm, plugin)
             for name, value in result.items():
@@ -198,15 +227,14 @@ class Registry(Generic[T]):
                             f"and {plugin!r}; uninstall or unregister one of them "
                             "(featurescope.plugins.unregister_plugin) to choose"
                         )
+                    overrides.append((name, previous, plugin))
                 merged[name] = Entry(name, self._convert(name, value, plugin), plugin)
+        for name, builtin_plugin, plugin in overrides:
+            self._warn_override(pm, name, builtin_plugin, plugin)
         for name, (value, source) in (self._extra() if self._extra else {}).items():
             merged[name] = Entry(name, value, source)
         return merged
 
 
-def _raised(plugin: str, hook_name: str, exc: Exception) -> PluginError:
-    return PluginError(
-        f"plugin {plugin!r} raised {type(exc).__name__} in {hook_name}: {exc}. Fix or uninstall "
-        f"that plugin, or remove it for this process with "
-        f"featurescope.plugins.unregister_plugin({plugin!r})."
-    )
+def _raised(plugin: str, hook_name: str, exc: BaseException) -> PluginError:
+    return _manager.plugin_raised(plugin, hook_name, exc)

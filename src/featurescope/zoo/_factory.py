@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from featurescope.errors import CheckpointError, FeaturescopeError, UnsafeCheckpointError
-from featurescope.zoo._registry import ModelInfo, get_model_info
+from featurescope.plugins import DEFAULT_PLUGINS, plugin_raised
+from featurescope.zoo._registry import DECORATED, ModelInfo, get_model_info
 from featurescope.zoo.checkpoints import (
     infer_num_classes,
     load_weights,
@@ -106,7 +107,7 @@ def _check_fits_the_file(
     try:
         with torch.device("meta"):
             probe = info.builder(num_classes=num_classes, **kwargs)
-    except Exception:  # a builder that cannot build on meta: the load's own check remains
+    except (Exception, SystemExit):  # cannot build on meta: the real build reports or loads
         return
     if not isinstance(probe, nn.Module):
         return  # create_model reports that after the real build
@@ -119,6 +120,21 @@ def _check_fits_the_file(
             "checkpoint's metadata does not match its tensors (a corrupt or forged file), or "
             "num_classes= is wrong"
         )
+
+
+def _build(info: ModelInfo, num_classes: int, kwargs: dict[str, Any]) -> Any:
+    """Call a model's builder; a third-party plugin's failure (even ``sys.exit``) names it."""
+    try:
+        return info.builder(num_classes=num_classes, **kwargs)
+    except FeaturescopeError:
+        raise
+    except (Exception, SystemExit) as exc:
+        # A builtin's or the user's own (@register_model) builder keeps its exception: a
+        # TypeError there is a wrong argument, not a broken plugin.
+        if isinstance(exc, SystemExit) or info.plugin not in (*DEFAULT_PLUGINS, DECORATED):
+            where = f"the builder of model {info.name!r}"
+            raise plugin_raised(info.plugin, where, exc) from exc
+        raise
 
 
 def create_model(
@@ -188,7 +204,7 @@ def create_model(
     extra, weights = _pretrained_kwargs(info, pretrained)
     if checkpoint is not None:
         _check_fits_the_file(info, n, kwargs, checkpoint)
-    model = info.builder(num_classes=n, **extra, **kwargs)
+    model = _build(info, n, {**extra, **kwargs})
     if not isinstance(model, nn.Module):
         raise FeaturescopeError(
             f"the builder of model {name!r} (plugin {info.plugin!r}) returned "

@@ -102,6 +102,8 @@ class ModelInfo(ModelSpec):
 # Models registered with the decorator, keyed by name; merged after every plugin's models.
 _DECORATED: dict[str, ModelSpec] = {}
 _DECORATOR_SOURCE = "register_model"
+#: The plugin name :class:`ModelInfo` gives models registered with :func:`register_model`.
+DECORATED = _DECORATOR_SOURCE
 
 
 def register_model(
