@@ -38,14 +38,14 @@ LIST_OPTIONS_HINT = (
 
 
 def shown(path: str | bytes | os.PathLike[str]) -> str:
-    """``path`` as the command line prints it: control characters and undecodable bytes escaped.
+    r"""``path`` as the command line prints it: control characters and undecodable bytes escaped.
 
     Every handler prints file names through this, so a name holding an escape sequence cannot
     recolour or clear the terminal and a newline in a name cannot forge an output line.
 
     Example:
-        >>> print(shown("photos/\\x1b[31mred.png"))
-        photos/\\x1b[31mred.png
+        >>> print(shown("photos/\x1b[31mred.png"))
+        photos/\x1b[31mred.png
     """
     return printable(os.fsdecode(path))
 
