@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,14 +206,16 @@ def test_interrupted_extraction_resumes_and_never_overclaims(tmp_path, tap):
 
     data.reads = 0
     result = tap.extract(data, batch_size=3, out=tmp_path, progress=False)
-    assert data.reads == 4  # only the rows not yet on disk were computed
+    # Only the rows not yet on disk were computed, plus one read of sample 0: without file
+    # names, the data's fingerprint is that sample's content.
+    assert data.reads == 4 + 1
     for alias in NODES.values():
         np.testing.assert_allclose(result[alias], ref[alias], rtol=1e-5, atol=1e-6)
     assert json.loads((tmp_path / "manifest.json").read_text())["completed"] == 10
 
     data.reads = 0
     again = tap.extract(data, batch_size=3, out=tmp_path, progress=False)
-    assert data.reads == 0  # complete already: nothing is recomputed
+    assert data.reads == 1  # complete already: nothing is recomputed, sample 0 re-checked
     np.testing.assert_array_equal(again["logits"], result["logits"])
 
 
@@ -382,3 +385,34 @@ def test_resume_refuses_rows_from_other_weights(tmp_path, tap):
     # Same weights again: it resumes (nothing to do) rather than refusing.
     again = tap.extract(Images(6), batch_size=2, out=tmp_path, progress=False)
     np.testing.assert_array_equal(again["logits"], fresh["logits"])
+
+
+def test_resume_refuses_other_data_of_the_same_length(tmp_path, tap):
+    """Without file names: the first sample's content tells the data apart."""
+    first = Images(6, fail_at=3)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        tap.extract(first, batch_size=2, out=tmp_path, progress=False)
+    other = Images(6)
+    other.x = other.x + 1.0  # as many samples, other values
+    with pytest.raises(FeaturescopeError, match="other data with as many samples.*overwrite=True"):
+        tap.extract(other, batch_size=2, out=tmp_path, progress=False)
+    # The same data resumes, and gives the one-forward reference.
+    result = tap.extract(Images(6), batch_size=2, out=tmp_path, progress=False)
+    np.testing.assert_allclose(result["logits"], reference(tap, Images(6))["logits"], atol=1e-6)
+
+
+def test_resume_refuses_files_of_the_same_names_but_other_sizes(tmp_path, tap):
+    """With file names: a file replaced by another of another size is other data."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    data = Files(4, seed=1, folder=str(folder))
+    for i, (path, _) in enumerate(data.samples):
+        Path(path).write_bytes(b"x" * (10 + i))
+    out = tmp_path / "features"
+    tap.extract(data, batch_size=2, out=out, progress=False)
+    data.reads = 0
+    tap.extract(data, batch_size=2, out=out, progress=False)
+    assert data.reads == 0  # unchanged files: complete, and no sample is read to check it
+    Path(data.samples[2][0]).write_bytes(b"y" * 99)
+    with pytest.raises(FeaturescopeError, match="other data with as many samples"):
+        tap.extract(data, batch_size=2, out=out, progress=False)

@@ -8,8 +8,9 @@ dataset index, and an extraction to disk can be resumed in the same order. See
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,6 +195,59 @@ def _paths(dataset: Dataset[Any], ids: np.ndarray) -> list[str] | None:
         return None
 
 
+def _hash_item(digest: Any, item: Any) -> None:
+    """Feed one dataset item (tensors, arrays, images, numbers, nested) into ``digest``."""
+    if isinstance(item, torch.Tensor):
+        array = item.detach().cpu().contiguous()
+        if array.dtype == torch.bfloat16:  # NumPy has no bfloat16: its bits, as int16
+            array = array.view(torch.int16)
+        item = array.numpy()
+    if isinstance(item, np.ndarray):
+        digest.update(f"{item.dtype}{item.shape}".encode())
+        digest.update(np.ascontiguousarray(item).tobytes())
+    elif isinstance(item, (tuple, list)):
+        for part in item:
+            _hash_item(digest, part)
+    elif isinstance(item, Mapping):
+        for key in sorted(item, key=str):
+            digest.update(str(key).encode("utf-8", "surrogateescape"))
+            _hash_item(digest, item[key])
+    elif hasattr(item, "tobytes") and hasattr(item, "size"):  # a PIL image
+        digest.update(f"{getattr(item, 'mode', '')}{item.size}".encode())
+        digest.update(item.tobytes())
+    else:
+        digest.update(repr(item).encode("utf-8", "surrogateescape"))
+
+
+def data_fingerprint(dataset: Dataset[Any], ids: np.ndarray, paths: list[str] | None) -> str:
+    """What a resumed extraction checks it is resuming onto: the same data, not only as much.
+
+    With files (an :class:`~featurescope.data.ImageFolder`'s ``samples``) it is every sample's
+    id, file name and size, in id order (a shuffling loader draws another order each run):
+    no file is read. Without files it is the content of one sample, the lowest id, read once.
+
+    Example:
+        >>> import numpy as np, torch
+        >>> data = [torch.zeros(2), torch.ones(2)]
+        >>> same = data_fingerprint(data, np.arange(2), None)
+        >>> same == data_fingerprint([torch.zeros(2), torch.ones(2)], np.arange(2), None)
+        True
+        >>> same == data_fingerprint([torch.ones(2), torch.ones(2)], np.arange(2), None)
+        False
+    """
+    digest = hashlib.sha256(f"{len(ids)} samples\n".encode())
+    if paths is not None:
+        for i, path in sorted(zip((int(i) for i in ids), paths, strict=True)):
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = -1  # a file gone since: the names still tell most apart
+            digest.update(f"{i}\0{path}\0{size}\n".encode("utf-8", "surrogateescape"))
+    elif len(ids):
+        _hash_item(digest, dataset[int(ids.min())])
+    return digest.hexdigest()[:16]
+
+
 def _split(batch: Any) -> tuple[Any, torch.Tensor | None]:
     if isinstance(batch, torch.Tensor):
         return batch, None
@@ -293,6 +347,7 @@ def extract(
         )
     model_name, preprocessing = _describe_model(tap.model)
     nodes = tap.nodes
+    paths = _paths(plan.dataset, plan.ids)
     header = {
         "model": model_name,
         "preprocessing": preprocessing,
@@ -300,11 +355,13 @@ def extract(
         # name gives other features, and mixing the two would be silent.
         "weights": weights_fingerprint(tap.model),
         "nodes": nodes,
+        # ... and only onto the same data: as many samples is not enough (on disk only: an
+        # extraction in memory resumes nothing).
+        "data": data_fingerprint(plan.dataset, plan.ids, paths) if out is not None else None,
         "reduce": reduce_name,
         "rank": rank,
         "world_size": world,
     }
-    paths = _paths(plan.dataset, plan.ids)
     writer: ShardWriter | None = None
     sink: _MemorySink | None = None
     if out is not None:

@@ -17,7 +17,8 @@ manifest listing the shards.
 Manifest keys: ``format``, ``version``, ``model``, ``preprocessing``, ``nodes`` (``{alias: {node,
 file, shape, dtype}}``, ``shape`` per sample), ``reduce``, ``num_samples``, ``completed``,
 ``sample_ids`` (dataset indices, in row order), ``labels`` (file name or null), ``paths`` (or
-null), ``rank``, ``world_size``; a merged manifest has ``shards`` instead of files.
+null), ``weights`` and ``data`` (fingerprints of the weights and of the samples, which a resumed
+run must match), ``rank``, ``world_size``; a merged manifest has ``shards`` instead of files.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class ShardWriter:
     Args:
         folder: the shard's folder (created if needed).
         header: ``model``, ``preprocessing``, ``weights`` (a fingerprint), ``nodes``
-            (``{alias: node}``), ``reduce``,
+            (``{alias: node}``), ``reduce``, ``data`` (a fingerprint of the samples),
             ``rank`` and ``world_size`` of this extraction.
         sample_ids: the dataset indices to extract, in order.
         paths: their files, or ``None``.
@@ -209,6 +210,16 @@ class ShardWriter:
                 f"weights (fingerprint {str(existing.get('weights'))[:12]}, now "
                 f"{str(header.get('weights'))[:12]}): resuming would mix features of two sets of "
                 "weights. Pass overwrite=True to start afresh, or choose another folder."
+            )
+        elif existing.get("data") != header.get("data") and _same_extraction(
+            existing, {**header, "data": existing.get("data")}, sample_ids, paths
+        ):
+            raise FeaturescopeError(
+                f"{folder} holds an extraction of other data with as many samples "
+                f"({existing.get('num_samples')}; data fingerprint "
+                f"{str(existing.get('data'))[:12]}, now {str(header.get('data'))[:12]}: the files' "
+                "names or sizes, or the first sample, differ): resuming would return the old "
+                "data's features. Pass overwrite=True to start afresh, or choose another folder."
             )
         else:
             raise FeaturescopeError(
@@ -325,6 +336,8 @@ def _same_extraction(
         # Through JSON, as the manifest stored it (tuples come back as lists).
         and existing.get("preprocessing") == json.loads(json.dumps(header.get("preprocessing")))
         and existing.get("weights") == header.get("weights")
+        # A manifest written before data fingerprints existed records none: it resumes as then.
+        and existing.get("data", header.get("data")) == header.get("data")
         and nodes == dict(header["nodes"])
         and existing.get("reduce") == header["reduce"]
         and existing.get("rank") == header["rank"]
