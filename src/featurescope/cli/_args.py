@@ -129,7 +129,12 @@ def check_file(path: str, what: str) -> Path:
     """``path`` as a :class:`~pathlib.Path`, or an error saying it is not an existing file."""
     p = Path(path).expanduser()
     if not p.is_file():
-        state = "is a folder, not a file" if p.is_dir() else "does not exist"
+        if p.is_dir():
+            state = "is a folder, not a file"
+        elif p.exists():  # a named pipe, a socket, a device: reading it could wait forever
+            state = "is not a regular file (a named pipe, socket or device?)"
+        else:
+            state = "does not exist"
         raise FeaturescopeError(f"{what} '{shown(path)}' {state}")
     return p
 
