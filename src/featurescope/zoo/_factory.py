@@ -16,7 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from featurescope.errors import CheckpointError, FeaturescopeError, UnsafeCheckpointError
+from featurescope.errors import (
+    CheckpointError,
+    FeaturescopeError,
+    PluginError,
+    UnsafeCheckpointError,
+)
 from featurescope.plugins import DEFAULT_PLUGINS, plugin_raised
 from featurescope.zoo._registry import DECORATED, ModelInfo, get_model_info
 from featurescope.zoo.checkpoints import (
@@ -206,7 +211,7 @@ def create_model(
         _check_fits_the_file(info, n, kwargs, checkpoint)
     model = _build(info, n, {**extra, **kwargs})
     if not isinstance(model, nn.Module):
-        raise FeaturescopeError(
+        raise PluginError(
             f"the builder of model {name!r} (plugin {info.plugin!r}) returned "
             f"{type(model).__name__}, not a torch.nn.Module"
         )
