@@ -22,6 +22,7 @@ LAYERS = (
     (
         "featurescope._version",
         "featurescope._io",
+        "featurescope._printable",
         "featurescope._progress",
         "featurescope._torch_utils",
         "featurescope.errors",

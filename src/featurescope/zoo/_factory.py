@@ -111,12 +111,11 @@ def _check_fits_the_file(
         return
     try:
         with torch.device("meta"):
-            probe = info.builder(num_classes=num_classes, **kwargs)
+            probe: Any = info.builder(num_classes=num_classes, **kwargs)
+        # Not a module: create_model reports that after the real build.
+        needed = sum(t.numel() for t in probe.state_dict().values())
     except (Exception, SystemExit):  # cannot build on meta: the real build reports or loads
         return
-    if not isinstance(probe, nn.Module):
-        return  # create_model reports that after the real build
-    needed = sum(t.numel() for t in probe.state_dict().values())
     present = sum(math.prod(shape) for shape in shapes.values())
     if needed > present:
         raise CheckpointError(
