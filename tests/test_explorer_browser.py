@@ -17,6 +17,7 @@ import pytest
 
 import featurescope as fs
 from featurescope.study import write_explorer
+from featurescope.study.explorer import read_explorer_data
 
 CHROMIUM_CANDIDATES = (
     os.environ.get("FEATURESCOPE_CHROMIUM", ""),
@@ -223,6 +224,17 @@ def test_the_page_of_a_users_folder_in_a_real_browser(browser, tmp_path):
     ):
         picture = Image.fromarray(getattr(images, name)()).resize((80, 64))
         picture.save(photos / folder / f"{name}.webp")
+    # Legal file names that break pages which escape too little, and one that is not UTF-8.
+    hostile = [
+        "<!--<script>.webp",
+        "<img src=x onerror=window.__pwned=1>.webp",
+        'it\'s "quoted"\nand \u2028 broken.webp',
+        "\u202ebew.evil.webp",
+    ]
+    source = Image.fromarray(images.rocket()).resize((64, 48))
+    for name in hostile:
+        source.save(photos / "things" / name, format="WEBP")
+    source.save(os.fsdecode(os.fsencode(str(photos / "things")) + b"/caf\xe9.webp"), format="WEBP")
     model = fs.create_model("alexnet_half", class_names=["cats", "things"])
     meta = fs.model_metadata(model)
     fs.zoo.attach_metadata(model, meta.replace(weights="checkpoint:0123"))  # a trained head
@@ -238,7 +250,14 @@ def test_the_page_of_a_users_folder_in_a_real_browser(browser, tmp_path):
     )
     problems: list[str] = []
     page = _open(browser, page_path, problems)
+    assert page.evaluate("window.__pwned") is None  # no name ran as markup or script
     text = page.inner_text("body")
+    listed = page.eval_on_selector_all("#fs-map-image option", "os => os.map(o => o.text)")
+    names = {q["name"] for q in read_explorer_data(page_path)["queries"]}
+    for name in [*hostile, "caf\udce9.webp"]:
+        assert f"things/{name}" in names  # every name travels whole, byte for byte
+    for name in hostile[:2]:
+        assert any(f"things/{name} (things)" in option for option in listed)  # shown as text
     assert "training" not in text.lower() and "test image" not in text.lower()
     assert "chelsea.webp" in text and "Weights from a checkpoint" in text
     options = page.eval_on_selector_all("#fs-map-image option", "os => os.map(o => o.text)")
@@ -257,7 +276,8 @@ def test_the_page_of_a_users_folder_in_a_real_browser(browser, tmp_path):
         )
         assert all(".webp" in c for c in captions)
         caption = page.inner_text("#fs-query-caption")
-        assert Path(where[own]).name in caption and "predicted" in caption
+        name = Path(where[own]).name
+        assert " ".join(name.split()) in " ".join(caption.split()) and "predicted" in caption
     cam = page.evaluate(
         "(() => { const c = document.getElementById('fs-gradcam');"
         " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"

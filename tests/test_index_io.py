@@ -142,3 +142,14 @@ def test_consistent_but_wrong_contents_are_refused(tmp_path):
     _rewrite(path, config=config)
     with pytest.raises(IndexFileError, match="shape"):
         fs.EmbeddingIndex.load(path)
+
+
+def test_file_names_that_are_not_utf8_round_trip(tmp_path):
+    import os
+
+    name = os.fsdecode(b"photos/caf\xe9.png")  # a Latin-1 name, as os.listdir gives it
+    index = fs.EmbeddingIndex(3)
+    index.add(torch.eye(3), metadata=[name, "<!--<script>.png", "ok.png"])
+    again = fs.EmbeddingIndex.load(index.save(tmp_path / "i.safetensors"))
+    assert again.metadata == index.metadata
+    assert os.fsencode(again.metadata[0]) == b"photos/caf\xe9.png"

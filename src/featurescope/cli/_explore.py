@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from featurescope.cli._args import shown
+
 
 def register(subparsers: Any) -> None:
     e = subparsers.add_parser(
@@ -59,6 +61,6 @@ def _explore(args: argparse.Namespace) -> int:
     data = read_explorer_data(page)
     print(weights_sentence(data["weights"]))
     for note in data["notes"].values():
-        print(f"note: {note}", file=sys.stderr)
-    print(f"explorer -> {page} (open it in a browser; it needs no server)")
+        print(f"note: {shown(note)}", file=sys.stderr)
+    print(f"explorer -> {shown(page)} (open it in a browser; it needs no server)")
     return 0

@@ -14,6 +14,7 @@ from featurescope.cli._args import (
     check_folder,
     check_output,
     positive_int,
+    shown,
 )
 from featurescope.cli._build import add_model_options, build_model
 from featurescope.errors import FeaturescopeError
@@ -203,7 +204,9 @@ def _train(args: argparse.Namespace) -> int:
             f"{epoch + 1:>5} {history.train_loss[epoch]:>10.4f} "
             f"{history.train_acc[epoch]:>9.3f} {val}"
         )
-    print(f"checkpoints in {out}: best.safetensors (epoch {history.best_epoch}), last.safetensors")
+    print(
+        f"checkpoints in {shown(out)}: best.safetensors (epoch {history.best_epoch}), last.safetensors"
+    )
     return 0
 
 
@@ -224,7 +227,7 @@ def _maps(args: argparse.Namespace) -> int:
     for layer, tensor in maps.items():
         files = drawn.get(layer)
         where = f"{files['grid']}, {files['sum']}" if files else "not a [C, H, W] map; not drawn"
-        print(f"{layer}: {list(tensor.shape)} -> {where}")
+        print(f"{shown(layer)}: {list(tensor.shape)} -> {shown(where)}")
     return 0
 
 
@@ -245,7 +248,9 @@ def _index_build(args: argparse.Namespace) -> int:
     )
     path = search.save(args.out)
     classes = len(search.class_names or [])
-    print(f"indexed {len(search.index)} images ({search.index.dim}-d, {classes} classes) -> {path}")
+    print(
+        f"indexed {len(search.index)} images ({search.index.dim}-d, {classes} classes) -> {shown(path)}"
+    )
     return 0
 
 
@@ -260,7 +265,7 @@ def _index_search(args: argparse.Namespace) -> int:
         print(weights_sentence(search.weights), file=sys.stderr)
     missing = search.missing_summary()
     if missing:
-        print(f"note: {missing}", file=sys.stderr)
+        print(f"note: {shown(missing)}", file=sys.stderr)
     k = min(args.k, len(search.index))
     if k < args.k:
         print(
@@ -276,11 +281,11 @@ def _index_search(args: argparse.Namespace) -> int:
     for query, dists, ids, paths in zip(
         args.images, result.distances.tolist(), result.ids.tolist(), result.metadata, strict=True
     ):
-        print(f"{query}:")
+        print(f"{shown(query)}:")
         for rank, (dist, i, path) in enumerate(zip(dists, ids, paths, strict=True), start=1):
-            print(f"  {rank:>3}  {dist:10.4f}  {names.get(i, '?'):<12} {path}")
+            print(f"  {rank:>3}  {dist:10.4f}  {shown(names.get(i, '?')):<12} {shown(path or '?')}")
     fs.save_figure(search.montage(list(args.images), k), args.out)
-    print(f"montage -> {args.out}")
+    print(f"montage -> {shown(args.out)}")
     return 0
 
 

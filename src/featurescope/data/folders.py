@@ -106,9 +106,10 @@ def load_rgb(path: PathLike) -> Image.Image:
     """
     from PIL import ImageOps
 
+    os.stat(path)  # a missing file raises FileNotFoundError, as Image.open would
     not_regular = _not_regular(path)
     if not_regular is not None:
-        raise FeaturescopeError(f"cannot read image {printable(os.fspath(path))}: {not_regular}")
+        raise _NotRegularFileError(f"cannot read image {printable(os.fspath(path))}: {not_regular}")
     with Image.open(path) as img:
         img.load()
         upright = ImageOps.exif_transpose(img)
@@ -145,6 +146,11 @@ _KINDS = (
     (stat.S_ISBLK, "a block device"),
     (stat.S_ISDIR, "a folder"),
 )
+
+
+class _NotRegularFileError(FeaturescopeError, OSError):
+    """A FIFO, socket or device where an image file was expected: an ``OSError`` like a
+    missing file, for callers that skip unreadable files, and a featurescope error."""
 
 
 def _not_regular(path: PathLike) -> str | None:

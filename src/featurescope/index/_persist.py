@@ -59,7 +59,12 @@ def save_index(index: EmbeddingIndex, path: str | os.PathLike[str]) -> Path:
     """Write ``index`` to ``path`` atomically; see :meth:`EmbeddingIndex.save`."""
     from safetensors.torch import save_file
 
-    meta_bytes = json.dumps(index.metadata, ensure_ascii=False).encode("utf-8")
+    try:
+        meta_bytes = json.dumps(index.metadata, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # A file name that is not UTF-8 (os.fsdecode's lone surrogates, "caf\udce9.png"):
+        # JSON's \u escapes keep it losslessly, and json.loads gives back the same string.
+        meta_bytes = json.dumps(index.metadata).encode("ascii")
     tensors = {
         "vectors": index.vectors.contiguous(),
         "ids": index.ids.contiguous(),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
+import re
 from collections.abc import Mapping
 from html.parser import HTMLParser
 from importlib import resources
@@ -140,10 +143,36 @@ def _similarity_block(data: dict[str, Any]) -> str:
     )
 
 
+#: What may not appear raw in a page's inline JSON: markup characters (a name such as
+#: ``<!--<script>.png`` would otherwise change how the HTML parser reads the script element),
+#: JavaScript's line separators, and lone surrogates (file names that are not UTF-8).
+_UNSAFE_IN_SCRIPT = re.compile("[<>&\u2028\u2029\ud800-\udfff]")
+
+
+def inert_json(data: Any) -> str:
+    """``data`` as JSON that no value can break out of inside ``<script>``: every ``<``, ``>``,
+    ``&``, U+2028, U+2029 and lone surrogate is written as a ``\\uXXXX`` escape.
+
+    Example:
+        >>> inert_json({"name": "<!--<script>&.png"})
+        '{"name":"\\\\u003c!--\\\\u003cscript\\\\u003e\\\\u0026.png"}'
+        >>> json.loads(inert_json({"name": "<!--<script>&.png"}))["name"]
+        '<!--<script>&.png'
+    """
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return _UNSAFE_IN_SCRIPT.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def script_hash(script: str) -> str:
+    """The CSP source that allows exactly this inline script and no other: ``'sha256-...'``."""
+    digest = hashlib.sha256(script.encode("utf-8")).digest()
+    return f"'sha256-{base64.b64encode(digest).decode('ascii')}'"
+
+
 def render(data: dict[str, Any]) -> str:
     """The whole page: ``data`` as inline JSON, drawn by ``explorer.js``."""
     script = resources.files("featurescope.study").joinpath("explorer.js").read_text("utf-8")
-    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
+    payload = inert_json(data)
     curves = (
         "<h2>Training: width × batch size</h2><div id='fs-curves'></div>" if data["runs"] else ""
     )
@@ -155,7 +184,7 @@ def render(data: dict[str, Any]) -> str:
     colour = "Coloured by class; click" if data["classes"] else "Click"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src {script_hash(script)}">
 <title>{html.escape(data["title"])}</title><style>{_CSS}</style></head>
 <body>
 <h1>{html.escape(data["title"])}</h1>
