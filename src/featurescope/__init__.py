@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # what _LAZY imports at run time, spelled out for type checke
     from featurescope.plugins import list_plugins, register_plugin, unregister_plugin
     from featurescope.study import ImageSearch
     from featurescope.tap import FeatureTap, get_graph_node_names, grad_cam
+    from featurescope.tap._receptive import ReceptiveField, receptive_field, receptive_fields
     from featurescope.train import History, train
     from featurescope.visualizers import get_visualizer, list_visualizers, save_figure, visualize
     from featurescope.zoo import (
@@ -84,6 +85,8 @@ _LAZY_MODULES: dict[str, tuple[str, ...]] = {
     "featurescope.plugins": ("list_plugins", "register_plugin", "unregister_plugin"),
     "featurescope.study": ("ImageSearch",),
     "featurescope.tap": ("FeatureTap", "get_graph_node_names", "grad_cam"),
+    # tap/__init__.py belongs to another change in flight; it can re-export these later.
+    "featurescope.tap._receptive": ("ReceptiveField", "receptive_field", "receptive_fields"),
     "featurescope.train": ("History", "train"),
     "featurescope.visualizers": ("get_visualizer", "list_visualizers", "save_figure", "visualize"),
     "featurescope.zoo": (
@@ -158,6 +161,7 @@ __all__ = [
     "NodeNotFoundError",
     "PluginError",
     "Preprocessing",
+    "ReceptiveField",
     "SearchResult",
     "ShardedEmbeddingIndex",
     "UnknownNameError",
@@ -181,6 +185,8 @@ __all__ = [
     "make_synthetic_dataset",
     "model_metadata",
     "read_checkpoint_metadata",
+    "receptive_field",
+    "receptive_fields",
     "register_model",
     "register_plugin",
     "resolve_preprocessing",
