@@ -106,7 +106,7 @@ def test_tokens_are_ranked_on_their_grid() -> None:
     images = torch.rand(5, 1, 6, 6)
     top = top_activations(model, images, ["cat"], k=2)["cat"]
     maps = model.proj(images).detach()  # the same tokens as maps [N, 3, 3, 3]
-    values, ids, positions = _brute(maps.double().numpy(), 2, "max")
+    _, ids, positions = _brute(maps.double().numpy(), 2, "max")
     assert top.grid == (3, 3)
     np.testing.assert_array_equal(top.image_ids.numpy(), ids)
     np.testing.assert_array_equal(top.positions.numpy(), positions)
