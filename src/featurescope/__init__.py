@@ -53,7 +53,13 @@ if TYPE_CHECKING:  # what _LAZY imports at run time, spelled out for type checke
     from featurescope.tap import FeatureTap, get_graph_node_names, grad_cam
     from featurescope.tap._receptive import ReceptiveField, receptive_field, receptive_fields
     from featurescope.train import History, train
-    from featurescope.units import TopActivations, merge_top_activations, top_activations
+    from featurescope.units import (
+        TopActivations,
+        merge_top_activations,
+        patch,
+        project,
+        top_activations,
+    )
     from featurescope.visualizers import get_visualizer, list_visualizers, save_figure, visualize
     from featurescope.zoo import (
         AlexNet,
@@ -89,7 +95,13 @@ _LAZY_MODULES: dict[str, tuple[str, ...]] = {
     # tap/__init__.py belongs to another change in flight; it can re-export these later.
     "featurescope.tap._receptive": ("ReceptiveField", "receptive_field", "receptive_fields"),
     "featurescope.train": ("History", "train"),
-    "featurescope.units": ("TopActivations", "merge_top_activations", "top_activations"),
+    "featurescope.units": (
+        "TopActivations",
+        "merge_top_activations",
+        "patch",
+        "project",
+        "top_activations",
+    ),
     "featurescope.visualizers": ("get_visualizer", "list_visualizers", "save_figure", "visualize"),
     "featurescope.zoo": (
         "AlexNet",
@@ -188,6 +200,8 @@ __all__ = [
     "make_synthetic_dataset",
     "merge_top_activations",
     "model_metadata",
+    "patch",
+    "project",
     "read_checkpoint_metadata",
     "receptive_field",
     "receptive_fields",
