@@ -32,6 +32,7 @@ LAYERS = (
     ("featurescope.index",),
     ("featurescope.zoo",),
     ("featurescope.tap",),
+    ("featurescope.units",),
     ("featurescope.visualizers",),
     ("featurescope.train",),
     ("featurescope.study",),

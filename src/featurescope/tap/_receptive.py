@@ -58,6 +58,13 @@ class ReceptiveField:
             box is the whole truth.
         dims: the node's tensor dimensions that carry rows and columns (``(2, 3)`` for
             ``[N, C, H, W]``, ``(1, 2)`` for channel-last maps), or ``None`` when global.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1))
+        >>> fields = receptive_fields(model, ["0", "1"], (8, 8))
+        >>> fields["0"].output_size, fields["0"].box(5, 5), fields["1"].is_global
+        ((6, 6), (5, 5, 8, 8), True)
     """
 
     node: str
@@ -935,9 +942,9 @@ def receptive_fields(
         >>> model = torchvision.models.resnet18()
         >>> rfs = receptive_fields(model, ["layer1", "layer4", "avgpool"], (64, 64))
         >>> rfs["layer1"].stride, rfs["layer1"].size, rfs["layer4"].size
-        ((4.0, 4.0), (51.0, 51.0), (435.0, 435.0))
+        ((4.0, 4.0), (43.0, 43.0), (435.0, 435.0))
         >>> rfs["layer1"].box(0, 0), rfs["avgpool"].is_global
-        ((0, 0, 23, 23), True)
+        ((0, 0, 22, 22), True)
     """
     if gates not in ("global", "local"):
         raise FeaturescopeError(f"gates must be 'global' or 'local', got {gates!r}")

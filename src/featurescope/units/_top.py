@@ -38,6 +38,13 @@ class TopActivations:
         grid: the node's ``(height, width)``; tokens (``[N, T, D]``) are laid on their square
             grid, a class token left out; ``(1, 1)`` for a vector.
         reduce: ``"max"`` or ``"mean"``: how an image's map scores it.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Identity())
+        >>> top = top_activations(model, torch.rand(5, 3, 4, 4), ["0"], k=2)["0"]
+        >>> top.values.shape, top.image_ids.shape, top.positions.shape, top.grid
+        (torch.Size([3, 2]), torch.Size([3, 2]), torch.Size([3, 2, 2]), (4, 4))
     """
 
     node: str
