@@ -289,7 +289,9 @@ def test_builtin_models_and_visualizers_are_plugins():
     assert models == sorted(set(fs.list_models()) - set(fs.zoo._registry._DECORATED))
     views = sorted(v for p in provides.values() for v in p["visualizers"])
     assert (
-        views == fs.list_visualizers() == ["curves", "gradcam", "grid", "montage", "overlay", "sum"]
+        views
+        == fs.list_visualizers()
+        == ["curves", "gradcam", "grid", "montage", "overlay", "sum", "units"]
     )
 
 

@@ -38,6 +38,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "featurescope.visualizers.overlay",
     "featurescope.visualizers.montage",
     "featurescope.visualizers.curves",
+    "featurescope.visualizers.units",
     "featurescope.study.gradcam",
 )
 
