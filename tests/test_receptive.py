@@ -134,6 +134,30 @@ def test_flatten_then_linear_is_global_and_flatten_has_no_grid() -> None:
     assert "1" not in receptive_fields(model, None, (8, 8))
 
 
+def _checked(x: torch.Tensor) -> torch.Tensor:
+    """A check wrapped with torch.fx.wrap, as the study's AlexNet checks its input's size."""
+    if x.shape[-1] < 4:
+        raise ValueError("too small")
+    return x
+
+
+torch.fx.wrap("_checked")
+
+
+class _Checks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(_checked(x))
+
+
+def test_an_unknown_function_that_returns_its_input_untouched_is_the_identity() -> None:
+    _check(_Checks().eval(), (9, 9), ["_checked", "conv"])
+    assert receptive_field(_Checks(), "conv", (9, 9)).size == (3.0, 3.0)
+
+
 class _Rolls(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.roll(x, 1, dims=2)

@@ -226,6 +226,7 @@ def _shapes(
     the arguments of each call to a module this file does not know (traced into later)."""
     shapes: dict[fx.Node, Any] = {}
     calls: dict[fx.Node, tuple[Any, ...]] = {}
+    identities: dict[fx.Node, int] = {}
 
     def shape_of(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -240,12 +241,30 @@ def _shapes(
                 module.get_submodule(str(n.target)), _KNOWN_MODULES
             ):
                 calls[n] = self.fetch_args_kwargs_from_env(n)[0]
+            unknown = n.op in ("call_function", "call_method") and not _is_known(n, module)
+            before = (
+                [
+                    a.clone() if isinstance(a, torch.Tensor) else a
+                    for a in self.fetch_args_kwargs_from_env(n)[0]
+                ]
+                if unknown
+                else []
+            )
             value = super().run_node(n)
             shapes[n] = shape_of(value)
+            if unknown:
+                args = self.fetch_args_kwargs_from_env(n)[0]
+                for k, arg in enumerate(args):
+                    # An unknown function that hands back its argument untouched (a check, an
+                    # assertion wrapped with torch.fx.wrap) is the identity.
+                    if value is arg and torch.equal(before[k], arg):
+                        identities[n] = k
             return value
 
     with torch.no_grad():
         _Recorder(module).run(*args)
+    for node, k in identities.items():
+        calls[node] = (k,)  # read by _function_state: pass argument k through
     return shapes, calls
 
 
@@ -863,7 +882,28 @@ def _function_state(
         if isinstance(state, _Grid) and any(a.dim == dim for a in state.axes):
             raise _Unknown(f"{name} along a position dimension")
         return [state] * len(out_shape)
+    if node in ctx.calls and node.op != "call_module":
+        return ctx.state(node.args[ctx.calls[node][0]])
     raise _Unknown(name)
+
+
+_KNOWN_NAMES = (
+    _POINTWISE_NAMES
+    | _MIXING_NAMES
+    | _SHAPE_NAMES
+    | _METADATA_NAMES
+    | {
+        "conv2d", "max_pool2d", "avg_pool2d", "max_pool2d_with_indices", "adaptive_avg_pool2d",
+        "adaptive_max_pool2d", "interpolate", "upsample", "getitem", "cat", "concat",
+        "concatenate", "permute", "transpose", "swapaxes", "mean", "sum", "amax", "amin", "max",
+        "min", "std", "var", "logsumexp", "norm", "softmax", "log_softmax", "layer_norm", "chunk",
+        "split", "unbind",
+    }
+)  # fmt: skip
+
+
+def _is_known(node: fx.Node, module: fx.GraphModule) -> bool:
+    return _op_name(node, module) in _KNOWN_NAMES
 
 
 _KNOWN_MODULES: tuple[type[nn.Module], ...] = (
