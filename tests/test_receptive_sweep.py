@@ -3,12 +3,17 @@
 For each model (random weights, eval mode, a small input), every node whose field is defined
 is checked at its corners and middle against the support of the gradient (see
 ``tests/_receptive_truth.py``). Nodes the analysis cannot follow (an op it does not know)
-fail the model with the op's name. The full sweep runs on the newest torch only and takes
-many minutes on two cores (float64 gradients); older torches run a subset.
+fail the model with the op's name.
+
+The float64 gradients cost far more than the tap sweep's forward passes (densenet121 alone
+takes minutes on two cores), so the sweep runs only when ``FEATURESCOPE_RECEPTIVE_SWEEP=1``,
+then on the newest torch in full and on older ones for a subset, as the tap sweep does.
+``tests/test_receptive.py`` keeps a cheap check of resnet18 in every run.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -29,15 +34,18 @@ def _side(name: str) -> int:
     return _INPUT.get(name, 32)
 
 
-def _models() -> list[pytest.param]:
+def _skip(name: str) -> tuple[pytest.MarkDecorator, ...]:
+    if os.environ.get("FEATURESCOPE_RECEPTIVE_SWEEP") != "1":
+        return (pytest.mark.skip(reason="set FEATURESCOPE_RECEPTIVE_SWEEP=1 to sweep"),)
     newest = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= NEWEST_TORCH
+    if newest or name in SUBSET:
+        return ()
+    return (pytest.mark.skip(reason="the full sweep runs on the newest torch only"),)
+
+
+def _models() -> list[pytest.param]:
     return [
-        pytest.param(
-            n,
-            marks=()
-            if newest or n in SUBSET
-            else pytest.mark.skip(reason="the full sweep runs on the newest torch only"),
-        )
+        pytest.param(n, marks=_skip(n))
         for n in torchvision.models.list_models(module=torchvision.models)
     ]
 

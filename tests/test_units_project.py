@@ -35,6 +35,7 @@ class _Functional(nn.Module):
         return self.c3(nn.functional.relu(self.c2(x), inplace=True))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:captum")
 @pytest.mark.parametrize(
     ("method", "captum"), [("deconvnet", "Deconvolution"), ("guided", "GuidedBackprop")]
 )

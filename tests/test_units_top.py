@@ -48,7 +48,7 @@ def _brute(maps: np.ndarray, k: int, reduce: str) -> tuple[np.ndarray, np.ndarra
     return np.array(values), np.array(ids), np.array(positions)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     n=st.integers(1, 12),
