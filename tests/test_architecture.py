@@ -33,6 +33,7 @@ LAYERS = (
     ("featurescope.index",),
     ("featurescope.zoo",),
     ("featurescope.tap",),
+    ("featurescope.units",),
     ("featurescope.visualizers",),
     ("featurescope.compare",),
     ("featurescope.train",),

@@ -292,7 +292,7 @@ def test_builtin_models_and_visualizers_are_plugins():
     assert (
         views
         == fs.list_visualizers()
-        == ["curves", "gradcam", "grid", "montage", "overlay", "similarity", "sum"]
+        == ["curves", "gradcam", "grid", "montage", "overlay", "similarity", "sum", "units"]
     )
 
 

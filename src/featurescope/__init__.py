@@ -52,8 +52,22 @@ if TYPE_CHECKING:  # what _LAZY imports at run time, spelled out for type checke
     )
     from featurescope.plugins import list_plugins, register_plugin, unregister_plugin
     from featurescope.study import ImageSearch
-    from featurescope.tap import FeatureTap, get_graph_node_names, grad_cam
+    from featurescope.tap import (
+        FeatureTap,
+        ReceptiveField,
+        get_graph_node_names,
+        grad_cam,
+        receptive_field,
+        receptive_fields,
+    )
     from featurescope.train import History, train
+    from featurescope.units import (
+        TopActivations,
+        merge_top_activations,
+        patch,
+        project,
+        top_activations,
+    )
     from featurescope.visualizers import get_visualizer, list_visualizers, save_figure, visualize
     from featurescope.zoo import (
         AlexNet,
@@ -87,8 +101,23 @@ _LAZY_MODULES: dict[str, tuple[str, ...]] = {
     ),
     "featurescope.plugins": ("list_plugins", "register_plugin", "unregister_plugin"),
     "featurescope.study": ("ImageSearch",),
-    "featurescope.tap": ("FeatureTap", "get_graph_node_names", "grad_cam"),
+    "featurescope.tap": (
+        "FeatureTap",
+        "ReceptiveField",
+        "get_graph_node_names",
+        "grad_cam",
+        "receptive_field",
+        "receptive_fields",
+    ),
+    # tap/__init__.py belongs to another change in flight; it can re-export these later.
     "featurescope.train": ("History", "train"),
+    "featurescope.units": (
+        "TopActivations",
+        "merge_top_activations",
+        "patch",
+        "project",
+        "top_activations",
+    ),
     "featurescope.visualizers": ("get_visualizer", "list_visualizers", "save_figure", "visualize"),
     "featurescope.zoo": (
         "AlexNet",
@@ -163,9 +192,11 @@ __all__ = [
     "NodeNotFoundError",
     "PluginError",
     "Preprocessing",
+    "ReceptiveField",
     "SearchConfig",
     "SearchResult",
     "ShardedEmbeddingIndex",
+    "TopActivations",
     "UnknownNameError",
     "UnsafeCheckpointError",
     "VisualizationError",
@@ -186,14 +217,20 @@ __all__ = [
     "load_checkpoint",
     "load_image_folders",
     "make_synthetic_dataset",
+    "merge_top_activations",
     "model_metadata",
+    "patch",
+    "project",
     "read_checkpoint_metadata",
+    "receptive_field",
+    "receptive_fields",
     "register_model",
     "register_plugin",
     "resolve_preprocessing",
     "retrieval_metrics",
     "save_checkpoint",
     "save_figure",
+    "top_activations",
     "train",
     "unregister_plugin",
     "visualize",

@@ -39,6 +39,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "featurescope.visualizers.montage",
     "featurescope.visualizers.curves",
     "featurescope.visualizers.similarity",
+    "featurescope.visualizers.units",
     "featurescope.study.gradcam",
 )
 

@@ -1,0 +1,12 @@
+"""What a channel sees: its top activations over a dataset, their patches and projections.
+
+:func:`top_activations` streams a dataset through a :class:`~featurescope.FeatureTap` and keeps
+each channel's strongest images (Zeiler & Fergus, "Visualizing and Understanding Convolutional
+Networks", 2014); receptive fields come from :func:`featurescope.receptive_field`.
+"""
+
+from featurescope.units._patch import patch
+from featurescope.units._project import project
+from featurescope.units._top import TopActivations, merge_top_activations, top_activations
+
+__all__ = ["TopActivations", "merge_top_activations", "patch", "project", "top_activations"]
