@@ -168,8 +168,8 @@ def top_activations(
         ...     _ = model[0].weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
         >>> images = torch.arange(12.0).view(3, 1, 2, 2)  # image 2 is the brightest
         >>> top = top_activations(model, images, ["0"], k=2)["0"]
-        >>> top.image_ids.tolist(), top.positions[0, 0].tolist(), top.values[1].tolist()
-        ([[2, 1], [0, 1]], [1, 1], [-0.0, -4.0])
+        >>> top.image_ids.tolist(), top.positions[0, 0].tolist(), (top.values[1] + 0).tolist()
+        ([[2, 1], [0, 1]], [1, 1], [0.0, -4.0])
     """
     if not isinstance(k, int) or k < 1:
         raise FeaturescopeError(f"k must be a positive integer, got {k!r}")

@@ -68,7 +68,7 @@ def list_visualizers(pattern: str | None = None) -> list[str]:
 
     Example:
         >>> list_visualizers()
-        ['curves', 'gradcam', 'grid', 'montage', 'overlay', 'similarity', 'sum']
+        ['curves', 'gradcam', 'grid', 'montage', 'overlay', 'similarity', 'sum', 'units']
     """
     return VISUALIZERS.names(pattern)
 
