@@ -1,8 +1,13 @@
 """featurescope: see inside convolutional networks.
 
 Tap any layer's outputs (:class:`FeatureTap`), search images by their embeddings
-(:class:`EmbeddingIndex`), build the study's AlexNets by name (:func:`create_model`), and draw
-what you find with plugin visualizers.
+(:class:`EmbeddingIndex`, :class:`ImageSearch`), build models by name (:func:`create_model`),
+and draw what you find (:func:`visualize`). The root holds what a first session needs; the rest
+lives in its sub-package: :mod:`featurescope.zoo` (checkpoints, registration, specs),
+:mod:`featurescope.tap`, :mod:`featurescope.index`, :mod:`featurescope.units`,
+:mod:`featurescope.compare`, :mod:`featurescope.visualizers`, :mod:`featurescope.plugins`,
+:mod:`featurescope.data`, :mod:`featurescope.train`, :mod:`featurescope.study` and
+:mod:`featurescope.errors`.
 
 ``import featurescope`` does not import torch: each public name is imported from its module on
 first use (PEP 562), so that ``featurescope --help`` answers at once.
@@ -22,122 +27,110 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from featurescope._version import __version__
-from featurescope.errors import (
-    CheckpointError,
-    EmbeddingIndexError,
-    EmptyDatasetError,
-    FeaturescopeError,
-    FeaturescopeWarning,
-    IndexFileError,
-    InputShapeError,
-    NodeNotFoundError,
-    PluginError,
-    UnknownNameError,
-    UnsafeCheckpointError,
-    VisualizationError,
-    WeightsUnavailableError,
-)
+from featurescope.errors import FeaturescopeError, FeaturescopeWarning
 from featurescope.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # what _LAZY imports at run time, spelled out for type checkers
-    from featurescope.compare import Comparison, compare
-    from featurescope.data import ImageFolder, load_image_folders, make_synthetic_dataset
-    from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
-    from featurescope.index import (
-        EmbeddingIndex,
-        SearchConfig,
-        SearchResult,
-        ShardedEmbeddingIndex,
-        retrieval_metrics,
-    )
-    from featurescope.plugins import list_plugins, register_plugin, unregister_plugin
-    from featurescope.study import ImageSearch
+    from featurescope.compare import compare
+    from featurescope.index import EmbeddingIndex, SearchResult
+    from featurescope.study import ImageSearch, write_explorer
     from featurescope.tap import (
         FeatureTap,
-        ReceptiveField,
         get_graph_node_names,
         grad_cam,
-        receptive_field,
-        receptive_fields,
+        load_features,
+        tappable_nodes,
     )
-    from featurescope.train import History, train
-    from featurescope.units import (
-        TopActivations,
-        merge_top_activations,
-        patch,
-        project,
-        top_activations,
-    )
-    from featurescope.visualizers import get_visualizer, list_visualizers, save_figure, visualize
-    from featurescope.zoo import (
-        AlexNet,
-        ModelInfo,
-        ModelMetadata,
-        ModelSpec,
-        convert_checkpoint,
-        create_model,
-        fetch_weights,
-        get_model_info,
-        list_models,
-        load_checkpoint,
-        model_metadata,
-        read_checkpoint_metadata,
-        register_model,
-        resolve_preprocessing,
-        save_checkpoint,
-    )
+    from featurescope.visualizers import visualize
+    from featurescope.zoo import create_model, list_models, model_metadata
 
 #: The public names that need torch, by the module they come from: imported on first use.
 _LAZY_MODULES: dict[str, tuple[str, ...]] = {
-    "featurescope.compare": ("Comparison", "compare"),
-    "featurescope.data": ("ImageFolder", "load_image_folders", "make_synthetic_dataset"),
-    "featurescope.data.transforms": ("STUDY_PREPROCESSING", "Preprocessing"),
-    "featurescope.index": (
-        "EmbeddingIndex",
-        "SearchConfig",
-        "SearchResult",
-        "ShardedEmbeddingIndex",
-        "retrieval_metrics",
-    ),
-    "featurescope.plugins": ("list_plugins", "register_plugin", "unregister_plugin"),
-    "featurescope.study": ("ImageSearch",),
+    "featurescope.compare": ("compare",),
+    "featurescope.index": ("EmbeddingIndex", "SearchResult"),
+    "featurescope.study": ("ImageSearch", "write_explorer"),
     "featurescope.tap": (
         "FeatureTap",
-        "ReceptiveField",
         "get_graph_node_names",
         "grad_cam",
-        "receptive_field",
-        "receptive_fields",
+        "load_features",
+        "tappable_nodes",
     ),
-    # tap/__init__.py belongs to another change in flight; it can re-export these later.
-    "featurescope.train": ("History", "train"),
-    "featurescope.units": (
-        "TopActivations",
-        "merge_top_activations",
-        "patch",
-        "project",
-        "top_activations",
-    ),
-    "featurescope.visualizers": ("get_visualizer", "list_visualizers", "save_figure", "visualize"),
-    "featurescope.zoo": (
-        "AlexNet",
-        "ModelInfo",
-        "ModelMetadata",
-        "ModelSpec",
-        "convert_checkpoint",
-        "create_model",
-        "fetch_weights",
-        "get_model_info",
-        "list_models",
-        "load_checkpoint",
-        "model_metadata",
-        "read_checkpoint_metadata",
-        "register_model",
-        "resolve_preprocessing",
-        "save_checkpoint",
-    ),
+    "featurescope.visualizers": ("visualize",),
+    "featurescope.zoo": ("create_model", "list_models", "model_metadata"),
 }
 _LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in names}
+
+#: Where each name that left the root in 0.2.0 lives now (see the changelog); a lookup of the
+#: old name raises an AttributeError that says so, for one release.
+_MOVED: dict[str, str] = {
+    **{
+        name: f"featurescope.errors.{name}"
+        for name in (
+            "CheckpointError",
+            "EmbeddingIndexError",
+            "EmptyDatasetError",
+            "IndexFileError",
+            "InputShapeError",
+            "NodeNotFoundError",
+            "PluginError",
+            "UnknownNameError",
+            "UnsafeCheckpointError",
+            "VisualizationError",
+            "WeightsUnavailableError",
+        )
+    },
+    **{
+        name: f"featurescope.zoo.{name}"
+        for name in (
+            "AlexNet",
+            "ModelMetadata",
+            "ModelSpec",
+            "convert_checkpoint",
+            "fetch_weights",
+            "load_checkpoint",
+            "read_checkpoint_metadata",
+            "register_model",
+            "resolve_preprocessing",
+            "save_checkpoint",
+        )
+    },
+    "ModelInfo": "featurescope.zoo.ModelSpec",
+    "get_model_info": "featurescope.zoo.model_spec",
+    "Comparison": "featurescope.compare.Comparison",
+    "ImageFolder": "featurescope.data.ImageFolder",
+    "load_image_folders": "featurescope.data.load_image_folders",
+    "make_synthetic_dataset": "featurescope.data.make_synthetic_dataset",
+    "Preprocessing": "featurescope.data.Preprocessing",
+    "STUDY_PREPROCESSING": "featurescope.data.STUDY_PREPROCESSING",
+    "SearchConfig": "featurescope.index.SearchConfig",
+    "ShardedEmbeddingIndex": "featurescope.index.ShardedEmbeddingIndex",
+    "retrieval_metrics": "featurescope.index.retrieval_metrics",
+    "list_plugins": "featurescope.plugins.list_plugins",
+    "register_plugin": "featurescope.plugins.register_plugin",
+    "unregister_plugin": "featurescope.plugins.unregister_plugin",
+    "ReceptiveField": "featurescope.tap.ReceptiveField",
+    "receptive_field": "featurescope.tap.receptive_field",
+    "receptive_fields": "featurescope.tap.receptive_fields",
+    "History": "featurescope.train.History",
+    "TopActivations": "featurescope.units.TopActivations",
+    "merge_top_activations": "featurescope.units.merge_top_activations",
+    "patch": "featurescope.units.patch",
+    "project": "featurescope.units.project",
+    "top_activations": "featurescope.units.top_activations",
+    "get_visualizer": "featurescope.visualizers.get_visualizer",
+    "list_visualizers": "featurescope.visualizers.list_visualizers",
+    "save_figure": "featurescope.visualizers.save",
+}
+
+
+def _moved_error(name: str) -> AttributeError:
+    new = _MOVED[name]
+    module, _, attribute = new.rpartition(".")
+    return AttributeError(
+        f"featurescope.{name} moved to {new} in featurescope 0.2.0: "
+        f"use 'from {module} import {attribute}' (see the changelog)"
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -145,6 +138,8 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is not None:
         value = getattr(importlib.import_module(module), name)
+    elif name in _MOVED:
+        raise _moved_error(name)
     elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}"):
         value = importlib.import_module(f"{__name__}.{name}")
     else:
@@ -158,8 +153,8 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """This package's module type: a subpackage imported after the public name it shares
-    (``featurescope.train``, the function and the subpackage) does not replace that name."""
+    """This package's module type: importing the subpackage :mod:`featurescope.compare` does not
+    replace the function :func:`featurescope.compare` that shares its name."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         # The import system binds each newly imported subpackage on its parent package.
@@ -171,67 +166,22 @@ sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
-    "STUDY_PREPROCESSING",
-    "AlexNet",
-    "CheckpointError",
-    "Comparison",
     "EmbeddingIndex",
-    "EmbeddingIndexError",
-    "EmptyDatasetError",
     "FeatureTap",
     "FeaturescopeError",
     "FeaturescopeWarning",
-    "History",
-    "ImageFolder",
     "ImageSearch",
-    "IndexFileError",
-    "InputShapeError",
-    "ModelInfo",
-    "ModelMetadata",
-    "ModelSpec",
-    "NodeNotFoundError",
-    "PluginError",
-    "Preprocessing",
-    "ReceptiveField",
-    "SearchConfig",
     "SearchResult",
-    "ShardedEmbeddingIndex",
-    "TopActivations",
-    "UnknownNameError",
-    "UnsafeCheckpointError",
-    "VisualizationError",
-    "WeightsUnavailableError",
     "__version__",
     "compare",
-    "convert_checkpoint",
     "create_model",
-    "fetch_weights",
     "get_graph_node_names",
-    "get_model_info",
-    "get_visualizer",
     "grad_cam",
     "hookimpl",
     "list_models",
-    "list_plugins",
-    "list_visualizers",
-    "load_checkpoint",
-    "load_image_folders",
-    "make_synthetic_dataset",
-    "merge_top_activations",
+    "load_features",
     "model_metadata",
-    "patch",
-    "project",
-    "read_checkpoint_metadata",
-    "receptive_field",
-    "receptive_fields",
-    "register_model",
-    "register_plugin",
-    "resolve_preprocessing",
-    "retrieval_metrics",
-    "save_checkpoint",
-    "save_figure",
-    "top_activations",
-    "train",
-    "unregister_plugin",
+    "tappable_nodes",
     "visualize",
+    "write_explorer",
 ]

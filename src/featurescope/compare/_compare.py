@@ -20,7 +20,7 @@ from featurescope.compare._plan import REDUCTIONS, dist_info, plan_batches, spli
 from featurescope.compare._result import Comparison
 from featurescope.errors import FeaturescopeError, FeaturescopeWarning, did_you_mean
 from featurescope.tap import FeatureTap
-from featurescope.zoo import model_metadata
+from featurescope.zoo import model_metadata, model_name
 
 __all__ = ["compare"]
 
@@ -47,11 +47,6 @@ def _requested(model: nn.Module, nodes: Nodes | None, argument: str) -> dict[str
     if len(set(labels)) < len(labels) or len({n for n, _ in pairs}) < len(pairs):
         raise FeaturescopeError(f"{argument} names a node (or gives a label) twice: {pairs}")
     return dict(pairs)
-
-
-def _name(model: nn.Module) -> str:
-    meta = model_metadata(model)
-    return meta.architecture if meta is not None else type(model).__name__
 
 
 class _Taps:
@@ -217,8 +212,8 @@ def compare(
     if out is not None:
         folder = Path(out) / f"rank{rank}" if world > 1 else Path(out)
         header = {
-            "model_a": _name(model_a),
-            "model_b": _name(model_b),
+            "model_a": model_name(model_a),
+            "model_b": model_name(model_b),
             "weights_a": weights_fingerprint(model_a),
             "weights_b": weights_fingerprint(model_b),
             "nodes_a": want_a,
@@ -261,8 +256,8 @@ def compare(
         num_images=len(plan.order),
         nodes_a=labels_a,
         nodes_b=labels_b,
-        model_a=_name(model_a),
-        model_b=_name(model_b),
+        model_a=model_name(model_a),
+        model_b=model_name(model_b),
         reduce=reduce,
         batch_size=plan.batch_size,
         num_batches=len(plan.batches),

@@ -35,7 +35,7 @@ from featurescope.index import EmbeddingIndex
 from featurescope.tap import FeatureTap
 from featurescope.train import BEST, LAST, History, train
 from featurescope.train.presets import Preset
-from featurescope.zoo import load_checkpoint, model_metadata, resolve_preprocessing
+from featurescope.zoo import load_checkpoint, model_metadata, model_name, resolve_preprocessing
 
 __all__ = [
     "WidthRun",
@@ -299,20 +299,20 @@ def embed(
 
 
 def embedding_node(model: nn.Module, node: str | None = None) -> str:
-    """``node``, or the zoo entry's embedding layer (``"fc.4"`` for the AlexNets).
+    """``node``, or the zoo entry's embedding node (``"fc.4"`` for the AlexNets).
 
     Raises:
-        FeaturescopeError: no node given and the model's embedding layer is unknown.
+        FeaturescopeError: no node given and the model's embedding node is unknown.
     """
     if node is not None:
         return node
-    info = model_metadata(model)
-    if info is None or info.embedding_node is None:
+    meta = model_metadata(model)
+    if meta is None or meta.embedding_node is None:
         raise FeaturescopeError(
-            "this model has no known embedding layer; pass node=... "
+            "this model has no known embedding node; pass node=... "
             "(featurescope.get_graph_node_names(model) lists the nodes)"
         )
-    return info.embedding_node
+    return meta.embedding_node
 
 
 def preprocess_image(model: nn.Module, image: Any) -> torch.Tensor:
@@ -494,7 +494,7 @@ def compare_width_representations(
     """
     from featurescope.compare import compare, write_comparison
 
-    names = (_model_name(full), _model_name(half))
+    names = (model_name(full), model_name(half))
     nodes = [f"{side}.{stage}" for side in ("full_width", "half_width") for stage in stages]
     pair = _TwoWidths(full, half)
     if device is not None:
@@ -544,8 +544,3 @@ def compare_width_representations(
         "stages": list(stages),
         "comparisons": comparisons,
     }
-
-
-def _model_name(model: nn.Module) -> str:
-    meta = model_metadata(model)
-    return meta.architecture if meta is not None else type(model).__name__

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +25,10 @@ from torch import nn
 from featurescope._io import new_dir_mode
 from featurescope._torch_utils import model_device, training_mode
 from featurescope.data import ImageFolder
-from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
+from featurescope.data.transforms import Preprocessing
 from featurescope.errors import FeaturescopeError, IndexFileError, InputShapeError
 from featurescope.index import EmbeddingIndex, SearchResult
+from featurescope.study._experiments import embedding_node
 from featurescope.study._owned_folder import (
     check_replaceable,
     owned_folder_lock,
@@ -37,6 +37,7 @@ from featurescope.study._owned_folder import (
     staging_folder,
 )
 from featurescope.tap import FeatureTap
+from featurescope.zoo.metadata import ModelMetadata, model_metadata, model_name, resolve_preprocessing
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -50,36 +51,6 @@ MANIFEST, INDEX, WEIGHTS = "search.json", "index.safetensors", "model.safetensor
 #: Everything a saved search's folder may hold: a folder with anything else is not replaced.
 _OWN_FILES = frozenset({MANIFEST, INDEX, WEIGHTS})
 _FORMAT_PREFIX = FORMAT.rsplit("/", 1)[0] + "/"
-
-
-@dataclass(frozen=True)
-class _ZooFacts:
-    name: str | None
-    num_classes: int | None
-    class_names: list[str] | None
-    preprocessing: Preprocessing | None
-    embedding_node: str | None
-    stages: tuple[str, ...] = ()
-    weights: str | None = None
-
-
-def _zoo_facts(model: nn.Module) -> _ZooFacts:
-    """What the zoo knows of ``model``: the one place this module reads zoo metadata."""
-    from featurescope.zoo import model_metadata
-
-    meta = model_metadata(model)
-    if meta is None:
-        return _ZooFacts(None, None, None, None, None, ())
-    names = list(meta.class_names) if meta.class_names is not None else None
-    return _ZooFacts(
-        name=meta.architecture,
-        num_classes=meta.num_classes,
-        class_names=names,
-        preprocessing=meta.preprocessing,
-        embedding_node=meta.embedding_node,
-        stages=meta.stage_nodes,
-        weights=meta.weights,
-    )
 
 
 def weights_sentence(origin: str | None) -> str:
@@ -127,12 +98,10 @@ def _placeholder() -> torch.Tensor:
     return torch.full((3, 32, 32), 0.85)
 
 
-def _weights_reproducible(model: nn.Module, facts: _ZooFacts) -> bool:
+def _weights_reproducible(model: nn.Module, meta: ModelMetadata) -> bool:
     """Whether ``create_model(name)`` alone gives these weights (e.g. pretrained, fixed ones)."""
     from featurescope.zoo import create_model
 
-    if facts.name is None:
-        return False
     ours = model.state_dict()
     # Built under two different seeds: random initial weights differ between them (even where
     # the caller's seed happened to give these), weights the builder fixes do not.
@@ -140,7 +109,7 @@ def _weights_reproducible(model: nn.Module, facts: _ZooFacts) -> bool:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
-                theirs = create_model(facts.name, num_classes=facts.num_classes).state_dict()
+                theirs = create_model(meta.architecture, num_classes=meta.num_classes).state_dict()
             except FeaturescopeError:
                 return False
         if ours.keys() != theirs.keys() or not all(
@@ -199,31 +168,23 @@ class ImageSearch:
     ) -> None:
         #: ``(path, reason)`` of each file in the folder that was not an image or did not decode.
         self.skipped: list[tuple[str, str]] = [(str(p), str(why)) for p, why in skipped]
-        facts = _zoo_facts(model)
-        node = node or facts.embedding_node
-        if node is None:
-            raise FeaturescopeError(
-                "this model has no known embedding node; pass node=... "
-                "(featurescope.get_graph_node_names(model) lists the nodes)"
-            )
+        meta = model_metadata(model)
         self.model = model
         self.index = index
-        self.node: str = node
-        self.preprocessing: Preprocessing = (
-            preprocessing or facts.preprocessing or STUDY_PREPROCESSING
-        )
+        self.node: str = embedding_node(model, node)
+        self.preprocessing: Preprocessing = resolve_preprocessing(model, preprocessing)
         self.root: Path | None = Path(root).resolve() if root is not None else None
-        names = class_names if class_names is not None else facts.class_names
-        self.class_names: list[str] | None = list(names) if names is not None else None
+        if class_names is None and meta is not None:
+            class_names = meta.class_names
+        self.class_names: list[str] | None = list(class_names) if class_names is not None else None
         #: Where the model's weights came from (its metadata's ``weights``): ``"random"``, a
         #: pretrained tag, ``"checkpoint:..."``, or ``None`` when not known.
-        self.weights: str | None = facts.weights
+        self.weights: str | None = meta.weights if meta is not None else None
         self._tap: FeatureTap | None = None
 
     def __repr__(self) -> str:
-        model = _zoo_facts(self.model).name or type(self.model).__name__
         return (
-            f"ImageSearch({model}, node={self.node!r}, {len(self.index)} images, "
+            f"ImageSearch({model_name(self.model)}, node={self.node!r}, {len(self.index)} images, "
             f"{self.index.dim}-d, weights={self.weights!r}, "
             f"root={str(self.root) if self.root else None!r})"
         )
@@ -261,15 +222,13 @@ class ImageSearch:
         Raises:
             EmptyDatasetError: the folder holds no readable image.
         """
-        from featurescope.study._experiments import embed, index_embeddings
+        from featurescope.study._experiments import embed, index_embeddings  # they build these
 
-        facts = _zoo_facts(model)
-        prep = preprocessing or facts.preprocessing or STUDY_PREPROCESSING
+        prep = resolve_preprocessing(model, preprocessing)
         root = Path(folder)
         if (root / "train").is_dir():
             root = root / "train"
         dataset = ImageFolder(root, prep.transform())
-        node = node or facts.embedding_node
         extraction = embed(
             model, dataset, node=node, batch_size=batch_size, device=device, progress=progress
         )
@@ -472,8 +431,8 @@ class ImageSearch:
 
         target = Path(path)
         check_replaceable(target, _OWN_FILES, _FORMAT_PREFIX, overwrite=overwrite)
-        facts = _zoo_facts(self.model)
-        if facts.name is None:
+        meta = model_metadata(self.model)
+        if meta is None:
             raise FeaturescopeError(
                 "only a zoo model can be saved with its search (its architecture is rebuilt by "
                 "name); create it with featurescope.create_model or @featurescope.register_model"
@@ -481,9 +440,9 @@ class ImageSearch:
         paths = [_relative(p, self.root) if p is not None else None for p in self.index.metadata]
         manifest = {
             "format": FORMAT,
-            "model": facts.name,
-            "num_classes": facts.num_classes,
-            "checkpoint": None if _weights_reproducible(self.model, facts) else WEIGHTS,
+            "model": meta.architecture,
+            "num_classes": meta.num_classes,
+            "checkpoint": None if _weights_reproducible(self.model, meta) else WEIGHTS,
             # Where the weights came from: "random" stays "random" even though they are kept
             # in model.safetensors (which, reloaded, would read as a checkpoint).
             "weights": self.weights,

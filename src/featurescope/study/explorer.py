@@ -30,7 +30,8 @@ from featurescope.errors import FeaturescopeError
 from featurescope.index import retrieval_metrics
 from featurescope.study import _explorer_data as pack
 from featurescope.study._explorer_page import metric_rows, parse, render
-from featurescope.study._search import ImageSearch, _zoo_facts, weights_sentence
+from featurescope.study._search import ImageSearch, weights_sentence
+from featurescope.zoo.metadata import model_metadata, model_name
 
 __all__ = ["explore_index", "query_images", "read_explorer_data", "write_explorer"]
 
@@ -207,12 +208,12 @@ def write_explorer(
             f"none of the {len(paths)} query images could be read (first: {paths[0]!r})"
         )
     paths, labels = [paths[i] for i in kept], [labels[i] for i in kept]
-    facts = _zoo_facts(search.model)
+    meta = model_metadata(search.model)
     names = pack.head_classes(search.model)
     analysis = pack.analyse(
         search,
         batch,
-        list(stages) if stages is not None else list(facts.stages),
+        list(stages) if stages is not None else list(meta.stage_nodes if meta else ()),
         trained_head=names is not None,
         max_map_images=max_map_images,
         max_channels=max_channels,
@@ -254,7 +255,7 @@ def write_explorer(
     data = {
         "title": title,
         "version": __version__,
-        "model": facts.name or type(search.model).__name__,
+        "model": model_name(search.model),
         "node": search.node,
         "weights": search.weights,
         "weights_sentence": weights_sentence(search.weights),

@@ -14,22 +14,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
+from featurescope.data.transforms import Preprocessing
 from featurescope.errors import FeaturescopeError, VisualizationError
 from featurescope.hookspecs import hookimpl
-from featurescope.study._search import _zoo_facts
 from featurescope.tap import grad_cam
 from featurescope.visualizers.overlay import overlay
+from featurescope.zoo.metadata import model_metadata, resolve_preprocessing
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["gradcam", "preprocessing_of"]
-
-
-def preprocessing_of(model: nn.Module, preprocessing: Preprocessing | None = None) -> Preprocessing:
-    """``preprocessing``, else the zoo model's, else the study's."""
-    return preprocessing or _zoo_facts(model).preprocessing or STUDY_PREPROCESSING
+__all__ = ["gradcam"]
 
 
 def gradcam(
@@ -75,11 +70,12 @@ def gradcam(
     """
     if not isinstance(model, nn.Module):
         raise VisualizationError(f"model= must be a torch.nn.Module, got {type(model).__name__}")
-    prep = preprocessing_of(model, preprocessing)
+    prep = resolve_preprocessing(model, preprocessing)
     image = _as_tensor(data, prep)
     cam = grad_cam(model, image[None], node=node, target=target)
     label = int(cam.targets[0])
-    names = class_names if class_names is not None else _zoo_facts(model).class_names
+    meta = model_metadata(model)
+    names = class_names if class_names is not None or meta is None else meta.class_names
     name = names[label] if names is not None and label < len(names) else f"class {label}"
     return overlay(
         cam.maps[0],

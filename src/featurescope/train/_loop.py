@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from featurescope._io import atomic_open, atomic_path
 from featurescope._progress import Progress, progress
 from featurescope.errors import CheckpointError, FeaturescopeError, UnknownNameError, did_you_mean
-from featurescope.zoo.metadata import model_metadata
+from featurescope.zoo.metadata import model_metadata, model_name
 
 __all__ = [
     "BEST",
@@ -238,11 +238,6 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _model_name(model: nn.Module) -> str:
-    meta = model_metadata(model)
-    return meta.architecture if meta is not None else type(model).__name__
 
 
 def _class_names(model: nn.Module, data: Dataset[Any]) -> list[str] | None:
@@ -474,7 +469,7 @@ def train(
     opt_name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom")
 
     fingerprint: dict[str, Any] = {
-        "model": _model_name(model),
+        "model": model_name(model),
         "optimizer": opt_name,
         "batch_size": batch_size,
         "lr_schedule": [[e, lr] for e, lr in schedule],
@@ -512,7 +507,7 @@ def train(
         else None
     )
     steps = math.ceil(len(train_data) / batch_size)  # type: ignore[arg-type]
-    desc = _model_name(model)
+    desc = model_name(model)
     with _progress_bar(max(epochs - start + 1, 0) * steps, desc, progress) as bar:
         for epoch in range(start, epochs + 1):
             began = time.perf_counter()

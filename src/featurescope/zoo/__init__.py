@@ -2,10 +2,10 @@
 installed, and any plugin's models.
 
 ``_registry`` holds the names (one :class:`~featurescope.plugins.Registry` fed by the
-``featurescope_register_models`` hook and :func:`register_model`), ``_factory`` builds
-(:func:`create_model`), ``_download`` fetches pretrained weights into torch's and Hugging
-Face's hub caches (:func:`fetch_weights`), :mod:`~featurescope.zoo.metadata` types what a built
-model is, and :mod:`~featurescope.zoo.checkpoints` reads and writes weight files. The builtin models are
+``featurescope_register_models`` hook and :func:`register_model`; :func:`model_spec` reads how
+a model is built and fed), ``_factory`` builds (:func:`create_model`), ``_download`` fetches
+pretrained weights into torch's and Hugging Face's hub caches (:func:`fetch_weights`),
+:mod:`~featurescope.zoo.metadata` types what a built model is (:func:`model_metadata`), and :mod:`~featurescope.zoo.checkpoints` reads and writes weight files. The builtin models are
 ordinary plugin modules: :mod:`~featurescope.zoo.alexnet`, :mod:`~featurescope.zoo.torchvision_models`.
 """
 
@@ -16,14 +16,7 @@ from featurescope.zoo._factory import (
     fetch_weights,
     load_checkpoint,
 )
-from featurescope.zoo._registry import (
-    MODELS,
-    ModelInfo,
-    ModelSpec,
-    get_model_info,
-    list_models,
-    register_model,
-)
+from featurescope.zoo._registry import MODELS, ModelSpec, list_models, model_spec, register_model
 from featurescope.zoo.alexnet import AlexNet
 from featurescope.zoo.checkpoints import (
     load_weights,
@@ -35,6 +28,7 @@ from featurescope.zoo.metadata import (
     ModelMetadata,
     attach_metadata,
     model_metadata,
+    model_name,
     resolve_preprocessing,
 )
 
@@ -42,18 +36,18 @@ __all__ = [
     "DEFAULT_NUM_CLASSES",
     "MODELS",
     "AlexNet",
-    "ModelInfo",
     "ModelMetadata",
     "ModelSpec",
     "attach_metadata",
     "convert_checkpoint",
     "create_model",
     "fetch_weights",
-    "get_model_info",
     "list_models",
     "load_checkpoint",
     "load_weights",
     "model_metadata",
+    "model_name",
+    "model_spec",
     "read_checkpoint_metadata",
     "read_state_dict",
     "register_model",

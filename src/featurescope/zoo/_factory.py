@@ -23,7 +23,7 @@ from featurescope.errors import (
     UnsafeCheckpointError,
 )
 from featurescope.plugins import DEFAULT_PLUGINS, plugin_raised
-from featurescope.zoo._registry import DECORATED, ModelInfo, get_model_info
+from featurescope.zoo._registry import DECORATED, ModelSpec, model_spec
 from featurescope.zoo.checkpoints import (
     infer_num_classes,
     load_weights,
@@ -49,21 +49,20 @@ DEFAULT_NUM_CLASSES = 5
 PathLike = str | os.PathLike[str]
 
 
-def _pretrained_kwargs(info: ModelInfo, pretrained: bool | str) -> tuple[dict[str, Any], str]:
+def _pretrained_kwargs(spec: ModelSpec, pretrained: bool | str) -> tuple[dict[str, Any], str]:
     if not pretrained:
         return {}, "random"
-    if info.weights is None:
+    if spec.weights is None:
         raise FeaturescopeError(
-            f"model {info.name!r} has no pretrained weights; build it with pretrained=False, or "
+            f"model {spec.name!r} has no pretrained weights; build it with pretrained=False, or "
             "load your own with checkpoint=..."
         )
-    tag = info.weights if pretrained is True else str(pretrained)
-    source = info.plugin.rsplit(".", 1)[-1].removesuffix("_models")
-    return {"weights": tag}, f"{source}:{tag}"
+    tag = spec.weights if pretrained is True else str(pretrained)
+    return {"weights": tag}, f"{spec.weights_source or spec.plugin}:{tag}"
 
 
 def _num_classes(
-    info: ModelInfo,
+    spec: ModelSpec,
     num_classes: int | None,
     names: list[str] | None,
     checkpoint_meta: dict[str, Any],
@@ -80,8 +79,8 @@ def _num_classes(
             if recorded is not None
             else infer_num_classes(read_state_dict(checkpoint))
         )
-    if num_classes is None and pretrained and info.pretrained_classes is not None:
-        num_classes = info.pretrained_classes
+    if num_classes is None and pretrained and spec.pretrained_classes is not None:
+        num_classes = spec.pretrained_classes
     num_classes = DEFAULT_NUM_CLASSES if num_classes is None else num_classes
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise FeaturescopeError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -96,7 +95,7 @@ def _values(count: int) -> str:
 
 
 def _check_fits_the_file(
-    info: ModelInfo, num_classes: int, kwargs: dict[str, Any], checkpoint: PathLike
+    spec: ModelSpec, num_classes: int, kwargs: dict[str, Any], checkpoint: PathLike
 ) -> None:
     """Refuse, before anything is allocated, a model larger than the checkpoint's tensors.
 
@@ -111,7 +110,7 @@ def _check_fits_the_file(
         return
     try:
         with torch.device("meta"):
-            probe: Any = info.builder(num_classes=num_classes, **kwargs)
+            probe: Any = spec.builder(num_classes=num_classes, **kwargs)
         # Not a module: create_model reports that after the real build.
         needed = sum(t.numel() for t in probe.state_dict().values())
     except (Exception, SystemExit):  # cannot build on meta: the real build reports or loads
@@ -119,25 +118,25 @@ def _check_fits_the_file(
     present = sum(math.prod(shape) for shape in shapes.values())
     if needed > present:
         raise CheckpointError(
-            f"{checkpoint}: {info.name} with num_classes={num_classes} has {_values(needed)} "
+            f"{checkpoint}: {spec.name} with num_classes={num_classes} has {_values(needed)} "
             f"but the file holds only {_values(present)}, so its weights cannot fit; the "
             "checkpoint's metadata does not match its tensors (a corrupt or forged file), or "
             "num_classes= is wrong"
         )
 
 
-def _build(info: ModelInfo, num_classes: int, kwargs: dict[str, Any]) -> Any:
+def _build(spec: ModelSpec, num_classes: int, kwargs: dict[str, Any]) -> Any:
     """Call a model's builder; a third-party plugin's failure (even ``sys.exit``) names it."""
     try:
-        return info.builder(num_classes=num_classes, **kwargs)
+        return spec.builder(num_classes=num_classes, **kwargs)
     except FeaturescopeError:
         raise
     except (Exception, SystemExit) as exc:
         # A builtin's or the user's own (@register_model) builder keeps its exception: a
         # TypeError there is a wrong argument, not a broken plugin.
-        if isinstance(exc, SystemExit) or info.plugin not in (*DEFAULT_PLUGINS, DECORATED):
-            where = f"the builder of model {info.name!r}"
-            raise plugin_raised(info.plugin, where, exc) from exc
+        if isinstance(exc, SystemExit) or spec.plugin not in (*DEFAULT_PLUGINS, DECORATED):
+            where = f"the builder of model {spec.name!r}"
+            raise plugin_raised(spec.plugin, where, exc) from exc
         raise
 
 
@@ -190,7 +189,7 @@ def create_model(
         >>> model_metadata(model).num_classes, model_metadata(model).weights
         (5, 'random')
     """
-    info = get_model_info(name)
+    spec = model_spec(name)
     if not pretrained and kwargs.get("weights"):
         pretrained = kwargs.pop("weights")  # torchvision's spelling of the same request
     kwargs.pop("weights", None)
@@ -200,30 +199,30 @@ def create_model(
     meta: dict[str, Any] = read_checkpoint_metadata(checkpoint) if checkpoint is not None else {}
     if names is None and meta.get("class_names") is not None:
         names = list(meta["class_names"])
-    n = _num_classes(info, num_classes, names, meta, checkpoint, pretrained)
-    if names is None and pretrained and len(info.pretrained_class_names or ()) == n:
-        names = list(info.pretrained_class_names or ())  # the weights' own head keeps its labels
+    n = _num_classes(spec, num_classes, names, meta, checkpoint, pretrained)
+    if names is None and pretrained and len(spec.pretrained_class_names or ()) == n:
+        names = list(spec.pretrained_class_names or ())  # the weights' own head keeps its labels
     if names is not None and len(names) != n:
         raise FeaturescopeError(f"{len(names)} class names given for {n} classes")
-    extra, weights = _pretrained_kwargs(info, pretrained)
+    extra, weights = _pretrained_kwargs(spec, pretrained)
     if checkpoint is not None:
-        _check_fits_the_file(info, n, kwargs, checkpoint)
-    model = _build(info, n, {**extra, **kwargs})
+        _check_fits_the_file(spec, n, kwargs, checkpoint)
+    model = _build(spec, n, {**extra, **kwargs})
     if not isinstance(model, nn.Module):
         raise PluginError(
-            f"the builder of model {name!r} (plugin {info.plugin!r}) returned "
+            f"the builder of model {name!r} (plugin {spec.plugin!r}) returned "
             f"{type(model).__name__}, not a torch.nn.Module"
         )
     if checkpoint is not None:
         load_weights(model, checkpoint)
         weights = weights_tag(checkpoint)
-    embedding_node, stages = info.embedding_node, info.stages
+    embedding_node, stages = spec.embedding_node, spec.stages
     if (
-        info.describe is not None
-        and info.input_size is not None
+        spec.describe is not None
+        and spec.input_size is not None
         and not (embedding_node and stages)
     ):
-        facts = info.describe(model, info.input_size)
+        facts = spec.describe(model, spec.input_size)
         embedding_node = embedding_node or facts.get("embedding_node")
         stages = stages or tuple(facts.get("stage_nodes", ()))
     attach_metadata(
@@ -232,8 +231,8 @@ def create_model(
             architecture=name,
             num_classes=n,
             class_names=tuple(names) if names is not None else None,
-            preprocessing=info.preprocessing,
-            input_size=info.input_size,
+            preprocessing=spec.preprocessing,
+            input_size=spec.input_size,
             embedding_node=embedding_node,
             stage_nodes=stages,
             weights=weights,
@@ -272,16 +271,16 @@ def fetch_weights(name: str, weights: bool | str = True) -> Path:
         ...     print(err)
         model 'alexnet' has no pretrained weights; build it with pretrained=False, or load your own with checkpoint=...
     """
-    info = get_model_info(name)
+    spec = model_spec(name)
     if not weights:
         raise FeaturescopeError(f"weights must be True or a weights tag, got {weights!r}")
-    extra, _ = _pretrained_kwargs(info, weights)
-    if info.fetch is None:
+    extra, _ = _pretrained_kwargs(spec, weights)
+    if spec.fetch is None:
         raise FeaturescopeError(
-            f"model {name!r} (plugin {info.plugin!r}) has pretrained weights but no way to fetch "
+            f"model {name!r} (plugin {spec.plugin!r}) has pretrained weights but no way to fetch "
             "them alone; create_model(name, pretrained=True) fetches them while building"
         )
-    return info.fetch(extra["weights"])
+    return spec.fetch(extra["weights"])
 
 
 def load_checkpoint(

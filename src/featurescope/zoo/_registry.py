@@ -20,7 +20,7 @@ from featurescope.data.transforms import Preprocessing
 from featurescope.errors import FeaturescopeError, PluginError, UnknownNameError
 from featurescope.plugins import Registry
 
-__all__ = ["MODELS", "ModelInfo", "ModelSpec", "get_model_info", "list_models", "register_model"]
+__all__ = ["MODELS", "ModelSpec", "list_models", "model_spec", "register_model"]
 
 Builder = Callable[..., nn.Module]
 Describer = Callable[[nn.Module, tuple[int, int, int]], Mapping[str, Any]]
@@ -30,7 +30,11 @@ F = TypeVar("F", bound=Builder)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model builder with what a user needs to feed it.
+    """How a zoo model is built and fed, before it is built: what a plugin registers, and what
+    :func:`model_spec` gives back with its ``name`` and ``plugin`` filled in.
+
+    What one built model is (its classes, its weights, its nodes) is its
+    :class:`~featurescope.zoo.ModelMetadata` instead.
 
     Args:
         builder: ``builder(num_classes=..., **kwargs) -> nn.Module``.
@@ -42,6 +46,9 @@ class ModelSpec:
         weights: the tag of its default pretrained weights (``"IMAGENET1K_V1"``), passed to the
             builder as ``weights=`` by ``create_model(name, pretrained=True)``; ``None`` if it
             has none.
+        weights_source: who publishes those weights (``"torchvision"``, ``"timm"``): a built
+            model's :attr:`~featurescope.zoo.ModelMetadata.weights` reads
+            ``"<weights_source>:<tag>"``; default the name of the plugin that registers it.
         pretrained_classes: the number of classes those weights were trained for (1000).
         pretrained_class_names: those classes' names in index order (ImageNet's); a model
             built with its pretrained weights and their class count carries them.
@@ -50,13 +57,16 @@ class ModelSpec:
             ``stages`` is not given.
         fetch: ``fetch(weights) -> Path``: the file of the pretrained weights ``weights``
             (``True`` or a tag) in its cache, downloaded there if missing, without building
-            the model; what :func:`~featurescope.fetch_weights` calls.
+            the model; what :func:`~featurescope.zoo.fetch_weights` calls.
+        name: the name it is registered under; set by the registry.
+        plugin: the plugin that registers it (``"register_model"`` for the decorator); set by
+            the registry.
 
     Example:
         A plugin returns specs from its ``featurescope_register_models`` hook:
 
         >>> import torch.nn as nn
-        >>> from featurescope import Preprocessing
+        >>> from featurescope.data import Preprocessing
         >>> spec = ModelSpec(
         ...     lambda num_classes=5: nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes)),
         ...     preprocessing=Preprocessing(resize=36, crop=32),
@@ -64,6 +74,11 @@ class ModelSpec:
         ... )
         >>> spec.input_size
         (3, 32, 32)
+
+        The registry's copy names itself and its plugin:
+
+        >>> model_spec("alexnet_half").name, model_spec("alexnet_half").plugin
+        ('alexnet_half', 'featurescope.zoo.alexnet')
     """
 
     builder: Builder
@@ -76,6 +91,9 @@ class ModelSpec:
     pretrained_class_names: tuple[str, ...] | None = None
     describe: Describer | None = None
     fetch: Fetcher | None = None
+    weights_source: str | None = None
+    name: str = ""
+    plugin: str = ""
 
     @property
     def input_size(self) -> tuple[int, int, int] | None:
@@ -83,26 +101,10 @@ class ModelSpec:
         return self.preprocessing.input_size if self.preprocessing else None
 
 
-@dataclass(frozen=True)
-class ModelInfo(ModelSpec):
-    """A registered model: its :class:`ModelSpec`, its name, and the plugin that provides it.
-
-    Example:
-        >>> info = get_model_info("alexnet_half")
-        >>> info.name, info.plugin, info.stages
-        ('alexnet_half', 'featurescope.zoo.alexnet', ('conv1', 'conv2', 'conv3', 'fc'))
-        >>> info.preprocessing.crop
-        227
-    """
-
-    name: str = ""
-    plugin: str = ""
-
-
 # Models registered with the decorator, keyed by name; merged after every plugin's models.
 _DECORATED: dict[str, ModelSpec] = {}
 _DECORATOR_SOURCE = "register_model"
-#: The plugin name :class:`ModelInfo` gives models registered with :func:`register_model`.
+#: The plugin name :func:`model_spec` gives models registered with :func:`register_model`.
 DECORATED = _DECORATOR_SOURCE
 
 
@@ -156,7 +158,7 @@ def register_model(
     return decorator
 
 
-def _as_info(name: str, value: Any, plugin: str) -> ModelInfo:
+def _as_spec(name: str, value: Any, plugin: str) -> ModelSpec:
     if isinstance(value, ModelSpec):
         spec = value
     elif callable(value):
@@ -167,28 +169,21 @@ def _as_info(name: str, value: Any, plugin: str) -> ModelInfo:
             f"plugin {plugin!r} registered model {name!r} as {type(value).__name__}; "
             "expected a ModelSpec or a callable returning an nn.Module"
         )
-    return ModelInfo(**_spec_fields(spec), name=name, plugin=plugin)
+    return dataclasses.replace(spec, name=name, plugin=plugin)
 
 
-def _decorated() -> dict[str, tuple[ModelInfo, str]]:
+def _decorated() -> dict[str, tuple[ModelSpec, str]]:
     return {
-        name: (
-            ModelInfo(**_spec_fields(spec), name=name, plugin=_DECORATOR_SOURCE),
-            _DECORATOR_SOURCE,
-        )
+        name: (_as_spec(name, spec, _DECORATOR_SOURCE), _DECORATOR_SOURCE)
         for name, spec in _DECORATED.items()
     }
 
 
-def _spec_fields(spec: ModelSpec) -> dict[str, Any]:
-    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelSpec)}
-
-
 #: Every model the plugins and :func:`register_model` give, by name.
-MODELS: Registry[ModelInfo] = Registry(
+MODELS: Registry[ModelSpec] = Registry(
     "featurescope_register_models",
     "model",
-    _as_info,
+    _as_spec,
     extra=_decorated,
     lister="featurescope.list_models()",
 )
@@ -204,15 +199,18 @@ def list_models(pattern: str | None = None) -> list[str]:
     return MODELS.names(pattern)
 
 
-def get_model_info(name: str) -> ModelInfo:
-    """The :class:`ModelInfo` of a registered model: builder, preprocessing, stages, plugin.
+def model_spec(name: str) -> ModelSpec:
+    """How the registered model ``name`` is built and fed: builder, preprocessing, stages, plugin.
+
+    Read it before building (``model_spec("resnet50").preprocessing.transform()``); a built
+    model's own facts are :func:`~featurescope.model_metadata`'s.
 
     Raises:
         UnknownNameError: no model has that name; the message lists the closest names, or
             says to install timm for a ``timm/<name>`` while timm is not installed.
 
     Example:
-        >>> get_model_info("alexnet").input_size
+        >>> model_spec("alexnet").input_size
         (3, 227, 227)
     """
     try:

@@ -2,8 +2,10 @@
 
 :func:`~featurescope.create_model` attaches a frozen :class:`ModelMetadata` to every model it
 builds; everything downstream (the tap's manifests, checkpoints, training, search by image)
-reads it through :func:`model_metadata`, and the preprocessing through
-:func:`resolve_preprocessing`, the one rule for "the model's own, else the study's".
+reads it through :func:`model_metadata`, the preprocessing through
+:func:`resolve_preprocessing` (the one rule for "the model's own, else the study's") and the
+model's name through :func:`model_name` (the one rule for "the zoo's name, else the class's").
+How a zoo model is built, before it is, is its :class:`~featurescope.zoo.ModelSpec` instead.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from torch import nn
 from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
 from featurescope.errors import FeaturescopeError
 
-__all__ = ["ModelMetadata", "attach_metadata", "model_metadata", "resolve_preprocessing"]
+__all__ = [
+    "ModelMetadata",
+    "attach_metadata",
+    "model_metadata",
+    "model_name",
+    "resolve_preprocessing",
+]
 
 _ATTRIBUTE = "featurescope_metadata"
 
@@ -116,13 +124,13 @@ def resolve_preprocessing(
     """The preprocessing to feed ``model``: the one given, else the model's own, else the study's.
 
     The study's is Resize 256 → CenterCrop 227 → ImageNet mean/std
-    (:data:`~featurescope.STUDY_PREPROCESSING`).
+    (:data:`~featurescope.data.STUDY_PREPROCESSING`).
 
     Example:
         >>> import torch.nn as nn, featurescope as fs
-        >>> fs.resolve_preprocessing(fs.create_model("tv_alexnet")).crop
+        >>> resolve_preprocessing(fs.create_model("tv_alexnet")).crop
         224
-        >>> fs.resolve_preprocessing(nn.Linear(2, 2)).crop
+        >>> resolve_preprocessing(nn.Linear(2, 2)).crop
         227
     """
     if preprocessing is not None:
@@ -131,3 +139,15 @@ def resolve_preprocessing(
     if meta is not None and meta.preprocessing is not None:
         return meta.preprocessing
     return STUDY_PREPROCESSING
+
+
+def model_name(model: nn.Module) -> str:
+    """What to call ``model`` on a page, in a log or a file: its zoo name, else its class name.
+
+    Example:
+        >>> import torch.nn as nn, featurescope as fs
+        >>> model_name(fs.create_model("alexnet_half")), model_name(nn.Linear(2, 2))
+        ('alexnet_half', 'Linear')
+    """
+    meta = model_metadata(model)
+    return meta.architecture if meta is not None else type(model).__name__

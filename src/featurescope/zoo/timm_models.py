@@ -149,6 +149,7 @@ def _spec(name: str) -> ModelSpec | None:
         preprocessing_of(cfg),
         f"timm's {name}",
         weights=cfg.tag or None if cfg.has_weights else None,
+        weights_source="timm",
         pretrained_classes=int(cfg.num_classes) if cfg.has_weights and cfg.num_classes else None,
         describe=_describe,
         fetch=lambda weights=True, _name=name: fetch_weights(_name, weights),

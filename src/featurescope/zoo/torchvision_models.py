@@ -332,6 +332,7 @@ def _spec(name: str) -> ModelSpec:
         f"torchvision's {name} ({weights.meta['num_params'] / 1e6:.1f} M parameters at "
         f"1000 classes)",
         weights=weights.name,
+        weights_source="torchvision",
         pretrained_classes=len(weights.meta["categories"]),
         pretrained_class_names=tuple(weights.meta["categories"]),
         describe=describe,
@@ -351,6 +352,7 @@ def featurescope_register_models() -> Mapping[str, ModelSpec]:
         "torchvision's AlexNet, convs 64-192-384-256-256, 4096-wide classifier (alias of alexnet "
         "in torchvision's naming)",
         weights=alexnet.weights,
+        weights_source=alexnet.weights_source,
         pretrained_classes=alexnet.pretrained_classes,
         pretrained_class_names=alexnet.pretrained_class_names,
         describe=describe,
