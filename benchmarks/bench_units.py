@@ -64,7 +64,7 @@ def main() -> None:
                 tap(chunk)
 
     def ranked() -> None:
-        fs.top_activations(model, images, nodes, k=9, batch_size=batch)
+        fs.units.top_activations(model, images, nodes, k=9, batch_size=batch)
 
     ratios, plain_t, ranked_t = [], [], []
     for r in range(rounds):
@@ -81,10 +81,10 @@ def main() -> None:
     )
     image = images[0]
     for method in ("deconvnet", "guided", "gradient"):
-        t = [_cpu(lambda m=method: fs.project(model, image, "conv3", 5, (3, 3), method=m))
+        t = [_cpu(lambda m=method: fs.units.project(model, image, "conv3", 5, (3, 3), method=m))
              for _ in range(rounds)]  # fmt: skip
         print(f"project {method:9s}     {1000 * statistics.median(t):8.1f} ms per activation")
-    t = [_cpu(lambda: fs.receptive_fields(model, None, (227, 227))) for _ in range(rounds)]
+    t = [_cpu(lambda: fs.tap.receptive_fields(model, None, (227, 227))) for _ in range(rounds)]
     print(f"receptive_fields (all nodes) {1000 * statistics.median(t):8.1f} ms")
 
 

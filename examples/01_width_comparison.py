@@ -43,4 +43,4 @@ for run in runs:
 figure = fs.visualize(
     "curves", {run.name: run.history.to_dict() for run in runs}, title="AlexNet, full vs half"
 )
-fs.save_figure(figure, args.out / "width_curves.png")
+fs.visualizers.save(figure, args.out / "width_curves.png")

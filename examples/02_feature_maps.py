@@ -49,9 +49,9 @@ for stage, alias in (("conv1", "output1"), ("conv2", "output2"), ("conv3", "outp
     stage_map = maps[alias][0]
     title = f"{stage} {list(stage_map.shape)}"
     grid = fs.visualize("grid", stage_map, max_channels=None, title=title, panel_size=0.6)
-    fs.save_figure(grid, args.out / f"{stage}_grid.png")
+    fs.visualizers.save(grid, args.out / f"{stage}_grid.png")
     summed = fs.visualize("sum", stage_map, title=f"{title}, summed over channels")
-    fs.save_figure(summed, args.out / f"{stage}_sum.png")
+    fs.visualizers.save(summed, args.out / f"{stage}_sum.png")
 
 # %%
 # In-place safety

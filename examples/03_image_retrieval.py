@@ -54,10 +54,10 @@ figure = fs.visualize(
     class_names=splits.classes,
     title=f"each query, then its {k} nearest training images",
 )
-fs.save_figure(figure, args.out / "retrieval_montage.png")
+fs.visualizers.save(figure, args.out / "retrieval_montage.png")
 
 # %%
 # How often are the neighbours of the same class?
 # -----------------------------------------------
-scores = fs.retrieval_metrics(index, queries["embedding"], queries.labels, k=k)
+scores = fs.index.retrieval_metrics(index, queries["embedding"], queries.labels, k=k)
 print({name: round(value, 3) for name, value in scores.items()})

@@ -24,17 +24,17 @@ def _same_weights(a: nn.Module, b: nn.Module) -> None:
 @pytest.mark.parametrize("name", ["alexnet", "alexnet_half"])
 def test_safetensors_round_trip(tmp_path, name):
     model = fs.create_model(name, num_classes=3)
-    path = fs.save_checkpoint(
+    path = fs.zoo.save_checkpoint(
         model, tmp_path / "m.safetensors", class_names=["a", "b", "c"], epoch=4, acc=0.5
     )
-    meta = fs.read_checkpoint_metadata(path)
+    meta = fs.zoo.read_checkpoint_metadata(path)
     assert meta["model"] == name
     assert meta["num_classes"] == 3
     assert meta["class_names"] == ["a", "b", "c"]
     assert meta["epoch"] == 4 and meta["acc"] == 0.5
     assert meta["featurescope_version"] == fs.__version__
 
-    loaded = fs.load_checkpoint(path)
+    loaded = fs.zoo.load_checkpoint(path)
     assert not loaded.training
     assert fs.model_metadata(loaded).class_names == ("a", "b", "c")
     _same_weights(model, loaded)
@@ -47,16 +47,16 @@ def test_safetensors_round_trip(tmp_path, name):
 
 
 def test_class_names_must_match_num_classes(tmp_path):
-    with pytest.raises(fs.CheckpointError, match="2 class names"):
-        fs.save_checkpoint(
+    with pytest.raises(fs.errors.CheckpointError, match="2 class names"):
+        fs.zoo.save_checkpoint(
             fs.create_model("alexnet_half"), tmp_path / "x.safetensors", class_names=["a", "b"]
         )
     assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_metadata_must_be_json(tmp_path):
-    with pytest.raises(fs.CheckpointError, match="JSON"):
-        fs.save_checkpoint(
+    with pytest.raises(fs.errors.CheckpointError, match="JSON"):
+        fs.zoo.save_checkpoint(
             fs.create_model("alexnet_half"), tmp_path / "x.safetensors", bad=object()
         )
 
@@ -64,7 +64,7 @@ def test_metadata_must_be_json(tmp_path):
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "model.safetensors"
     first = fs.create_model("alexnet_half")
-    fs.save_checkpoint(first, path)
+    fs.zoo.save_checkpoint(first, path)
     before = path.read_bytes()
 
     import safetensors.torch
@@ -79,13 +79,13 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash_halfway)
     with pytest.raises(OSError, match="disk full"):
-        fs.save_checkpoint(fs.create_model("alexnet_half"), path)
+        fs.zoo.save_checkpoint(fs.create_model("alexnet_half"), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary left
-    _same_weights(first, fs.load_checkpoint(path))
+    _same_weights(first, fs.zoo.load_checkpoint(path))
 
 
-def _study_features_layout(model: fs.AlexNet) -> collections.OrderedDict:
+def _study_features_layout(model: fs.zoo.AlexNet) -> collections.OrderedDict:
     """The study's other code layout: torchvision-style ``features``/``classifier``."""
     features = nn.Sequential(*model.conv1, *model.conv2, *model.conv3)
     state = collections.OrderedDict()
@@ -132,23 +132,23 @@ def test_wrapped_and_data_parallel_state_dicts(tmp_path):
     source = fs.create_model("alexnet_half")
     wrapped = {"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}, "epoch": 3}
     torch.save(wrapped, tmp_path / "w.pth")
-    _same_weights(source, fs.load_checkpoint(tmp_path / "w.pth", model_name="alexnet_half"))
+    _same_weights(source, fs.zoo.load_checkpoint(tmp_path / "w.pth", model_name="alexnet_half"))
 
 
 def test_plain_state_dict_infers_num_classes(tmp_path):
     source = fs.create_model("alexnet_half", num_classes=9)
     torch.save(source.state_dict(), tmp_path / "s.pt")
-    model = fs.load_checkpoint(tmp_path / "s.pt", model_name="alexnet_half")
+    model = fs.zoo.load_checkpoint(tmp_path / "s.pt", model_name="alexnet_half")
     assert model.fc[5].out_features == 9
-    with pytest.raises(fs.CheckpointError, match="model_name"):
-        fs.load_checkpoint(tmp_path / "s.pt")
-    with pytest.raises(fs.CheckpointError, match="num_classes"):
+    with pytest.raises(fs.errors.CheckpointError, match="model_name"):
+        fs.zoo.load_checkpoint(tmp_path / "s.pt")
+    with pytest.raises(fs.errors.CheckpointError, match="num_classes"):
         fs.create_model("alexnet_half", num_classes=5, checkpoint=tmp_path / "s.pt")
 
 
 def test_wrong_architecture_is_a_clear_error(tmp_path):
     torch.save(fs.create_model("alexnet_half").state_dict(), tmp_path / "half.pt")
-    with pytest.raises(fs.CheckpointError, match="do not fit"):
+    with pytest.raises(fs.errors.CheckpointError, match="do not fit"):
         fs.create_model("alexnet", checkpoint=tmp_path / "half.pt")
 
 
@@ -167,12 +167,12 @@ def test_pickled_payload_is_refused_and_never_runs(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"weights": torch.zeros(2), "payload": _Trap(str(marker))}, path)
     assert not marker.exists()
-    with pytest.raises(fs.UnsafeCheckpointError, match="trust-pickle"):
-        fs.load_checkpoint(path, model_name="alexnet")
-    with pytest.raises(fs.UnsafeCheckpointError):
+    with pytest.raises(fs.errors.UnsafeCheckpointError, match="trust-pickle"):
+        fs.zoo.load_checkpoint(path, model_name="alexnet")
+    with pytest.raises(fs.errors.UnsafeCheckpointError):
         fs.create_model("alexnet", checkpoint=path)
-    with pytest.raises(fs.UnsafeCheckpointError):
-        fs.convert_checkpoint(path, tmp_path / "out.safetensors", model_name="alexnet")
+    with pytest.raises(fs.errors.UnsafeCheckpointError):
+        fs.zoo.convert_checkpoint(path, tmp_path / "out.safetensors", model_name="alexnet")
     assert not marker.exists()
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -203,15 +203,15 @@ def test_convert_a_pickled_whole_model_from_the_study(tmp_path):
     script = STUDY_SCRIPT.format(model=str(pickled), state=str(state))
     subprocess.run([sys.executable, "-c", script], check=True)
 
-    with pytest.raises(fs.UnsafeCheckpointError, match="arbitrary|code"):
-        fs.load_checkpoint(pickled, model_name="alexnet_half")
-    out = fs.convert_checkpoint(
+    with pytest.raises(fs.errors.UnsafeCheckpointError, match="arbitrary|code"):
+        fs.zoo.load_checkpoint(pickled, model_name="alexnet_half")
+    out = fs.zoo.convert_checkpoint(
         pickled, tmp_path / "model.safetensors", model_name="alexnet_half", trust_pickle=True
     )
-    converted = fs.load_checkpoint(out)
-    reference = fs.load_checkpoint(state, model_name="alexnet_half")
+    converted = fs.zoo.load_checkpoint(out)
+    reference = fs.zoo.load_checkpoint(state, model_name="alexnet_half")
     _same_weights(reference, converted)
-    assert fs.read_checkpoint_metadata(out)["converted_from"] == "model.pth"
+    assert fs.zoo.read_checkpoint_metadata(out)["converted_from"] == "model.pth"
 
 
 def test_cli_convert(tmp_path, capsys):
@@ -228,7 +228,7 @@ def test_cli_convert(tmp_path, capsys):
         ]
     )
     assert code == 0
-    assert fs.read_checkpoint_metadata(tmp_path / "s.safetensors")["model"] == "alexnet_half"
+    assert fs.zoo.read_checkpoint_metadata(tmp_path / "s.safetensors")["model"] == "alexnet_half"
 
     evil = tmp_path / "evil.pt"
     torch.save({"x": _Trap(str(tmp_path / "pwned"))}, evil)
@@ -250,26 +250,26 @@ def test_cli_convert(tmp_path, capsys):
 def test_corrupt_files_are_clear_errors(tmp_path, corrupt):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(corrupt)
-    with pytest.raises(fs.CheckpointError):
+    with pytest.raises(fs.errors.CheckpointError):
         fs.create_model("alexnet", checkpoint=path)
 
 
 def test_truncated_safetensors(tmp_path):
-    path = fs.save_checkpoint(fs.create_model("alexnet_half"), tmp_path / "m.safetensors")
+    path = fs.zoo.save_checkpoint(fs.create_model("alexnet_half"), tmp_path / "m.safetensors")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(fs.CheckpointError, match="truncated or corrupt"):
-        fs.load_checkpoint(path)
+    with pytest.raises(fs.errors.CheckpointError, match="truncated or corrupt"):
+        fs.zoo.load_checkpoint(path)
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(fs.CheckpointError, match="does not exist"):
-        fs.load_checkpoint(tmp_path / "nope.safetensors")
+    with pytest.raises(fs.errors.CheckpointError, match="does not exist"):
+        fs.zoo.load_checkpoint(tmp_path / "nope.safetensors")
 
 
 def test_not_a_state_dict(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
-    with pytest.raises(fs.CheckpointError, match="state dict"):
+    with pytest.raises(fs.errors.CheckpointError, match="state dict"):
         checkpoints.read_state_dict(tmp_path / "list.pt")
 
 
@@ -304,9 +304,9 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
 def test_a_file_that_is_no_checkpoint_is_named_so_not_as_a_pickle(tmp_path, content, said):
     path = tmp_path / "notes.txt"
     path.write_bytes(content)
-    with pytest.raises(fs.CheckpointError) as info:
+    with pytest.raises(fs.errors.CheckpointError) as info:
         checkpoints.read_state_dict(path)
-    assert not isinstance(info.value, fs.UnsafeCheckpointError)
+    assert not isinstance(info.value, fs.errors.UnsafeCheckpointError)
     assert str(info.value).startswith(f"{path} is not a checkpoint: {said}.")
     assert "pickle" not in str(info.value)
 
@@ -335,7 +335,7 @@ def guarded_model():
             raise AssertionError(f"allocated a {num_classes}-class head from the header")
         return nn.Sequential(nn.Flatten(), nn.Linear(12, num_classes))
 
-    fs.register_model("guarded_probe")(guarded)
+    fs.zoo.register_model("guarded_probe")(guarded)
     try:
         yield "guarded_probe"
     finally:
@@ -347,26 +347,26 @@ def test_a_header_asking_for_millions_of_classes_is_refused_before_building(
     tmp_path, guarded_model
 ):
     model = fs.create_model(guarded_model, num_classes=3)
-    path = fs.save_checkpoint(model, tmp_path / "forged.safetensors", num_classes=3_000_000)
+    path = fs.zoo.save_checkpoint(model, tmp_path / "forged.safetensors", num_classes=3_000_000)
     # A Linear(12, n) head: 12 n weights and n biases, against the 3-class file's 39 values.
     needed, present = 13 * 3_000_000, 13 * 3
     with pytest.raises(
-        fs.CheckpointError, match=rf"has {needed / 1e6:.1f} M values but .* only {present} values"
+        fs.errors.CheckpointError, match=rf"has {needed / 1e6:.1f} M values but .* only {present} values"
     ):
-        fs.load_checkpoint(path)
+        fs.zoo.load_checkpoint(path)
 
 
 def test_the_study_alexnet_with_a_forged_class_count_is_refused_at_once(tmp_path):
     model = fs.create_model("alexnet_half", num_classes=3)
-    path = fs.save_checkpoint(model, tmp_path / "forged.safetensors", num_classes=3_000_000)
-    with pytest.raises(fs.CheckpointError, match="the file holds only"):
-        fs.load_checkpoint(path)
+    path = fs.zoo.save_checkpoint(model, tmp_path / "forged.safetensors", num_classes=3_000_000)
+    with pytest.raises(fs.errors.CheckpointError, match="the file holds only"):
+        fs.zoo.load_checkpoint(path)
 
 
 def test_an_honest_checkpoint_still_loads_with_its_own_class_count(tmp_path, guarded_model):
     model = fs.create_model(guarded_model, num_classes=7)
-    path = fs.save_checkpoint(model, tmp_path / "ok.safetensors")
-    loaded = fs.load_checkpoint(path)
+    path = fs.zoo.save_checkpoint(model, tmp_path / "ok.safetensors")
+    loaded = fs.zoo.load_checkpoint(path)
     _same_weights(model, loaded)
     assert fs.model_metadata(loaded).num_classes == 7
 
@@ -408,6 +408,6 @@ def _forged(tmp_path, **fields: str):
 )
 def test_malformed_metadata_is_a_checkpoint_error_naming_the_field(tmp_path, field, text):
     path = _forged(tmp_path, **{field: text})
-    for read in (fs.read_checkpoint_metadata, fs.load_checkpoint):
-        with pytest.raises(fs.CheckpointError, match=f"'{field}'"):
+    for read in (fs.zoo.read_checkpoint_metadata, fs.zoo.load_checkpoint):
+        with pytest.raises(fs.errors.CheckpointError, match=f"'{field}'"):
             read(path)

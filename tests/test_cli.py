@@ -67,7 +67,7 @@ def test_models(capsys):
     out = capsys.readouterr().out
     for name in fs.list_models("*alexnet*"):
         # Built as its pretrained weights have it: tv_alexnet with its 1000 classes.
-        classes = fs.get_model_info(name).pretrained_classes
+        classes = fs.zoo.model_spec(name).pretrained_classes
         params = sum(p.numel() for p in fs.create_model(name, num_classes=classes).parameters())
         assert f"{name} " in out and f"{params:,} params" in out
     assert main(["models", "no-such-model*"]) == 1
@@ -129,7 +129,7 @@ def test_maps_unreadable_image(tmp_path, capsys):
 
 
 def test_index_build_and_search(tmp_path, data, capsys):
-    checkpoint = fs.save_checkpoint(fs.create_model("alexnet_half"), tmp_path / "m.safetensors")
+    checkpoint = fs.zoo.save_checkpoint(fs.create_model("alexnet_half"), tmp_path / "m.safetensors")
     index_path = tmp_path / "train.fsindex"
     assert (
         main(
@@ -352,7 +352,7 @@ def test_weights_not_on_this_machine_are_one_line(tmp_path, torch_home, capsys):
 
 def test_weights_file_and_checkpoint_alias(tmp_path, capsys):
     torch.manual_seed(3)
-    path = fs.save_checkpoint(fs.create_model("alexnet_half"), tmp_path / "m.safetensors")
+    path = fs.zoo.save_checkpoint(fs.create_model("alexnet_half"), tmp_path / "m.safetensors")
     image = str(_image(tmp_path))
     for flag in ("--weights", "--checkpoint"):
         out = tmp_path / flag.strip("-")

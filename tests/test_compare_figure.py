@@ -47,9 +47,9 @@ def test_similarity_takes_a_plain_matrix_and_checks_the_names():
     fig = fs.visualize("similarity", [[0.1, 0.2]], nodes_b=["x", "y"], values=False)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["0"]
     assert len(fig.axes[0].texts) == 0
-    with pytest.raises(fs.InputShapeError, match="2 columns but 3"):
+    with pytest.raises(fs.errors.InputShapeError, match="2 columns but 3"):
         fs.visualize("similarity", [[0.1, 0.2]], nodes_b=["x", "y", "z"])
-    with pytest.raises(fs.InputShapeError, match=r"\[rows, columns\]"):
+    with pytest.raises(fs.errors.InputShapeError, match=r"\[rows, columns\]"):
         fs.visualize("similarity", torch.zeros(2, 2, 2))
 
 
@@ -71,7 +71,7 @@ def test_the_cli_writes_what_the_python_api_computes(tmp_path, search_data, caps
     torch.manual_seed(1)
     checkpoint = tmp_path / "half.safetensors"
     model = fs.create_model("alexnet_half").eval()
-    fs.save_checkpoint(model, checkpoint, model_name="alexnet_half")
+    fs.zoo.save_checkpoint(model, checkpoint, model_name="alexnet_half")
     out = tmp_path / "cmp"
     args = [
         "compare",
@@ -100,7 +100,7 @@ def test_the_cli_writes_what_the_python_api_computes(tmp_path, search_data, caps
     assert main(args) == 0
     assert "images ->" in capsys.readouterr().out
     saved = json.loads((out / "matrix.json").read_text())
-    images = fs.ImageFolder(search_data / "test", fs.resolve_preprocessing(model).transform())
+    images = fs.data.ImageFolder(search_data / "test", fs.zoo.resolve_preprocessing(model).transform())
     expected = fs.compare(
         model,
         model,

@@ -166,7 +166,7 @@ def test_items_are_study_tensors_and_labels(tiny_root: Path) -> None:
     assert isinstance(image, torch.Tensor)
     assert image.shape == (3, 227, 227)
     assert label == data.samples[0][1] == data.targets[0]
-    reference = fs.STUDY_PREPROCESSING.transform()(Image.open(data.samples[0][0]).convert("RGB"))
+    reference = fs.data.STUDY_PREPROCESSING.transform()(Image.open(data.samples[0][0]).convert("RGB"))
     assert torch.equal(image, reference)
     assert data.paths == [p for p, _ in data.samples]
 
@@ -282,7 +282,7 @@ def test_train_transform_keeps_the_geometry() -> None:
     a = train_transform()(image)
     plain = train_transform(flip=False, random_crop=False)(image)
     assert a.shape == plain.shape == (3, 227, 227)
-    assert torch.equal(plain, fs.STUDY_PREPROCESSING.transform()(image))
+    assert torch.equal(plain, fs.data.STUDY_PREPROCESSING.transform()(image))
 
 
 def _one_class_sizes(root: Path, sizes: dict[str, int]) -> Path:

@@ -111,12 +111,12 @@ def test_demo_retrieval_scores_recomputed(demo_out, tiny_data):
     splits = load_image_folders(tiny_data)
     run_dir = out / "checkpoints" / "alexnet-bs5"
     best = run_dir / "best.safetensors"
-    model = fs.load_checkpoint(best if best.exists() else run_dir / "last.safetensors")
+    model = fs.zoo.load_checkpoint(best if best.exists() else run_dir / "last.safetensors")
     gallery = study.embed(model, splits.train, progress=False)
     queries = study.embed(model, splits.test, progress=False)
     index = fs.EmbeddingIndex(2048)
     index.add(gallery["embedding"], labels=gallery.labels)
-    expected = fs.retrieval_metrics(index, queries["embedding"], queries.labels, k=10)
+    expected = fs.index.retrieval_metrics(index, queries["embedding"], queries.labels, k=10)
     assert metrics["retrieval"]["trained"] == pytest.approx(expected)
     assert metrics["retrieval"]["num_queries"] == len(splits.test)
 
@@ -155,7 +155,7 @@ def test_demo_explorer_shows_the_retrieval_the_metrics_score(demo_out):
         == metrics["retrieval"]["trained"]["precision_at_k"]
     )
     model = study.WidthRun(
-        "alexnet bs5", "alexnet", 5, fs.History(), out / "checkpoints" / "alexnet-bs5"
+        "alexnet bs5", "alexnet", 5, fs.train.History(), out / "checkpoints" / "alexnet-bs5"
     ).load_best()
     splits = load_image_folders(metrics["data"]["root"])
     index = study.index_embeddings(study.embed(model, splits.train, progress=False))
@@ -207,7 +207,7 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
 def test_training_logs_one_plain_line_per_epoch(tiny_data, capsys):
     splits = load_image_folders(tiny_data)
     model = fs.create_model("alexnet_half", num_classes=len(splits.classes))
-    fs.train(
+    fs.train.train(
         model,
         splits.train,
         splits.val,
@@ -285,7 +285,7 @@ def test_report_facts_are_derived_from_the_run(demo_out):
     assert retrieval["embedding_dim"] == embedding.shape[-1]
     maps = metrics["feature_maps"]
     assert maps["overlay_stage"] == next(iter(maps["shapes"]))
-    assert maps["preprocessing"] == fs.resolve_preprocessing(model).to_dict()
+    assert maps["preprocessing"] == fs.zoo.resolve_preprocessing(model).to_dict()
     page = (out / "report.html").read_text(encoding="utf-8")
     assert f"{retrieval['embedding_dim']}-d" in page
     assert f"CenterCrop {maps['preprocessing']['crop']}" in page

@@ -56,7 +56,7 @@ def _as_trained(model, names):
 
 @pytest.fixture(scope="module")
 def page(search, data, tmp_path_factory):
-    test = fs.ImageFolder(data / "test")
+    test = fs.data.ImageFolder(data / "test")
     path = write_explorer(
         tmp_path_factory.mktemp("page") / "explorer.html",
         search,
@@ -76,7 +76,7 @@ def test_neighbours_are_the_index_answer(page, search):
     np.testing.assert_allclose(distances, expected.distances.numpy(), atol=1e-4)
     shown = {g["id"] for g in content["gallery"]}
     assert {i for q in content["queries"] for i, _ in q["neighbours"]} <= shown
-    scores = fs.retrieval_metrics(search.index, search.embed_images(test.paths), test.targets, k=4)
+    scores = fs.index.retrieval_metrics(search.index, search.embed_images(test.paths), test.targets, k=4)
     assert content["metrics"]["this model"]["precision@k"] == pytest.approx(
         scores["precision_at_k"]
     )
@@ -102,7 +102,7 @@ def test_channels_are_sorted_by_mean_activation_of_a_manual_forward(page, search
 
 
 def test_large_maps_are_pooled_and_only_the_strongest_channels_travel(search, data, tmp_path):
-    test = fs.ImageFolder(data / "test")
+    test = fs.data.ImageFolder(data / "test")
     path = write_explorer(
         tmp_path / "p.html", search, test.paths[:2], k=2, stages=["conv1.0"], max_channels=5
     )
@@ -147,7 +147,7 @@ def test_grad_cam_and_prediction_of_a_trained_head(search, data, tmp_path):
     classes = ["circle", "square", "star", "triangle", "cross"]
     model = _as_trained(fs.create_model("alexnet_half"), classes)
     trained = fs.ImageSearch(model, search.index, root=search.root, class_names=classes)
-    test = fs.ImageFolder(data / "test")
+    test = fs.data.ImageFolder(data / "test")
     path = write_explorer(tmp_path / "t.html", trained, test.paths, k=3, batch_size=2)
     content = _page_data(path)
     batch = trained.preprocess(test.paths)
@@ -337,7 +337,7 @@ def test_the_page_of_a_users_folder_speaks_of_its_files(photo_search, photos, tm
 
 
 def test_the_demo_keeps_the_studys_wording(search, data, tmp_path):
-    test = fs.ImageFolder(data / "test")
+    test = fs.data.ImageFolder(data / "test")
     page = write_explorer(
         tmp_path / "s.html", search, test.paths[:2], k=2, splits=("test", "training")
     )

@@ -46,11 +46,11 @@ _COMPARISONS: dict = {}  # the comparison each page shows, by page path
 @pytest.fixture(scope="module")
 def page_and_search(tmp_path_factory):
     root = tmp_path_factory.mktemp("explorer")
-    data = fs.make_synthetic_dataset(
+    data = fs.data.make_synthetic_dataset(
         root / "data", train_per_class=4, val_per_class=0, test_per_class=2, size=48
     )
     search = fs.ImageSearch.build(fs.create_model("alexnet_half"), data, progress=False)
-    test = fs.ImageFolder(data / "test")
+    test = fs.data.ImageFolder(data / "test")
     runs = {
         "alexnet bs8": {
             "train_loss": [1.6, 1.2],
@@ -65,7 +65,7 @@ def page_and_search(tmp_path_factory):
             "val_acc": [0.2, 0.3],
         },
     }
-    images = fs.ImageFolder(data / "test", search.preprocessing.transform())
+    images = fs.data.ImageFolder(data / "test", search.preprocessing.transform())
     comparison = fs.compare(
         search.model,
         search.model,

@@ -80,9 +80,9 @@ def test_grad_cam_refuses_what_it_cannot_explain():
     model = Small().eval()
     with pytest.raises(fs.FeaturescopeError, match="target"):
         fs.grad_cam(model, torch.randn(1, 3, 16, 16), node="body.3", target=9)
-    with pytest.raises(fs.InputShapeError, match=r"\[N, C, h, w\]"):
+    with pytest.raises(fs.errors.InputShapeError, match=r"\[N, C, h, w\]"):
         fs.grad_cam(model, torch.randn(1, 3, 16, 16), node="head.0")
-    with pytest.raises(fs.InputShapeError):
+    with pytest.raises(fs.errors.InputShapeError):
         fs.grad_cam(model, torch.randn(16, 16))
     with pytest.raises(fs.FeaturescopeError, match="in-place"):
         fs.grad_cam(_Scaled().eval(), torch.randn(1, 3, 16, 16), node="conv")
@@ -117,7 +117,7 @@ def test_grad_cam_of_a_node_an_in_place_activation_overwrites_is_its_own_gradien
 
 
 def test_gradcam_visualizer_is_a_builtin_plugin(tmp_path):
-    assert "gradcam" in fs.list_visualizers()
+    assert "gradcam" in fs.visualizers.list_visualizers()
     model = fs.create_model("alexnet", class_names=["a", "b", "c", "d", "e"])
     image = torch.randn(3, 227, 227)
     figure = fs.visualize("gradcam", image, model=model)
@@ -127,6 +127,6 @@ def test_gradcam_visualizer_is_a_builtin_plugin(tmp_path):
     cam = fs.grad_cam(model, image[None]).maps[0]
     expected = (cam - cam.min()) / (cam.max() - cam.min())
     torch.testing.assert_close(torch.as_tensor(drawn, dtype=torch.float64), expected.double())
-    fs.save_figure(figure, tmp_path / "cam.png")
-    with pytest.raises(fs.VisualizationError, match=r"\[3, H, W\]"):
+    fs.visualizers.save(figure, tmp_path / "cam.png")
+    with pytest.raises(fs.errors.VisualizationError, match=r"\[3, H, W\]"):
         fs.visualize("gradcam", torch.randn(2, 3, 8, 8), model=model)

@@ -26,7 +26,7 @@ import featurescope as fs
 from featurescope.data import Preprocessing
 from featurescope.tap import FeatureTap, grad_cam, last_spatial_node
 from featurescope.tap._maps import read_layout
-from featurescope.zoo import get_model_info
+from featurescope.zoo import model_spec
 
 NEWEST_TORCH = (2, 14)
 #: Models every torch version sweeps; the rest on the newest torch only.
@@ -67,7 +67,7 @@ def photo():
 
 
 def _input(name: str, photo) -> torch.Tensor:
-    own = get_model_info("tv_alexnet" if name == "alexnet" else name).preprocessing
+    own = model_spec("tv_alexnet" if name == "alexnet" else name).preprocessing
     side = _side(name)
     prep = Preprocessing(side, side, own.mean, own.std, own.interpolation)
     return prep.transform()(photo)[None]
@@ -178,7 +178,7 @@ def test_channels_last_map_is_found_and_weighed_over_its_spatial_axes(one_thread
         (5, 7),
     )
     torch.testing.assert_close(cam.maps, expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(fs.InputShapeError, match="layout='tokens'"):
+    with pytest.raises(fs.errors.InputShapeError, match="layout='tokens'"):
         grad_cam(model, x, node=cam.node, layout="tokens")
 
 
@@ -189,7 +189,7 @@ def test_no_map_larger_than_one_pixel_is_a_clear_error(one_thread):
     with pytest.raises(fs.FeaturescopeError, match="larger input"):
         last_spatial_node(model, (3, 4, 4))  # the conv's map is 1 × 1
     assert last_spatial_node(model, (3, 5, 5)) == "0"  # 2 × 2
-    with pytest.raises(fs.InputShapeError, match="cannot run"):
+    with pytest.raises(fs.errors.InputShapeError, match="cannot run"):
         last_spatial_node(model, (3, 2, 2))  # smaller than the kernel
 
 

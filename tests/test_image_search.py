@@ -33,7 +33,7 @@ def _manual_embedding(model, images):
 def test_search_matches_a_manual_embedding_and_brute_force(search, data):
     from PIL import Image
 
-    train = fs.ImageFolder(data / "train")
+    train = fs.data.ImageFolder(data / "train")
     gallery = torch.stack([train[i][0] for i in range(len(train))])
     manual = _manual_embedding(search.model, gallery)
     torch.testing.assert_close(search.index.vectors, manual)
@@ -98,7 +98,7 @@ def test_moved_images_are_found_with_images_option(search, data, tmp_path):
 
 
 def test_weights_the_zoo_rebuilds_are_not_copied(tmp_path, data):
-    @fs.register_model("fixed_probe_test", embedding_node="1")
+    @fs.zoo.register_model("fixed_probe_test", embedding_node="1")
     def fixed(num_classes=5):
         net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, num_classes))
         with torch.no_grad():
@@ -130,15 +130,15 @@ def test_resave_replaces_but_a_foreign_folder_is_refused(search, tmp_path):
 
 
 def test_load_refuses_what_is_not_a_search(tmp_path):
-    with pytest.raises(fs.IndexFileError, match="search.json"):
+    with pytest.raises(fs.errors.IndexFileError, match="search.json"):
         fs.ImageSearch.load(tmp_path)
     (tmp_path / "search.json").write_text(json.dumps({"format": "other"}))
-    with pytest.raises(fs.IndexFileError, match="format"):
+    with pytest.raises(fs.errors.IndexFileError, match="format"):
         fs.ImageSearch.load(tmp_path)
     (tmp_path / "search.json").write_text(
         json.dumps({"format": "featurescope-image-search/1", "index": "../x", "checkpoint": None})
     )
-    with pytest.raises(fs.IndexFileError, match="index"):
+    with pytest.raises(fs.errors.IndexFileError, match="index"):
         fs.ImageSearch.load(tmp_path)
 
 
@@ -159,7 +159,7 @@ def test_bad_query_is_a_clear_error(search, tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(fs.FeaturescopeError, match="cannot read image"):
         search.search_images([bad], k=1)
-    with pytest.raises(fs.InputShapeError, match=r"\[3, H, W\]"):
+    with pytest.raises(fs.errors.InputShapeError, match=r"\[3, H, W\]"):
         search.search_images(torch.zeros(2, 2), k=1)
 
 

@@ -91,7 +91,7 @@ def test_search_equals_float64_brute_force(kind, n, d, nq, k_frac, seed, dtype):
 def test_search_exact_across_many_tiles(kind, n, k, seed):
     # Small tiles force many gallery tiles, the grouped selection and the periodic merges.
     g, q, ids = make_data(kind, n, 6, 20, seed)
-    config = fs.SearchConfig(gallery_tile=256, merge_every=2)
+    config = fs.index.SearchConfig(gallery_tile=256, merge_every=2)
     index = fs.EmbeddingIndex(6, memory_budget=1 << 16, config=config)
     index.add(g, ids=ids)
     dist, found = index.search(q, k)
@@ -311,7 +311,7 @@ def test_search_blocks_stay_in_budget():
 def test_every_cpu_product_backend_is_exact(backend):
     g, q, ids = make_data("offset", 3000, 16, 100, 8)
     # Every search in the named backend, however small (see SearchConfig.backend).
-    config = fs.SearchConfig(backend=backend, min_queries_low_precision=1)
+    config = fs.index.SearchConfig(backend=backend, min_queries_low_precision=1)
     index = fs.EmbeddingIndex(16, config=config)
     index.add(g, ids=ids)
     result = index.search(q, 6)
@@ -406,8 +406,8 @@ def test_worker_threads_match_single_lane_and_restore_thread_count():
     gal = index._gallery()
     before = torch.get_num_threads()
     qt = torch.as_tensor(q)
-    one = _schedule.search_exact(gal, qt, 6, 1 << 22, fs.SearchConfig(threads=1))
-    three = _schedule.search_exact(gal, qt, 6, 1 << 22, fs.SearchConfig(threads=3))
+    one = _schedule.search_exact(gal, qt, 6, 1 << 22, fs.index.SearchConfig(threads=1))
+    three = _schedule.search_exact(gal, qt, 6, 1 << 22, fs.index.SearchConfig(threads=3))
     assert torch.get_num_threads() == before
     assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
 

@@ -16,8 +16,8 @@ from featurescope.index._search import _backends, _metric
 from test_index import KINDS, brute_force, make_data
 
 #: bfloat16 for every search; BF16_AUTO: where it pays (enough queries, rows, or a copy).
-BF16 = fs.SearchConfig(backend="bfloat16", min_queries_low_precision=1, min_rows_low_precision=1)
-BF16_AUTO = fs.SearchConfig(backend="bfloat16")
+BF16 = fs.index.SearchConfig(backend="bfloat16", min_queries_low_precision=1, min_rows_low_precision=1)
+BF16_AUTO = fs.index.SearchConfig(backend="bfloat16")
 
 
 @settings(max_examples=40, deadline=None)
@@ -126,7 +126,7 @@ def test_bf16_is_chosen_only_when_clearly_faster(speedup, expected):
         return tile, torch.zeros(64)
 
     chosen: dict[int, str] = {}
-    config = fs.SearchConfig()
+    config = fs.index.SearchConfig()
     got = _backends.choose_backend(q, sample, 300, 10**9, config, timer=timer, chosen=chosen)
     assert got.name == expected and chosen == {8: expected}
     raced = len(timed)
@@ -151,7 +151,7 @@ def test_bf16_is_chosen_only_when_clearly_faster(speedup, expected):
 def test_named_backend_is_used_without_timing():
     called = []
     for name in ("float32", "bfloat16", "numpy"):
-        config = fs.SearchConfig(backend=name)
+        config = fs.index.SearchConfig(backend=name)
         got = _backends.choose_backend(torch.randn(3, 4), lambda: called.append(1), 3, 10, config)
         assert got.name == name
     assert not called
@@ -160,7 +160,7 @@ def test_named_backend_is_used_without_timing():
 def test_small_searches_are_not_raced():
     called = []
     got = _backends.choose_backend(
-        torch.randn(3, 4), lambda: called.append(1), 3, 10, fs.SearchConfig(), chosen={}
+        torch.randn(3, 4), lambda: called.append(1), 3, 10, fs.index.SearchConfig(), chosen={}
     )
     assert got.name == "float32" and not called
 

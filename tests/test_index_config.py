@@ -17,17 +17,17 @@ from test_index import brute_force, make_data
 
 
 def test_config_is_frozen_validated_and_kept_by_the_index():
-    config = fs.SearchConfig(backend="float32", threads=1)
+    config = fs.index.SearchConfig(backend="float32", threads=1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.gallery_tile = 8  # type: ignore[misc]
     index = fs.EmbeddingIndex(3, config=config)
     assert index.config is config
-    assert fs.EmbeddingIndex(3).config == fs.SearchConfig()
+    assert fs.EmbeddingIndex(3).config == fs.index.SearchConfig()
     with pytest.raises(EmbeddingIndexError, match="backend must be one of"):
-        fs.SearchConfig(backend="bf16")
+        fs.index.SearchConfig(backend="bf16")
     for bad in ({"gallery_tile": 0}, {"threads": 0}, {"merge_every": 1.5}, {"threads": True}):
         with pytest.raises(EmbeddingIndexError, match="must be"):
-            fs.SearchConfig(**bad)
+            fs.index.SearchConfig(**bad)
     with pytest.raises(EmbeddingIndexError, match="SearchConfig"):
         fs.EmbeddingIndex(3, config={"backend": "float32"})  # type: ignore[arg-type]
 
@@ -58,7 +58,7 @@ def test_any_tuning_gives_the_default_result(
     seed,
 ):
     g, q, ids = make_data(kind, 700, 5, 12, seed)
-    config = fs.SearchConfig(
+    config = fs.index.SearchConfig(
         backend="float32",
         threads=threads,
         gallery_tile=gallery_tile,
@@ -83,11 +83,11 @@ def test_any_tuning_gives_the_default_result(
 def test_float32_backend_switches_the_race_off():
     # race_above=1 would time the backends on this search; backend="float32" does not.
     g = np.random.default_rng(0).standard_normal((3000, 37)).astype(np.float32)
-    index = fs.EmbeddingIndex(37, config=fs.SearchConfig(backend="float32", race_above=1))
+    index = fs.EmbeddingIndex(37, config=fs.index.SearchConfig(backend="float32", race_above=1))
     index.add(g)
     result = index.search(g[:300], 3)
     assert result.backend == "float32"
     assert 37 not in chosen_backends()
-    raced = fs.EmbeddingIndex(37, config=fs.SearchConfig(race_above=1))
+    raced = fs.EmbeddingIndex(37, config=fs.index.SearchConfig(race_above=1))
     raced.add(g)
     assert raced.search(g[:300], 3).backend == chosen_backends()[37]

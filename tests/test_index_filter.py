@@ -87,7 +87,7 @@ def test_where_across_many_tiles(kind, share, k, seed):
     # Small tiles: the subset is gathered tile by tile, the grouped selection runs.
     g, q, ids, rng = make(kind, 2000, 6, 40, seed)
     mask = rng.random(2000) < share
-    config = fs.SearchConfig(gallery_tile=256, merge_every=2)
+    config = fs.index.SearchConfig(gallery_tile=256, merge_every=2)
     index = fs.EmbeddingIndex(6, memory_budget=1 << 16, config=config)
     index.add(g, ids=ids)
     dist, found = index.search(q, k, where=mask)
@@ -187,7 +187,7 @@ def test_threshold_selection_across_tiles(kind, k, seed):
     if kind == "approaching":
         q = np.repeat(q[:1], 20, 0) + 1e-3 * rng.standard_normal((20, 4)).astype(np.float32)
         g = g[np.argsort(-((g - q[0]) ** 2).sum(1))]
-    config = fs.SearchConfig(gallery_tile=1024, block_cells=20 * 1024)
+    config = fs.index.SearchConfig(gallery_tile=1024, block_cells=20 * 1024)
     index = fs.EmbeddingIndex(4, memory_budget=1 << 20, config=config)
     index.add(g, ids=ids)
     dist, found = index.search(q, k)

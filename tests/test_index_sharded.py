@@ -37,7 +37,7 @@ def _worker(rank: int, init_method: str) -> None:
         for metric in ("cosine", "ip", "l2"):  # similarities merge largest first
             local = fs.EmbeddingIndex(6, metric=metric)
             local.add(g[mine], ids=ids[mine], labels=labels[mine])
-            sharded = fs.ShardedEmbeddingIndex(local)
+            sharded = fs.index.ShardedEmbeddingIndex(local)
             assert len(sharded) == len(g)
             whole = fs.EmbeddingIndex(6, metric=metric)
             whole.add(g, ids=ids, labels=labels)
@@ -66,4 +66,4 @@ def test_two_ranks_equal_one_index(tmp_path):
 
 def test_needs_initialised_process_group():
     with pytest.raises(EmbeddingIndexError, match="init_process_group"):
-        fs.ShardedEmbeddingIndex(fs.EmbeddingIndex(2))
+        fs.index.ShardedEmbeddingIndex(fs.EmbeddingIndex(2))

@@ -22,7 +22,7 @@ def test_concurrent_searches_equal_serial_and_restore_thread_settings(backend):
     rng = np.random.default_rng(0)
     g = rng.standard_normal((6000, 24)).astype(np.float32)
     g[3000:] = g[:3000]  # ties everywhere
-    config = fs.SearchConfig(backend=backend)
+    config = fs.index.SearchConfig(backend=backend)
     index = fs.EmbeddingIndex(24, memory_budget=1 << 22, config=config)
     index.add(g, ids=rng.permutation(6000), labels=rng.integers(0, 3, 6000))
     calls = [
@@ -89,7 +89,7 @@ def test_few_queries_split_the_gallery_exactly(workers):
     index.add(g, ids=ids)
     q = torch.from_numpy(np.concatenate([g[:3], rng.standard_normal((4, 6)).astype(np.float32)]))
     gal = index._gallery()
-    dist, rows, _ = _schedule.search_exact(gal, q, 7, 1 << 22, fs.SearchConfig(threads=workers))
+    dist, rows, _ = _schedule.search_exact(gal, q, 7, 1 << 22, fs.index.SearchConfig(threads=workers))
     d64 = ((q.double()[:, None] - torch.from_numpy(g).double()[None]) ** 2).sum(-1).sqrt()
     for r in range(len(q)):
         order = np.lexsort((ids, d64[r].numpy()))[:7]

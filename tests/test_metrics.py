@@ -70,7 +70,7 @@ def test_leave_one_out_matches_direct_computation(n, classes, k, seed, duplicate
     k = min(k, n - 1)
     index = fs.EmbeddingIndex(3)
     index.add(g, labels=labels)
-    got = fs.retrieval_metrics(index, k=k)
+    got = fs.index.retrieval_metrics(index, k=k)
     want = direct_metrics(g, labels, g, labels, k, self_ids=np.arange(n))
     assert got.keys() == want.keys()
     for key, value in want.items():
@@ -85,7 +85,7 @@ def test_separate_queries_and_lone_labels():
     qlab = rng.integers(0, 5, 12)  # labels 3 and 4 are in no gallery entry: lone queries
     index = fs.EmbeddingIndex(4)
     index.add(g, labels=labels)
-    got = fs.retrieval_metrics(index, q, qlab, k=3)
+    got = fs.index.retrieval_metrics(index, q, qlab, k=3)
     want = direct_metrics(g, labels, q, qlab, 3)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-12), key
@@ -97,13 +97,13 @@ def test_perfect_and_hopeless_retrieval():
     index.add(
         torch.tensor([[0.0], [0.1], [0.2], [10.0], [10.1], [10.2]]), labels=[0, 0, 0, 1, 1, 1]
     )
-    perfect = fs.retrieval_metrics(index, k=2)
+    perfect = fs.index.retrieval_metrics(index, k=2)
     assert all(
         perfect[key] == 1.0
         for key in ("precision_at_1", "r_precision", "mean_average_precision_at_r")
     )
     # Queries labelled the other way round: nothing relevant is ever near.
-    flipped = fs.retrieval_metrics(index, index.vectors, [1, 1, 1, 0, 0, 0], k=2)
+    flipped = fs.index.retrieval_metrics(index, index.vectors, [1, 1, 1, 0, 0, 0], k=2)
     assert flipped["precision_at_1"] == 0.0 and flipped["mean_average_precision_at_r"] == 0.0
 
 
@@ -111,4 +111,4 @@ def test_needs_labels():
     index = fs.EmbeddingIndex(1)
     index.add(torch.zeros(3, 1))
     with pytest.raises(EmbeddingIndexError, match="labels"):
-        fs.retrieval_metrics(index)
+        fs.index.retrieval_metrics(index)

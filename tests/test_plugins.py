@@ -82,16 +82,16 @@ def test_hook_register_models():
     def builder(num_classes: int = 5) -> torch.nn.Module:
         return torch.nn.Linear(4, num_classes)
 
-    name = fs.register_plugin(
+    name = fs.plugins.register_plugin(
         namespace_plugin(featurescope_register_models=lambda: {"toy_linear": builder}), "toy"
     )
     assert "toy_linear" in fs.list_models("toy*")
-    info = fs.get_model_info("toy_linear")
+    info = fs.zoo.model_spec("toy_linear")
     assert info.plugin == name
     model = fs.create_model("toy_linear", num_classes=3)
     x = torch.randn(2, 4)
     torch.testing.assert_close(model(x), F.linear(x, model.weight, model.bias))
-    fs.unregister_plugin(name)
+    fs.plugins.unregister_plugin(name)
     assert "toy_linear" not in fs.list_models()
 
 
@@ -102,15 +102,15 @@ def test_hook_register_visualizers():
         calls.append((data, colour))
         return Figure()
 
-    fs.register_plugin(
+    fs.plugins.register_plugin(
         namespace_plugin(featurescope_register_visualizers=lambda: {"toy_view": draw}), "toy"
     )
-    assert "toy_view" in fs.list_visualizers()
+    assert "toy_view" in fs.visualizers.list_visualizers()
     data = object()
     fig = fs.visualize("toy_view", data, colour="blue")
     assert isinstance(fig, Figure)
     assert calls == [(data, "blue")]
-    assert fs.get_visualizer("toy_view") is draw
+    assert fs.visualizers.get_visualizer("toy_view") is draw
 
 
 def test_hook_features_extracted():
@@ -123,8 +123,8 @@ def test_hook_features_extracted():
             self.calls.append((features, info))
 
     first, second = Recorder(), Recorder()
-    fs.register_plugin(first, "recorder-1")
-    fs.register_plugin(second, "recorder-2")
+    fs.plugins.register_plugin(first, "recorder-1")
+    fs.plugins.register_plugin(second, "recorder-2")
     features = {"conv1": np.zeros((2, 3))}
     info = {"model": "alexnet", "nodes": ["conv1"], "num_samples": 2}
     pm = plugins.get_plugin_manager()
@@ -141,12 +141,12 @@ def test_plugin_raising_in_registry_hook_is_named():
     def broken():
         raise RuntimeError("boom")
 
-    fs.register_plugin(namespace_plugin(featurescope_register_visualizers=broken), "broken-one")
+    fs.plugins.register_plugin(namespace_plugin(featurescope_register_visualizers=broken), "broken-one")
     with pytest.raises(
-        fs.PluginError, match=r"'broken-one'.*featurescope_register_visualizers.*boom"
+        fs.errors.PluginError, match=r"'broken-one'.*featurescope_register_visualizers.*boom"
     ):
-        fs.list_visualizers()
-    with pytest.raises(fs.PluginError, match="broken-one") as excinfo:
+        fs.visualizers.list_visualizers()
+    with pytest.raises(fs.errors.PluginError, match="broken-one") as excinfo:
         fs.visualize("grid", torch.rand(2, 3, 3))
     assert isinstance(excinfo.value.__cause__, RuntimeError)
 
@@ -155,9 +155,9 @@ def test_plugin_raising_in_features_extracted_is_named():
     def broken(features, info):
         raise KeyError("missing")
 
-    fs.register_plugin(namespace_plugin(featurescope_features_extracted=broken), "bad-logger")
+    fs.plugins.register_plugin(namespace_plugin(featurescope_features_extracted=broken), "bad-logger")
     with pytest.raises(
-        fs.PluginError, match=r"'bad-logger'.*featurescope_features_extracted"
+        fs.errors.PluginError, match=r"'bad-logger'.*featurescope_features_extracted"
     ) as excinfo:
         plugins.call_hook("featurescope_features_extracted", features={}, info={})
     assert isinstance(excinfo.value.__cause__, KeyError)
@@ -167,8 +167,8 @@ def test_plugin_raising_in_features_extracted_is_named():
 
 
 def test_registry_hook_returning_a_non_mapping_is_named():
-    fs.register_plugin(namespace_plugin(featurescope_register_models=lambda: ["x"]), "listy")
-    with pytest.raises(fs.PluginError, match=r"'listy'.*must return a dict"):
+    fs.plugins.register_plugin(namespace_plugin(featurescope_register_models=lambda: ["x"]), "listy")
+    with pytest.raises(fs.errors.PluginError, match=r"'listy'.*must return a dict"):
         fs.list_models()
 
 
@@ -181,48 +181,48 @@ def test_entry_point_that_fails_to_import_is_named(tmp_path, monkeypatch, autolo
         {module: "raise ImportError('needs a missing library')\n"},
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(fs.PluginError, match=r"'broken'.*fs-broken-plugin.*missing library"):
+    with pytest.raises(fs.errors.PluginError, match=r"'broken'.*fs-broken-plugin.*missing library"):
         plugins.get_plugin_manager()
     # It keeps failing rather than carrying on with half the plugins loaded.
-    with pytest.raises(fs.PluginError, match="'broken'"):
-        fs.list_visualizers()
+    with pytest.raises(fs.errors.PluginError, match="'broken'"):
+        fs.visualizers.list_visualizers()
     monkeypatch.setenv(plugins.DISABLE_AUTOLOAD_ENV, "1")
-    assert "grid" in fs.list_visualizers()
+    assert "grid" in fs.visualizers.list_visualizers()
 
 
 def test_explicit_load_entrypoints_names_failing_plugin(tmp_path, monkeypatch):
     module = unique_module()
     make_distribution(tmp_path, "fs-syntax", {"syntax": module}, {module: "def (:\n"})
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(fs.PluginError, match=r"'syntax'.*SyntaxError"):
+    with pytest.raises(fs.errors.PluginError, match=r"'syntax'.*SyntaxError"):
         plugins.load_entrypoints()
 
 
 def test_misspelt_hook_is_an_error_suggesting_the_right_name():
     plugin = namespace_plugin(featurescope_register_visualisers=lambda: {})
-    with pytest.raises(fs.PluginError, match="featurescope_register_visualizers"):
-        fs.register_plugin(plugin, "typo")
-    assert "typo" not in [p.name for p in fs.list_plugins()]
+    with pytest.raises(fs.errors.PluginError, match="featurescope_register_visualizers"):
+        fs.plugins.register_plugin(plugin, "typo")
+    assert "typo" not in [p.name for p in fs.plugins.list_plugins()]
 
 
 def test_hook_without_marker_is_an_error():
     plugin = types.SimpleNamespace(featurescope_register_models=lambda: {})
-    with pytest.raises(fs.PluginError, match="without the hookimpl marker"):
-        fs.register_plugin(plugin, "unmarked")
+    with pytest.raises(fs.errors.PluginError, match="without the hookimpl marker"):
+        fs.plugins.register_plugin(plugin, "unmarked")
 
 
 def test_hook_with_wrong_arguments_is_an_error():
     plugin = namespace_plugin(featurescope_features_extracted=lambda feats, info: None)
-    with pytest.raises(fs.PluginError, match=r"'wrong-args'.*hookspecs"):
-        fs.register_plugin(plugin, "wrong-args")
+    with pytest.raises(fs.errors.PluginError, match=r"'wrong-args'.*hookspecs"):
+        fs.plugins.register_plugin(plugin, "wrong-args")
 
 
 def test_register_and_unregister_errors():
-    fs.register_plugin(namespace_plugin(featurescope_register_models=lambda: {}), "dup")
-    with pytest.raises(fs.PluginError, match="'dup'"):
-        fs.register_plugin(namespace_plugin(featurescope_register_models=lambda: {}), "dup")
-    with pytest.raises(fs.PluginError, match="Did you mean: 'dup'"):
-        fs.unregister_plugin("dupp")
+    fs.plugins.register_plugin(namespace_plugin(featurescope_register_models=lambda: {}), "dup")
+    with pytest.raises(fs.errors.PluginError, match="'dup'"):
+        fs.plugins.register_plugin(namespace_plugin(featurescope_register_models=lambda: {}), "dup")
+    with pytest.raises(fs.errors.PluginError, match="Did you mean: 'dup'"):
+        fs.plugins.unregister_plugin("dupp")
 
 
 # --- override order -----------------------------------------------------------------------------
@@ -243,22 +243,22 @@ def test_third_party_overrides_builtin(mark):
     plugin.featurescope_register_visualizers = hookimpl(**mark)(
         plugin.featurescope_register_visualizers
     )
-    fs.register_plugin(plugin, "better-grid")
+    fs.plugins.register_plugin(plugin, "better-grid")
     with pytest.warns(fs.errors.PluginOverrideWarning, match="'better-grid' replaces the builtin"):
         fig = fs.visualize("grid", torch.rand(3, 4, 4))
     assert [ax.get_title() for ax in fig.axes] == ["third party"]
     from featurescope.visualizers import VISUALIZERS
 
     assert VISUALIZERS.get("grid").plugin == "better-grid"
-    fs.unregister_plugin("better-grid")
+    fs.plugins.unregister_plugin("better-grid")
     assert len(fs.visualize("grid", torch.rand(3, 4, 4)).axes) == 3
 
 
 def test_two_third_party_plugins_with_one_name_is_an_error_naming_both():
-    fs.register_plugin(_grid_override("a"), "grid-a")
-    fs.register_plugin(_grid_override("b"), "grid-b")
-    with pytest.raises(fs.PluginError, match=r"'grid'.*'grid-a'.*'grid-b'"):
-        fs.list_visualizers()
+    fs.plugins.register_plugin(_grid_override("a"), "grid-a")
+    fs.plugins.register_plugin(_grid_override("b"), "grid-b")
+    with pytest.raises(fs.errors.PluginError, match=r"'grid'.*'grid-a'.*'grid-b'"):
+        fs.visualizers.list_visualizers()
 
 
 def test_two_entry_point_plugins_with_one_name_is_an_error(tmp_path, monkeypatch):
@@ -275,13 +275,13 @@ def test_two_entry_point_plugins_with_one_name_is_an_error(tmp_path, monkeypatch
         monkeypatch.syspath_prepend(str(tmp_path / label))
     assert sorted(plugins.load_entrypoints()) == ["views-one", "views-two"]
     with pytest.raises(
-        fs.PluginError, match=r"'shared_view'.*'views-(one|two)'.*'views-(one|two)'"
+        fs.errors.PluginError, match=r"'shared_view'.*'views-(one|two)'.*'views-(one|two)'"
     ):
         fs.visualize("shared_view", None)
 
 
 def test_builtin_models_and_visualizers_are_plugins():
-    infos = fs.list_plugins()
+    infos = fs.plugins.list_plugins()
     assert tuple(p.name for p in infos) == plugins.DEFAULT_PLUGINS
     assert {p.source for p in infos} == {"builtin"}
     provides = {p.name: plugins.plugin_provides(p.name) for p in infos}
@@ -291,7 +291,7 @@ def test_builtin_models_and_visualizers_are_plugins():
     views = sorted(v for p in provides.values() for v in p["visualizers"])
     assert (
         views
-        == fs.list_visualizers()
+        == fs.visualizers.list_visualizers()
         == ["curves", "gradcam", "grid", "montage", "overlay", "similarity", "sum", "units"]
     )
 
@@ -313,8 +313,8 @@ def fake_views(tmp_path, monkeypatch):
 
 
 def test_entry_point_plugins_autoload(fake_views, autoload):
-    assert "fake_view" in fs.list_visualizers()
-    (info,) = [p for p in fs.list_plugins() if p.name == "fake-views"]
+    assert "fake_view" in fs.visualizers.list_visualizers()
+    (info,) = [p for p in fs.plugins.list_plugins() if p.name == "fake-views"]
     assert (info.source, info.module, info.distribution, info.version) == (
         "entry point",
         fake_views,
@@ -329,23 +329,23 @@ def test_disable_autoload_hides_entry_point_plugins(fake_views, autoload, monkey
     monkeypatch.setenv(plugins.DISABLE_AUTOLOAD_ENV, value)
     plugins._reset()
     assert plugins.autoload_disabled()
-    assert "fake_view" not in fs.list_visualizers()
-    assert "fake-views" not in [p.name for p in fs.list_plugins()]
+    assert "fake_view" not in fs.visualizers.list_visualizers()
+    assert "fake-views" not in [p.name for p in fs.plugins.list_plugins()]
     # Loading them explicitly still works: the switch is only about autoloading.
     assert plugins.load_entrypoints() == ["fake-views"]
-    assert "fake_view" in fs.list_visualizers()
+    assert "fake_view" in fs.visualizers.list_visualizers()
 
 
 @pytest.mark.parametrize("value", ["", "0", "false"])
 def test_falsy_switch_values_keep_autoload(fake_views, autoload, monkeypatch, value):
     monkeypatch.setenv(plugins.DISABLE_AUTOLOAD_ENV, value)
     plugins._reset()
-    assert "fake_view" in fs.list_visualizers()
+    assert "fake_view" in fs.visualizers.list_visualizers()
 
 
 def test_test_suite_never_autoloads(fake_views):
     assert getattr(sys, "_called_from_test", False)
-    assert "fake_view" not in fs.list_visualizers()
+    assert "fake_view" not in fs.visualizers.list_visualizers()
 
 
 def test_get_plugin_manager_is_one_object_across_threads():
@@ -395,8 +395,8 @@ def _tinynet_reference(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_example_plugin_by_entry_point(example_plugin, autoload, tmp_path, monkeypatch):
     assert "tinynet" in fs.list_models()
-    assert "histogram" in fs.list_visualizers()
-    info = fs.get_model_info("tinynet")
+    assert "histogram" in fs.visualizers.list_visualizers()
+    info = fs.zoo.model_spec("tinynet")
     assert info.plugin == "histogram"
     assert info.input_size == (3, 64, 64)
 
@@ -409,20 +409,20 @@ def test_example_plugin_by_entry_point(example_plugin, autoload, tmp_path, monke
     fig = fs.visualize("histogram", maps, max_channels=5, bins=12)
     (ax,) = fig.axes
     assert len(ax.get_legend().get_texts()) == 5
-    out = fs.save_figure(fig, tmp_path / "hist.png")
+    out = fs.visualizers.save(fig, tmp_path / "hist.png")
     assert np.asarray(Image.open(out).convert("L"), dtype=float).std() > 0
 
     monkeypatch.setenv(plugins.DISABLE_AUTOLOAD_ENV, "1")
     plugins._reset()
     assert "tinynet" not in fs.list_models()
-    assert "histogram" not in fs.list_visualizers()
-    with pytest.raises(fs.UnknownNameError, match="histogram"):
+    assert "histogram" not in fs.visualizers.list_visualizers()
+    with pytest.raises(fs.errors.UnknownNameError, match="histogram"):
         fs.visualize("histogram", maps)
 
 
 def test_cli_lists_plugins_where_from_and_what_they_provide(example_plugin, capsys):
     plugins.load_entrypoints()
-    fs.register_plugin(_grid_override("mine"), "my-grid")
+    fs.plugins.register_plugin(_grid_override("mine"), "my-grid")
     assert cli_main(["plugins", "--hooks"]) == 0
     out = capsys.readouterr().out
     assert "featurescope.zoo.alexnet  [builtin]" in out
@@ -439,7 +439,7 @@ def test_cli_reports_a_broken_plugin_and_fails(capsys):
     def broken():
         raise RuntimeError("boom")
 
-    fs.register_plugin(namespace_plugin(featurescope_register_models=broken), "broken")
+    fs.plugins.register_plugin(namespace_plugin(featurescope_register_models=broken), "broken")
     assert cli_main(["plugins"]) == 1
     out = capsys.readouterr().out
     assert "error: plugin 'broken' raised RuntimeError" in out
@@ -457,7 +457,7 @@ def test_an_entry_point_calling_sys_exit_at_import_is_an_error_naming_it(
         tmp_path, "fs-quitter", {"quitter": module}, {module: "import sys\nsys.exit(0)\n"}
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(fs.PluginError, match=r"'quitter'.*fs-quitter.*called sys.exit\(0\)"):
+    with pytest.raises(fs.errors.PluginError, match=r"'quitter'.*fs-quitter.*called sys.exit\(0\)"):
         plugins.get_plugin_manager()
     # The command line does not exit 0 having done nothing: one line, exit code 1.
     assert cli_main(["models"]) == 1
@@ -469,8 +469,8 @@ def test_a_registry_hook_calling_sys_exit_is_an_error_naming_the_plugin():
     def quit_now():
         sys.exit(3)
 
-    fs.register_plugin(namespace_plugin(featurescope_register_models=quit_now), "quitter")
-    with pytest.raises(fs.PluginError, match=r"plugin 'quitter' called sys.exit\(3\)"):
+    fs.plugins.register_plugin(namespace_plugin(featurescope_register_models=quit_now), "quitter")
+    with pytest.raises(fs.errors.PluginError, match=r"plugin 'quitter' called sys.exit\(3\)"):
         fs.list_models()
 
 
@@ -485,10 +485,10 @@ def test_a_builder_that_raises_or_exits_names_its_plugin(failure, expected):
     def builder(num_classes: int = 5) -> torch.nn.Module:
         raise failure
 
-    fs.register_plugin(
+    fs.plugins.register_plugin(
         namespace_plugin(featurescope_register_models=lambda: {"toy_broken": builder}), "breaker"
     )
-    with pytest.raises(fs.PluginError, match=rf"plugin 'breaker' {expected}") as caught:
+    with pytest.raises(fs.errors.PluginError, match=rf"plugin 'breaker' {expected}") as caught:
         fs.create_model("toy_broken")
     assert caught.value.__cause__ is failure
 
@@ -502,13 +502,13 @@ def test_a_plugin_overriding_a_builtin_model_warns_once():
     impostor = namespace_plugin(
         featurescope_register_models=lambda: {"alexnet": lambda num_classes=5: torch.nn.Identity()}
     )
-    fs.register_plugin(impostor, "impostor")
+    fs.plugins.register_plugin(impostor, "impostor")
     with pytest.warns(fs.errors.PluginOverrideWarning) as record:
-        assert fs.get_model_info("alexnet").plugin == "impostor"
+        assert fs.zoo.model_spec("alexnet").plugin == "impostor"
     assert [str(w.message).split(":")[0] for w in record] == [
         "plugin 'impostor' replaces the builtin model 'alexnet' (of 'featurescope.zoo.alexnet')"
     ]
     # Rebuilt after another plugin registers: not said again (FeaturescopeWarnings are errors
     # in this suite, so a second warning would fail here).
-    fs.register_plugin(namespace_plugin(featurescope_register_models=lambda: {}), "other")
+    fs.plugins.register_plugin(namespace_plugin(featurescope_register_models=lambda: {}), "other")
     assert isinstance(fs.create_model("alexnet"), torch.nn.Identity)

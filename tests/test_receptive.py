@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from _receptive_truth import support_boxes
-from featurescope import FeaturescopeError, NodeNotFoundError, receptive_field, receptive_fields
+from featurescope import FeaturescopeError
+from featurescope.errors import NodeNotFoundError
+from featurescope.tap import receptive_field, receptive_fields
 
 
 def _check(

@@ -21,7 +21,7 @@ import torch
 import torchvision
 
 from _receptive_truth import support_boxes
-from featurescope import receptive_fields
+from featurescope.tap import receptive_fields
 
 NEWEST_TORCH = (2, 14)
 SUBSET = ("resnet18", "squeezenet1_1")

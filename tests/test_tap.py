@@ -43,7 +43,7 @@ def _run_layers(prefix: str, layers: nn.Sequential, h: torch.Tensor, out: dict) 
 def manual_nodes(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every graph node's output, computed layer by layer without torch.fx or hooks."""
     out: dict[str, torch.Tensor] = {"x": x.clone()}
-    if isinstance(model, fs.AlexNet):
+    if isinstance(model, fs.zoo.AlexNet):
         out["check_input_size"] = x.clone()
         h = x
         for stage in ("conv1", "conv2", "conv3"):
@@ -76,7 +76,7 @@ def zoo(name: str) -> SimpleNamespace:
     """
     torch.manual_seed(0)
     model = fs.create_model(name).eval()
-    x = torch.randn(2, *fs.get_model_info(name).input_size)
+    x = torch.randn(2, *fs.zoo.model_spec(name).input_size)
     names = get_graph_node_names(model)[1]
     modules = [m for m, _ in model.named_modules() if m]
     fx_tap = FeatureTap(model, names, backend="fx")

@@ -188,7 +188,7 @@ def test_zoo_model_name_and_preprocessing_in_manifest(tmp_path):
     manifest = result.manifest
     assert manifest is not None
     assert manifest["model"] == "alexnet_half"
-    assert manifest["preprocessing"] == fs.get_model_info("alexnet_half").preprocessing.to_dict()
+    assert manifest["preprocessing"] == fs.zoo.model_spec("alexnet_half").preprocessing.to_dict()
     assert manifest["labels"] is None and result.labels is None
     assert result["embedding"].shape == (3, 2048)
 

@@ -137,7 +137,7 @@ def test_alexnet_half_learns_real_images_and_checkpoints_them(tmp_path: Path) ->
     assert history.val_loss == []
     assert loss_now() < before
 
-    reloaded = fs.load_checkpoint(tmp_path / "ck" / "last.safetensors")
+    reloaded = fs.zoo.load_checkpoint(tmp_path / "ck" / "last.safetensors")
     assert fs.model_metadata(reloaded).architecture == "alexnet_half"
     assert list(fs.model_metadata(reloaded).class_names) == data.classes
     a, b = model.state_dict(), reloaded.state_dict()
@@ -203,8 +203,8 @@ def test_checkpoints_hold_the_best_and_last_models(tmp_path: Path) -> None:
     history = train(
         model, data, data, checkpoint_dir=tmp_path, **{**FAST, "epochs": 5, "lr_schedule": 0.2}
     )
-    last = fs.read_checkpoint_metadata(tmp_path / "last.safetensors")
-    best = fs.read_checkpoint_metadata(tmp_path / "best.safetensors")
+    last = fs.zoo.read_checkpoint_metadata(tmp_path / "last.safetensors")
+    best = fs.zoo.read_checkpoint_metadata(tmp_path / "best.safetensors")
     assert last["epoch"] == 5
     assert best["epoch"] == history.best_epoch
     assert best["val_acc"] == history.best_val_acc
@@ -252,7 +252,7 @@ def test_finished_run_is_not_trained_again_and_can_be_extended(tmp_path: Path) -
 def test_other_settings_refuse_to_resume_unless_told(tmp_path: Path) -> None:
     data = _tiny_data()
     train(_tiny_net(), data, checkpoint_dir=tmp_path, **FAST)
-    with pytest.raises(fs.CheckpointError, match="batch_size: 5 there, 4 now"):
+    with pytest.raises(fs.errors.CheckpointError, match="batch_size: 5 there, 4 now"):
         train(_tiny_net(), data, checkpoint_dir=tmp_path, **{**FAST, "batch_size": 4})
     ran: list[int] = []
     train(
@@ -292,7 +292,7 @@ def test_empty_val_data_is_rejected() -> None:
 
 def test_bad_arguments_are_clear_errors() -> None:
     data = _tiny_data()
-    with pytest.raises(fs.UnknownNameError, match="adamw"):
+    with pytest.raises(fs.errors.UnknownNameError, match="adamw"):
         train(_tiny_net(), data, optimizer="adamx", **FAST)
     with pytest.raises(fs.FeaturescopeError, match="epoch 1"):
         train(_tiny_net(), data, **{**FAST, "lr_schedule": {5: 0.1}})
@@ -343,7 +343,7 @@ def test_presets() -> None:
     assert dict(study.lr_schedule) == {1: 0.01, 19: 0.003}
     assert study.init is None
     assert set(PRESETS) == {"quick", "study"}
-    with pytest.raises(fs.UnknownNameError, match="quick"):
+    with pytest.raises(fs.errors.UnknownNameError, match="quick"):
         get_preset("quik")
     assert json.loads(json.dumps(QUICK.to_dict()))["name"] == "quick"
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from featurescope import FeaturescopeError, patch, project, receptive_field, top_activations
+from featurescope import FeaturescopeError
+from featurescope.tap import receptive_field
+from featurescope.units import patch, project, top_activations
 
 captum_attr = pytest.importorskip("captum.attr")
 

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from featurescope import FeaturescopeError, FeatureTap, merge_top_activations, top_activations
-from featurescope.units import TopActivations
+from featurescope import FeaturescopeError, FeatureTap
+from featurescope.units import TopActivations, merge_top_activations, top_activations
 
 
 def _model(seed: int) -> nn.Module:

@@ -19,7 +19,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import featurescope as fs
 from featurescope import hookimpl
-from featurescope.visualizers import overlay as overlay_module
+from featurescope.visualizers.overlay import upsample
 
 NODES = {"conv1.1": "conv1", "conv2.1": "conv2", "conv3.5": "conv5"}
 
@@ -36,7 +36,7 @@ def alexnet():
 
 @pytest.fixture(scope="module")
 def transform():
-    return fs.get_model_info("alexnet").preprocessing.transform()
+    return fs.zoo.model_spec("alexnet").preprocessing.transform()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def tapped(alexnet, transform, cat):
 
 
 def png_pixels(fig: Figure, path: Path) -> np.ndarray:
-    out = fs.save_figure(fig, path)
+    out = fs.visualizers.save(fig, path)
     return np.asarray(Image.open(out).convert("RGB"), dtype=np.float64)
 
 
@@ -144,11 +144,11 @@ def test_grid_panel_count(channels, height, width, cap, batched):
 
 
 def test_grid_rejects_what_it_cannot_draw():
-    with pytest.raises(fs.InputShapeError, match=r"maps\[0\]"):
+    with pytest.raises(fs.errors.InputShapeError, match=r"maps\[0\]"):
         fs.visualize("grid", torch.rand(2, 3, 4, 4))
-    with pytest.raises(fs.VisualizationError, match="max_channels"):
+    with pytest.raises(fs.errors.VisualizationError, match="max_channels"):
         fs.visualize("grid", torch.rand(3, 4, 4), max_channels=0)
-    with pytest.raises(fs.VisualizationError, match="order"):
+    with pytest.raises(fs.errors.VisualizationError, match="order"):
         fs.visualize("grid", torch.rand(3, 4, 4), order="max")
 
 
@@ -199,13 +199,13 @@ def bilinear_reference(a: np.ndarray, height: int, width: int) -> np.ndarray:
 def test_upsample_is_bilinear(h, w, height, width, seed):
     a = np.random.default_rng(seed).normal(size=(h, w))
     np.testing.assert_allclose(
-        overlay_module.upsample(a, height, width), bilinear_reference(a, height, width), atol=1e-12
+        upsample(a, height, width), bilinear_reference(a, height, width), atol=1e-12
     )
 
 
 def test_overlay_draws_the_upsampled_map_over_the_image(tapped, tmp_path):
     maps, x = tapped
-    picture = fs.get_model_info("alexnet").preprocessing.denormalize(x)
+    picture = fs.zoo.model_spec("alexnet").preprocessing.denormalize(x)
     fig = fs.visualize("overlay", maps["conv5"], image=picture, alpha=0.4, title="conv5")
     (ax,) = fig.axes
     _, heat = ax.images
@@ -234,11 +234,11 @@ def test_overlay_accepts_pil_images_and_paths(tapped, cat, tmp_path):
 
 def test_overlay_rejects_bad_options(tapped, tmp_path):
     maps = tapped[0]["conv5"]
-    with pytest.raises(fs.VisualizationError, match="alpha"):
+    with pytest.raises(fs.errors.VisualizationError, match="alpha"):
         fs.visualize("overlay", maps, image=torch.rand(3, 8, 8), alpha=1.5)
-    with pytest.raises(fs.VisualizationError, match="cannot read"):
+    with pytest.raises(fs.errors.VisualizationError, match="cannot read"):
         fs.visualize("overlay", maps, image=tmp_path / "missing.png")
-    with pytest.raises(fs.InputShapeError, match="image"):
+    with pytest.raises(fs.errors.InputShapeError, match="image"):
         fs.visualize("overlay", maps, image=torch.rand(5, 8, 8))
 
 
@@ -323,13 +323,13 @@ def test_montage_missing_neighbours_and_errors(gallery):
     assert not fig.axes[3].images
     bad = i.clone()
     bad[1, 1] = len(images)
-    with pytest.raises(fs.VisualizationError, match=f"id {len(images)}"):
+    with pytest.raises(fs.errors.VisualizationError, match=f"id {len(images)}"):
         fs.visualize("montage", (d, bad), images=images)
-    with pytest.raises(fs.InputShapeError, match="distances, ids"):
+    with pytest.raises(fs.errors.InputShapeError, match="distances, ids"):
         fs.visualize("montage", d, images=images)
-    with pytest.raises(fs.InputShapeError, match="3 queries but 2"):
+    with pytest.raises(fs.errors.InputShapeError, match="3 queries but 2"):
         fs.visualize("montage", (d, i), images=images, queries=[0, 1])
-    with pytest.raises(fs.InputShapeError, match=r"\[nq, k\]"):
+    with pytest.raises(fs.errors.InputShapeError, match=r"\[nq, k\]"):
         fs.visualize("montage", (d, i[:, :2]), images=images)
 
 
@@ -393,9 +393,9 @@ def test_curves_accepts_per_epoch_records_and_one_history():
 
 
 def test_curves_errors():
-    with pytest.raises(fs.VisualizationError, match="lr"):
+    with pytest.raises(fs.errors.VisualizationError, match="lr"):
         fs.visualize("curves", {"run": {"lr": [0.1, 0.01]}})
-    with pytest.raises(fs.InputShapeError, match="run name"):
+    with pytest.raises(fs.errors.InputShapeError, match="run name"):
         fs.visualize("curves", [1.0, 0.5])
 
 
@@ -403,9 +403,9 @@ def test_curves_errors():
 
 
 def test_visualize_names_unknown_visualizers_and_options():
-    with pytest.raises(fs.UnknownNameError, match="Did you mean: 'grid'"):
+    with pytest.raises(fs.errors.UnknownNameError, match="Did you mean: 'grid'"):
         fs.visualize("gird", torch.rand(2, 3, 3))
-    with pytest.raises(fs.UnknownNameError, match="no option 'max_channel'.*'max_channels'"):
+    with pytest.raises(fs.errors.UnknownNameError, match="no option 'max_channel'.*'max_channels'"):
         fs.visualize("grid", torch.rand(2, 3, 3), max_channel=3)
 
 
@@ -421,11 +421,11 @@ def test_visualize_names_the_plugin_of_a_failing_visualizer():
             lambda: {"broken": broken, "stringly": not_a_figure}
         )
     )
-    fs.register_plugin(plugin, "shaky-views")
-    with pytest.raises(fs.PluginError, match="'broken'.*'shaky-views'.*cannot draw") as excinfo:
+    fs.plugins.register_plugin(plugin, "shaky-views")
+    with pytest.raises(fs.errors.PluginError, match="'broken'.*'shaky-views'.*cannot draw") as excinfo:
         fs.visualize("broken", None)
     assert isinstance(excinfo.value.__cause__, ValueError)
-    with pytest.raises(fs.PluginError, match="'stringly'.*'shaky-views'.*str"):
+    with pytest.raises(fs.errors.PluginError, match="'stringly'.*'shaky-views'.*str"):
         fs.visualize("stringly", None)
 
 
@@ -434,7 +434,7 @@ def test_visualize_names_the_plugin_of_a_failing_visualizer():
 )
 def test_save_picks_the_format_from_the_extension(tmp_path, suffix, magic):
     fig = fs.visualize("sum", torch.rand(3, 5, 5))
-    out = fs.save_figure(fig, tmp_path / "nested" / f"figure{suffix}")
+    out = fs.visualizers.save(fig, tmp_path / "nested" / f"figure{suffix}")
     assert out == tmp_path / "nested" / f"figure{suffix}"
     head = out.read_bytes()[:4096]
     assert magic in head
@@ -443,7 +443,7 @@ def test_save_picks_the_format_from_the_extension(tmp_path, suffix, magic):
 
 def test_save_is_atomic(tmp_path, monkeypatch):
     fig = fs.visualize("sum", torch.rand(3, 5, 5))
-    target = fs.save_figure(fig, tmp_path / "figure.png")
+    target = fs.visualizers.save(fig, tmp_path / "figure.png")
     before = target.read_bytes()
 
     def crash(path, **kwargs):
@@ -452,11 +452,11 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fig, "savefig", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        fs.save_figure(fig, target)
+        fs.visualizers.save(fig, target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
-    with pytest.raises(fs.VisualizationError, match=r"\.png"):
-        fs.save_figure(fig, tmp_path / "figure.jpg")
+    with pytest.raises(fs.errors.VisualizationError, match=r"\.png"):
+        fs.visualizers.save(fig, tmp_path / "figure.jpg")
 
 
 def test_visualizers_are_thread_safe(tapped):
@@ -512,9 +512,9 @@ def test_torch_and_numpy_uint8_images_are_divided_by_255():
 
 
 def test_missing_required_options_are_named():
-    with pytest.raises(fs.VisualizationError, match="'images'"):
+    with pytest.raises(fs.errors.VisualizationError, match="'images'"):
         fs.visualize("montage", (torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long)))
-    with pytest.raises(fs.VisualizationError, match="'image'"):
+    with pytest.raises(fs.errors.VisualizationError, match="'image'"):
         fs.visualize("overlay", torch.rand(2, 3, 3))
 
 
@@ -617,17 +617,17 @@ def test_layout_override():
 
 
 def test_no_layout_fits_is_a_clear_error():
-    with pytest.raises(fs.InputShapeError, match=r"\[1, 51, 8\].*51 tokens"):
+    with pytest.raises(fs.errors.InputShapeError, match=r"\[1, 51, 8\].*51 tokens"):
         fs.visualize("grid", torch.randn(1, 51, 8), layout="tokens")
-    with pytest.raises(fs.InputShapeError, match=r"\[1, 17, 8\].*3×3 patch grid"):
+    with pytest.raises(fs.errors.InputShapeError, match=r"\[1, 17, 8\].*3×3 patch grid"):
         fs.visualize("sum", torch.randn(1, 17, 8), layout="tokens", image_size=48, patch_size=16)
-    with pytest.raises(fs.InputShapeError, match=r"\[2, 3, 4, 5, 6\] fits no layout"):
+    with pytest.raises(fs.errors.InputShapeError, match=r"\[2, 3, 4, 5, 6\] fits no layout"):
         fs.visualize("grid", torch.randn(2, 3, 4, 5, 6))
-    with pytest.raises(fs.InputShapeError, match=r"\[4, 17, 8\].*batch of 4"):
+    with pytest.raises(fs.errors.InputShapeError, match=r"\[4, 17, 8\].*batch of 4"):
         fs.visualize("grid", torch.randn(4, 17, 8), layout="tokens")
-    with pytest.raises(fs.VisualizationError, match="layout must be one of"):
+    with pytest.raises(fs.errors.VisualizationError, match="layout must be one of"):
         fs.visualize("grid", torch.randn(3, 4, 4), layout="nhwc")
-    with pytest.raises(fs.VisualizationError, match="go together"):
+    with pytest.raises(fs.errors.VisualizationError, match="go together"):
         fs.visualize("grid", torch.randn(1, 17, 8), image_size=64)
 
 

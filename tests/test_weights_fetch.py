@@ -215,7 +215,7 @@ def test_torchvision_weights_fetched_once_then_read_from_the_cache(
     assert f"Downloading {url}" in err and "\r" not in err
     assert f"{name}: {len(body)}/{len(body)} B (100%)" in err  # plain progress lines
     fs.create_model("squeezenet1_1", pretrained=True)
-    assert fs.fetch_weights("squeezenet1_1") == caches["torch"] / name
+    assert fs.zoo.fetch_weights("squeezenet1_1") == caches["torch"] / name
     # torchvision's own loader reads the file featurescope fetched: no request.
     theirs = torchvision.models.get_model("squeezenet1_1", weights="DEFAULT")
     _assert_same_weights(theirs, state)
@@ -227,7 +227,7 @@ def test_a_file_torch_hub_fetched_is_used_without_a_request(caches, server, sque
     url = tv_url(name)
     torch.hub.load_state_dict_from_url(url, check_hash=True, progress=False)
     assert server.requests() == 1
-    assert fs.fetch_weights("squeezenet1_1", "IMAGENET1K_V1") == caches["torch"] / name
+    assert fs.zoo.fetch_weights("squeezenet1_1", "IMAGENET1K_V1") == caches["torch"] / name
     _assert_same_weights(fs.create_model("squeezenet1_1", pretrained=True), state)
     assert server.requests() == 1
 
@@ -246,7 +246,7 @@ def test_a_failed_torchvision_download_raises_and_leaves_nothing(
 ):
     name = "squeezenet1_1-00000000.pth" if mode == "wrong hash" else squeezenet[2]
     url = tv_url(name, mode="ok" if mode == "wrong hash" else mode)
-    with pytest.raises(fs.WeightsUnavailableError) as info:
+    with pytest.raises(fs.errors.WeightsUnavailableError) as info:
         fs.create_model("squeezenet1_1", pretrained=True)
     assert info.value.__cause__ is not None and cause in str(info.value.__cause__)
     assert name in str(info.value) and url in str(info.value)
@@ -264,13 +264,13 @@ def test_no_route_and_timeout_raise_with_the_cause(caches, server, squeezenet, t
     closed.close()  # nothing listens there now
     weights = torchvision.models.SqueezeNet1_1_Weights.DEFAULT.value
     monkeypatch.setattr(weights, "url", f"http://127.0.0.1:{port}/models/{squeezenet[2]}")
-    with pytest.raises(fs.WeightsUnavailableError) as info:
-        fs.fetch_weights("squeezenet1_1")
+    with pytest.raises(fs.errors.WeightsUnavailableError) as info:
+        fs.zoo.fetch_weights("squeezenet1_1")
     assert isinstance(info.value.__cause__, OSError)
     tv_url(squeezenet[2], mode="stall")
     monkeypatch.setattr(_download, "TIMEOUT", 0.2)
-    with pytest.raises(fs.WeightsUnavailableError) as info:
-        fs.fetch_weights("squeezenet1_1")
+    with pytest.raises(fs.errors.WeightsUnavailableError) as info:
+        fs.zoo.fetch_weights("squeezenet1_1")
     assert "timed out" in str(info.value.__cause__)
     assert _files(caches["torch"]) == []
 
@@ -281,7 +281,7 @@ def test_torchvision_offline_makes_no_request(
 ):
     url = tv_url(squeezenet[2])
     monkeypatch.setenv(variable, "1")
-    with pytest.raises(fs.WeightsUnavailableError) as info:
+    with pytest.raises(fs.errors.WeightsUnavailableError) as info:
         fs.create_model("squeezenet1_1", pretrained=True)
     message = str(info.value)
     assert squeezenet[2] in message and url in message and str(caches["torch"]) in message
@@ -320,7 +320,7 @@ def test_timm_hub_weights_fetched_once_then_read_from_the_cache(caches, server, 
     server.serve(path, safetensors_body)
     model = fs.create_model(f"timm/{arch}", pretrained=True)
     _assert_same_weights(model, state)
-    fetched = fs.fetch_weights(f"timm/{arch}")
+    fetched = fs.zoo.fetch_weights(f"timm/{arch}")
     repo = caches["hf"] / f"models--{cfg.hf_hub_id.replace('/', '--')}"
     assert fetched == repo / "snapshots" / COMMIT / "model.safetensors"
     assert fetched.read_bytes() == safetensors_body
@@ -340,7 +340,7 @@ def test_a_file_hf_hub_download_fetched_is_used_without_a_request(caches, server
     server.serve(_hub_path(cfg, "model.safetensors"), safetensors_body)
     theirs = hf_hub_download(cfg.hf_hub_id, "model.safetensors")
     requests = server.requests()
-    assert fs.fetch_weights(f"timm/{arch}") == Path(theirs)
+    assert fs.zoo.fetch_weights(f"timm/{arch}") == Path(theirs)
     _assert_same_weights(fs.create_model(f"timm/{arch}", pretrained=True), state)
     assert server.requests() == requests
 
@@ -350,7 +350,7 @@ def test_timm_takes_pytorch_model_bin_where_the_repository_has_no_safetensors(
 ):
     arch, cfg, state, _, pickled_body = tiny_timm
     server.serve(_hub_path(cfg, "pytorch_model.bin"), pickled_body)
-    fetched = fs.fetch_weights(f"timm/{arch}")
+    fetched = fs.zoo.fetch_weights(f"timm/{arch}")
     assert fetched.name == "pytorch_model.bin" and fetched.read_bytes() == pickled_body
     assert server.requests(_hub_path(cfg, "model.safetensors")) == 1  # asked first, as timm does
     _assert_same_weights(fs.create_model(f"timm/{arch}", pretrained=True), state)
@@ -371,8 +371,8 @@ def test_a_failed_hub_download_raises_and_leaves_nothing(
     path = _hub_path(cfg, "model.safetensors")
     etag = hashlib.sha256(b"other").hexdigest() if mode == "wrong hash" else None
     server.serve(path, body, mode="ok" if mode == "wrong hash" else mode, etag=etag)
-    with pytest.raises(fs.WeightsUnavailableError) as info:
-        fs.fetch_weights(f"timm/{arch}")
+    with pytest.raises(fs.errors.WeightsUnavailableError) as info:
+        fs.zoo.fetch_weights(f"timm/{arch}")
     assert info.value.__cause__ is not None and cause in str(info.value.__cause__)
     assert cfg.hf_hub_id in str(info.value) and "model.safetensors" in str(info.value)
     assert _files(caches["hf"]) == []
@@ -393,8 +393,8 @@ def test_a_failed_hub_download_keeps_what_the_cache_held_before(
     before = {p: p.read_bytes() for p in _files(caches["hf"])}
     # The new commit is recorded before the transfer; the failure must put the old one back.
     server.serve(_hub_path(cfg, "model.safetensors"), body, mode="truncate")
-    with pytest.raises(fs.WeightsUnavailableError):
-        fs.fetch_weights(f"timm/{arch}")
+    with pytest.raises(fs.errors.WeightsUnavailableError):
+        fs.zoo.fetch_weights(f"timm/{arch}")
     assert {p: p.read_bytes() for p in _files(caches["hf"])} == before
     assert try_to_load_from_cache(cfg.hf_hub_id, "config.json") == config
 
@@ -411,7 +411,7 @@ def test_an_interrupted_torchvision_download_leaves_nothing(
     tv_url(squeezenet[2])
     monkeypatch.setattr(_download.Progress, "update", _interrupt)  # Ctrl-C mid-transfer
     with pytest.raises(KeyboardInterrupt):
-        fs.fetch_weights("squeezenet1_1")
+        fs.zoo.fetch_weights("squeezenet1_1")
     assert _files(caches["torch"]) == []
 
 
@@ -422,7 +422,7 @@ def test_an_interrupted_hub_download_leaves_nothing(caches, server, tiny_timm, m
     server.serve(_hub_path(cfg, "model.safetensors"), body)
     monkeypatch.setattr(_download.Progress, "update", _interrupt)
     with pytest.raises(KeyboardInterrupt):
-        fs.fetch_weights(f"timm/{arch}")
+        fs.zoo.fetch_weights(f"timm/{arch}")
     assert _files(caches["hf"]) == []
 
 
@@ -431,7 +431,7 @@ def test_timm_offline_makes_no_request(caches, server, tiny_timm, monkeypatch, v
     arch, cfg, _, body, _ = tiny_timm
     server.serve(_hub_path(cfg, "model.safetensors"), body)
     monkeypatch.setenv(variable, "1")
-    with pytest.raises(fs.WeightsUnavailableError) as info:
+    with pytest.raises(fs.errors.WeightsUnavailableError) as info:
         fs.create_model(f"timm/{arch}", pretrained=True)
     assert cfg.hf_hub_id in str(info.value) and "model.safetensors" in str(info.value)
     assert str(caches["hf"]) in str(info.value)
@@ -456,7 +456,7 @@ def test_timm_url_weights_go_to_torch_hub_cache(caches, server, tiny_timm, timm_
     arch, _, state, _, body = tiny_timm
     _assert_same_weights(fs.create_model(f"timm/{arch}", pretrained=True), state)
     assert (caches["torch"] / timm_url).read_bytes() == body
-    assert fs.fetch_weights(f"timm/{arch}") == caches["torch"] / timm_url
+    assert fs.zoo.fetch_weights(f"timm/{arch}") == caches["torch"] / timm_url
     # timm's own loader reads it from torch's hub cache without a request.
     _assert_same_weights(timm.create_model(arch, pretrained=True), state)
     assert server.requests() == 1
@@ -466,16 +466,16 @@ def test_timm_url_weights_go_to_torch_hub_cache(caches, server, tiny_timm, timm_
 @pytest.mark.parametrize("mode", ["truncate", "missing"])
 def test_a_failed_timm_url_download_leaves_nothing(caches, server, tiny_timm, timm_url, mode):
     server.routes[f"/timm/{timm_url}"].mode = mode
-    with pytest.raises(fs.WeightsUnavailableError) as info:
-        fs.fetch_weights(f"timm/{tiny_timm[0]}")
+    with pytest.raises(fs.errors.WeightsUnavailableError) as info:
+        fs.zoo.fetch_weights(f"timm/{tiny_timm[0]}")
     assert info.value.__cause__ is not None and timm_url in str(info.value)
     assert _files(caches["torch"]) == []
 
 
 def test_timm_url_offline_makes_no_request(caches, server, tiny_timm, timm_url, monkeypatch):
     monkeypatch.setenv("FEATURESCOPE_OFFLINE", "1")
-    with pytest.raises(fs.WeightsUnavailableError, match=timm_url):
-        fs.fetch_weights(f"timm/{tiny_timm[0]}")
+    with pytest.raises(fs.errors.WeightsUnavailableError, match=timm_url):
+        fs.zoo.fetch_weights(f"timm/{tiny_timm[0]}")
     assert server.requests() == 0
 
 

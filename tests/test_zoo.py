@@ -92,7 +92,7 @@ def test_classifier_layout():
 @pytest.mark.parametrize("size", [224, 256])
 def test_wrong_input_size_names_227(size):
     model = fs.create_model("alexnet")
-    with pytest.raises(fs.InputShapeError, match=r"227, 227") as info:
+    with pytest.raises(fs.errors.InputShapeError, match=r"227, 227") as info:
         model(torch.randn(1, 3, size, size))
     assert f"{size}, {size}" in str(info.value)
     assert isinstance(info.value, ValueError)
@@ -102,7 +102,7 @@ def test_wrong_input_size_is_caught_through_torchvision_extractor():
     from torchvision.models.feature_extraction import create_feature_extractor
 
     extractor = create_feature_extractor(fs.create_model("alexnet"), ["conv1"])
-    with pytest.raises(fs.InputShapeError, match="227"):
+    with pytest.raises(fs.errors.InputShapeError, match="227"):
         extractor(torch.randn(1, 3, 224, 224))
 
 
@@ -127,7 +127,7 @@ def test_tv_alexnet_weights_offline_names_file_url_and_place(tmp_path, monkeypat
         raise urllib.error.URLError("featurescope tried to download while offline")
 
     monkeypatch.setattr("urllib.request.urlopen", no_network)
-    with pytest.raises(fs.WeightsUnavailableError) as info:
+    with pytest.raises(fs.errors.WeightsUnavailableError) as info:
         fs.create_model("tv_alexnet", weights="IMAGENET1K_V1")
     message = str(info.value)
     assert "alexnet-owt-7be5be79.pth" in message
@@ -159,7 +159,7 @@ def test_list_models_and_wildcards():
 
 
 def test_unknown_model_lists_closest_names():
-    with pytest.raises(fs.UnknownNameError, match="alexnet") as info:
+    with pytest.raises(fs.errors.UnknownNameError, match="alexnet") as info:
         fs.create_model("alexnett")
     assert "Did you mean" in str(info.value)
     assert isinstance(info.value, KeyError)
@@ -167,23 +167,23 @@ def test_unknown_model_lists_closest_names():
 
 def test_model_info_carries_preprocessing():
     for name in ("alexnet", "alexnet_half"):
-        info = fs.get_model_info(name)
-        assert info.preprocessing == fs.STUDY_PREPROCESSING
+        info = fs.zoo.model_spec(name)
+        assert info.preprocessing == fs.data.STUDY_PREPROCESSING
         assert info.input_size == (3, 227, 227)
         assert info.stages == ("conv1", "conv2", "conv3", "fc")
         assert info.plugin == "featurescope.zoo.alexnet"
-    assert fs.get_model_info("tv_alexnet").input_size == (3, 224, 224)
+    assert fs.zoo.model_spec("tv_alexnet").input_size == (3, 224, 224)
 
 
 def test_preprocessing_transform_gives_model_input():
     from PIL import Image
 
     image = Image.new("RGB", (320, 240), color=(200, 10, 50))
-    x = fs.get_model_info("alexnet").preprocessing.transform()(image)
+    x = fs.zoo.model_spec("alexnet").preprocessing.transform()(image)
     assert x.shape == (3, 227, 227)
     expected_red = (200 / 255 - 0.485) / 0.229
     torch.testing.assert_close(x[0], torch.full((227, 227), expected_red), atol=1e-3, rtol=0)
-    restored = fs.STUDY_PREPROCESSING.denormalize(x)
+    restored = fs.data.STUDY_PREPROCESSING.denormalize(x)
     torch.testing.assert_close(
         restored[:, 0, 0], torch.tensor([200, 10, 50]) / 255, atol=1e-3, rtol=0
     )
@@ -192,7 +192,7 @@ def test_preprocessing_transform_gives_model_input():
 def test_register_model_decorator_and_duplicates():
     from featurescope.zoo import _registry
 
-    @fs.register_model("tiny_test_net")
+    @fs.zoo.register_model("tiny_test_net")
     def tiny(num_classes=5, width=4):
         """A tiny test net."""
         return nn.Sequential(nn.Conv2d(3, width, 3), nn.Flatten(), nn.LazyLinear(num_classes))
@@ -201,10 +201,10 @@ def test_register_model_decorator_and_duplicates():
         assert "tiny_test_net" in fs.list_models("tiny*")
         model = fs.create_model("tiny_test_net", num_classes=3, width=2)
         assert model[0].out_channels == 2
-        assert fs.model_metadata(model) == fs.ModelMetadata("tiny_test_net", 3)
-        assert fs.get_model_info("tiny_test_net").description == "A tiny test net."
+        assert fs.model_metadata(model) == fs.zoo.ModelMetadata("tiny_test_net", 3)
+        assert fs.zoo.model_spec("tiny_test_net").description == "A tiny test net."
         with pytest.raises(fs.FeaturescopeError, match="already registered"):
-            fs.register_model("tiny_test_net")(tiny)
+            fs.zoo.register_model("tiny_test_net")(tiny)
     finally:
         _registry._DECORATED.pop("tiny_test_net", None)
         _registry.MODELS.invalidate()
@@ -214,7 +214,7 @@ def test_register_model_decorator_and_duplicates():
 def test_builder_must_return_a_module():
     from featurescope.zoo import _registry
 
-    fs.register_model("not_a_module")(lambda num_classes=5: "oops")
+    fs.zoo.register_model("not_a_module")(lambda num_classes=5: "oops")
     try:
         with pytest.raises(fs.FeaturescopeError, match="not a torch.nn.Module"):
             fs.create_model("not_a_module")
@@ -241,7 +241,7 @@ def test_torch_version_is_the_environment_s_pin():
 
 def test_bad_widths_and_weights_are_featurescope_errors():
     with pytest.raises(fs.FeaturescopeError, match="five conv widths"):
-        fs.AlexNet(widths=(1, 2, 3))
+        fs.zoo.AlexNet(widths=(1, 2, 3))
     with pytest.raises(fs.FeaturescopeError, match="IMAGENET1K_V1"):
         fs.create_model("tv_alexnet", weights="bogus")
 
@@ -249,12 +249,12 @@ def test_bad_widths_and_weights_are_featurescope_errors():
 def test_register_model_records_stages_and_embedding_node():
     from featurescope.zoo import _registry
 
-    @fs.register_model("probe_test_net", stages=("body",), embedding_node="body")
+    @fs.zoo.register_model("probe_test_net", stages=("body",), embedding_node="body")
     def probe(num_classes=5):
         return nn.Sequential()
 
     try:
-        info = fs.get_model_info("probe_test_net")
+        info = fs.zoo.model_spec("probe_test_net")
         assert info.stages == ("body",)
         assert info.embedding_node == "body"
     finally:
@@ -283,7 +283,7 @@ def timm_hidden(monkeypatch):
 
 def test_timm_model_without_timm_says_install_timm(timm_hidden):
     assert fs.list_models("timm/*") == []
-    with pytest.raises(fs.UnknownNameError) as info:
+    with pytest.raises(fs.errors.UnknownNameError) as info:
         fs.create_model("timm/resnet18")
     message = str(info.value)
     assert "install timm (pip install 'featurescope[timm]')" in message
@@ -292,8 +292,8 @@ def test_timm_model_without_timm_says_install_timm(timm_hidden):
 
 def test_unknown_timm_name_with_timm_installed_is_an_unknown_model():
     pytest.importorskip("timm")
-    with pytest.raises(fs.UnknownNameError, match="unknown model 'timm/resnet18x'") as info:
-        fs.get_model_info("timm/resnet18x")
+    with pytest.raises(fs.errors.UnknownNameError, match="unknown model 'timm/resnet18x'") as info:
+        fs.zoo.model_spec("timm/resnet18x")
     assert "install timm" not in str(info.value)
 
 
@@ -311,13 +311,13 @@ def test_pretrained_class_names_label_the_pretrained_head(fresh_plugins):
                 head.weight[: len(fixed)] = fixed[:num_classes]
         return head
 
-    spec = fs.ModelSpec(
+    spec = fs.zoo.ModelSpec(
         builder, weights="TOY", pretrained_classes=3, pretrained_class_names=("a", "b", "c")
     )
     plugin = types.SimpleNamespace(
         featurescope_register_models=fs.hookimpl(lambda: {"toy_pretrained": spec})
     )
-    fs.register_plugin(plugin, "toy-pretrained")
+    fs.plugins.register_plugin(plugin, "toy-pretrained")
     pretrained = fs.create_model("toy_pretrained", pretrained=True)
     assert torch.equal(pretrained.weight, fixed)
     meta = fs.model_metadata(pretrained)

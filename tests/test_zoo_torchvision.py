@@ -25,14 +25,14 @@ def test_every_torchvision_classification_model_is_in_the_zoo():
     assert set(TV_NAMES) <= listed
     assert len(TV_NAMES) >= 79
     # torchvision's own alexnet keeps its featurescope name; "alexnet" is the study's.
-    assert fs.get_model_info("alexnet").plugin == "featurescope.zoo.alexnet"
-    assert fs.get_model_info("tv_alexnet").plugin == "featurescope.zoo.torchvision_models"
+    assert fs.zoo.model_spec("alexnet").plugin == "featurescope.zoo.alexnet"
+    assert fs.zoo.model_spec("tv_alexnet").plugin == "featurescope.zoo.torchvision_models"
 
 
 @pytest.mark.parametrize("name", TV_NAMES)
 def test_preprocessing_is_read_from_the_default_weights(name):
     transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
-    pre = fs.get_model_info(name).preprocessing
+    pre = fs.zoo.model_spec(name).preprocessing
     assert pre.crop == transforms.crop_size[0]
     assert pre.resize == transforms.resize_size[0]
     assert pre.mean == tuple(transforms.mean) and pre.std == tuple(transforms.std)
@@ -40,7 +40,7 @@ def test_preprocessing_is_read_from_the_default_weights(name):
 
 
 def test_unknown_name_suggests_close_ones():
-    with pytest.raises(fs.UnknownNameError, match="resnet18"):
+    with pytest.raises(fs.errors.UnknownNameError, match="resnet18"):
         fs.create_model("resnet-18")
 
 
@@ -115,7 +115,7 @@ def test_pretrained_weights_offline_name_file_url_and_folder(tmp_path, monkeypat
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     monkeypatch.setattr("urllib.request.urlopen", no_network)
-    with pytest.raises(fs.WeightsUnavailableError) as info:
+    with pytest.raises(fs.errors.WeightsUnavailableError) as info:
         fs.create_model("resnet18", pretrained=True)
     url = torchvision.models.ResNet18_Weights.DEFAULT.url
     assert url.rsplit("/", 1)[-1] in str(info.value) and url in str(info.value)
@@ -163,7 +163,7 @@ def test_timm_models_are_listed_with_their_pretrained_cfg():
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=timm.create_model("resnet18"))
-    pre = fs.get_model_info("timm/resnet18").preprocessing
+    pre = fs.zoo.model_spec("timm/resnet18").preprocessing
     assert pre.input_size == cfg["input_size"] and pre.interpolation == cfg["interpolation"]
     assert pre.mean == cfg["mean"] and pre.std == cfg["std"]
     assert pre.resize == int(cfg["input_size"][-1] / cfg["crop_pct"])
@@ -193,7 +193,7 @@ def test_timm_model_taps_its_embedding(name, size):
 def test_timm_pretrained_offline_from_a_local_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(fs.WeightsUnavailableError, match="downloads are off"):
+    with pytest.raises(fs.errors.WeightsUnavailableError, match="downloads are off"):
         fs.create_model("timm/resnet18", pretrained=True)
     cfg = timm.models.get_pretrained_cfg("resnet18")
     reference = timm.create_model("resnet18")

@@ -82,7 +82,7 @@ class NodeNotFoundError(UnknownNameError):
         >>> import featurescope as fs
         >>> try:
         ...     fs.FeatureTap(fs.create_model("alexnet"), ["conv9"])
-        ... except fs.NodeNotFoundError as err:
+        ... except fs.errors.NodeNotFoundError as err:
         ...     "get_graph_node_names" in str(err)
         True
     """
@@ -95,7 +95,7 @@ class InputShapeError(FeaturescopeError, ValueError):
         >>> import torch, featurescope as fs
         >>> try:
         ...     fs.create_model("alexnet")(torch.zeros(1, 3, 224, 224))
-        ... except fs.InputShapeError as err:
+        ... except fs.errors.InputShapeError as err:
         ...     "[N, 3, 227, 227]" in str(err)
         True
     """
@@ -107,8 +107,8 @@ class CheckpointError(FeaturescopeError, ValueError):
     Example:
         >>> import featurescope as fs
         >>> try:
-        ...     fs.load_checkpoint("no-such-file.safetensors")
-        ... except fs.CheckpointError as err:
+        ...     fs.zoo.load_checkpoint("no-such-file.safetensors")
+        ... except fs.errors.CheckpointError as err:
         ...     print(err)
         checkpoint 'no-such-file.safetensors' does not exist or is not a file
     """
@@ -122,8 +122,8 @@ class UnsafeCheckpointError(CheckpointError):
         >>> path = tempfile.mkdtemp() + "/whole-model.pt"
         >>> torch.save(fs.create_model("alexnet_half"), path)  # pickles the whole object
         >>> try:
-        ...     fs.load_checkpoint(path, model_name="alexnet_half")
-        ... except fs.UnsafeCheckpointError as err:
+        ...     fs.zoo.load_checkpoint(path, model_name="alexnet_half")
+        ... except fs.errors.UnsafeCheckpointError as err:
         ...     "--trust-pickle" in str(err)
         True
     """
@@ -162,7 +162,7 @@ class IndexFileError(FeaturescopeError, ValueError):
         >>> _ = path.write_bytes(b"not an index")
         >>> try:
         ...     fs.EmbeddingIndex.load(path)
-        ... except fs.IndexFileError:
+        ... except fs.errors.IndexFileError:
         ...     print("refused")
         refused
     """
@@ -179,7 +179,7 @@ class EmbeddingIndexError(FeaturescopeError, ValueError):
         >>> index = fs.EmbeddingIndex(4)
         >>> try:
         ...     index.search(torch.zeros(1, 4), k=1)
-        ... except fs.EmbeddingIndexError:
+        ... except fs.errors.EmbeddingIndexError:
         ...     print("empty index")
         empty index
     """
@@ -191,8 +191,8 @@ class PluginError(FeaturescopeError):
     Example:
         >>> import featurescope as fs
         >>> try:
-        ...     fs.unregister_plugin("no-such-plugin")
-        ... except fs.PluginError as err:
+        ...     fs.plugins.unregister_plugin("no-such-plugin")
+        ... except fs.errors.PluginError as err:
         ...     "no-such-plugin" in str(err)
         True
     """
@@ -217,7 +217,7 @@ class VisualizationError(FeaturescopeError, ValueError):
         >>> import torch, featurescope as fs
         >>> try:
         ...     fs.visualize("overlay", torch.rand(4, 4), image=torch.rand(3, 8, 8), alpha=2)
-        ... except fs.VisualizationError:
+        ... except fs.errors.VisualizationError:
         ...     print("alpha must be in [0, 1]")
         alpha must be in [0, 1]
     """

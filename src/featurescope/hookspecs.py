@@ -4,7 +4,7 @@ Plugins implement these with :data:`featurescope.hookimpl`. A hook here that has
 ``test_hook_<name>`` in the tests, or no section in the plugin-author guide, fails the test suite.
 
 featurescope calls every implementation under its plugin's name: an exception raised inside a
-hook reaches the caller as a :class:`~featurescope.PluginError` naming the plugin and the hook.
+hook reaches the caller as a :class:`~featurescope.errors.PluginError` naming the plugin and the hook.
 
 Example:
     A plugin module adding one visualizer::
@@ -41,7 +41,7 @@ def featurescope_register_models() -> Mapping[str, Any]:  # type: ignore[empty-b
 
     Not ``firstresult``: all plugins are called. A name given by a builtin plugin may be
     overridden by a third-party plugin; two third-party plugins giving one name is a
-    :class:`~featurescope.PluginError` naming both.
+    :class:`~featurescope.errors.PluginError` naming both.
     """
 
 
@@ -60,9 +60,9 @@ def featurescope_register_visualizers() -> Mapping[str, Callable[..., Any]]:  # 
     A visualizer should build its figure as ``matplotlib.figure.Figure(...)``, not through
     pyplot, so that it runs headless and in threads, and take its options as keyword
     arguments: :func:`featurescope.visualize` rejects an option the callable does not accept,
-    naming the close ones. It should raise :class:`~featurescope.InputShapeError` or
-    :class:`~featurescope.VisualizationError` for data or options it cannot draw; any other
-    exception reaches the caller as a :class:`~featurescope.PluginError` naming the plugin.
+    naming the close ones. It should raise :class:`~featurescope.errors.InputShapeError` or
+    :class:`~featurescope.errors.VisualizationError` for data or options it cannot draw; any other
+    exception reaches the caller as a :class:`~featurescope.errors.PluginError` naming the plugin.
     """
 
 

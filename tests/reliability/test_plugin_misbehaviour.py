@@ -55,31 +55,31 @@ def _plugin(**hooks: Callable[..., Any]) -> types.SimpleNamespace:
 @pytest.mark.parametrize("case", sorted(HOOK_MISBEHAVIOURS))
 def test_a_misbehaving_registry_hook_is_an_error_naming_it(case: str, capsys) -> None:
     hook, expected = HOOK_MISBEHAVIOURS[case]
-    fs.register_plugin(_plugin(featurescope_register_models=hook), "rogue")
-    with pytest.raises(fs.PluginError, match=expected) as caught:
+    fs.plugins.register_plugin(_plugin(featurescope_register_models=hook), "rogue")
+    with pytest.raises(fs.errors.PluginError, match=expected) as caught:
         fs.list_models()
     assert "rogue" in str(caught.value)
     assert main(["models", "alexnet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("featurescope models: error: ") and err.count("\n") == 1
-    fs.unregister_plugin("rogue")
+    fs.plugins.unregister_plugin("rogue")
     assert fs.list_models("alexnet*") == ["alexnet", "alexnet_half"]  # nothing lost
 
 
 @pytest.mark.parametrize("case", sorted(BUILDER_MISBEHAVIOURS))
 def test_a_misbehaving_builder_is_an_error_naming_its_plugin(case: str) -> None:
     builder, expected = BUILDER_MISBEHAVIOURS[case]
-    fs.register_plugin(
+    fs.plugins.register_plugin(
         _plugin(featurescope_register_models=lambda: {"rogue_net": builder}), "rogue"
     )
-    with pytest.raises(fs.PluginError, match=rf"'rogue'.*{expected}"):
+    with pytest.raises(fs.errors.PluginError, match=rf"'rogue'.*{expected}"):
         fs.create_model("rogue_net")
     assert sum(p.numel() for p in fs.create_model("alexnet_half").parameters()) > 0
 
 
 def test_overriding_every_builtin_model_warns_once_per_name() -> None:
     builtins = fs.list_models("alexnet*")
-    fs.register_plugin(
+    fs.plugins.register_plugin(
         _plugin(featurescope_register_models=lambda: dict.fromkeys(builtins, torch.nn.Identity)),
         "impostor",
     )

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from featurescope import ModelSpec, Preprocessing, hookimpl
+from featurescope import hookimpl
+from featurescope.data import Preprocessing
+from featurescope.zoo import ModelSpec
 
 __all__ = ["histogram", "tinynet"]
 

@@ -103,11 +103,11 @@ def build_model(args: argparse.Namespace) -> Any:
     weights = weights_choice(args)
     if weights.kind == "file":
         assert weights.value is not None
-        recorded = fs.read_checkpoint_metadata(weights.value).get("model")
-        return fs.load_checkpoint(weights.value, model_name=None if recorded else args.model)
+        recorded = fs.zoo.read_checkpoint_metadata(weights.value).get("model")
+        return fs.zoo.load_checkpoint(weights.value, model_name=None if recorded else args.model)
     if args.model is None:
         raise FeaturescopeError("pass --model (or a --weights FILE that names its model)")
-    info = fs.get_model_info(args.model)
+    info = fs.zoo.model_spec(args.model)
     if weights.kind == "tag" and info.weights is None:
         raise FeaturescopeError(
             f"{args.model} has no pretrained weights in the zoo, so no {weights.value!r}; use "
@@ -136,4 +136,4 @@ def structure_model(name: str) -> Any:
     weights: for commands that show a model's structure, which the weights do not change."""
     import featurescope as fs
 
-    return fs.create_model(name, num_classes=fs.get_model_info(name).pretrained_classes).eval()
+    return fs.create_model(name, num_classes=fs.zoo.model_spec(name).pretrained_classes).eval()

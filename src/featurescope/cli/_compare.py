@@ -65,7 +65,7 @@ def _open_folder(folder: str, model: Any) -> Any:
     root = Path(folder)
     if (root / "train").is_dir():
         root = root / "train"
-    return fs.ImageFolder(root, fs.resolve_preprocessing(model).transform())
+    return fs.data.ImageFolder(root, fs.zoo.resolve_preprocessing(model).transform())
 
 
 def _compare(args: argparse.Namespace) -> int:

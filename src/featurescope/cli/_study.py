@@ -284,7 +284,7 @@ def _index_search(args: argparse.Namespace) -> int:
         print(f"{shown(query)}:")
         for rank, (dist, i, path) in enumerate(zip(dists, ids, paths, strict=True), start=1):
             print(f"  {rank:>3}  {dist:10.4f}  {shown(names.get(i, '?')):<12} {shown(path or '?')}")
-    fs.save_figure(search.montage(list(args.images), k), args.out)
+    fs.visualizers.save(search.montage(list(args.images), k), args.out)
     print(f"montage -> {shown(args.out)}")
     return 0
 

@@ -57,9 +57,9 @@ def _fetch(args: argparse.Namespace) -> int:
     weights = True if args.weights == "DEFAULT" else args.weights
     # Every name is checked before anything is downloaded: a typo costs no transfer.
     for name in args.names:
-        info = fs.get_model_info(name)
+        info = fs.zoo.model_spec(name)
         if info.weights is None:
             raise fs.FeaturescopeError(f"model {name!r} has no pretrained weights to fetch")
     for name in args.names:
-        print(f"{shown(name)}: {shown(fs.fetch_weights(name, weights))}", flush=True)
+        print(f"{shown(name)}: {shown(fs.zoo.fetch_weights(name, weights))}", flush=True)
     return 0

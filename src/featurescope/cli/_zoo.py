@@ -56,9 +56,9 @@ def _models(args: argparse.Namespace) -> int:
 
     names = fs.list_models(args.pattern)
     if not names:
-        raise fs.UnknownNameError(_no_match(args.pattern))
+        raise fs.errors.UnknownNameError(_no_match(args.pattern))
     for name in names:
-        info = fs.get_model_info(name)
+        info = fs.zoo.model_spec(name)
         size = list(info.input_size) if info.input_size else "?"
         print(f"{shown(name):<24} input {size}  [{shown(info.plugin)}]")
         if info.description:
@@ -80,7 +80,7 @@ def _convert(args: argparse.Namespace) -> int:
     import featurescope as fs
 
     check_output(args.dst, folder=False)
-    out = fs.convert_checkpoint(
+    out = fs.zoo.convert_checkpoint(
         args.src,
         args.dst,
         model_name=args.model,

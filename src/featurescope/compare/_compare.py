@@ -180,7 +180,7 @@ def compare(
         progress: show a progress bar (on rank 0).
 
     Returns:
-        A :class:`~featurescope.Comparison` with the matrix, each cell's estimator and the
+        A :class:`~featurescope.compare.Comparison` with the matrix, each cell's estimator and the
         number of images.
 
     Raises:

@@ -178,7 +178,7 @@ def as_exclusions(exclude_ids: Any, nq: int) -> Tensor | None:
     """Return per-query ids to leave out as an ``[nq, m]`` int64 CPU tensor (``None`` for none).
 
     The one rule for :meth:`~featurescope.EmbeddingIndex.search` and
-    :func:`~featurescope.retrieval_metrics`: ``[nq]`` (one id per query) or ``[nq, m]``
+    :func:`~featurescope.index.retrieval_metrics`: ``[nq]`` (one id per query) or ``[nq, m]``
     integers; ids that are not in the index exclude nothing.
     """
     if exclude_ids is None:

@@ -117,7 +117,7 @@ class EmbeddingIndex:
             )
         if config is not None and not isinstance(config, SearchConfig):
             raise EmbeddingIndexError(
-                f"config must be a featurescope.SearchConfig, got {type(config).__name__}"
+                f"config must be a featurescope.index.SearchConfig, got {type(config).__name__}"
             )
         self._config = SearchConfig() if config is None else config
         budget = int(memory_budget)

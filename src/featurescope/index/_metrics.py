@@ -95,7 +95,7 @@ def retrieval_metrics(
         >>> import torch, featurescope as fs
         >>> index = fs.EmbeddingIndex(1)
         >>> index.add(torch.tensor([[0.0], [0.1], [5.0], [5.2]]), labels=[0, 0, 1, 1])
-        >>> fs.retrieval_metrics(index, k=1)["precision_at_1"]
+        >>> fs.index.retrieval_metrics(index, k=1)["precision_at_1"]
         1.0
     """
     gallery_labels = index.labels

@@ -3,7 +3,7 @@
 One ``.safetensors`` file holds ``vectors`` (float32), ``ids`` and ``labels`` (int64) and the
 metadata strings as UTF-8 JSON bytes (``metadata``, uint8); its header carries the format tag,
 a JSON ``config`` (dim, dtype, memory budget, next automatic id) and a SHA-256 of the tensors,
-so a truncated, altered or foreign file is refused with :class:`~featurescope.IndexFileError`.
+so a truncated, altered or foreign file is refused with :class:`~featurescope.errors.IndexFileError`.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class ShardedEmbeddingIndex:
 
             local = fs.EmbeddingIndex(256)
             local.add(my_vectors, ids=my_global_ids, labels=my_labels)
-            sharded = fs.ShardedEmbeddingIndex(local)
+            sharded = fs.index.ShardedEmbeddingIndex(local)
             distances, ids = sharded.search(queries, k=10)  # identical on every rank
     """
 

@@ -7,7 +7,7 @@ modules (:data:`DEFAULT_PLUGINS`), then third-party plugins from the entry-point
 
 ``_manager`` holds the manager and where each plugin came from; ``_registry`` the generic
 :class:`Registry` that the zoo and the visualizers build on. pluggy calls every hook; an
-exception raised inside a plugin reaches the caller as a :class:`~featurescope.PluginError`
+exception raised inside a plugin reaches the caller as a :class:`~featurescope.errors.PluginError`
 that names the plugin and the hook, with the original exception as its ``__cause__``.
 """
 

@@ -57,7 +57,7 @@ class Registry(Generic[T]):
 
     Merge rules: builtins first, whatever their ``tryfirst``/``trylast`` marks; a third-party
     plugin may override a builtin's name; two plugins of the same standing (two builtins, or two
-    third-party plugins) giving one name is a :class:`~featurescope.PluginError` naming both.
+    third-party plugins) giving one name is a :class:`~featurescope.errors.PluginError` naming both.
     Entries added in code (``extra``, e.g. the ``@register_model`` decorator's) come last and
     override everything.
 

@@ -292,7 +292,7 @@ def head_classes(model: nn.Module) -> list[str] | None:
         >>> head_classes(fs.create_model("alexnet")) is None  # random weights
         True
     """
-    from featurescope.zoo import get_model_info, model_metadata
+    from featurescope.zoo import model_metadata, model_spec
 
     meta = model_metadata(model)
     if meta is None or meta.weights == "random":
@@ -303,7 +303,7 @@ def head_classes(model: nn.Module) -> list[str] | None:
     if source == "checkpoint":
         return None
     try:
-        pretrained_classes = get_model_info(meta.architecture).pretrained_classes
+        pretrained_classes = model_spec(meta.architecture).pretrained_classes
     except Exception:  # an architecture no longer registered: say nothing about its head
         return None
     if pretrained_classes != meta.num_classes:

@@ -319,10 +319,10 @@ class ImageSearch:
 
         Example:
             >>> import tempfile, featurescope as fs
-            >>> root = fs.make_synthetic_dataset(tempfile.mkdtemp(), train_per_class=1,
+            >>> root = fs.data.make_synthetic_dataset(tempfile.mkdtemp(), train_per_class=1,
             ...                                  val_per_class=0, test_per_class=1, size=32)
             >>> search = fs.ImageSearch.build(fs.create_model("alexnet_half"), root, progress=False)
-            >>> inside, outside = search.index.metadata[0], fs.ImageFolder(root / "test").paths[0]
+            >>> inside, outside = search.index.metadata[0], fs.data.ImageFolder(root / "test").paths[0]
             >>> search.gallery_ids([inside, outside])
             [0, None]
         """
@@ -435,7 +435,7 @@ class ImageSearch:
         if meta is None:
             raise FeaturescopeError(
                 "only a zoo model can be saved with its search (its architecture is rebuilt by "
-                "name); create it with featurescope.create_model or @featurescope.register_model"
+                "name); create it with featurescope.create_model or @featurescope.zoo.register_model"
             )
         paths = [_relative(p, self.root) if p is not None else None for p in self.index.metadata]
         manifest = {

@@ -3,7 +3,7 @@
 :func:`train` fits a classifier with cross-entropy, a step learning-rate schedule given as
 ``{epoch: lr}`` (the study's ``{1: 0.01, 19: 0.003}``) and SGD with momentum by default, and
 returns a :class:`History` of per-epoch losses and accuracies. With a ``checkpoint_dir`` it keeps
-the best and the last model as safe checkpoints (see :func:`featurescope.save_checkpoint`) and a
+the best and the last model as safe checkpoints (see :func:`featurescope.zoo.save_checkpoint`) and a
 resume state after every epoch, so an interrupted run picks up where it stopped and ends with the
 same weights as one that never stopped.
 """

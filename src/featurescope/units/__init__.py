@@ -2,7 +2,7 @@
 
 :func:`top_activations` streams a dataset through a :class:`~featurescope.FeatureTap` and keeps
 each channel's strongest images (Zeiler & Fergus, "Visualizing and Understanding Convolutional
-Networks", 2014); receptive fields come from :func:`featurescope.receptive_field`.
+Networks", 2014); receptive fields come from :func:`featurescope.tap.receptive_field`.
 """
 
 from featurescope.units._patch import patch

@@ -21,7 +21,7 @@ def patch(
     Args:
         image: ``[C, H, W]`` as the model took it.
         box: ``(top, left, bottom, right)`` with exclusive ends, e.g. from
-            :meth:`featurescope.ReceptiveField.box` (already clipped to the image).
+            :meth:`featurescope.tap.ReceptiveField.box` (already clipped to the image).
         mean: the per-channel mean the preprocessing subtracted (e.g. a zoo model's
             ``model_metadata(model).preprocessing.mean``); ``None``: the image is unnormalised.
         std: the per-channel standard deviation it divided by.

@@ -81,7 +81,7 @@ def project(
     """One activation of ``node`` projected back to the input, Zeiler & Fergus's way.
 
     The activation at ``(channel, *position)`` (on the node's grid, as
-    :func:`~featurescope.top_activations` gives it) is sent back alone with a unit signal, as
+    :func:`~featurescope.units.top_activations` gives it) is sent back alone with a unit signal, as
     Captum's ``Deconvolution`` and ``GuidedBackprop`` do; both are positively homogeneous, so
     a positive activation's own value would only scale the result.
 

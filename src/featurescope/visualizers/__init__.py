@@ -6,11 +6,19 @@ plugin modules that implement
 its own, or overrides a builtin, the same way. All of them return a
 :class:`matplotlib.figure.Figure` built without pyplot, so they run headless and in threads.
 
+Each builtin is also a plain function here, with its options in its signature:
+:func:`grid`, :func:`channel_sum` (``"sum"``), :func:`overlay`, :func:`montage`,
+:func:`curves`, :func:`similarity` and :func:`units` (as torchvision's ``models.resnet50`` is
+the function while ``models.resnet`` is its module, ``featurescope.visualizers.grid`` is the
+function; :func:`visualize` calls whichever plugin holds a name now).
+
 Example:
     >>> import torch, featurescope
     >>> fig = featurescope.visualize("sum", torch.rand(16, 13, 13), title="conv2")
     >>> len(fig.axes)  # the map and its colour bar
     2
+    >>> len(grid(torch.rand(16, 13, 13), max_channels=4).axes)
+    4
 """
 
 from __future__ import annotations
@@ -31,16 +39,31 @@ from featurescope.errors import (
 from featurescope.plugins import Registry
 from featurescope.visualizers._layout import as_maps
 
+# Each name is the function, not its module (the module stays importable by its full name).
+from featurescope.visualizers.curves import curves
+from featurescope.visualizers.grid import grid
+from featurescope.visualizers.montage import montage
+from featurescope.visualizers.overlay import overlay
+from featurescope.visualizers.similarity import similarity
+from featurescope.visualizers.sum import channel_sum
+from featurescope.visualizers.units import units
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
     "VISUALIZERS",
     "as_maps",
+    "channel_sum",
+    "curves",
     "get_visualizer",
+    "grid",
     "list_visualizers",
+    "montage",
+    "overlay",
     "save",
-    "save_figure",
+    "similarity",
+    "units",
     "visualize",
 ]
 
@@ -59,7 +82,7 @@ def _as_visualizer(name: str, value: Any, plugin: str) -> Callable[..., Any]:
 
 #: Every visualizer the plugins give, by name.
 VISUALIZERS: Registry[Callable[..., Any]] = Registry(
-    _HOOK, "visualizer", _as_visualizer, lister="featurescope.list_visualizers()"
+    _HOOK, "visualizer", _as_visualizer, lister="featurescope.visualizers.list_visualizers()"
 )
 
 
@@ -119,7 +142,7 @@ def _check_options(name: str, function: Callable[..., Any], options: dict[str, A
         raise VisualizationError(
             f"visualizer {name!r} needs the option(s) {', '.join(map(repr, missing))}, e.g. "
             f"visualize({name!r}, data, {missing[0]}=...); see "
-            f"featurescope.get_visualizer({name!r}).__doc__"
+            f"featurescope.visualizers.get_visualizer({name!r}).__doc__"
         )
 
 
@@ -212,6 +235,3 @@ def save(
         fig.savefig(tmp, format=fmt, dpi=dpi if dpi is not None else "figure", **kwargs)
     return target
 
-
-#: Alias of :func:`save`, exported at the package root as ``featurescope.save_figure``.
-save_figure = save

@@ -94,6 +94,34 @@ def _label_text(label: Any, class_names: Any) -> str:
     return str(label)
 
 
+def _known(label: Any) -> bool:
+    return label is not None and not (isinstance(label, numbers.Integral) and label < 0)
+
+
+def _plain(label: Any) -> Any:
+    return label.item() if hasattr(label, "item") else label
+
+
+def _hit(label: Any, query_label: Any) -> bool | None:
+    """Whether a neighbour's label is its query's; ``None`` where either is unknown."""
+    label, query_label = _plain(label), _plain(query_label)
+    if not (_known(label) and _known(query_label)):
+        return None
+    return bool(label == query_label)
+
+
+def _hits_array(hits: Any, shape: tuple[int, int]) -> np.ndarray[Any, Any]:
+    array = to_numpy(hits, "hits")
+    if array.ndim == 1:
+        array = array[None]
+    if array.shape != shape:
+        raise InputShapeError(
+            f"hits must be [nq, k] like the search result's ids {list(shape)}, got "
+            f"{list(array.shape)}"
+        )
+    return array.astype(bool)
+
+
 def _show(ax: Axes, image: Any, caption: str, what: str, colour: str = "black") -> None:
     picture = to_display_image(image, what)
     ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0.0, vmax=1.0)
@@ -109,14 +137,15 @@ def montage(
     labels: Any = None,
     query_labels: Sequence[Any] | None = None,
     class_names: Sequence[str] | Mapping[int, str] | None = None,
+    hits: Any = None,
     title: str | None = None,
     panel_size: float = 1.6,
     fmt: str = ".3g",
 ) -> Figure:
     """Draw each query image beside its k nearest images, captioned with distance and label.
 
-    One row per query: the study's figure of a query and its ten neighbours. Neighbours whose
-    label matches the query's are captioned in green, others in red.
+    One row per query: the study's figure of a query and its ten neighbours. A hit (a
+    neighbour of the query's class) is captioned in green, a miss in red.
 
     Args:
         data: a search result, ``(distances, ids)`` each ``[nq, k]`` (or ``[k]`` for one
@@ -131,6 +160,9 @@ def montage(
         labels: labels indexable by id (default: taken from ``(image, label)`` items).
         query_labels: one label per query (default: from ``labels`` when a query is an id).
         class_names: names of integer labels, e.g. a dataset's ``classes``.
+        hits: ``[nq, k]`` booleans (``[k]`` for one query), whether each neighbour is a hit;
+            default: a neighbour whose label equals its query's label is a hit, and one with
+            either label unknown (``None`` or negative) is neither, captioned in black.
         title: the figure's title.
         panel_size: each panel's side in inches.
         fmt: format spec for the distances.
@@ -139,8 +171,8 @@ def montage(
         A figure with ``nq × (k + 1)`` axes (``nq × k`` without ``queries``).
 
     Raises:
-        InputShapeError: ``data`` is not a search result, or ``queries`` does not have one
-            image per query.
+        InputShapeError: ``data`` is not a search result, ``queries`` does not have one
+            image per query, or ``hits`` is not shaped as the result's ids.
         VisualizationError: an id is not in ``images``.
 
     Example:
@@ -156,6 +188,7 @@ def montage(
     query_items = None if queries is None else _queries_list(queries, nq)
     if query_labels is not None and len(query_labels) != nq:
         raise InputShapeError(f"query_labels has {len(query_labels)} labels for {nq} queries")
+    given_hits = None if hits is None else _hits_array(hits, (nq, k))
 
     def lookup(i: int) -> tuple[Any, Any]:
         try:
@@ -194,9 +227,8 @@ def montage(
                 continue
             image, label = lookup(neighbour)
             text = _label_text(label, class_names)
-            colour = "black"
-            if label is not None and query_label is not None:
-                colour = _MATCH if text == _label_text(query_label, class_names) else _MISMATCH
+            hit = _hit(label, query_label) if given_hits is None else bool(given_hits[row, j])
+            colour = "black" if hit is None else _MATCH if hit else _MISMATCH
             caption = f"{j + 1}: {distances[row, j]:{fmt}}" + (f"\n{text}" if text else "")
             _show(ax, image, caption, f"image {neighbour}", colour)
     top = 1.0 - header / fig.get_figheight() - 0.01

@@ -44,7 +44,7 @@ def similarity(
     and ``n/a`` where it is undefined (NaN).
 
     Args:
-        data: a :class:`featurescope.Comparison` (its node names, model names and estimators
+        data: a :class:`featurescope.compare.Comparison` (its node names, model names and estimators
             label the figure), or any ``[rows, columns]`` matrix (tensor, array, nested lists).
         nodes_a: row names; default the comparison's, or 0, 1, ...
         nodes_b: column names.

@@ -39,7 +39,7 @@ def units(
     """Draw, for each chosen channel, its top patches and (beside them) their projections.
 
     One row per channel, strongest activation first: Zeiler & Fergus's figure. Patches come
-    from :func:`featurescope.patch`, projections from :func:`featurescope.project` cropped to
+    from :func:`featurescope.units.patch`, projections from :func:`featurescope.units.project` cropped to
     the same boxes; projections are drawn signed (grey is zero).
 
     Args:

@@ -11,7 +11,7 @@ a file fetched here is what that library then reads:
 
 A cached file is used without a request. ``FEATURESCOPE_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``
 forbids the network; a missing file or a failed transfer raises
-:class:`~featurescope.WeightsUnavailableError` naming the file, its URL and its folder, and
+:class:`~featurescope.errors.WeightsUnavailableError` naming the file, its URL and its folder, and
 leaves nothing in the cache.
 """
 

@@ -298,8 +298,8 @@ def load_checkpoint(
 
     Example:
         >>> import tempfile, featurescope as fs
-        >>> path = fs.save_checkpoint(fs.create_model("alexnet"), tempfile.mkdtemp() + "/a.safetensors")
-        >>> fs.model_metadata(fs.load_checkpoint(path)).architecture
+        >>> path = fs.zoo.save_checkpoint(fs.create_model("alexnet"), tempfile.mkdtemp() + "/a.safetensors")
+        >>> fs.model_metadata(fs.zoo.load_checkpoint(path)).architecture
         'alexnet'
     """
     meta = read_checkpoint_metadata(path)
@@ -308,7 +308,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} does not record its architecture (a plain state dict); pass "
             "model_name=... (see featurescope.list_models()), or re-save it with "
-            "featurescope.save_checkpoint"
+            "featurescope.zoo.save_checkpoint"
         )
     model = create_model(name, num_classes=num_classes, checkpoint=path)
     return model.to(map_location)
@@ -340,9 +340,9 @@ def convert_checkpoint(
         >>> import tempfile, torch, featurescope as fs
         >>> folder = tempfile.mkdtemp()
         >>> torch.save(fs.create_model("alexnet_half"), folder + "/pickled.pt")  # a whole model
-        >>> out = fs.convert_checkpoint(folder + "/pickled.pt", folder + "/safe.safetensors",
+        >>> out = fs.zoo.convert_checkpoint(folder + "/pickled.pt", folder + "/safe.safetensors",
         ...                             model_name="alexnet_half", trust_pickle=True)
-        >>> fs.model_metadata(fs.load_checkpoint(out)).architecture
+        >>> fs.model_metadata(fs.zoo.load_checkpoint(out)).architecture
         'alexnet_half'
     """
     source = Path(src)

@@ -37,7 +37,7 @@ def check_input_size(x: torch.Tensor, size: int) -> torch.Tensor:
         raise InputShapeError(
             f"AlexNet expects images of shape [N, 3, {size}, {size}], got {got}. "
             f"Preprocess with Resize(256) → CenterCrop({size}) "
-            "(featurescope.get_model_info(name).preprocessing.transform()); "
+            "(featurescope.zoo.model_spec(name).preprocessing.transform()); "
             "224×224 crops do not fit the classifier's 6×6 input."
         )
     return x

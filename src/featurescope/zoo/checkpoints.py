@@ -1,7 +1,7 @@
 """Safe checkpoint files: safetensors with metadata, ``weights_only`` state dicts, no pickles.
 
 File I/O only: building a model from a file is the factory's (:func:`~featurescope.create_model`,
-:func:`~featurescope.load_checkpoint`). A checkpoint written by :func:`save_checkpoint` records the
+:func:`~featurescope.zoo.load_checkpoint`). A checkpoint written by :func:`save_checkpoint` records the
 architecture, so the factory rebuilds the model from the file alone. ``.pt``/``.pth`` state dicts are
 read with ``torch.load(..., weights_only=True)``; a pickled whole model is refused, and
 :func:`convert_checkpoint` (``featurescope convert --trust-pickle``) turns one into a safetensors
@@ -79,8 +79,8 @@ def save_checkpoint(
     Example:
         >>> import tempfile, featurescope as fs
         >>> model = fs.create_model("alexnet_half", num_classes=3)
-        >>> path = fs.save_checkpoint(model, tempfile.mkdtemp() + "/half.safetensors", epoch=7)
-        >>> fs.read_checkpoint_metadata(path)["epoch"]
+        >>> path = fs.zoo.save_checkpoint(model, tempfile.mkdtemp() + "/half.safetensors", epoch=7)
+        >>> fs.zoo.read_checkpoint_metadata(path)["epoch"]
         7
     """
     from safetensors.torch import save_file
@@ -161,9 +161,9 @@ def read_checkpoint_metadata(path: PathLike) -> dict[str, Any]:
     Example:
         >>> import tempfile, featurescope as fs
         >>> model = fs.create_model("alexnet_half", num_classes=2)
-        >>> path = fs.save_checkpoint(model, tempfile.mkdtemp() + "/m.safetensors",
+        >>> path = fs.zoo.save_checkpoint(model, tempfile.mkdtemp() + "/m.safetensors",
         ...                           class_names=["cat", "dog"], val_acc=0.75)
-        >>> meta = fs.read_checkpoint_metadata(path)
+        >>> meta = fs.zoo.read_checkpoint_metadata(path)
         >>> meta["model"], meta["num_classes"], meta["class_names"], meta["val_acc"]
         ('alexnet_half', 2, ['cat', 'dog'], 0.75)
     """
@@ -197,7 +197,7 @@ def _field_error(path: Path, field: str, expected: str, value: Any) -> Checkpoin
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     return CheckpointError(
         f"{path}: the checkpoint's metadata field {field!r} must be {expected}, got {shown}; "
-        "the file is corrupt or was not written by featurescope.save_checkpoint"
+        "the file is corrupt or was not written by featurescope.zoo.save_checkpoint"
     )
 
 
@@ -238,7 +238,7 @@ def tensor_shapes(path: PathLike) -> dict[str, tuple[int, ...]] | None:
 
     Example:
         >>> import tempfile, featurescope as fs
-        >>> path = fs.save_checkpoint(fs.create_model("alexnet_half", num_classes=3),
+        >>> path = fs.zoo.save_checkpoint(fs.create_model("alexnet_half", num_classes=3),
         ...                           tempfile.mkdtemp() + "/m.safetensors")
         >>> shapes = tensor_shapes(path)
         >>> min(shape[0] for shape in shapes.values() if len(shape) == 2)
@@ -269,7 +269,7 @@ def _unsafe_message(path: Path) -> str:
         "refuses. If you trust where it came from, convert it once to a safe checkpoint:\n"
         f"    featurescope convert {path} model.safetensors --model alexnet --trust-pickle\n"
         "and load the .safetensors file from then on. Save new models with "
-        "featurescope.save_checkpoint (or torch.save(model.state_dict(), ...))."
+        "featurescope.zoo.save_checkpoint (or torch.save(model.state_dict(), ...))."
     )
 
 
@@ -392,7 +392,7 @@ def weights_tag(path: PathLike) -> str:
 
     Example:
         >>> import tempfile, featurescope as fs
-        >>> path = fs.save_checkpoint(fs.create_model("alexnet_half"), tempfile.mkdtemp() + "/m.safetensors")
+        >>> path = fs.zoo.save_checkpoint(fs.create_model("alexnet_half"), tempfile.mkdtemp() + "/m.safetensors")
         >>> weights_tag(path).startswith("checkpoint:")
         True
     """

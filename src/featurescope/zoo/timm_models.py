@@ -41,7 +41,7 @@ def _available() -> bool:
 
 
 def preprocessing_of(cfg: Any) -> Preprocessing:
-    """timm's eval transform as a :class:`~featurescope.Preprocessing`.
+    """timm's eval transform as a :class:`~featurescope.data.Preprocessing`.
 
     timm resizes the shorter side to ``floor(size / crop_pct)`` and centre-crops ``size``
     (``timm.data.transforms_factory.transforms_imagenet_eval``).

@@ -62,7 +62,7 @@ class SearchConfig:
 
     Example:
         >>> import featurescope as fs
-        >>> config = fs.SearchConfig(backend="float32", threads=2)
+        >>> config = fs.index.SearchConfig(backend="float32", threads=2)
         >>> index = fs.EmbeddingIndex(4, config=config)
         >>> index.config.backend, index.config.gallery_tile
         ('float32', 4096)
