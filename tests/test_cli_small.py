@@ -248,12 +248,13 @@ def test_the_type_checkers_imports_are_the_lazy_ones():
     assert set(fs._LAZY) <= set(fs.__all__)
 
 
-def test_the_function_train_stays_the_function_when_its_subpackage_is_imported_later():
+def test_the_function_compare_stays_the_function_when_its_subpackage_is_imported_later():
     script = (
-        "import featurescope as fs, featurescope.train.presets, types;"
-        "print(callable(fs.train), isinstance(fs.train, types.ModuleType), fs.train.__module__)"
+        "import featurescope as fs, featurescope.compare._plan, types;"
+        "print(callable(fs.compare), isinstance(fs.compare, types.ModuleType), "
+        "fs.compare.__module__)"
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     )
-    assert done.stdout.split() == ["True", "False", "featurescope.train._loop"]
+    assert done.stdout.split() == ["True", "False", "featurescope.compare._compare"]

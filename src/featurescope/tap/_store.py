@@ -395,6 +395,17 @@ def load_features(folder: str | os.PathLike[str]) -> Extraction:
 
     Raises:
         FeaturescopeError: ``folder`` has no featurescope manifest.
+
+    Example:
+        >>> import tempfile, torch, featurescope as fs
+        >>> from torch.utils.data import TensorDataset
+        >>> tap = fs.FeatureTap(torch.nn.Sequential(torch.nn.Linear(4, 3)), {"0": "out"})
+        >>> data = TensorDataset(torch.randn(5, 4), torch.arange(5))
+        >>> folder = tempfile.mkdtemp() + "/features"
+        >>> _ = tap.extract(data, batch_size=2, out=folder, progress=False)
+        >>> again = fs.load_features(folder)
+        >>> again["out"].shape, again.labels.tolist()
+        ((5, 3), [0, 1, 2, 3, 4])
     """
     root = Path(folder)
     manifest = read_manifest(root)
