@@ -351,7 +351,8 @@ def test_a_header_asking_for_millions_of_classes_is_refused_before_building(
     # A Linear(12, n) head: 12 n weights and n biases, against the 3-class file's 39 values.
     needed, present = 13 * 3_000_000, 13 * 3
     with pytest.raises(
-        fs.errors.CheckpointError, match=rf"has {needed / 1e6:.1f} M values but .* only {present} values"
+        fs.errors.CheckpointError,
+        match=rf"has {needed / 1e6:.1f} M values but .* only {present} values",
     ):
         fs.zoo.load_checkpoint(path)
 

@@ -100,7 +100,9 @@ def test_the_cli_writes_what_the_python_api_computes(tmp_path, search_data, caps
     assert main(args) == 0
     assert "images ->" in capsys.readouterr().out
     saved = json.loads((out / "matrix.json").read_text())
-    images = fs.data.ImageFolder(search_data / "test", fs.zoo.resolve_preprocessing(model).transform())
+    images = fs.data.ImageFolder(
+        search_data / "test", fs.zoo.resolve_preprocessing(model).transform()
+    )
     expected = fs.compare(
         model,
         model,

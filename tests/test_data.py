@@ -166,7 +166,9 @@ def test_items_are_study_tensors_and_labels(tiny_root: Path) -> None:
     assert isinstance(image, torch.Tensor)
     assert image.shape == (3, 227, 227)
     assert label == data.samples[0][1] == data.targets[0]
-    reference = fs.data.STUDY_PREPROCESSING.transform()(Image.open(data.samples[0][0]).convert("RGB"))
+    reference = fs.data.STUDY_PREPROCESSING.transform()(
+        Image.open(data.samples[0][0]).convert("RGB")
+    )
     assert torch.equal(image, reference)
     assert data.paths == [p for p, _ in data.samples]
 

@@ -76,7 +76,9 @@ def test_neighbours_are_the_index_answer(page, search):
     np.testing.assert_allclose(distances, expected.distances.numpy(), atol=1e-4)
     shown = {g["id"] for g in content["gallery"]}
     assert {i for q in content["queries"] for i, _ in q["neighbours"]} <= shown
-    scores = fs.index.retrieval_metrics(search.index, search.embed_images(test.paths), test.targets, k=4)
+    scores = fs.index.retrieval_metrics(
+        search.index, search.embed_images(test.paths), test.targets, k=4
+    )
     assert content["metrics"]["this model"]["precision@k"] == pytest.approx(
         scores["precision_at_k"]
     )

@@ -16,7 +16,9 @@ from featurescope.index._search import _backends, _metric
 from test_index import KINDS, brute_force, make_data
 
 #: bfloat16 for every search; BF16_AUTO: where it pays (enough queries, rows, or a copy).
-BF16 = fs.index.SearchConfig(backend="bfloat16", min_queries_low_precision=1, min_rows_low_precision=1)
+BF16 = fs.index.SearchConfig(
+    backend="bfloat16", min_queries_low_precision=1, min_rows_low_precision=1
+)
 BF16_AUTO = fs.index.SearchConfig(backend="bfloat16")
 
 

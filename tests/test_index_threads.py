@@ -89,7 +89,9 @@ def test_few_queries_split_the_gallery_exactly(workers):
     index.add(g, ids=ids)
     q = torch.from_numpy(np.concatenate([g[:3], rng.standard_normal((4, 6)).astype(np.float32)]))
     gal = index._gallery()
-    dist, rows, _ = _schedule.search_exact(gal, q, 7, 1 << 22, fs.index.SearchConfig(threads=workers))
+    dist, rows, _ = _schedule.search_exact(
+        gal, q, 7, 1 << 22, fs.index.SearchConfig(threads=workers)
+    )
     d64 = ((q.double()[:, None] - torch.from_numpy(g).double()[None]) ** 2).sum(-1).sqrt()
     for r in range(len(q)):
         order = np.lexsort((ids, d64[r].numpy()))[:7]

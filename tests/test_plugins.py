@@ -141,7 +141,9 @@ def test_plugin_raising_in_registry_hook_is_named():
     def broken():
         raise RuntimeError("boom")
 
-    fs.plugins.register_plugin(namespace_plugin(featurescope_register_visualizers=broken), "broken-one")
+    fs.plugins.register_plugin(
+        namespace_plugin(featurescope_register_visualizers=broken), "broken-one"
+    )
     with pytest.raises(
         fs.errors.PluginError, match=r"'broken-one'.*featurescope_register_visualizers.*boom"
     ):
@@ -155,7 +157,9 @@ def test_plugin_raising_in_features_extracted_is_named():
     def broken(features, info):
         raise KeyError("missing")
 
-    fs.plugins.register_plugin(namespace_plugin(featurescope_features_extracted=broken), "bad-logger")
+    fs.plugins.register_plugin(
+        namespace_plugin(featurescope_features_extracted=broken), "bad-logger"
+    )
     with pytest.raises(
         fs.errors.PluginError, match=r"'bad-logger'.*featurescope_features_extracted"
     ) as excinfo:
@@ -167,7 +171,9 @@ def test_plugin_raising_in_features_extracted_is_named():
 
 
 def test_registry_hook_returning_a_non_mapping_is_named():
-    fs.plugins.register_plugin(namespace_plugin(featurescope_register_models=lambda: ["x"]), "listy")
+    fs.plugins.register_plugin(
+        namespace_plugin(featurescope_register_models=lambda: ["x"]), "listy"
+    )
     with pytest.raises(fs.errors.PluginError, match=r"'listy'.*must return a dict"):
         fs.list_models()
 

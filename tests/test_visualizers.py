@@ -422,7 +422,9 @@ def test_visualize_names_the_plugin_of_a_failing_visualizer():
         )
     )
     fs.plugins.register_plugin(plugin, "shaky-views")
-    with pytest.raises(fs.errors.PluginError, match="'broken'.*'shaky-views'.*cannot draw") as excinfo:
+    with pytest.raises(
+        fs.errors.PluginError, match="'broken'.*'shaky-views'.*cannot draw"
+    ) as excinfo:
         fs.visualize("broken", None)
     assert isinstance(excinfo.value.__cause__, ValueError)
     with pytest.raises(fs.errors.PluginError, match="'stringly'.*'shaky-views'.*str"):

@@ -171,14 +171,14 @@ def compare_widths(
         [('alexnet_half bs5', 1)]
     """
     runs = []
-    for model_name in preset.models:
+    for architecture in preset.models:
         for batch_size in preset.batch_sizes:
-            run_dir = Path(out) / f"{model_name}-bs{batch_size}" if out is not None else None
+            run_dir = Path(out) / f"{architecture}-bs{batch_size}" if out is not None else None
             runs.append(
                 train_run(
                     splits,
                     preset,
-                    model_name,
+                    architecture,
                     batch_size,
                     out=run_dir,
                     device=device,

@@ -37,7 +37,12 @@ from featurescope.study._owned_folder import (
     staging_folder,
 )
 from featurescope.tap import FeatureTap
-from featurescope.zoo.metadata import ModelMetadata, model_metadata, model_name, resolve_preprocessing
+from featurescope.zoo.metadata import (
+    ModelMetadata,
+    model_metadata,
+    model_name,
+    resolve_preprocessing,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

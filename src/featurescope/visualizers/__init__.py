@@ -234,4 +234,3 @@ def save(
         # The temporary name ends in .tmp, so the format must be passed explicitly.
         fig.savefig(tmp, format=fmt, dpi=dpi if dpi is not None else "figure", **kwargs)
     return target
-
