@@ -325,7 +325,7 @@ class ImageSearch:
         Example:
             >>> import tempfile, featurescope as fs
             >>> root = fs.data.make_synthetic_dataset(tempfile.mkdtemp(), train_per_class=1,
-            ...                                  val_per_class=0, test_per_class=1, size=32)
+            ...                                       val_per_class=0, test_per_class=1, size=32)
             >>> search = fs.ImageSearch.build(fs.create_model("alexnet_half"), root, progress=False)
             >>> inside, outside = search.index.metadata[0], fs.data.ImageFolder(root / "test").paths[0]
             >>> search.gallery_ids([inside, outside])

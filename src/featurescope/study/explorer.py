@@ -185,7 +185,7 @@ def write_explorer(
         >>> from featurescope.study import write_explorer
         >>> from featurescope.study.explorer import read_explorer_data
         >>> root = fs.data.make_synthetic_dataset(tempfile.mkdtemp(), train_per_class=2,
-        ...                                  val_per_class=0, test_per_class=1, size=32)
+        ...                                       val_per_class=0, test_per_class=1, size=32)
         >>> search = fs.ImageSearch.build(fs.create_model("alexnet_half"), root, progress=False)
         >>> test = fs.data.ImageFolder(root / "test")
         >>> page = write_explorer(root / "explorer.html", search, test.paths,

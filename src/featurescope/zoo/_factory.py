@@ -341,7 +341,7 @@ def convert_checkpoint(
         >>> folder = tempfile.mkdtemp()
         >>> torch.save(fs.create_model("alexnet_half"), folder + "/pickled.pt")  # a whole model
         >>> out = fs.zoo.convert_checkpoint(folder + "/pickled.pt", folder + "/safe.safetensors",
-        ...                             model_name="alexnet_half", trust_pickle=True)
+        ...                                 model_name="alexnet_half", trust_pickle=True)
         >>> fs.model_metadata(fs.zoo.load_checkpoint(out)).architecture
         'alexnet_half'
     """

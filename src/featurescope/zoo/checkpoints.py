@@ -162,7 +162,7 @@ def read_checkpoint_metadata(path: PathLike) -> dict[str, Any]:
         >>> import tempfile, featurescope as fs
         >>> model = fs.create_model("alexnet_half", num_classes=2)
         >>> path = fs.zoo.save_checkpoint(model, tempfile.mkdtemp() + "/m.safetensors",
-        ...                           class_names=["cat", "dog"], val_acc=0.75)
+        ...                               class_names=["cat", "dog"], val_acc=0.75)
         >>> meta = fs.zoo.read_checkpoint_metadata(path)
         >>> meta["model"], meta["num_classes"], meta["class_names"], meta["val_acc"]
         ('alexnet_half', 2, ['cat', 'dog'], 0.75)
@@ -239,7 +239,7 @@ def tensor_shapes(path: PathLike) -> dict[str, tuple[int, ...]] | None:
     Example:
         >>> import tempfile, featurescope as fs
         >>> path = fs.zoo.save_checkpoint(fs.create_model("alexnet_half", num_classes=3),
-        ...                           tempfile.mkdtemp() + "/m.safetensors")
+        ...                               tempfile.mkdtemp() + "/m.safetensors")
         >>> shapes = tensor_shapes(path)
         >>> min(shape[0] for shape in shapes.values() if len(shape) == 2)
         3
