@@ -5,8 +5,10 @@ installed, and any plugin's models.
 ``featurescope_register_models`` hook and :func:`register_model`; :func:`model_spec` reads how
 a model is built and fed), ``_factory`` builds (:func:`create_model`), ``_download`` fetches
 pretrained weights into torch's and Hugging Face's hub caches (:func:`fetch_weights`),
-:mod:`~featurescope.zoo.metadata` types what a built model is (:func:`model_metadata`), and :mod:`~featurescope.zoo.checkpoints` reads and writes weight files. The builtin models are
-ordinary plugin modules: :mod:`~featurescope.zoo.alexnet`, :mod:`~featurescope.zoo.torchvision_models`.
+:mod:`~featurescope.zoo.metadata` types what a built model is (:func:`model_metadata`), and
+:mod:`~featurescope.zoo.checkpoints` reads and writes weight files. The builtin models are
+ordinary plugin modules: :mod:`~featurescope.zoo.alexnet`,
+:mod:`~featurescope.zoo.torchvision_models`.
 """
 
 from featurescope.zoo._factory import (
