@@ -31,12 +31,25 @@ if TYPE_CHECKING:
     from featurescope.study import ImageSearch
     from featurescope.units import TopActivations
 
-__all__ = ["GalleryImages", "Limits", "create_app", "is_loopback", "running", "serve"]
+__all__ = [
+    "GalleryImages",
+    "Limits",
+    "check_installed",
+    "create_app",
+    "is_loopback",
+    "running",
+    "serve",
+]
 
 _INSTALL = "pip install 'featurescope[serve]'"
 
 
-def _require() -> None:
+def check_installed() -> None:
+    """Raise a clear error when the ``serve`` extra (starlette, uvicorn) is not installed.
+
+    Raises:
+        FeaturescopeError: naming ``pip install 'featurescope[serve]'``.
+    """
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
@@ -94,7 +107,7 @@ def create_app(
         >>> sorted(r.path for r in app.routes)[:3]
         ['/', '/api/analyse', '/api/gallery/{id:int}']
     """
-    _require()
+    check_installed()
     from featurescope.serve._app import build_app
     from featurescope.serve._engine import Engine
 
@@ -192,7 +205,9 @@ def _announce(url: str) -> None:
 
 
 @contextlib.contextmanager
-def running(app: Any, host: str = "127.0.0.1", port: int = 0, *, timeout: float = 30.0) -> Iterator[str]:
+def running(
+    app: Any, host: str = "127.0.0.1", port: int = 0, *, timeout: float = 30.0
+) -> Iterator[str]:
     """Run an ASGI ``app`` on uvicorn in a background thread; yields its URL, stops on exit.
 
     For notebooks and tests: the app answers while the ``with`` block runs.
@@ -211,7 +226,7 @@ def running(app: Any, host: str = "127.0.0.1", port: int = 0, *, timeout: float 
         >>> info["images"] == len(search.index)
         True
     """
-    _require()
+    check_installed()
     sock = _bind(host, port)
     server = _server(app, "warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

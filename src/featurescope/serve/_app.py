@@ -123,7 +123,7 @@ def build_app(
         title=title, info=engine.info(), default_k=min(default_k, engine.max_k)
     )
     static = {
-        name: (resources.files("featurescope.serve").joinpath("static", name).read_bytes(), kind)
+        name: ((resources.files("featurescope.serve") / "static" / name).read_bytes(), kind)
         for name, kind in _STATIC.items()
     }
 

@@ -209,7 +209,7 @@ class Engine:
                     cam, cam_node, cam_note = _maps.encode_cam(found.maps[0].cpu()), found.node, ""
                 except FeaturescopeError as exc:
                     cam_note = f"no Grad-CAM for this model: {exc}"
-        stages = []
+        stages: list[dict[str, Any]] = []
         for stage in self.stage_nodes:
             maps = out[self._alias_of[stage]]
             if isinstance(maps, torch.Tensor) and maps.dim() == 4:

@@ -82,6 +82,7 @@ def encode_stage(name: str, position: int, maps: torch.Tensor) -> dict[str, Any]
     maps = maps.float()
     small = shrink(maps)
     flat = small.reshape(small.shape[0], -1)
+    lows, highs = flat.min(dim=1).values.tolist(), flat.max(dim=1).values.tolist()
     return {
         "name": name,
         "label": f"stage {position + 1} ({maps.shape[-2]}×{maps.shape[-1]})",
@@ -91,8 +92,7 @@ def encode_stage(name: str, position: int, maps: torch.Tensor) -> dict[str, Any]
         "sum": _b64(quantise(small.sum(dim=0)[None])[0]),
         "means": [float(f"{m:.5g}") for m in maps.mean(dim=(1, 2)).tolist()],
         "ranges": [
-            [float(f"{lo:.5g}"), float(f"{hi:.5g}")]
-            for lo, hi in zip(flat.min(dim=1).values.tolist(), flat.max(dim=1).values.tolist())
+            [float(f"{lo:.5g}"), float(f"{hi:.5g}")] for lo, hi in zip(lows, highs, strict=True)
         ],
     }
 

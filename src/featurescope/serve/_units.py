@@ -61,7 +61,7 @@ class GalleryImages(Dataset[tuple[torch.Tensor, int]]):
         return tensor, int(self.labels[position])
 
 
-def channel_scores(value: torch.Tensor) -> torch.Tensor | None:
+def channel_scores(value: Any) -> torch.Tensor | None:
     """One image's score per channel, as ``top_activations(reduce="max")`` scores it: its
     strongest position; ``None`` for an output with no channels.
 
@@ -123,7 +123,10 @@ class UnitsView:
             for c in order:
                 shown = []
                 for value, pos, (i, j) in zip(
-                    top.values[c].tolist(), top.image_ids[c].tolist(), top.positions[c].tolist()
+                    top.values[c].tolist(),
+                    top.image_ids[c].tolist(),
+                    top.positions[c].tolist(),
+                    strict=True,
                 ):
                     if pos < 0:
                         continue

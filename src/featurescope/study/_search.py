@@ -444,6 +444,17 @@ class ImageSearch:
             title=title or f"{result.ids.shape[1]} nearest images",
         )
 
+    def serve(self, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+        """Serve this search as a local web app until interrupted (Ctrl-C): drop in a photo for
+        its neighbours, maps and Grad-CAM; see :func:`featurescope.serve.serve` for the options.
+
+        Needs ``pip install 'featurescope[serve]'``. Binds 127.0.0.1 unless ``host`` says
+        otherwise (then it warns); ``port=0`` picks a free port. The URL is printed.
+        """
+        from featurescope.serve import serve
+
+        serve(self, host=host, port=port, **options)
+
     # -- persistence --------------------------------------------------------------------------
 
     def save(self, path: PathLike, *, overwrite: bool = True) -> Path:
