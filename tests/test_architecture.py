@@ -37,6 +37,9 @@ LAYERS = (
     ("featurescope.visualizers",),
     ("featurescope.compare",),
     ("featurescope.train",),
+    # The web app takes an ImageSearch but imports none of study's code (ImageSearch.serve()
+    # delegates down to it).
+    ("featurescope.serve",),
     ("featurescope.study",),
     ("featurescope.cli", "featurescope.__main__"),
 )

@@ -93,13 +93,11 @@ class Engine:
 
     def info(self) -> dict[str, Any]:
         """What the page shows before any search: the model, the gallery, the limits."""
-        from featurescope.study import weights_sentence
-
         search = self.search
         return {
             "model": self.architecture,
             "node": search.node,
-            "weights": weights_sentence(search.weights),
+            "weights": search.weights,
             "images": len(search.index),
             "dim": search.index.dim,
             "metric": search.index.metric,
