@@ -268,11 +268,15 @@
     const w = canvas.width, h = canvas.height;
     const img = ctx.createImageData(w, h);
     const data = img.data;
+    // Few points are drawn larger; many as 2x2 pixels written straight into one ImageData.
+    const side = map.n < 5000 ? 4 : 2;
+    const dots = [];
+    for (let dy = 0; dy < side; dy++) for (let dx = 0; dx < side; dx++) dots.push(dy * w + dx);
     for (let i = 0; i < map.n; i++) {
       const [sx, sy] = toScreen(i);
-      const x = Math.round(sx), y = Math.round(sy);
-      if (x < 0 || y < 0 || x >= w - 1 || y >= h - 1) continue;
-      for (const o of [0, 1, w, w + 1]) {
+      const x = Math.round(sx) - (side >> 1), y = Math.round(sy) - (side >> 1);
+      if (x < 0 || y < 0 || x >= w - side || y >= h - side) continue;
+      for (const o of dots) {
         const p = 4 * (y * w + x + o);
         data[p] = 23; data[p + 1] = 105; data[p + 2] = 170; data[p + 3] = 200;
       }
