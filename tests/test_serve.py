@@ -433,3 +433,15 @@ def test_serving_beyond_loopback_warns_and_answers_any_host(served, monkeypatch)
     assert "ran" in seen
     assert not any("TrustedHost" in str(m) for m in seen["app"].user_middleware)
     assert serve_module.is_loopback("::1") and not serve_module.is_loopback("192.168.1.2")
+
+
+def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path, capsys):
+    from featurescope.cli import main
+
+    assert main(["serve", str(tmp_path / "nowhere.fsindex")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"featurescope serve: error: INDEX '{tmp_path / 'nowhere.fsindex'}' does not exist"
+    ]
+    assert main(["serve", str(tmp_path), "--port", "70000"]) == 1
+    assert "--port must be between 0 and 65535" in capsys.readouterr().err

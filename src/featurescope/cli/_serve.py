@@ -91,13 +91,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"computing units at {', '.join(args.units)} over {len(search.index)} images…")
         units = top_activations(search.model, GalleryImages(search), args.units, device=device)
     limits = Limits(max_bytes=args.max_upload_mb * 1024 * 1024)
-    serve(
-        search,
-        host=args.host,
-        port=args.port,
-        k=min(args.k, len(search.index)),
-        units=units,
-        projection=args.projection,
-        limits=limits,
-    )
+    try:
+        serve(
+            search,
+            host=args.host,
+            port=args.port,
+            k=min(args.k, len(search.index)),
+            units=units,
+            projection=args.projection,
+            limits=limits,
+        )
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: not a failure
+        pass
+    print("featurescope serve: stopped")
     return 0

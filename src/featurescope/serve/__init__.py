@@ -141,6 +141,9 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError:
         sock.close()
         raise
+    # Listening now, so that a client told the URL before the server's loop starts waits in
+    # the backlog instead of being refused.
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
