@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Any
 
@@ -91,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"computing units at {', '.join(args.units)} over {len(search.index)} images…")
         units = top_activations(search.model, GalleryImages(search), args.units, device=device)
     limits = Limits(max_bytes=args.max_upload_mb * 1024 * 1024)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server stops: no failure
         serve(
             search,
             host=args.host,
@@ -101,7 +102,5 @@ def _serve(args: argparse.Namespace) -> int:
             projection=args.projection,
             limits=limits,
         )
-    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: not a failure
-        pass
     print("featurescope serve: stopped")
     return 0
