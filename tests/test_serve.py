@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import featurescope as fs
@@ -445,3 +447,25 @@ def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path, capsys):
     ]
     assert main(["serve", str(tmp_path), "--port", "70000"]) == 1
     assert "--port must be between 0 and 65535" in capsys.readouterr().err
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(3, 40),
+    dim=st.integers(2, 24),
+    seed=st.integers(0, 2**16),
+)
+def test_pca_2d_is_numpys_svd_both_ways(n, dim, seed):
+    """Fewer points than dimensions (the points' SVD) or more (the covariance's eigenvectors):
+    the same first two components as numpy's SVD, each axis's sign fixed by its largest
+    loading."""
+    from featurescope.serve._projection import pca_2d
+
+    x = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)) * torch.linspace(
+        3, 0.5, dim
+    )
+    centred = x.double().numpy() - x.double().numpy().mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    assume(s[0] - s[1] > 1e-3 * s[0] and (len(s) < 3 or s[1] - s[2] > 1e-3 * s[0]))
+    axes = vt[:2].T * np.sign(vt[:2].T[np.abs(vt[:2].T).argmax(axis=0), [0, 1]])
+    assert np.allclose(pca_2d(x).numpy(), centred @ axes, atol=1e-8 * max(1.0, s[0]))

@@ -24,6 +24,8 @@ _BLOCK = 8192
 def pca_2d(vectors: torch.Tensor) -> torch.Tensor:
     """The first two principal components of ``vectors`` ``[n, dim]``, as ``[n, 2]`` float64.
 
+    Each axis's sign is fixed (its largest loading positive), so the map does not flip.
+
     Example:
         >>> x = torch.tensor([[0.0, 0.0], [2.0, 1.0], [4.0, 2.0]])
         >>> pca_2d(x)[:, 0].tolist()  # every point on the first axis, centred
@@ -34,12 +36,19 @@ def pca_2d(vectors: torch.Tensor) -> torch.Tensor:
     for block in vectors.split(_BLOCK):
         mean += block.double().sum(dim=0)
     mean /= max(n, 1)
-    cov = torch.zeros(dim, dim, dtype=torch.float64)
-    for block in vectors.split(_BLOCK):
-        centred = block.double() - mean
-        cov += centred.T @ centred
-    _, vecs = torch.linalg.eigh(cov)
-    axes = vecs[:, -2:].flip(1) if dim >= 2 else torch.cat([vecs, torch.zeros_like(vecs)], 1)
+    if n <= dim:
+        # Fewer points than dimensions: the thin SVD of the points is cheaper than the
+        # dim x dim covariance's eigendecomposition (a 2048-d gallery of 15 images).
+        _, _, vh = torch.linalg.svd(vectors.double() - mean, full_matrices=False)
+        axes = vh[:2].T
+    else:
+        cov = torch.zeros(dim, dim, dtype=torch.float64)
+        for block in vectors.split(_BLOCK):
+            centred = block.double() - mean
+            cov += centred.T @ centred
+        axes = torch.linalg.eigh(cov)[1][:, -2:].flip(1)
+    if axes.shape[1] < 2:  # one point, or one dimension: the second axis is flat
+        axes = torch.cat([axes, torch.zeros(dim, 2 - axes.shape[1], dtype=torch.float64)], 1)
     signs = torch.sign(axes.gather(0, axes.abs().argmax(dim=0, keepdim=True)))
     axes = axes * torch.where(signs == 0, torch.ones_like(signs), signs)
     return torch.cat([(block.double() - mean) @ axes for block in vectors.split(_BLOCK)])
