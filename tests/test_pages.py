@@ -178,7 +178,12 @@ def test_units_page_against_top_activations_patches_and_a_manual_forward(tmp_pat
                     assert example["box"] == [row, col, row + 3, col + 3]
                 else:  # 3x3 conv, 2x2 pool, 3x3 conv padded: (row*2 - 2) .. (row*2 + 6)
                     top_, left = max(0, 2 * row - 2), max(0, 2 * col - 2)
-                    assert example["box"] == [top_, left, min(12, 2 * row + 6), min(12, 2 * col + 6)]
+                    assert example["box"] == [
+                        top_,
+                        left,
+                        min(12, 2 * row + 6),
+                        min(12, 2 * col + 6),
+                    ]
                 projected = example["deconvnet"] is not None and example["guided"] is not None
                 assert projected == (rank < 2)
                 np.testing.assert_allclose(
@@ -189,8 +194,9 @@ def test_units_page_against_top_activations_patches_and_a_manual_forward(tmp_pat
 
 
 def test_a_units_patch_is_the_receptive_field_as_the_model_saw_it(tmp_path):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 5, stride=5)).eval()
     images = torch.zeros(2, 3, 10, 10)
@@ -203,7 +209,9 @@ def test_a_units_patch_is_the_receptive_field_as_the_model_saw_it(tmp_path):
     content = pages.read_explorer_data(page)
     for unit in content["units"]["stages"][0]["units"]:
         example = unit["top"][0]
-        source = images[[int(s["name"].split()[1]) for s in content["units"]["sources"]][example["source"]]]
+        source = images[
+            [int(s["name"].split()[1]) for s in content["units"]["sources"]][example["source"]]
+        ]
         top_, left, bottom, right = example["box"]
         assert (bottom - top_, right - left) == (5, 5)
         expected = patch(source, tuple(example["box"]), mean=mean, std=std)
@@ -266,9 +274,10 @@ def test_every_page_inlines_the_one_stylesheet_and_allows_only_its_script(data, 
     assert len(inline) == 1
     digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
     policy = meta["attrs"]["content"]
-    assert f"script-src 'sha256-{digest}'" in policy and "unsafe-inline" not in policy.split(
-        "script-src"
-    )[1]
+    assert (
+        f"script-src 'sha256-{digest}'" in policy
+        and "unsafe-inline" not in policy.split("script-src")[1]
+    )
     assert "default-src 'none'" in policy
     (payload,) = [s["text"] for s in scripts if s["attrs"].get("id") == "fs-data"]
     assert json.loads(payload) == data
@@ -276,7 +285,12 @@ def test_every_page_inlines_the_one_stylesheet_and_allows_only_its_script(data, 
 
 @pytest.mark.parametrize(
     "hostile",
-    ["<!--<script>", "</script><img src=x onerror=alert(1)>", "it's \"quoted\"\nand\u2028", "\u202eevil"],
+    [
+        "<!--<script>",
+        "</script><img src=x onerror=alert(1)>",
+        'it\'s "quoted"\nand\u2028',
+        "\u202eevil",
+    ],
 )
 def test_hostile_names_stay_text(data, hostile):
     mine = {**data, "title": hostile, "model": hostile}
@@ -293,7 +307,7 @@ def test_hostile_names_stay_text(data, hostile):
 
 
 def test_the_report_tables_come_from_the_shared_macro(tmp_path):
-    from featurescope.study.report import _retrieval_section, _Figures
+    from featurescope.study.report import _Figures, _retrieval_section
 
     section = _retrieval_section(
         _Figures(tmp_path),

@@ -22,6 +22,7 @@ from torch import nn
 from featurescope._torch_utils import model_device, training_mode
 from featurescope.errors import FeaturescopeError
 from featurescope.pages._encode import packed, shrink
+from featurescope.pages._schema import MapEntry, Stage
 from featurescope.tap import FeatureTap, get_graph_node_names, grad_cam
 
 if TYPE_CHECKING:
@@ -39,12 +40,12 @@ class QueryAnalysis:
 
     vectors: torch.Tensor
     predicted: list[int | None]
-    stages: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
     cams: list[str | None] = field(default_factory=list)
     cam_node: str | None = None
 
 
-def _encode_maps(maps: torch.Tensor, max_channels: int) -> dict[str, Any]:
+def _encode_maps(maps: torch.Tensor, max_channels: int) -> MapEntry:
     means = maps.double().mean(dim=(1, 2))
     # Strongest first, ties by channel index (a stable sort of the negated means).
     order = torch.sort(-means, stable=True).indices[:max_channels]
@@ -125,7 +126,7 @@ def analyse(
     tap = FeatureTap(model, tapped)
     device = model_device(model) or torch.device("cpu")
     vectors, scores = [], []
-    encoded: dict[str, list[dict[str, Any]]] = {s: [] for s in stages}
+    encoded: dict[str, list[MapEntry]] = {s: [] for s in stages}
     shapes: dict[str, list[int]] = {}
     with training_mode(model, False), torch.inference_mode():
         for start in range(0, len(batch), batch_size):
@@ -153,7 +154,7 @@ def analyse(
         else [None] * len(batch)
     )
     drawn = [s for s in stages if s in shapes]
-    maps_out = []
+    maps_out: list[Stage] = []
     for position, stage in enumerate(drawn):
         shipped = list(shrink(torch.zeros(1, *shapes[stage][1:])).shape[1:])
         maps_out.append(

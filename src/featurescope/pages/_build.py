@@ -21,7 +21,17 @@ from featurescope.errors import FeaturescopeError
 from featurescope.index import retrieval_metrics
 from featurescope.pages import _analysis as analysis_
 from featurescope.pages._encode import DISPLAY_SIZE, model_view, thumbnail
-from featurescope.pages._schema import ExplorerData, Query, Units
+from featurescope.pages._schema import (
+    ExplorerData,
+    GalleryImage,
+    Projection,
+    Query,
+    Run,
+    SimilarityTable,
+    Stage,
+    Units,
+    Wording,
+)
 from featurescope.pages._units import UnitsSpec, as_spec, build_units
 from featurescope.zoo import model_metadata
 
@@ -197,7 +207,7 @@ def build_explorer_data(
         }
         for i, (path, label, hits) in enumerate(zip(paths, labels, query_hits, strict=True))
     ]
-    points = [point[0] for point in projected["points"]]
+    points = [int(point[0]) for point in projected["points"]]
     shown = query_hits + list(projected["neighbours"].values())
     data: ExplorerData = {
         "title": title,
@@ -255,23 +265,23 @@ def _hits(distances: torch.Tensor, ids: torch.Tensor) -> list[list[list[Any]]]:
     ]
 
 
-def _runs(runs: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    out = []
+def _runs(runs: Mapping[str, Any] | None) -> list[Run]:
+    out: list[Run] = []
     for name, history in (runs or {}).items():
         h = history.to_dict() if hasattr(history, "to_dict") else dict(history)
         out.append(
             {
                 "name": name,
-                **{
-                    k: list(h.get(k, []))
-                    for k in ("train_loss", "val_loss", "train_acc", "val_acc")
-                },
+                "train_loss": list(h.get("train_loss", [])),
+                "val_loss": list(h.get("val_loss", [])),
+                "train_acc": list(h.get("train_acc", [])),
+                "val_acc": list(h.get("val_acc", [])),
             }
         )
     return out
 
 
-def _wording(search: ImageSearch, splits: tuple[str, str] | None) -> dict[str, str]:
+def _wording(search: ImageSearch, splits: tuple[str, str] | None) -> Wording:
     """How the page names its queries and its gallery: the study's splits, or the folder."""
     if splits is not None:
         query, gallery = splits
@@ -305,11 +315,11 @@ def _exclusions(search: ImageSearch, own: list[int | None]) -> torch.Tensor:
     return torch.tensor([[nobody if i is None else i] for i in own], dtype=torch.int64)
 
 
-def _similarity(similarity: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+def _similarity(similarity: Mapping[str, Any] | None) -> list[SimilarityTable]:
     """The comparisons the page draws as tables: plain names, nodes, values and estimators."""
     if not similarity:
         return []
-    tables = []
+    tables: list[SimilarityTable] = []
     for entry in similarity.get("comparisons", []):
         nodes_a = list(entry.get("nodes_a") or similarity.get("stages") or [])
         nodes_b = list(entry.get("nodes_b") or similarity.get("stages") or [])
@@ -340,7 +350,7 @@ def _class_name(names: list[str] | None, predicted: int | None) -> str | None:
     return names[predicted]
 
 
-def _projection(search: ImageSearch, k: int, max_points: int, method: str) -> dict[str, Any]:
+def _projection(search: ImageSearch, k: int, max_points: int, method: str) -> Projection:
     """The gallery in 2-D (at most ``max_points``, evenly spaced) and each point's neighbours."""
     all_ids = search.index.ids
     step = max(1, -(-len(all_ids) // max_points))
@@ -386,14 +396,14 @@ def _gallery(
     points: list[int],
     own: list[int | None],
     pictures: list[str],
-) -> list[dict[str, Any]]:
+) -> list[GalleryImage]:
     """The gallery images the page shows (neighbours and projected points), each picture
     shipped once: a query's own picture serves for its gallery entry; a missing file gets
     ``"image": None``."""
     used = {i for hits in shown for i, _ in hits} | set(points)
     already = {gid: position for position, gid in enumerate(own) if gid is not None}
     where, by_id = search.image_paths(), search.labels()
-    gallery = []
+    gallery: list[GalleryImage] = []
     for i in sorted(used):
         path = where.get(i)
         picture: int | None = already.get(i)
@@ -412,8 +422,6 @@ def _gallery(
             }
         )
     return gallery
-
-
 
 
 class _Files(torch.utils.data.Dataset[torch.Tensor]):

@@ -41,7 +41,6 @@ def packed(values: torch.Tensor) -> str:
     return base64.b64encode(zlib.compress(raw, 6)).decode("ascii")
 
 
-
 def shrink(maps: torch.Tensor, side: int = MAX_MAP_SIDE) -> torch.Tensor:
     """``[C, h, w]`` maps average-pooled by a whole factor until neither side exceeds ``side``.
 
@@ -55,7 +54,6 @@ def shrink(maps: torch.Tensor, side: int = MAX_MAP_SIDE) -> torch.Tensor:
     return F.avg_pool2d(maps[None], factor, ceil_mode=True)[0]
 
 
-
 def data_url(picture: Any) -> str:
     """A PIL image as an inline JPEG ``data:`` URL."""
     buffer = io.BytesIO()
@@ -63,10 +61,7 @@ def data_url(picture: Any) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-
-def model_view(
-    tensor: torch.Tensor, preprocessing: Preprocessing, side: int = DISPLAY_SIZE
-) -> str:
+def model_view(tensor: torch.Tensor, preprocessing: Preprocessing, side: int = DISPLAY_SIZE) -> str:
     """The preprocessed input as the model saw it, for overlays that line up with its maps."""
     import numpy as np
     from PIL import Image
@@ -74,7 +69,6 @@ def model_view(
     rgb = preprocessing.denormalize(tensor).clamp(0, 1).permute(1, 2, 0).numpy()
     picture = Image.fromarray((rgb * 255).round().astype(np.uint8))
     return data_url(picture.resize((side, side), Image.Resampling.BILINEAR))
-
 
 
 def thumbnail(path: str, side: int = THUMB) -> str | None:
@@ -89,8 +83,6 @@ def thumbnail(path: str, side: int = THUMB) -> str | None:
     except (OSError, ValueError):
         return None
     return data_url(ImageOps.fit(picture, (side, side)))
-
-
 
 
 def picture_url(image: torch.Tensor, side: int | None = None, *, signed: bool = False) -> str:

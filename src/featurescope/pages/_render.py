@@ -43,7 +43,9 @@ def stylesheet_path() -> Path:
         >>> stylesheet_path().name
         'featurescope.css'
     """
-    return Path(str(resources.files("featurescope.pages").joinpath(_STATIC, "featurescope.css")))
+    return Path(
+        str(resources.files("featurescope.pages").joinpath(_STATIC).joinpath("featurescope.css"))
+    )
 
 
 def stylesheet() -> str:
@@ -59,7 +61,8 @@ def stylesheet() -> str:
 def _script() -> str:
     return (
         resources.files("featurescope.pages")
-        .joinpath(_STATIC, "explorer.js")
+        .joinpath(_STATIC)
+        .joinpath("explorer.js")
         .read_text(encoding="utf-8")
     )
 
@@ -105,9 +108,7 @@ def render(template: str, **context: Any) -> str:
     """
     from markupsafe import Markup
 
-    return _environment().get_template(template).render(
-        stylesheet=Markup(stylesheet()), **context
-    )
+    return _environment().get_template(template).render(stylesheet=Markup(stylesheet()), **context)
 
 
 def _with_script(template: str, data: Mapping[str, Any], **context: Any) -> str:

@@ -185,7 +185,7 @@ class ExplorerData(TypedDict):
     version: str
     model: str
     node: str
-    weights: str
+    weights: str | None
     weights_sentence: str
     k: int
     exclude_self: bool

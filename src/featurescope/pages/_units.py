@@ -144,8 +144,14 @@ def build_units(
     top = (
         dict(spec.top)
         if spec.top is not None
-        else top_activations(model, data, nodes, spec.k, reduce=spec.reduce,  # type: ignore[arg-type]
-                             batch_size=batch_size)
+        else top_activations(
+            model,
+            data,
+            nodes,
+            spec.k,
+            reduce=spec.reduce,  # type: ignore[arg-type]
+            batch_size=batch_size,
+        )
     )
 
     def image(i: int) -> torch.Tensor:
@@ -192,7 +198,14 @@ def build_units(
                 projected: dict[str, int | None] = {m: None for m in _METHODS}
                 if rank < project_top:
                     for method in spec.projections:
-                        full = project(model, source, node, channel, (row, col), method=method)
+                        full = project(
+                            model,
+                            source,
+                            node,
+                            channel,
+                            (row, col),
+                            method=method,  # type: ignore[arg-type]
+                        )
                         crop = full[:, top_:bottom, left:right]
                         projected[method] = add(picture_url(crop, PATCH_SIDE, signed=True))
                 channel_map = shrink(maps[node][where[i], channel][None])

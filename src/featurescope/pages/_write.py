@@ -41,7 +41,9 @@ def _write(out: PathLike, text: str) -> Path:
     return target
 
 
-def write_explorer(out: PathLike, search: ImageSearch, queries: Sequence[PathLike], **options: Any) -> Path:
+def write_explorer(
+    out: PathLike, search: ImageSearch, queries: Sequence[PathLike], **options: Any
+) -> Path:
     """Write the explorer page of ``search`` queried by ``queries`` to the file ``out``.
 
     One file that works from ``file://`` with no server and no network request: the data of
@@ -86,7 +88,9 @@ def write_explorer(out: PathLike, search: ImageSearch, queries: Sequence[PathLik
 
 
 def _dataset(
-    model: nn.Module, data: PathLike | Dataset[Any] | torch.Tensor, preprocessing: Preprocessing | None
+    model: nn.Module,
+    data: PathLike | Dataset[Any] | torch.Tensor,
+    preprocessing: Preprocessing | None,
 ) -> tuple[Any, Preprocessing | None, Any, Any]:
     """``(dataset, preprocessing to undo, name of image i, label of image i)``."""
     if isinstance(data, (str, os.PathLike)):
@@ -99,7 +103,11 @@ def _dataset(
         paths = [Path(p) for p in folder.paths]
 
         def name(i: int) -> str:
-            return paths[i].relative_to(root).as_posix() if paths[i].is_relative_to(root) else paths[i].name
+            return (
+                paths[i].relative_to(root).as_posix()
+                if paths[i].is_relative_to(root)
+                else paths[i].name
+            )
 
         return folder, used, name, lambda i: int(folder.targets[i])
     return data, preprocessing, lambda i: f"image {i}", lambda i: -1
@@ -166,11 +174,25 @@ def write_units_page(
     from featurescope.zoo import model_metadata
 
     dataset, shown, name, label = _dataset(model, data, preprocessing)
-    spec = UnitsSpec(list(nodes), k=k, reduce=reduce, projections=tuple(projections),
-                     project_top=project_top, top=top)
+    spec = UnitsSpec(
+        list(nodes),
+        k=k,
+        reduce=reduce,
+        projections=tuple(projections),
+        project_top=project_top,
+        top=top,
+    )
     pictures: list[str] = []
-    units = build_units(model, dataset, spec, pictures, preprocessing=shown, names=name,
-                        labels=label, batch_size=batch_size)
+    units = build_units(
+        model,
+        dataset,
+        spec,
+        pictures,
+        preprocessing=shown,
+        names=name,
+        labels=label,
+        batch_size=batch_size,
+    )
     meta = model_metadata(model)
     architecture = meta.architecture if meta is not None else type(model).__name__
     from featurescope.study import weights_sentence
@@ -198,9 +220,7 @@ def read_explorer_data(page: PathLike) -> dict[str, Any]:
     """
     data = parse(Path(page).read_text(encoding="utf-8"))
     if not data:
-        raise FeaturescopeError(
-            f"{os.fspath(page)!r} is not a featurescope page (no fs-data)"
-        )
+        raise FeaturescopeError(f"{os.fspath(page)!r} is not a featurescope page (no fs-data)")
     return data
 
 

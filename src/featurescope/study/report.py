@@ -33,7 +33,9 @@ class _Figures:
         return {"src": name if present else None, "caption": caption}
 
 
-def _width_section(figure: _Figures, width: Mapping[str, Any], preset: Mapping[str, Any]) -> Section:
+def _width_section(
+    figure: _Figures, width: Mapping[str, Any], preset: Mapping[str, Any]
+) -> Section:
     changes = []
     if preset["optimizer"] != "sgd" or preset.get("init"):
         changes = [f"{preset['optimizer']} instead of SGD"]
@@ -175,7 +177,10 @@ def _similarity_section(figure: _Figures, similarity: Mapping[str, Any]) -> Sect
         )
         # comparison_table escapes what it writes: its HTML goes in as it is.
         comparisons.append(
-            {"figure": figure(entry["figure"], entry["name"]), "table": Markup(comparison_table(result))}
+            {
+                "figure": figure(entry["figure"], entry["name"]),
+                "table": Markup(comparison_table(result)),
+            }
         )
     return {
         "template": "similarity.html",
