@@ -37,6 +37,7 @@ LAYERS = (
     ("featurescope.visualizers",),
     ("featurescope.compare",),
     ("featurescope.train",),
+    ("featurescope.pages",),
     ("featurescope.study",),
     ("featurescope.cli", "featurescope.__main__"),
 )

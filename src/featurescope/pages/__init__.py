@@ -36,8 +36,8 @@ from featurescope.pages._schema import (
     Wording,
 )
 from featurescope.pages._units import UnitsSpec, build_units
+from featurescope.pages._words import weights_sentence
 from featurescope.pages._write import (
-    explore_index,
     query_images,
     read_explorer_data,
     write_explorer,
@@ -62,7 +62,6 @@ __all__ = [
     "Wording",
     "build_explorer_data",
     "build_units",
-    "explore_index",
     "gallery_images",
     "inert_json",
     "metric_rows",
@@ -75,6 +74,7 @@ __all__ = [
     "script_hash",
     "stylesheet",
     "stylesheet_path",
+    "weights_sentence",
     "write_explorer",
     "write_units_page",
 ]

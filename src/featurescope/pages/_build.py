@@ -28,11 +28,11 @@ from featurescope.pages._schema import (
     Query,
     Run,
     SimilarityTable,
-    Stage,
     Units,
     Wording,
 )
 from featurescope.pages._units import UnitsSpec, as_spec, build_units
+from featurescope.pages._words import weights_sentence
 from featurescope.zoo import model_metadata
 
 if TYPE_CHECKING:
@@ -149,8 +149,6 @@ def build_explorer_data(
         >>> json.loads(json.dumps(data)) == data
         True
     """
-    from featurescope.study import weights_sentence
-
     if projection not in ("auto", "pca", "umap"):
         raise FeaturescopeError(f"projection must be 'auto', 'pca' or 'umap', got {projection!r}")
     paths = [str(p) for p in queries]

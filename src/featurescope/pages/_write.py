@@ -13,6 +13,7 @@ from featurescope.errors import FeaturescopeError
 from featurescope.pages._build import build_explorer_data
 from featurescope.pages._render import parse, render_explorer, render_units_page
 from featurescope.pages._units import UnitsSpec, build_units
+from featurescope.pages._words import weights_sentence
 
 if TYPE_CHECKING:
     import torch
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from featurescope.units import TopActivations
 
 __all__ = [
-    "explore_index",
     "query_images",
     "read_explorer_data",
     "write_explorer",
@@ -195,8 +195,6 @@ def write_units_page(
     )
     meta = model_metadata(model)
     architecture = meta.architecture if meta is not None else type(model).__name__
-    from featurescope.study import weights_sentence
-
     weights = meta.weights if meta is not None else None
     page = {
         "title": title or f"featurescope units: {architecture} ({', '.join(spec.nodes)})",
@@ -251,62 +249,3 @@ def query_images(
         files = [files[round(i * (len(files) - 1) / (limit - 1))] for i in range(limit)]
     lookup = {name: i for i, name in enumerate(class_names or [])}
     return [str(f) for f in files], [lookup.get(f.parent.name, -1) for f in files]
-
-
-def explore_index(
-    index: PathLike,
-    images: PathLike | None = None,
-    out: PathLike = "explorer.html",
-    *,
-    k: int = 10,
-    queries: int = 40,
-    root: PathLike | None = None,
-    keep_self: bool = False,
-) -> Path:
-    """Write the explorer page of a saved :class:`~featurescope.ImageSearch`.
-
-    Args:
-        index: a folder written by :meth:`ImageSearch.save <featurescope.ImageSearch.save>` or
-            ``featurescope index build``.
-        images: the query images: a folder (class subfolders named as the index's classes
-            mark hits and score precision) or one file; default: ``queries`` of the indexed
-            images themselves (those whose files are there), evenly spaced.
-        out: the HTML file to write.
-        k: neighbours shown per query.
-        queries: how many query images at most.
-        root: where the indexed images are now, if their folder moved (see
-            :meth:`ImageSearch.load <featurescope.ImageSearch.load>`).
-        keep_self: keep a query that is in the gallery among its own neighbours.
-
-    Returns:
-        The page's path.
-
-    Raises:
-        FeaturescopeError: none of the indexed images is where the index says and no
-            ``images`` are given (re-point the folder with ``root``).
-    """
-    from featurescope.study import ImageSearch
-
-    search = ImageSearch.load(index, root=root)
-    if images is not None:
-        paths, labels = query_images(images, search.class_names, limit=queries)
-    else:
-        where, by_id = search.image_paths(), search.labels()
-        present = [i for i in sorted(where) if where[i] and os.path.isfile(where[i] or "")]
-        if not present:
-            raise FeaturescopeError(
-                f"none of the {len(where)} indexed images is there to query: "
-                f"{search.missing_summary() or 'the index records no paths'}"
-            )
-        step = max(1, -(-len(present) // queries))
-        picked = present[::step]
-        paths, labels = [where[i] or "" for i in picked], [by_id[i] for i in picked]
-    return write_explorer(
-        out,
-        search,
-        paths,
-        query_labels=labels,
-        k=k,
-        title=f"featurescope explorer: {Path(index).name}",
-        keep_self=keep_self,
-    )

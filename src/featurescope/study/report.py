@@ -15,7 +15,7 @@ from typing import Any
 
 from featurescope._io import atomic_open
 from featurescope._version import __version__
-from featurescope.study._search import weights_sentence
+from featurescope.pages import weights_sentence
 
 __all__ = ["write_report"]
 
