@@ -316,3 +316,31 @@ def test_the_page_of_a_users_folder_in_a_real_browser(browser, tmp_path):
     assert cam > 0  # the last query's Grad-CAM was drawn over its picture
     page.close()
     assert not problems, "\n".join(problems)
+
+
+def test_a_units_page_in_a_real_browser(browser, tmp_path):
+    """write_units_page's page alone: a stage's tiles, a click shows that channel's examples."""
+    import torch
+
+    from featurescope.pages import write_units_page
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.Conv2d(6, 4, 3, stride=2)
+    ).eval()
+    images = torch.rand(9, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    page_path = write_units_page(tmp_path / "units.html", model, images, ["1", "2"], k=4)
+    top = top_activations(model, images, ["2"], k=4)["2"]
+    problems: list[str] = []
+    page = _open(browser, page_path, problems)
+    page.select_option("#fs-unit-stage", "1")
+    tiles = page.eval_on_selector_all("[data-fs-unit]", "nodes => nodes.map(n => n.dataset.fsUnit)")
+    assert tiles == [f"2:{c}" for c in range(4)]
+    page.click("[data-fs-unit='2:2']")
+    page.wait_for_selector("body[data-fs-unit-drawn='2:2']", timeout=10_000)
+    shown = page.eval_on_selector_all(
+        "#fs-unit-examples [data-fs-unit-example]",
+        "nodes => nodes.map(n => [n.dataset.fsUnitSource, n.querySelectorAll('img').length])",
+    )
+    assert shown == [[f"image {i}", 4] for i in top.image_ids[2].tolist()]  # both projections
+    page.close()
+    assert not problems, "\n".join(problems)

@@ -9,9 +9,9 @@ sends it back to pixels. The channel's map on each source image comes from one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -33,7 +33,9 @@ __all__ = ["UnitsSpec", "build_units"]
 PATCH_SIDE = 64
 #: Side in pixels of a source image as the page carries it.
 SOURCE_SIDE = 96
-_METHODS = ("deconvnet", "guided")
+Method = Literal["deconvnet", "guided"]
+Reduce = Literal["max", "mean"]
+_METHODS: tuple[Method, ...] = ("deconvnet", "guided")
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,8 @@ class UnitsSpec:
 
     nodes: Sequence[str]
     k: int = 9
-    reduce: str = "max"
-    projections: Sequence[str] = _METHODS
+    reduce: Reduce = "max"
+    projections: Sequence[Method] = _METHODS
     project_top: int | None = None
     top: Mapping[str, TopActivations] | None = None
 
@@ -82,7 +84,8 @@ def as_spec(units: UnitsSpec | Sequence[str] | Mapping[str, Any]) -> UnitsSpec:
     if isinstance(units, Mapping):
         first = next(iter(units.values()), None)
         k = int(first.values.shape[1]) if first is not None else 9
-        return UnitsSpec(list(units), k=k, top=units, reduce=getattr(first, "reduce", "max"))
+        reduce = cast(Reduce, getattr(first, "reduce", "max"))
+        return UnitsSpec(list(units), k=k, top=units, reduce=reduce)
     return UnitsSpec(list(units))
 
 
@@ -149,7 +152,7 @@ def build_units(
             data,
             nodes,
             spec.k,
-            reduce=spec.reduce,  # type: ignore[arg-type]
+            reduce=spec.reduce,
             batch_size=batch_size,
         )
     )
@@ -195,7 +198,7 @@ def build_units(
                 source = sources[where[i]]
                 box = field.box(row, col)
                 top_, left, bottom, right = box
-                projected: dict[str, int | None] = {m: None for m in _METHODS}
+                projected: dict[str, int | None] = dict.fromkeys(_METHODS)
                 if rank < project_top:
                     for method in spec.projections:
                         full = project(
@@ -204,7 +207,7 @@ def build_units(
                             node,
                             channel,
                             (row, col),
-                            method=method,  # type: ignore[arg-type]
+                            method=method,
                         )
                         crop = full[:, top_:bottom, left:right]
                         projected[method] = add(picture_url(crop, PATCH_SIDE, signed=True))
@@ -241,7 +244,7 @@ def build_units(
     return {
         "k": int(next(iter(top.values())).values.shape[1]),
         "reduce": str(next(iter(top.values())).reduce),
-        "num_images": len(data),  # type: ignore[arg-type]
+        "num_images": len(cast(Sized, data)),
         "input_size": list(input_size),
         "sources": source_entries,
         "stages": stages,

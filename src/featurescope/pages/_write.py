@@ -12,7 +12,7 @@ from featurescope._version import __version__
 from featurescope.errors import FeaturescopeError
 from featurescope.pages._build import build_explorer_data
 from featurescope.pages._render import parse, render_explorer, render_units_page
-from featurescope.pages._units import UnitsSpec, build_units
+from featurescope.pages._units import Method, Reduce, UnitsSpec, build_units
 from featurescope.pages._words import weights_sentence
 
 if TYPE_CHECKING:
@@ -120,8 +120,8 @@ def write_units_page(
     nodes: Sequence[str],
     *,
     k: int = 9,
-    reduce: str = "max",
-    projections: Sequence[str] = ("deconvnet", "guided"),
+    reduce: Reduce = "max",
+    projections: Sequence[Method] = ("deconvnet", "guided"),
     project_top: int | None = None,
     top: Mapping[str, TopActivations] | None = None,
     preprocessing: Preprocessing | None = None,
