@@ -87,7 +87,8 @@ def page_and_search(tmp_path_factory):
         runs=runs,
         k=5,
         similarity=similarity,
-        units=UnitsSpec(["conv1", "conv3"], k=3, projections=("deconvnet",), project_top=1),
+        # Projections cost a backward pass each: the units page's own test draws them.
+        units=UnitsSpec(["conv1", "conv3"], k=3, projections=()),
     )
     _COMPARISONS[page] = comparison
     return page, search, test
@@ -213,7 +214,7 @@ def test_explorer_in_a_real_browser(page_and_search, browser, tmp_path):
     where = search.image_paths()
     expected = [search.display_name(where[ids[i]]) for i in top.image_ids[7].tolist()]
     assert [name for name, _ in shown] == expected
-    assert [count for _, count in shown] == [3, 2, 2]  # patch, source; a projection for rank 1
+    assert [count for _, count in shown] == [2, 2, 2]  # the patch and its source image
     overlay = page.evaluate(
         "(() => { const c = document.querySelector('#fs-unit-examples canvas');"
         " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
