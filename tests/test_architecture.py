@@ -37,6 +37,10 @@ LAYERS = (
     ("featurescope.visualizers",),
     ("featurescope.compare",),
     ("featurescope.train",),
+    ("featurescope.pages",),
+    # The web app takes an ImageSearch but imports none of study's code (ImageSearch.serve()
+    # delegates down to it).
+    ("featurescope.serve",),
     ("featurescope.study",),
     ("featurescope.cli", "featurescope.__main__"),
 )

@@ -141,13 +141,11 @@ def test_demo_explorer_shows_the_retrieval_the_metrics_score(demo_out):
     """The explorer's neighbours are the demo index's answer for each test image."""
     import re
 
+    from featurescope.pages import read_explorer_data
+
     out, metrics = demo_out
     page = (out / "explorer.html").read_text(encoding="utf-8")
-    data = json.loads(
-        re.search(r'<script id="fs-data" type="application/json">(.*?)</script>', page, re.S).group(
-            1
-        )
-    )
+    data = read_explorer_data(out / "explorer.html")
     assert [r["name"] for r in data["runs"]] == ["alexnet bs5", "alexnet_half bs5"]
     assert len(data["queries"]) == metrics["retrieval"]["num_queries"]
     assert (

@@ -33,7 +33,8 @@ from featurescope.hookspecs import hookimpl
 if TYPE_CHECKING:  # what _LAZY imports at run time, spelled out for type checkers
     from featurescope.compare import compare
     from featurescope.index import EmbeddingIndex, SearchResult
-    from featurescope.study import ImageSearch, write_explorer
+    from featurescope.pages import write_explorer
+    from featurescope.study import ImageSearch
     from featurescope.tap import (
         FeatureTap,
         get_graph_node_names,
@@ -48,7 +49,8 @@ if TYPE_CHECKING:  # what _LAZY imports at run time, spelled out for type checke
 _LAZY_MODULES: dict[str, tuple[str, ...]] = {
     "featurescope.compare": ("compare",),
     "featurescope.index": ("EmbeddingIndex", "SearchResult"),
-    "featurescope.study": ("ImageSearch", "write_explorer"),
+    "featurescope.pages": ("write_explorer",),
+    "featurescope.study": ("ImageSearch",),
     "featurescope.tap": (
         "FeatureTap",
         "get_graph_node_names",

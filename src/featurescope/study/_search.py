@@ -28,6 +28,7 @@ from featurescope.data import ImageFolder
 from featurescope.data.transforms import Preprocessing
 from featurescope.errors import FeaturescopeError, IndexFileError, InputShapeError
 from featurescope.index import EmbeddingIndex, SearchResult
+from featurescope.pages import weights_sentence
 from featurescope.study._experiments import embedding_node
 from featurescope.study._owned_folder import (
     check_replaceable,
@@ -56,32 +57,6 @@ MANIFEST, INDEX, WEIGHTS = "search.json", "index.safetensors", "model.safetensor
 #: Everything a saved search's folder may hold: a folder with anything else is not replaced.
 _OWN_FILES = frozenset({MANIFEST, INDEX, WEIGHTS})
 _FORMAT_PREFIX = FORMAT.rsplit("/", 1)[0] + "/"
-
-
-def weights_sentence(origin: str | None) -> str:
-    """Where a model's weights came from, said plainly for a page, a report or a terminal.
-
-    Args:
-        origin: :attr:`ModelMetadata.weights <featurescope.zoo.ModelMetadata.weights>`
-            (``"random"``, ``"torchvision:IMAGENET1K_V1"``, ``"checkpoint:<sha256 prefix>"``),
-            or ``None`` where it is not known.
-
-    Example:
-        >>> weights_sentence("random").split(":")[0]
-        'Random weights'
-        >>> weights_sentence("torchvision:IMAGENET1K_V1")
-        'Pretrained weights: torchvision:IMAGENET1K_V1.'
-    """
-    if origin == "random":
-        return (
-            "Random weights: this network is untrained, so its maps and neighbours show its "
-            "architecture, not anything learned."
-        )
-    if origin is None:
-        return "Weights of unknown origin (not recorded)."
-    if origin.startswith("checkpoint:"):
-        return f"Weights from a checkpoint (sha256 {origin.removeprefix('checkpoint:')}…)."
-    return f"Pretrained weights: {origin}."
 
 
 def _relative(path: str, root: Path | None) -> str:
@@ -407,6 +382,17 @@ class ImageSearch:
             class_names=self.class_names,
             title=title or f"{result.ids.shape[1]} nearest images",
         )
+
+    def serve(self, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+        """Serve this search as a local web app until interrupted (Ctrl-C): drop in a photo for
+        its neighbours, maps and Grad-CAM; see :func:`featurescope.serve.serve` for the options.
+
+        Needs ``pip install 'featurescope[serve]'``. Binds 127.0.0.1 unless ``host`` says
+        otherwise (then it warns); ``port=0`` picks a free port. The URL is printed.
+        """
+        from featurescope.serve import serve
+
+        serve(self, host=host, port=port, **options)
 
     # -- persistence --------------------------------------------------------------------------
 
