@@ -3,8 +3,8 @@
 A :class:`Registry` merges the ``{name: thing}`` mappings that plugins return from one hook,
 built once and rebuilt only after a plugin is registered or unregistered (the way torchvision
 keeps ``BUILTIN_MODELS`` and timm its ``_model_entrypoints``, but fed by pluggy). pluggy says
-which plugins implement the hook (:meth:`~pluggy.PluginManager.get_hookcallers`) and calls each
-of them alone (:meth:`~pluggy.PluginManager.subset_hook_caller`), so every result, and every
+which plugins implement the hook (:meth:`~pluggy.HookCaller.get_hookimpls`) and calls each of
+them alone (:meth:`~pluggy.PluginManager.subset_hook_caller`), so every result, and every
 exception, belongs to the plugin that was asked.
 """
 
@@ -128,7 +128,7 @@ class Registry(Generic[T]):
             ) from None
 
     def invalidate(self) -> None:
-        """Rebuild on next use (after entries were added in code)."""
+        """Rebuild on next use (after something a plugin reads, such as an installed package, changed)."""
         with self._lock:
             self._built = None
 
