@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import featurescope as fs
-from featurescope.zoo import _registry
+from featurescope.zoo import decorated
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_weights_the_zoo_rebuilds_are_not_copied(tmp_path, data):
         again = fs.ImageSearch.load(folder)
         torch.testing.assert_close(again.index.vectors, search.index.vectors)
     finally:
-        _registry._DECORATED.pop("fixed_probe_test")
+        decorated.remove("fixed_probe_test")
 
 
 def test_resave_replaces_but_a_foreign_folder_is_refused(search, tmp_path):

@@ -1,8 +1,9 @@
 """The model registry, after torchvision's ``models/_api.py`` and timm's ``_registry.py``.
 
 Models come from plugins (the builtin AlexNets are plugins too, see
-:func:`featurescope.hookspecs.featurescope_register_models`) and from the
-:func:`register_model` decorator for models defined in a script or notebook.
+:func:`featurescope.hookspecs.featurescope_register_models`), the models that the
+:func:`register_model` decorator registers in a script or notebook included: one builtin plugin,
+:mod:`featurescope.zoo.decorated`, gives those.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class ModelSpec:
             (``True`` or a tag) in its cache, downloaded there if missing, without building
             the model; what :func:`~featurescope.zoo.fetch_weights` calls.
         name: the name it is registered under; set by the registry.
-        plugin: the plugin that registers it (``"register_model"`` for the decorator); set by
-            the registry.
+        plugin: the plugin that registers it (``"featurescope.zoo.decorated"`` for
+            :func:`register_model`); set by the registry.
 
     Example:
         A plugin returns specs from its ``featurescope_register_models`` hook:
@@ -101,11 +102,8 @@ class ModelSpec:
         return self.preprocessing.input_size if self.preprocessing else None
 
 
-# Models registered with the decorator, keyed by name; merged after every plugin's models.
-_DECORATED: dict[str, ModelSpec] = {}
-_DECORATOR_SOURCE = "register_model"
-#: The plugin name :func:`model_spec` gives models registered with :func:`register_model`.
-DECORATED = _DECORATOR_SOURCE
+#: The plugin that gives the models registered with :func:`register_model`.
+DECORATED = "featurescope.zoo.decorated"
 
 
 def register_model(
@@ -122,35 +120,42 @@ def register_model(
     any keyword arguments :func:`create_model` passes on. ``preprocessing``, ``description``,
     ``stages`` and ``embedding_node`` are as for :class:`ModelSpec`.
 
+    The model is given to the zoo by one builtin plugin, :mod:`featurescope.zoo.decorated`
+    (whose ``remove(name)`` takes it back), like every other model.
+
     Raises:
-        FeaturescopeError: the name is already taken by another ``register_model`` call.
+        FeaturescopeError: the name is already taken, by an earlier ``register_model`` call
+            or by a plugin.
 
     Example:
         >>> import torch.nn as nn
         >>> @register_model("tiny_doc", description="a one-layer net")
         ... def tiny(num_classes=5):
         ...     return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
-        >>> "tiny_doc" in list_models("tiny*")
-        True
-        >>> _ = _DECORATED.pop("tiny_doc"); MODELS.invalidate()  # keep the registry clean
+        >>> model_spec("tiny_doc").plugin
+        'featurescope.zoo.decorated'
+        >>> from featurescope.zoo import decorated
+        >>> decorated.remove("tiny_doc")  # keep the registry clean
     """
+    from featurescope.zoo import decorated
 
     def decorator(fn: F) -> F:
         key = name if isinstance(name, str) else fn.__name__
-        if key in _DECORATED:
+        taken = MODELS.entries().get(key)
+        if taken is not None:
             raise FeaturescopeError(
-                f"model {key!r} is already registered by {_DECORATED[key].builder!r}; "
-                "choose another name"
+                f"model {key!r} is already registered by plugin {taken.plugin!r} "
+                f"({taken.value.builder!r}); choose another name"
             )
         doc = (fn.__doc__ or "").strip().splitlines()
-        _DECORATED[key] = ModelSpec(
+        spec = ModelSpec(
             builder=fn,
             preprocessing=preprocessing,
             description=description or (doc[0] if doc else ""),
             stages=stages,
             embedding_node=embedding_node,
         )
-        MODELS.invalidate()
+        decorated.add(key, spec)
         return fn
 
     if callable(name):
@@ -172,20 +177,9 @@ def _as_spec(name: str, value: Any, plugin: str) -> ModelSpec:
     return dataclasses.replace(spec, name=name, plugin=plugin)
 
 
-def _decorated() -> dict[str, tuple[ModelSpec, str]]:
-    return {
-        name: (_as_spec(name, spec, _DECORATOR_SOURCE), _DECORATOR_SOURCE)
-        for name, spec in _DECORATED.items()
-    }
-
-
-#: Every model the plugins and :func:`register_model` give, by name.
+#: Every model the plugins (:func:`register_model`'s included) give, by name.
 MODELS: Registry[ModelSpec] = Registry(
-    "featurescope_register_models",
-    "model",
-    _as_spec,
-    extra=_decorated,
-    lister="featurescope.list_models()",
+    "featurescope_register_models", "model", _as_spec, lister="featurescope.list_models()"
 )
 
 
