@@ -13,8 +13,8 @@ loader started during a search would run on one thread for good. The caller's an
 thread's torch and BLAS settings stay as they were. Where a library offers no such setting, its
 operations in the workers keep their default thread count: slower on a busy machine, never
 different in result. numpy's OpenBLAS has none (its ``openblas_set_num_threads_local`` sets the
-process-wide count), which is why the race of product backends no longer times numpy's
-``sgemm`` (``_gemm``).
+process-wide count); its product runs single-threaded on a worker through another door instead
+(``_openblas``).
 """
 
 from __future__ import annotations
