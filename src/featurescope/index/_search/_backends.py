@@ -90,13 +90,19 @@ class NumpyFloat32(Backend):
         if sgemm is None:
             np.matmul(q.numpy(), tile.numpy().T, out=out.numpy())
             torch.add(norms, out, alpha=-2, out=out)
-        elif q.shape[0] * tile.shape[0] * q.shape[1] > SMALL:
+        elif q.shape[0] >= _FEWEST_ROWS and q.shape[0] * tile.shape[0] * q.shape[1] > SMALL:
             # The norms first, then ``beta = 1``: one pass over the block fewer than a product
             # (which zeroes it) followed by a sum, and the same rounding as ``addmm``.
             out.copy_(norms.expand_as(out))
             sgemm(_rows(q), _rows(tile), out, alpha=-2.0, beta=1.0)
         else:
             FLOAT32.scores_into(q, tile, norms, out)
+
+
+#: Fewest query rows for OpenBLAS's batched product: its ``sgemm`` driver packs the whole
+#: gallery tile and fills micro-kernels four rows wide, so one to three queries (latency) run
+#: several times faster as torch's product, which reads the tile once.
+_FEWEST_ROWS = 4
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -167,6 +173,22 @@ def chosen_backends() -> dict[int, str]:
         return dict(_chosen)
 
 
+def known_backend(
+    dim: int, config: SearchConfig, allow_low: bool = True, chosen: dict[int, str] | None = None
+) -> Backend | None:
+    """The backend named by ``config`` or chosen by an earlier race for ``dim`` (``None``: not
+    raced yet); bfloat16 gives way to float32 where ``allow_low`` is false."""
+    if config.backend != "auto":
+        name: str | None = config.backend
+    else:
+        with _chosen_lock:
+            name = (_chosen if chosen is None else chosen).get(dim)
+    if name is None:
+        return None
+    backend = BACKENDS[name]
+    return FLOAT32 if backend.low_precision and not allow_low else backend
+
+
 def choose_backend(
     q: Tensor,
     sample: Callable[[], tuple[Tensor, Tensor]],
@@ -183,16 +205,13 @@ def choose_backend(
     Call from a single-threaded worker; the race's answer is remembered per vector length (in
     ``chosen``, the process-wide record by default). ``sample()`` gives a float32 gallery tile
     and its norms (only called when the backends are timed); ``nb`` is the number of rows
-    searched; ``allow_low=False`` keeps float32 unless the config forces bfloat16.
+    searched; ``allow_low=False`` keeps float32 (see :func:`known_backend`).
     """
-    if config.backend != "auto":
-        return BACKENDS[config.backend]
-    record = _chosen if chosen is None else chosen
     dim = q.shape[1]
-    with _chosen_lock:
-        if dim in record:
-            known = BACKENDS[record[dim]]
-            return FLOAT32 if known.low_precision and not allow_low else known
+    known = known_backend(dim, config, allow_low, chosen)
+    if known is not None:
+        return known
+    record = _chosen if chosen is None else chosen
     work = float(q.shape[0]) * nb * dim
     if work < config.race_above or q.device.type != "cpu":
         return FLOAT32
