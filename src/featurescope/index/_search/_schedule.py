@@ -287,7 +287,7 @@ def _fast(job: _Job, lanes: int, per_lane: int, split: int = 1) -> None:
 
 def _run_split(job: _Job, split: int) -> None:
     """Few queries: ``split`` workers scan a gallery range each; merge, then re-rank."""
-    n, tile = job.gal.size, job.plan.gallery_tile
+    n = job.gal.size
     per = -(-n // split)
     bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)]
     blocks = [_new_block(job) for _ in bounds]
@@ -307,7 +307,6 @@ def _run_split(job: _Job, split: int) -> None:
         with phase("selection"):
             vals, j = vals.topk(min(job.plan.keep, vals.shape[1]), dim=1, largest=False)
         _finish(job, _Scanned(a, b, qs, vals, rows.gather(1, j), blocks[0]))
-    del tile
 
 
 def _run_on_streams(job: _Job, lanes: int) -> None:
