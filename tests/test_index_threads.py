@@ -178,7 +178,7 @@ def test_openblas_product_runs_on_the_calling_thread_and_changes_no_setting():
     a = torch.from_numpy(rng.standard_normal((512, 256), dtype=np.float32))
     b = torch.from_numpy(rng.standard_normal((768, 256), dtype=np.float32))
     c = torch.from_numpy(rng.standard_normal((512, 768), dtype=np.float32))
-    assert 512 * 768 * 256 > SMALL
+    assert SMALL < 512 * 768 * 256  # the batched path, not its small-matrix one
     want = c.double() - 2 * a.double() @ b.double().T
     # Any summation order: (k + 2) roundings of the absolute terms (Higham's gamma), doubled.
     bound = 2 * 258 * 2.0**-24 * (c.double().abs() + 2 * a.double().abs() @ b.double().abs().T)
