@@ -19,6 +19,9 @@ import featurescope as fs
 from featurescope.study import write_explorer
 from featurescope.study.explorer import read_explorer_data
 
+# A real browser over a built page: the slow lane.
+pytestmark = pytest.mark.slow
+
 CHROMIUM_CANDIDATES = (
     os.environ.get("FEATURESCOPE_CHROMIUM", ""),
     "/usr/bin/chromium",
