@@ -44,10 +44,17 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "sphinx_copybutton",
+    # Markdown (the benchmark tables under benchmarks/) through ``.. include:: :parser:``.
+    "myst_parser",
+    # The CLI reference, generated from featurescope.cli.build_parser() (docs/cli.rst).
+    "sphinx_argparse_cli",
     "featurescope_docs",
 ]
 
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+# The benchmark scripts write their Markdown with "#" for the page and "###" for each table;
+# included under a section of benchmarks.rst, the jump is intended.
+suppress_warnings = ["myst.header"]
 templates_path = ["_templates"]
 root_doc = "index"
 default_role = "py:obj"
