@@ -8,6 +8,7 @@ make an import order fail, and annotations may name a type from a module that us
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,7 @@ def _targets(module: str, names: list[str]) -> list[str]:
     return [t for t in targets if t in MODULES]
 
 
+@functools.cache  # every test reads the same graph; parsing the package once is enough
 def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in MODULES.items():
