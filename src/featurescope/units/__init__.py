@@ -6,7 +6,14 @@ Networks", 2014); receptive fields come from :func:`featurescope.receptive_field
 """
 
 from featurescope.units._patch import patch
-from featurescope.units._project import project
+from featurescope.units._project import project, projections
 from featurescope.units._top import TopActivations, merge_top_activations, top_activations
 
-__all__ = ["TopActivations", "merge_top_activations", "patch", "project", "top_activations"]
+__all__ = [
+    "TopActivations",
+    "merge_top_activations",
+    "patch",
+    "project",
+    "projections",
+    "top_activations",
+]
