@@ -8,12 +8,15 @@ Networks", 2014); receptive fields come from :func:`featurescope.receptive_field
 from featurescope.units._patch import patch
 from featurescope.units._project import project, projections
 from featurescope.units._top import TopActivations, merge_top_activations, top_activations
+from featurescope.units._write import UNITS_FILE, write_units
 
 __all__ = [
+    "UNITS_FILE",
     "TopActivations",
     "merge_top_activations",
     "patch",
     "project",
     "projections",
     "top_activations",
+    "write_units",
 ]

@@ -1,0 +1,128 @@
+"""``featurescope units --model M --data FOLDER --nodes conv2,conv3``: what each channel sees."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from featurescope.cli._args import (
+    add_device_option,
+    add_list_option,
+    check_device,
+    check_folder,
+    check_output,
+    positive_int,
+    shown,
+)
+from featurescope.cli._build import add_model_options
+
+
+def register(subparsers: Any) -> None:
+    u = subparsers.add_parser(
+        "units",
+        help="what each channel responds to: its top images, patches and projections",
+        description=(
+            "Run a zoo model (or a checkpoint) over the images of FOLDER and find, for every "
+            "channel of each node, the K images that excite it most (Zeiler & Fergus). Writes "
+            "to --out: units.json (every channel's top activations, their images, positions "
+            "and receptive-field boxes), each activation's patch and its projection back to "
+            "pixels as PNG files, and one figure per node of its strongest channels. The "
+            "ranking is saved as it goes; --resume takes up an interrupted run."
+        ),
+    )
+    add_model_options(u)
+    u.add_argument(
+        "--data",
+        required=True,
+        help="image folder (flat or class subfolders) or a dataset root whose train/ is one",
+    )
+    add_list_option(
+        u, "--nodes", metavar="NODE", help="the nodes whose channels to show (required)"
+    )
+    u.add_argument("-k", type=positive_int, default=9, help="top images per channel (default: 9)")
+    u.add_argument(
+        "--projection",
+        choices=("deconvnet", "guided", "none"),
+        default="deconvnet",
+        help="how activations are projected back to pixels: Zeiler & Fergus's deconvnet, "
+        "guided backpropagation, or none (patches only) (default: deconvnet)",
+    )
+    u.add_argument(
+        "--reduce",
+        choices=("max", "mean"),
+        default="max",
+        help="score an image by its strongest position or its mean (default: max)",
+    )
+    u.add_argument(
+        "--figure-channels",
+        type=positive_int,
+        default=16,
+        metavar="N",
+        help="channels per node's figure, the strongest (default: 16)",
+    )
+    u.add_argument(
+        "--projected-channels",
+        type=positive_int,
+        metavar="N",
+        help="project only the N strongest channels of each node (a projection costs a "
+        "backward pass; default: every channel)",
+    )
+    u.add_argument("--batch-size", type=positive_int, default=32, help="default: 32")
+    add_device_option(u)
+    u.add_argument("--out", default="featurescope-units", help="output folder")
+    u.add_argument(
+        "--resume", action="store_true", help="take up the ranking an interrupted run left"
+    )
+    u.add_argument("--quiet", action="store_true", help="no progress bars")
+    u.set_defaults(func=_units)
+
+
+def _units(args: argparse.Namespace) -> int:
+    from featurescope.cli._build import build_model
+    from featurescope.cli._compare import _open_folder
+    from featurescope.errors import FeaturescopeError
+    from featurescope.units import UNITS_FILE, write_units
+
+    if not args.nodes:
+        raise FeaturescopeError(
+            "name the nodes to show with --nodes, e.g. --nodes conv2,conv3 ('featurescope "
+            "nodes MODEL' lists them)"
+        )
+    check_folder(args.data, "--data")
+    out = check_output(args.out, folder=True)
+    device = check_device(args.device)
+    model = build_model(args).to(device)
+    units = write_units(
+        model,
+        _open_folder(args.data, model),
+        args.nodes,
+        out,
+        k=args.k,
+        projection=None if args.projection == "none" else args.projection,
+        reduce=args.reduce,
+        figure_channels=args.figure_channels,
+        projected_channels=args.projected_channels,
+        batch_size=args.batch_size,
+        device=device,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    # Coordinator: the units page hooks in here, at this single call site.
+    page = _units_page(units, out)
+    figures = ", ".join(shown(out / n["figure"]) for n in units["nodes"] if n["figure"])
+    print(f"{units['num_images']} images -> {shown(out / UNITS_FILE)}, {figures}")
+    if page is not None:
+        print(f"page -> {shown(page)}")
+    return 0
+
+
+def _units_page(units: dict[str, Any], out: Any) -> Any:
+    """The units page, where :mod:`featurescope.pages` can write one (``write_units_page``)."""
+    import importlib
+
+    try:
+        pages = importlib.import_module("featurescope.pages")
+    except ImportError:
+        return None
+    write_units_page = getattr(pages, "write_units_page", None)
+    return write_units_page(units, out) if write_units_page is not None else None
