@@ -56,7 +56,7 @@ def test_units_writes_what_the_python_api_computes(
     photos: Path, weights: Path, tmp_path: Path, capsys
 ) -> None:
     out = tmp_path / "units"
-    assert _run(photos, weights, out, "--projected-channels", "3", "--figure-channels", "2") == 0
+    assert _run(photos, weights, out, "--file-channels", "3", "--figure-channels", "2") == 0
     printed = capsys.readouterr().out
     assert "3 images ->" in printed and "conv1.png" in printed
     units = json.loads((out / "units.json").read_text())
@@ -82,21 +82,22 @@ def test_units_writes_what_the_python_api_computes(
             assert t["value"] == pytest.approx(float(top.values[c, r]), rel=1e-6)
             assert t["file"] == str(data.samples[t["image_id"]][0])
             assert tuple(t["box"]) == field.box(*t["position"])
+            if c not in strongest:  # --file-channels 3: files for the 3 strongest only
+                assert t["patch"] is None and t["projection"] is None
+                continue
             image = data[t["image_id"]][0]
             seen = patch(
                 image, field.box(*t["position"]), mean=preprocessing.mean, std=preprocessing.std
             )
             png = np.asarray(Image.open(out / t["patch"]), dtype=np.float64) / 255
             np.testing.assert_allclose(png, seen.permute(1, 2, 0).numpy(), atol=0.5 / 255 + 1e-6)
-            if c in strongest:
-                projected = project(model, image, "conv1", c, tuple(t["position"]))
-                top_, left, bottom, right = t["box"]
-                crop = projected[:, top_:bottom, left:right]
-                shown = crop / (2 * crop.abs().max()) + 0.5
-                png = np.asarray(Image.open(out / t["projection"]), dtype=np.float64) / 255
-                np.testing.assert_allclose(png, shown.permute(1, 2, 0).numpy(), atol=1.5 / 255)
-            else:
-                assert t["projection"] is None
+            projected = project(model, image, "conv1", c, tuple(t["position"]))
+            top_, left, bottom, right = t["box"]
+            crop = projected[:, top_:bottom, left:right]
+            shown = crop / (2 * crop.abs().max()) + 0.5
+            png = np.asarray(Image.open(out / t["projection"]), dtype=np.float64) / 255
+            np.testing.assert_allclose(png, shown.permute(1, 2, 0).numpy(), atol=1.5 / 255)
+    assert len(list((out / "conv1").iterdir())) == 3 * K * 2
     assert (out / "state").is_dir()
 
 

@@ -61,11 +61,12 @@ def register(subparsers: Any) -> None:
         help="channels per node's figure, the strongest (default: 16)",
     )
     u.add_argument(
-        "--projected-channels",
+        "--file-channels",
         type=positive_int,
         metavar="N",
-        help="project only the N strongest channels of each node (a projection costs a "
-        "backward pass; default: every channel)",
+        help="write patch and projection files for the N strongest channels of each node only "
+        "(units.json lists every channel; a projection costs a backward pass, and deep nodes' "
+        "patches are large; default: every channel)",
     )
     u.add_argument("--batch-size", type=positive_int, default=32, help="default: 32")
     add_device_option(u)
@@ -101,7 +102,7 @@ def _units(args: argparse.Namespace) -> int:
         projection=None if args.projection == "none" else args.projection,
         reduce=args.reduce,
         figure_channels=args.figure_channels,
-        projected_channels=args.projected_channels,
+        file_channels=args.file_channels,
         batch_size=args.batch_size,
         device=device,
         resume=args.resume,

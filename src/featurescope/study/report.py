@@ -173,6 +173,27 @@ def _maps_section(page: _Page, maps: Mapping[str, Any]) -> None:
         page.add(page.figure(files.get("grid"), f"{stage}: every channel"))
 
 
+def _units_section(page: _Page, units: Mapping[str, Any] | None) -> None:
+    """What the trained net's channels respond to (Zeiler & Fergus), when measured."""
+    if not units:
+        return
+    page.add("<h2>What do the channels respond to?</h2>")
+    page.add(
+        f"<p>The feature maps above stop being legible from conv2 on. Zeiler &amp; Fergus "
+        f"(2014) looked instead, for each channel, at the {units['k']} images of the dataset "
+        f"that excite it most, and projected each of those activations back to pixels with a "
+        f"deconvnet. Here: over the {units['num_images']} training images, each channel's "
+        f"strongest position per image; every figure shows the {units['shown_channels']} "
+        "channels with the strongest top activation, one row each: the patch of the image "
+        "that the activation reads (its exact receptive field), then its "
+        f"{html.escape(str(units['projection']))} projection (grey is zero). Every channel's "
+        f"top images, patches and boxes are in <a href='{html.escape(units['units'], quote=True)}'>"
+        f"{html.escape(units['units'])}</a>.</p>"
+    )
+    for stage, figure in units["figures"].items():
+        page.add(page.figure(figure, f"{stage}: each channel's top patches and projections"))
+
+
 def _retrieval_section(page: _Page, retrieval: Mapping[str, Any]) -> None:
     k = retrieval["k"]
     page.add("<h2>3. Search by image</h2>")
@@ -284,6 +305,7 @@ def write_report(folder: str | os.PathLike[str], metrics: Mapping[str, Any]) -> 
     _width_section(page, metrics["width_comparison"], preset)
     _maps_section(page, metrics["feature_maps"])
     _similarity_section(page, metrics.get("similarity"))
+    _units_section(page, metrics.get("units"))
     _retrieval_section(page, metrics["retrieval"])
     page.add("<p>All numbers: <a href='metrics.json'>metrics.json</a>.</p></body></html>")
     path = Path(folder) / "report.html"

@@ -53,7 +53,7 @@ def write_units(
     projection: Projection | None = "deconvnet",
     reduce: Reduce = "max",
     figure_channels: int = 16,
-    projected_channels: int | None = None,
+    file_channels: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     batch_size: int = 64,
@@ -92,10 +92,12 @@ def write_units(
             or ``None`` for patches alone.
         reduce: how an image's map scores it: ``"max"`` (its strongest position) or ``"mean"``.
         figure_channels: how many channels each node's figure shows: those with the strongest
-            top activation, in channel order (every channel gets its patches in any case).
-        projected_channels: how many channels, the strongest, get projections (at least the
-            figure's); ``None``: every channel. A projection costs a backward pass, a patch
-            only a crop.
+            top activation, in channel order.
+        file_channels: how many channels of each node, the strongest (at least the figure's),
+            get patch and projection files; ``None``: every channel. ``units.json`` lists
+            every channel's top activations either way (``patch`` and ``projection`` are
+            ``null`` for the others). A projection costs a backward pass, and patches of deep
+            nodes are large: a few dozen channels show what a node does.
         mean: the per-channel mean the preprocessing subtracted, to undo for the patches;
             default: the zoo model's preprocessing, else none.
         std: the per-channel standard deviation it divided by.
@@ -129,10 +131,7 @@ def write_units(
         raise FeaturescopeError(
             f"projection must be 'deconvnet', 'guided' or None, got {projection!r}"
         )
-    for name, value in (
-        ("figure_channels", figure_channels),
-        ("projected_channels", projected_channels),
-    ):
+    for name, value in (("figure_channels", figure_channels), ("file_channels", file_channels)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
@@ -165,10 +164,8 @@ def write_units(
     written = []
     for node in nodes:
         writer = _NodeWriter(folder, node, fields[node], mean, std, projection)
-        shown = (
-            figure_channels,
-            max(figure_channels, projected_channels or top[node].values.shape[0]),
-        )
+        filed = max(figure_channels, file_channels or top[node].values.shape[0])
+        shown = (figure_channels, filed)
         written.append(writer.write(model, top[node], images, batch_size, shown, progress))
     meta = model_metadata(model)
     units = {
@@ -268,26 +265,26 @@ class _NodeWriter:
         progress: bool,
     ) -> dict[str, Any]:
         """Write the node's files; ``shown``: how many channels, the strongest, are drawn and
-        how many projected."""
+        how many get files."""
         from featurescope._progress import progress as progress_bar
 
         (self.folder / self.stem).mkdir(exist_ok=True)
-        filled = (top.image_ids >= 0).nonzero().tolist()  # (channel, rank), in channel order
         strongest = torch.argsort(-top.values[:, 0].double(), stable=True).tolist()
+        filed = set(strongest[: shown[1]])
         drawn: dict[int, dict[int, Any]] = {c: {} for c in sorted(strongest[: shown[0]])}
-        self.projected = set(strongest[: shown[1]]) if self.projection is not None else set()
-        channels: dict[int, list[dict[str, Any]]] = {c: [] for c in range(top.values.shape[0])}
-        with progress_bar(len(filled), self.node, unit="unit", enabled=progress) as bar:
-            for start in range(0, len(filled), batch_size):
-                chunk = filled[start : start + batch_size]
-                for (c, r), entry in zip(
-                    chunk, self._chunk(model, top, images, chunk), strict=True
-                ):
-                    channels[c].append(entry["json"])
+        channels = {c: [self._entry(top, images, c, r) for r in range(top.values.shape[1])]
+                    for c in range(top.values.shape[0])}  # fmt: skip
+        todo = [(c, r) for c in sorted(filed) for r, e in enumerate(channels[c]) if e is not None]
+        with progress_bar(len(todo), self.node, unit="unit", enabled=progress) as bar:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                for (c, r), pair in zip(chunk, self._files(model, top, images, chunk), strict=True):
+                    entry = channels[c][r]
+                    assert entry is not None
+                    entry["patch"], entry["projection"] = pair[2], pair[3]
                     if c in drawn:
-                        drawn[c][r] = (entry["patch"], entry["projection"])
+                        drawn[c][r] = pair[:2]
                 bar.update(len(chunk))
-        figure = self._figure(top, drawn)
         return {
             "node": self.node,
             "grid": list(top.grid),
@@ -297,59 +294,59 @@ class _NodeWriter:
                 "offset": list(self.field.offset),
                 "is_global": self.field.is_global,
             },
-            "figure": figure,
-            "channels": [{"channel": c, "top": entries} for c, entries in channels.items()],
+            "figure": self._figure(top, drawn),
+            "channels": [
+                {"channel": c, "top": [e for e in entries if e is not None]}
+                for c, entries in channels.items()
+            ],
         }
 
-    def _chunk(
-        self, model: nn.Module, top: TopActivations, images: _Images, chunk: list[list[int]]
-    ) -> list[dict[str, Any]]:
+    def _entry(self, top: TopActivations, images: _Images, c: int, r: int) -> dict[str, Any] | None:
+        """Rank ``r`` of channel ``c`` in ``units.json`` (no files yet); ``None`` if unfilled."""
+        i = int(top.image_ids[c, r])
+        if i < 0:
+            return None
+        y, x = (int(v) for v in top.positions[c, r])
+        return {
+            "rank": r,
+            "value": float(top.values[c, r]),
+            "image_id": i,
+            "file": images.file(i),
+            "position": [y, x],
+            "box": list(self.field.box(y, x)),
+            "patch": None,
+            "projection": None,
+        }
+
+    def _files(
+        self, model: nn.Module, top: TopActivations, images: _Images, chunk: list[tuple[int, int]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None, str, str | None]]:
+        """Write the patches (and projections) of ``chunk``: ``(patch, projection crop, patch
+        file, projection file)`` each, the projections in one batched pass."""
         ids = [int(top.image_ids[c, r]) for c, r in chunk]
         loaded = {i: images[i] for i in dict.fromkeys(ids)}
         positions = [(int(top.positions[c, r, 0]), int(top.positions[c, r, 1])) for c, r in chunk]
         projected: list[torch.Tensor | None] = [None] * len(chunk)
-        wanted = [n for n, (c, _) in enumerate(chunk) if c in self.projected]
-        if wanted and self.projection is not None:
-            batch = torch.stack([loaded[ids[n]] for n in wanted]).to(model_device(model) or "cpu")
+        if self.projection is not None:
+            batch = torch.stack([loaded[i] for i in ids]).to(model_device(model) or "cpu")
+            channels = [c for c, _ in chunk]
             result = projections(
-                model,
-                batch,
-                self.node,
-                [chunk[n][0] for n in wanted],
-                [positions[n] for n in wanted],
-                method=self.projection,
+                model, batch, self.node, channels, positions, method=self.projection
             )
-            for n, one in zip(wanted, result.cpu(), strict=True):
-                projected[n] = one
-        entries = []
+            projected = list(result.cpu())
+        written = []
         for (c, r), i, (y, x), full in zip(chunk, ids, positions, projected, strict=True):
-            box = self.field.box(y, x)
-            seen = patch(loaded[i], box, mean=self.mean, std=self.std)
+            top_, left, bottom, right = self.field.box(y, x)
+            seen = patch(loaded[i], (top_, left, bottom, right), mean=self.mean, std=self.std)
             name = f"{self.stem}/c{c:04d}_{r}"
             _png(seen, self.folder / f"{name}.png")
-            crop = None
-            projection_file = None
+            crop, projection_file = None, None
             if full is not None:
-                crop = full[:, box[0] : box[2], box[1] : box[3]]
+                crop = full[:, top_:bottom, left:right]
                 projection_file = f"{name}_{self.projection}.png"
                 _png(_signed(crop), self.folder / projection_file)
-            entries.append(
-                {
-                    "patch": seen,
-                    "projection": crop,
-                    "json": {
-                        "rank": r,
-                        "value": float(top.values[c, r]),
-                        "image_id": i,
-                        "file": images.file(i),
-                        "position": [y, x],
-                        "box": list(box),
-                        "patch": f"{name}.png",
-                        "projection": projection_file,
-                    },
-                }
-            )
-        return entries
+            written.append((seen, crop, f"{name}.png", projection_file))
+        return written
 
     def _figure(self, top: TopActivations, drawn: dict[int, dict[int, Any]]) -> str | None:
         from featurescope.visualizers import save, visualize
@@ -359,6 +356,9 @@ class _NodeWriter:
         if not rows:
             return None
         with_projections = self.projection is not None
+        title = f"{self.node}: each channel's top {top.values.shape[1]} patches"
+        if with_projections:
+            title += f" and their {self.projection} projections"
         figure = visualize(
             "units",
             [[p for p, _ in pairs] for pairs in rows.values()],
@@ -366,8 +366,7 @@ class _NodeWriter:
             if with_projections
             else None,
             channels=list(rows),
-            title=f"{self.node}: each channel's top {top.values.shape[1]} patches"
-            + (f" and their {self.projection} projections" if with_projections else ""),
+            title=title,
         )
         name = f"{self.stem}.png"
         save(figure, self.folder / name, dpi=100)
