@@ -194,6 +194,26 @@ def fold(
         FeaturescopeError: the model is not on ``device``, the data is not a map-style dataset,
             or ``out`` holds a state of another fold (other data, weights, model, nodes or
             settings of the accumulator) or an unreadable one.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from featurescope.tap import FeatureTap
+        >>> class Brightest:  # the largest value each node gives over the dataset
+        ...     def __init__(self): self.best = {}
+        ...     def config(self): return {"kind": "brightest"}
+        ...     def update(self, features, ids):
+        ...         for node, t in features.items():
+        ...             self.best[node] = max(self.best.get(node, t.max()), t.max()).clone()
+        ...     def state_dict(self): return dict(self.best)
+        ...     def load_state_dict(self, state): self.best = dict(state)
+        ...     def merge(self, states):
+        ...         for state in states:
+        ...             self.best = {n: max(t, state.get(n, t)) for n, t in self.best.items()}
+        >>> tap = FeatureTap(torch.nn.Sequential(torch.nn.ReLU()), ["0"])
+        >>> images = TensorDataset(torch.arange(-8.0, 10.0).view(6, 3, 1, 1))
+        >>> fold(tap, images, Brightest(), batch_size=4, progress=False).best
+        {'0': tensor(9.)}
     """
     rank, world = _dist()
     plan = _plan(data, batch_size, num_workers, rank, world)
