@@ -561,7 +561,7 @@ def channel_units(
     *,
     stages: Sequence[str] = ("conv1", "conv2", "conv3"),
     k: int = 9,
-    shown_channels: int = 16,
+    shown_channels: int = 8,
     batch_size: int = 32,
     device: str | torch.device | None = None,
     progress: bool = True,

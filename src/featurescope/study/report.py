@@ -187,8 +187,9 @@ def _units_section(page: _Page, units: Mapping[str, Any] | None) -> None:
         "channels with the strongest top activation, one row each: the patch of the image "
         "that the activation reads (its exact receptive field), then its "
         f"{html.escape(str(units['projection']))} projection (grey is zero). Every channel's "
-        f"top images, patches and boxes are in <a href='{html.escape(units['units'], quote=True)}'>"
-        f"{html.escape(units['units'])}</a>.</p>"
+        "top images, values and receptive-field boxes are in "
+        f"<a href='{html.escape(units['units'], quote=True)}'>{html.escape(units['units'])}</a>."
+        "</p>"
     )
     for stage, figure in units["figures"].items():
         page.add(page.figure(figure, f"{stage}: each channel's top patches and projections"))
