@@ -34,8 +34,9 @@ LAYERS = (
     ("featurescope.index",),
     ("featurescope.zoo",),
     ("featurescope.tap",),
-    ("featurescope.units",),
     ("featurescope.visualizers",),
+    # units draws with the visualizers (write_units); the visualizers take its tensors only.
+    ("featurescope.units",),
     ("featurescope.compare",),
     ("featurescope.train",),
     ("featurescope.pages",),

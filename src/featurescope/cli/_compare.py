@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from featurescope.cli._args import add_device_option, add_list_option, check_device, check_folder
@@ -57,15 +58,17 @@ def register(subparsers: Any) -> None:
     c.set_defaults(func=_compare)
 
 
-def _open_folder(folder: str, model: Any) -> Any:
-    from pathlib import Path
+def data_root(folder: str) -> Path:
+    """The image folder ``--data`` names: a dataset root's ``train/``, else the folder itself."""
+    root = Path(folder)
+    return root / "train" if (root / "train").is_dir() else root
 
+
+def open_folder(folder: str, model: Any) -> Any:
+    """``--data``'s images, read with ``model``'s preprocessing."""
     import featurescope as fs
 
-    root = Path(folder)
-    if (root / "train").is_dir():
-        root = root / "train"
-    return fs.ImageFolder(root, fs.resolve_preprocessing(model).transform())
+    return fs.ImageFolder(data_root(folder), fs.resolve_preprocessing(model).transform())
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -89,7 +92,7 @@ def _compare(args: argparse.Namespace) -> int:
     result = fs.compare(
         model_a,
         model_b,
-        _open_folder(args.data, model_a),
+        open_folder(args.data, model_a),
         nodes_a=args.nodes_a,
         nodes_b=args.nodes_b,
         reduce=args.reduce,
