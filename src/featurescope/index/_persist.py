@@ -59,16 +59,19 @@ def save_index(index: EmbeddingIndex, path: str | os.PathLike[str]) -> Path:
     """Write ``index`` to ``path`` atomically; see :meth:`EmbeddingIndex.save`."""
     from safetensors.torch import save_file
 
+    # One state, whatever other threads add or remove meanwhile.
+    snap = index._snapshot()
+    metadata = list(snap.metadata[: snap.n])
     try:
-        meta_bytes = json.dumps(index.metadata, ensure_ascii=False).encode("utf-8")
+        meta_bytes = json.dumps(metadata, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         # A file name that is not UTF-8 (os.fsdecode's lone surrogates, "caf\udce9.png"):
         # JSON's \u escapes keep it losslessly, and json.loads gives back the same string.
-        meta_bytes = json.dumps(index.metadata).encode("ascii")
+        meta_bytes = json.dumps(metadata).encode("ascii")
     tensors = {
-        "vectors": index.vectors.contiguous(),
-        "ids": index.ids.contiguous(),
-        "labels": index.labels.contiguous(),
+        "vectors": snap.vectors.cpu().contiguous(),
+        "ids": snap.ids.cpu().contiguous(),
+        "labels": snap.labels.contiguous(),
         "metadata": torch.frombuffer(bytearray(meta_bytes), dtype=torch.uint8),
     }
     dtype_name = str(index.dtype).removeprefix("torch.")
@@ -78,7 +81,7 @@ def save_index(index: EmbeddingIndex, path: str | os.PathLike[str]) -> Path:
         "metric": index.metric,
         "memory_budget": index.memory_budget,
         "next_id": index._store.next_id,
-        "count": len(index),
+        "count": snap.n,
         "featurescope_version": __version__,
     }
     header = {"format": FORMAT, "config": json.dumps(config), "sha256": _digest(tensors)}
