@@ -56,7 +56,9 @@ def register(subparsers: Any) -> None:
     c.add_argument("--reduce", choices=("flatten", "avgpool"), default="flatten")
     c.add_argument("--estimator", choices=("auto", "exact", "minibatch"), default="auto")
     c.add_argument("--max-exact-features", type=positive_int, default=4096, metavar="P")
-    c.add_argument("--batch-size", type=int_at_least(4), default=64, help="at least 4 (default: 64)")
+    c.add_argument(
+        "--batch-size", type=int_at_least(4), default=64, help="at least 4 (default: 64)"
+    )
     add_device_option(c)
     c.add_argument("--out", default="featurescope-compare", help="output folder")
     c.add_argument("--overwrite", action="store_true", help="start afresh, do not resume")

@@ -30,7 +30,9 @@ def register(subparsers: Any) -> None:
         "file (default: some of the indexed images)",
     )
     e.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default: 10)")
-    e.add_argument("--queries", type=positive_int, default=40, help="query images at most (default: 40)")
+    e.add_argument(
+        "--queries", type=positive_int, default=40, help="query images at most (default: 40)"
+    )
     e.add_argument(
         "--root",
         metavar="DIR",

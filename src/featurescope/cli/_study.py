@@ -89,7 +89,9 @@ def register(subparsers: Any) -> None:
         metavar="NODE",
         help="node or stage names (default: the model's stages; see 'featurescope nodes')",
     )
-    m.add_argument("--max-channels", type=positive_int, default=None, help="strongest channels shown")
+    m.add_argument(
+        "--max-channels", type=positive_int, default=None, help="strongest channels shown"
+    )
     m.add_argument("--out", default="featurescope-maps", help="output folder")
     add_device_option(m)
     m.set_defaults(func=_maps)
@@ -144,7 +146,10 @@ def register(subparsers: Any) -> None:
     )
     s.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
     s.add_argument(
-        "-k", type=positive_int, default=10, help="neighbours per query (default: 10; at most the index's)"
+        "-k",
+        type=positive_int,
+        default=10,
+        help="neighbours per query (default: 10; at most the index's)",
     )
     s.add_argument(
         "--root",

@@ -161,7 +161,7 @@ class MappedStore:
         """
         now = _stamp(os.fstat(self._fd))
         if now != self._stamp:
-            size, mtime_ns, inode = self._stamp
+            size, mtime_ns, _ = self._stamp
             raise IndexFileError(
                 f"{self.source} changed on disk since it was opened (size {size} -> {now[0]} "
                 f"bytes, mtime_ns {mtime_ns} -> {now[1]}); a memory-mapped index needs its "

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from featurescope.errors import EmbeddingIndexError
-from featurescope.index._snapshot import Snapshot
 from featurescope.index._search._gallery import Gallery, centred_sq_norms, rounding_error
 from featurescope.index._search._metric import Metric
+from featurescope.index._snapshot import Snapshot
 
 __all__ = ["Store"]
 
