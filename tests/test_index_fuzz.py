@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import struct
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import featurescope as fs
-from featurescope.errors import IndexFileError
+from featurescope.errors import EmbeddingIndexError, IndexFileError
 
 CONFIG_KEYS = ("dim", "dtype", "metric", "memory_budget", "next_id", "count")
 LAYOUT_FIELDS = ("dtype", "shape", "data_offsets")
@@ -108,7 +109,7 @@ def test_safetensors_layout_of_any_type_or_size(original, tmp_path, name, field,
 
 @pytest.mark.parametrize("where", ["config", "layout", "metadata"])
 def test_deeply_nested_json_is_refused(original, tmp_path, where):
-    index, layout, data = original
+    _, layout, data = original
     layout = json.loads(json.dumps(layout))
     path = tmp_path / "deep.safetensors"
     if where == "config":
@@ -144,9 +145,8 @@ def test_deeply_nested_json_is_refused(original, tmp_path, where):
             fs.EmbeddingIndex.load(path, mmap=mmap)
 
 
-def test_an_empty_index_cannot_ask_for_a_huge_dimension(original, tmp_path):
+def test_an_empty_index_cannot_ask_for_a_huge_dimension(tmp_path):
     # No rows to check the dimension against: opening would allocate 8 GiB for the centre.
-    _, layout, _ = original
     config = {
         "dim": 2**31 - 1,
         "dtype": "float32",
@@ -167,3 +167,52 @@ def test_an_empty_index_cannot_ask_for_a_huge_dimension(original, tmp_path):
     for mmap in (False, True):
         with pytest.raises(IndexFileError, match="field 'dim' must be an integer in"):
             fs.EmbeddingIndex.load(path, mmap=mmap)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("nodes", 5, "field 'nodes' must be an object"),
+        ("nodes", {"fc7": {"file": "../outside.npy"}}, "a file name in the folder"),
+        ("completed", 10**30, "field 'completed' must be a non-negative integer"),
+        ("completed", 4, "field 'sample_ids' must be a list of at least 4 integers"),
+        ("sample_ids", [4, 5], "field 'sample_ids' must be a list of at least 3 integers"),
+        ("labels", "/etc/passwd", "field 'labels' must be null or a file name in the folder"),
+        ("labels", 2, "field 'labels' must be null or a file name"),
+        ("paths", {"a": 1}, "field 'paths' must be null or a list of at least 3 paths"),
+    ],
+)
+def test_extraction_manifest_fields_are_checked(tmp_path, field, value, message):
+    np.save(tmp_path / "fc7.npy", np.eye(3, dtype=np.float32))
+    manifest = {
+        "format": "featurescope.features",
+        "nodes": {"fc7": {"file": "fc7.npy"}},
+        "completed": 3,
+        "sample_ids": [4, 5, 6],
+        "labels": None,
+        "paths": None,
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, field: value}))
+    for mmap in (True, False):
+        with pytest.raises(EmbeddingIndexError, match=message):
+            fs.EmbeddingIndex.from_features(tmp_path, mmap=mmap)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert fs.EmbeddingIndex.from_features(tmp_path).ids.tolist() == [4, 5, 6]
+
+
+def test_extraction_manifest_cannot_count_rows_the_file_lacks(tmp_path):
+    np.save(tmp_path / "fc7.npy", np.eye(3, dtype=np.float32))
+    manifest = {
+        "format": "featurescope.features",
+        "nodes": {"fc7": {"file": "fc7.npy"}},
+        "completed": 4,
+        "sample_ids": [4, 5, 6, 7],
+        "labels": None,
+        "paths": None,
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    for mmap in (True, False):
+        with pytest.raises(
+            EmbeddingIndexError, match="counts 4 completed rows but fc7.npy holds 3"
+        ):
+            fs.EmbeddingIndex.from_features(tmp_path, mmap=mmap)
