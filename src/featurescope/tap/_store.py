@@ -174,7 +174,7 @@ class _NpyRows:
     def write(self, start: int, rows: np.ndarray) -> None:
         if len(rows) == 0:
             return
-        data = memoryview(np.ascontiguousarray(rows, dtype=self.dtype)).cast("B")
+        data = np.ascontiguousarray(rows, dtype=self.dtype).reshape(-1).view(np.uint8).data
         at = self.offset + start * self.row_bytes
         try:
             fd = os.open(self.path, os.O_WRONLY)
