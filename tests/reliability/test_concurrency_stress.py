@@ -24,6 +24,6 @@ pytestmark = pytest.mark.slow
 )
 def test_no_wrong_answer_beside_adds_and_removes(dtype, metric):
     index = fs.EmbeddingIndex(24, dtype=dtype, metric=metric)
-    log = run_stress(index, seconds=6.0, readers=3, writers=2, k_max=8, seed=11)
+    log = run_stress(index, seconds=3.0, readers=3, writers=2, k_max=8, seed=11)
     assert check(log, metric) == []
-    assert len({version for version, *_ in log.answers}) >= 20
+    assert len({version for version, *_ in log.answers}) >= 10
