@@ -198,6 +198,7 @@ torch.save(model.state_dict(), {state!r})
 """
 
 
+@pytest.mark.slow
 def test_convert_a_pickled_whole_model_from_the_study(tmp_path):
     pickled, state = tmp_path / "model.pth", tmp_path / "state.pt"
     script = STUDY_SCRIPT.format(model=str(pickled), state=str(state))
@@ -328,7 +329,7 @@ def test_both_torch_save_formats_still_read(tmp_path, zipped):
 @pytest.fixture
 def guarded_model():
     """A registered tiny model whose builder fails the test if it would allocate a huge head."""
-    from featurescope.zoo import _registry
+    from featurescope.zoo import decorated
 
     def guarded(num_classes: int = 3) -> nn.Module:
         if num_classes > 1000 and torch.empty(0).device.type != "meta":
@@ -339,8 +340,7 @@ def guarded_model():
     try:
         yield "guarded_probe"
     finally:
-        _registry._DECORATED.pop("guarded_probe", None)
-        _registry.MODELS.invalidate()
+        decorated.remove("guarded_probe")
 
 
 def test_a_header_asking_for_millions_of_classes_is_refused_before_building(

@@ -56,8 +56,22 @@ def test_demo_writes_every_file(demo_out):
         assert (out / name).is_file(), name
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    # Both runs are shown: each keeps its best weights and history, no resume state.
     for run in ("alexnet-bs5", "alexnet_half-bs5"):
-        assert (out / "checkpoints" / run / "last.safetensors").is_file()
+        kept = sorted(p.name for p in (out / "checkpoints" / run).iterdir())
+        assert kept == ["best.safetensors", "history.json"]
+
+
+def test_a_finished_demo_leaves_one_copy_of_the_weights_it_shows(demo_out):
+    out, _ = demo_out
+    weights = sum(
+        sum(t.numel() * t.element_size() for t in fs.create_model(name).state_dict().values())
+        for name in ("alexnet", "alexnet_half")
+    )
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert not list(out.rglob("resume.pt"))
+    # The two models' weights once, and a few MB of figures, pages and JSON.
+    assert weights < written < weights + 20e6
 
 
 def test_demo_compares_the_widths_stage_by_stage(demo_out):
@@ -135,19 +149,19 @@ def test_demo_reuses_finished_training_and_prints_a_summary(
         "alexnet_half bs5",
     ]
     assert f"{again['retrieval']['trained']['precision_at_k']:.3f}" in printed.out
+    assert "epoch 1/1" not in printed.out + printed.err  # both runs reused, not trained again
+    assert f"MB to {out}: " in printed.out.splitlines()[-1]
 
 
 def test_demo_explorer_shows_the_retrieval_the_metrics_score(demo_out):
     """The explorer's neighbours are the demo index's answer for each test image."""
     import re
 
+    from featurescope.pages import read_explorer_data
+
     out, metrics = demo_out
     page = (out / "explorer.html").read_text(encoding="utf-8")
-    data = json.loads(
-        re.search(r'<script id="fs-data" type="application/json">(.*?)</script>', page, re.S).group(
-            1
-        )
-    )
+    data = read_explorer_data(out / "explorer.html")
     assert [r["name"] for r in data["runs"]] == ["alexnet bs5", "alexnet_half bs5"]
     assert len(data["queries"]) == metrics["retrieval"]["num_queries"]
     assert (
@@ -204,6 +218,7 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_training_logs_one_plain_line_per_epoch(tiny_data, capsys):
     splits = load_image_folders(tiny_data)
     model = fs.create_model("alexnet_half", num_classes=len(splits.classes))

@@ -165,7 +165,7 @@ def test_grad_cam_and_prediction_of_a_trained_head(search, data, tmp_path):
 
 
 def test_a_pretrained_head_is_named_and_a_replaced_one_is_not():
-    from featurescope.study._explorer_data import head_classes
+    from featurescope.pages._analysis import head_classes
 
     model = fs.create_model("resnet18", num_classes=1000)
     meta = fs.model_metadata(model)
@@ -365,7 +365,7 @@ def test_pictures_are_read_as_the_model_reads_them(photo_search, photos, tmp_pat
     from PIL import Image, ImageOps
 
     from featurescope.data.folders import load_rgb
-    from featurescope.study._explorer_data import THUMB
+    from featurescope.pages._encode import THUMB
 
     where = photo_search.image_paths()
     query = where[next(i for i, p in where.items() if p.endswith("coffee.jpg"))]
@@ -399,7 +399,7 @@ def test_self_exclusion_is_a_brute_force_without_the_query(
 ):
     """Queries that are gallery files (some of them duplicates of other vectors) and queries
     that are not: each leaves out exactly its own id, ties going to the smaller id."""
-    from featurescope.study.explorer import _exclusions
+    from featurescope.pages._build import _exclusions
 
     generator = torch.Generator().manual_seed(seed)
     vectors = torch.randint(-3, 4, (rows, 3), generator=generator).float()

@@ -3,7 +3,8 @@
 Fails on any console error, page error, or request for anything but the page's own
 ``file://`` URL and inline ``data:`` images. Clicks a query and checks that the neighbours shown
 are exactly the index's answer; switches a channel and checks the drawn map changed; hides a
-training run; clicks a projected point; saves a screenshot. Skips, saying why, where no
+training run; clicks a projected point; clicks a unit tile and checks its patches are the
+channel's top activations; saves a screenshot. Skips, saying why, where no
 browser or no Playwright is installed (``.ci/run`` installs both).
 """
 
@@ -16,8 +17,13 @@ from pathlib import Path
 import pytest
 
 import featurescope as fs
+from featurescope.pages import UnitsSpec, gallery_images
 from featurescope.study import write_explorer
 from featurescope.study.explorer import read_explorer_data
+from featurescope.units import top_activations
+
+# A real browser over a built page: the slow lane.
+pytestmark = pytest.mark.slow
 
 CHROMIUM_CANDIDATES = (
     os.environ.get("FEATURESCOPE_CHROMIUM", ""),
@@ -84,6 +90,8 @@ def page_and_search(tmp_path_factory):
         runs=runs,
         k=5,
         similarity=similarity,
+        # Projections cost a backward pass each: the units page's own test draws them.
+        units=UnitsSpec(["conv1", "conv3"], k=3, projections=()),
     )
     _COMPARISONS[page] = comparison
     return page, search, test
@@ -169,6 +177,8 @@ def test_explorer_in_a_real_browser(page_and_search, browser, tmp_path):
         "[data-fs-channel]", "nodes => nodes.map(n => n.dataset.fsChannel)"
     )
     assert channels[0].startswith("conv1:") and len(channels) == 48
+    tags = page.eval_on_selector_all("[data-fs-channel]", "nodes => nodes.map(n => n.tagName)")
+    assert set(tags) == {"CANVAS"}  # a grid of channel tiles, each the channel's small map
     page.click(f"[data-fs-channel='{channels[-1]}']")
     page.wait_for_selector(f"body[data-fs-drawn='0:{channels[-1]}']", timeout=10_000)
     after = page.evaluate("document.getElementById('fs-map-channel').toDataURL()")
@@ -190,6 +200,30 @@ def test_explorer_in_a_real_browser(page_and_search, browser, tmp_path):
     )
     vector = search.index.vectors[search.index.ids.tolist().index(point)][None]
     assert near == search.index.search(vector, 5, exclude_ids=[[point]]).ids[0].tolist()
+
+    # Units: a stage's channels as tiles; a click shows the channel's top patches, whose
+    # source images are top_activations' answer over the gallery.
+    ids, images = gallery_images(search)
+    top = top_activations(search.model, images, ["conv3"], k=3)["conv3"]
+    page.select_option("#fs-unit-stage", "1")
+    tiles = page.eval_on_selector_all("[data-fs-unit]", "nodes => nodes.map(n => n.dataset.fsUnit)")
+    assert len(tiles) == top.values.shape[0] and tiles[0] == "conv3:0"
+    page.click("[data-fs-unit='conv3:7']")
+    page.wait_for_selector("body[data-fs-unit-drawn='conv3:7']", timeout=10_000)
+    shown = page.eval_on_selector_all(
+        "#fs-unit-examples [data-fs-unit-example]",
+        "nodes => nodes.map(n => [n.dataset.fsUnitSource, n.querySelectorAll('img').length])",
+    )
+    where = search.image_paths()
+    expected = [search.display_name(where[ids[i]]) for i in top.image_ids[7].tolist()]
+    assert [name for name, _ in shown] == expected
+    assert [count for _, count in shown] == [2, 2, 2]  # the patch and its source image
+    overlay = page.evaluate(
+        "(() => { const c = document.querySelector('#fs-unit-examples canvas');"
+        " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        " let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i]; return s; })()"
+    )
+    assert overlay > 0  # the channel's map drawn over its source image
 
     shot = tmp_path / "explorer.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -284,5 +318,33 @@ def test_the_page_of_a_users_folder_in_a_real_browser(browser, tmp_path):
         " let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i]; return s; })()"
     )
     assert cam > 0  # the last query's Grad-CAM was drawn over its picture
+    page.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_a_units_page_in_a_real_browser(browser, tmp_path):
+    """write_units_page's page alone: a stage's tiles, a click shows that channel's examples."""
+    import torch
+
+    from featurescope.pages import write_units_page
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.Conv2d(6, 4, 3, stride=2)
+    ).eval()
+    images = torch.rand(9, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    page_path = write_units_page(tmp_path / "units.html", model, images, ["1", "2"], k=4)
+    top = top_activations(model, images, ["2"], k=4)["2"]
+    problems: list[str] = []
+    page = _open(browser, page_path, problems)
+    page.select_option("#fs-unit-stage", "1")
+    tiles = page.eval_on_selector_all("[data-fs-unit]", "nodes => nodes.map(n => n.dataset.fsUnit)")
+    assert tiles == [f"2:{c}" for c in range(4)]
+    page.click("[data-fs-unit='2:2']")
+    page.wait_for_selector("body[data-fs-unit-drawn='2:2']", timeout=10_000)
+    shown = page.eval_on_selector_all(
+        "#fs-unit-examples [data-fs-unit-example]",
+        "nodes => nodes.map(n => [n.dataset.fsUnitSource, n.querySelectorAll('img').length])",
+    )
+    assert shown == [[f"image {i}", 4] for i in top.image_ids[2].tolist()]  # both projections
     page.close()
     assert not problems, "\n".join(problems)

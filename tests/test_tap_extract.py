@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import featurescope as fs
+from _plugin_module import plugin_module
 from featurescope.errors import FeaturescopeError
-from featurescope.hookspecs import hookimpl
 from featurescope.plugins import register_plugin, unregister_plugin
 from featurescope.tap import FeatureTap, load_features, merge_features
 from featurescope.tap import _store as _tap_store
@@ -271,12 +270,31 @@ def test_merge_without_shards_is_an_error(tmp_path):
         merge_features(tmp_path)
 
 
+def test_a_failing_features_extracted_plugin_is_named_among_several(tap):
+    calls = []
+    quiet = plugin_module(featurescope_features_extracted=lambda features, info: calls.append(1))
+
+    def broken(features, info):
+        raise KeyError("no such column")
+
+    names = [
+        register_plugin(quiet, name="quiet-logger"),
+        register_plugin(plugin_module(featurescope_features_extracted=broken), name="bad-logger"),
+    ]
+    try:
+        with pytest.raises(fs.PluginError, match="plugin 'bad-logger' raised KeyError") as caught:
+            tap.extract(Images(3), batch_size=2, progress=False)
+    finally:
+        for name in names:
+            unregister_plugin(name)
+    assert isinstance(caught.value.__cause__, KeyError)
+    assert "featurescope_features_extracted" in str(caught.value)
+
+
 def test_hook_featurescope_features_extracted(tmp_path, tap):
     calls = []
-    plugin = types.SimpleNamespace(
-        featurescope_features_extracted=hookimpl(
-            lambda features, info: calls.append((features, info))
-        )
+    plugin = plugin_module(
+        featurescope_features_extracted=lambda features, info: calls.append((features, info))
     )
     name = register_plugin(plugin, name="test-features-extracted")
     try:

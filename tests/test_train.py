@@ -181,6 +181,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path, optimize
             on_epoch_end=stop_after_epoch_2,
             **settings,
         )
+    # Unfinished: the resume state is there, plain tensors that load without unpickling code.
+    assert torch.load(tmp_path / "b" / "resume.pt", weights_only=True)["epoch"] == 2
     ran: list[int] = []
     resumed = _tiny_net(seed=99)  # other initial weights: they must come from the checkpoint
     h_resumed = train(
@@ -192,6 +194,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path, optimize
         **settings,
     )
     assert ran == [3, 4]
+    assert not (tmp_path / "b" / "resume.pt").exists()  # finished: deleted
     assert _series(h_resumed) == _series(h_straight)
     a, b = _weights(straight), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -218,17 +221,28 @@ def test_checkpoints_hold_the_best_and_last_models(tmp_path: Path) -> None:
             acc = (reloaded(images).argmax(1) == labels).float().mean().item()
         assert acc == pytest.approx(history.val_acc[epoch - 1])  # type: ignore[operator]
 
-    state = torch.load(tmp_path / "resume.pt", weights_only=True)
-    assert state["epoch"] == 5
     assert History.load(tmp_path / "history.json") == history
+    # A finished run leaves its two checkpoints, each the weights alone, and its history.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.safetensors",
+        "history.json",
+        "last.safetensors",
+    ]
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    for name in ("best", "last"):
+        assert (
+            weight_bytes < (tmp_path / f"{name}.safetensors").stat().st_size < weight_bytes + 8192
+        )
 
 
-def test_finished_run_is_not_trained_again_and_can_be_extended(tmp_path: Path) -> None:
+def test_finished_run_is_not_trained_again_and_extending_it_starts_over(tmp_path: Path) -> None:
     data = _tiny_data()
-    first = train(_tiny_net(), data, data, checkpoint_dir=tmp_path, **FAST)
+    trained = _tiny_net()
+    first = train(trained, data, data, checkpoint_dir=tmp_path, **FAST)
     ran: list[int] = []
+    reused = _tiny_net(seed=99)
     again = train(
-        _tiny_net(),
+        reused,
         data,
         data,
         checkpoint_dir=tmp_path,
@@ -237,6 +251,9 @@ def test_finished_run_is_not_trained_again_and_can_be_extended(tmp_path: Path) -
     )
     assert ran == []
     assert _series(again) == _series(first)
+    a, b = _weights(trained), _weights(reused)  # the final weights, read from last.safetensors
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Without the optimizer's state a finished run cannot continue exactly: it starts over.
     longer = train(
         _tiny_net(),
         data,
@@ -245,8 +262,39 @@ def test_finished_run_is_not_trained_again_and_can_be_extended(tmp_path: Path) -
         on_epoch_end=lambda e, h: ran.append(e),
         **{**FAST, "epochs": 4},
     )
-    assert ran == [4]
+    assert ran == [1, 2, 3, 4]
     assert longer.epochs == 4
+    assert _series(longer)["train_loss"][:3] == _series(first)["train_loss"]
+
+
+@pytest.mark.parametrize("best_is_last", [True, False])
+def test_a_finished_run_with_only_its_best_weights_is_reused_when_they_are_final(
+    tmp_path: Path, best_is_last: bool
+) -> None:
+    """What ``featurescope demo`` leaves: history.json and best.safetensors alone."""
+    data = _tiny_data()
+    settings = {**FAST, "lr_schedule": 0.05}
+    trained = _tiny_net()
+    first = train(trained, data, data, checkpoint_dir=tmp_path, **settings)
+    (tmp_path / "last.safetensors").unlink()
+    if best_is_last != (first.best_epoch == first.epochs):
+        # Make the kept best.safetensors hold the final epoch, or an earlier one.
+        epoch = first.epochs if best_is_last else first.epochs - 1
+        fs.save_checkpoint(trained, tmp_path / "best.safetensors", epoch=epoch)
+    ran: list[int] = []
+    # Reused, the weights come from the file; retrained, from the same start as the first run.
+    reused = _tiny_net(seed=99 if best_is_last else 0)
+    train(
+        reused,
+        data,
+        data,
+        checkpoint_dir=tmp_path,
+        on_epoch_end=lambda e, h: ran.append(e),
+        **settings,
+    )
+    assert ran == ([] if best_is_last else [1, 2, 3])
+    a, b = _weights(trained), _weights(reused)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_other_settings_refuse_to_resume_unless_told(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import featurescope as fs
-from featurescope import hookimpl
+from _plugin_module import plugin_module
 from featurescope.visualizers import overlay as overlay_module
 
 NODES = {"conv1.1": "conv1", "conv2.1": "conv2", "conv3.5": "conv5"}
@@ -416,10 +416,8 @@ def test_visualize_names_the_plugin_of_a_failing_visualizer():
     def not_a_figure(data):
         return "a string"
 
-    plugin = types.SimpleNamespace(
-        featurescope_register_visualizers=hookimpl(
-            lambda: {"broken": broken, "stringly": not_a_figure}
-        )
+    plugin = plugin_module(
+        featurescope_register_visualizers=lambda: {"broken": broken, "stringly": not_a_figure}
     )
     fs.register_plugin(plugin, "shaky-views")
     with pytest.raises(fs.PluginError, match="'broken'.*'shaky-views'.*cannot draw") as excinfo:

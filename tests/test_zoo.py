@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 
 import featurescope as fs
+from _plugin_module import plugin_module
 
 
 def _param_count(model: nn.Module) -> int:
@@ -190,7 +191,7 @@ def test_preprocessing_transform_gives_model_input():
 
 
 def test_register_model_decorator_and_duplicates():
-    from featurescope.zoo import _registry
+    from featurescope.zoo import decorated
 
     @fs.register_model("tiny_test_net")
     def tiny(num_classes=5, width=4):
@@ -206,21 +207,19 @@ def test_register_model_decorator_and_duplicates():
         with pytest.raises(fs.FeaturescopeError, match="already registered"):
             fs.register_model("tiny_test_net")(tiny)
     finally:
-        _registry._DECORATED.pop("tiny_test_net", None)
-        _registry.MODELS.invalidate()
+        decorated.remove("tiny_test_net")
     assert "tiny_test_net" not in fs.list_models()
 
 
 def test_builder_must_return_a_module():
-    from featurescope.zoo import _registry
+    from featurescope.zoo import decorated
 
     fs.register_model("not_a_module")(lambda num_classes=5: "oops")
     try:
         with pytest.raises(fs.FeaturescopeError, match="not a torch.nn.Module"):
             fs.create_model("not_a_module")
     finally:
-        _registry._DECORATED.pop("not_a_module", None)
-        _registry.MODELS.invalidate()
+        decorated.remove("not_a_module")
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5])
@@ -247,7 +246,7 @@ def test_bad_widths_and_weights_are_featurescope_errors():
 
 
 def test_register_model_records_stages_and_embedding_node():
-    from featurescope.zoo import _registry
+    from featurescope.zoo import decorated
 
     @fs.register_model("probe_test_net", stages=("body",), embedding_node="body")
     def probe(num_classes=5):
@@ -258,8 +257,7 @@ def test_register_model_records_stages_and_embedding_node():
         assert info.stages == ("body",)
         assert info.embedding_node == "body"
     finally:
-        _registry._DECORATED.pop("probe_test_net", None)
-        _registry.MODELS.invalidate()
+        decorated.remove("probe_test_net")
 
 
 @pytest.fixture
@@ -300,7 +298,6 @@ def test_unknown_timm_name_with_timm_installed_is_an_unknown_model():
 def test_pretrained_class_names_label_the_pretrained_head(fresh_plugins):
     """A spec's ``pretrained_class_names`` name the classes of a model built with its weights
     and their head; another head, or random weights, get no names."""
-    import types
 
     fixed = torch.arange(12.0).reshape(3, 4)
 
@@ -314,9 +311,7 @@ def test_pretrained_class_names_label_the_pretrained_head(fresh_plugins):
     spec = fs.ModelSpec(
         builder, weights="TOY", pretrained_classes=3, pretrained_class_names=("a", "b", "c")
     )
-    plugin = types.SimpleNamespace(
-        featurescope_register_models=fs.hookimpl(lambda: {"toy_pretrained": spec})
-    )
+    plugin = plugin_module(featurescope_register_models=lambda: {"toy_pretrained": spec})
     fs.register_plugin(plugin, "toy-pretrained")
     pretrained = fs.create_model("toy_pretrained", pretrained=True)
     assert torch.equal(pretrained.weight, fixed)

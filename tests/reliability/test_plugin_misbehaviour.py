@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import featurescope as fs
-from featurescope import hookimpl
+from _plugin_module import plugin_module
 from featurescope.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_plugins")]
@@ -48,8 +48,8 @@ BUILDER_MISBEHAVIOURS = {
 }
 
 
-def _plugin(**hooks: Callable[..., Any]) -> types.SimpleNamespace:
-    return types.SimpleNamespace(**{name: hookimpl(fn) for name, fn in hooks.items()})
+def _plugin(**hooks: Callable[..., Any]) -> types.ModuleType:
+    return plugin_module(**hooks)
 
 
 @pytest.mark.parametrize("case", sorted(HOOK_MISBEHAVIOURS))

@@ -41,6 +41,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "featurescope.cli._explore",
     "featurescope.cli._weights",
     "featurescope.cli._compare",
+    "featurescope.cli._serve",
 )
 
 

@@ -166,7 +166,9 @@ def register(subparsers: Any) -> None:
             "Train both AlexNet widths, draw the trained net's feature maps stage by stage, "
             "search training images by image, and write figures, metrics.json and report.html "
             "to --out. The quick preset takes a few minutes on a CPU; --preset study runs the "
-            "study's 150-epoch schedule (use a GPU). Finished training runs are reused."
+            "study's 150-epoch schedule (use a GPU). An interrupted demo resumes training; a "
+            "finished one keeps only the best weights of the runs its report shows and says "
+            "how much it wrote."
         ),
     )
     d.add_argument("--data", help=_DATA_HELP)

@@ -38,6 +38,7 @@ from featurescope.index._search._gallery import Gallery
 from featurescope.index._search._metric import Metric, metric_named
 from featurescope.index._search._plan import plan_tiles
 from featurescope.index._search._schedule import search_exact
+from featurescope.index._search._threads import on_worker
 from featurescope.index._snapshot import Snapshot
 from featurescope.index._store import Store
 
@@ -316,6 +317,7 @@ class EmbeddingIndex:
 
     # -- search -------------------------------------------------------------------------------
 
+    @on_worker
     def search(
         self, queries: Any, k: int, *, where: Any = None, exclude_ids: Any = None
     ) -> SearchResult:

@@ -6,9 +6,10 @@ modules (:data:`DEFAULT_PLUGINS`), then third-party plugins from the entry-point
 ``featurescope``. Set ``FEATURESCOPE_DISABLE_PLUGIN_AUTOLOAD=1`` to skip the entry points.
 
 ``_manager`` holds the manager and where each plugin came from; ``_registry`` the generic
-:class:`Registry` that the zoo and the visualizers build on. pluggy calls every hook; an
-exception raised inside a plugin reaches the caller as a :class:`~featurescope.PluginError`
-that names the plugin and the hook, with the original exception as its ``__cause__``.
+:class:`Registry` that the zoo and the visualizers build on. pluggy calls every hook, as
+``get_plugin_manager().hook.<name>(...)``; an exception raised inside a plugin reaches the
+caller as a :class:`~featurescope.PluginError` that names the plugin and the hook, with the
+original exception as its ``__cause__``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from featurescope.plugins._manager import (
     PluginInfo,
     _lock,
     autoload_disabled,
-    call_hook,
     get_plugin_manager,
+    hook_failed,
     hook_names,
     invalidate,
     load_entrypoints,
@@ -33,7 +34,7 @@ from featurescope.plugins._manager import (
     source_of,
 )
 from featurescope.plugins._manager import _register as _register_checked
-from featurescope.plugins._registry import Entry, Registry
+from featurescope.plugins._registry import Entry, Registry, ask
 
 __all__ = [
     "DEFAULT_PLUGINS",
@@ -45,8 +46,8 @@ __all__ = [
     "PluginOverrideWarning",
     "Registry",
     "autoload_disabled",
-    "call_hook",
     "get_plugin_manager",
+    "hook_failed",
     "invalidate",
     "list_plugins",
     "load_entrypoints",
@@ -69,7 +70,8 @@ _reset = reset
 def register_plugin(plugin: object, name: str | None = None) -> str:
     """Register a plugin object (usually a module) at run time, as an entry point would.
 
-    Its names take part in the same override and clash rules as an installed plugin's.
+    Its names take part in the same override and clash rules as an installed plugin's. A plugin
+    must be hashable (a module, a class, an ordinary object), as pluggy needs.
 
     Args:
         plugin: a module, class or object with ``@hookimpl`` functions.
@@ -83,9 +85,9 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
             not exist (the message suggests the closest hook name).
 
     Example:
-        >>> import types, featurescope
+        >>> import types
         >>> from featurescope import hookimpl
-        >>> plugin = types.SimpleNamespace()
+        >>> plugin = types.ModuleType("doc_example")
         >>> plugin.featurescope_register_models = hookimpl(lambda: {})
         >>> name = register_plugin(plugin, name="doc-example")
         >>> "doc-example" in [p.name for p in list_plugins()]
@@ -112,8 +114,8 @@ def unregister_plugin(name: str) -> None:
     Example:
         >>> import types
         >>> from featurescope import hookimpl
-        >>> plugin = types.SimpleNamespace(
-        ...     featurescope_register_visualizers=hookimpl(lambda: {"noop_doc": print}))
+        >>> plugin = types.ModuleType("doc_noop")
+        >>> plugin.featurescope_register_visualizers = hookimpl(lambda: {"noop_doc": print})
         >>> register_plugin(plugin, name="doc-noop")
         'doc-noop'
         >>> unregister_plugin("doc-noop")
@@ -174,7 +176,9 @@ def plugin_provides(name: str) -> dict[str, list[str]]:
     if pm.get_plugin(name) is None:
         known = [n for n, _ in pm.list_name_plugin()]
         raise PluginError(f"no plugin named {name!r} is registered.{did_you_mean(name, known)}")
+    # Each plugin asked alone, so that it answers even while another plugin's hook is broken
+    # (``featurescope plugins`` lists every plugin and names the broken one).
     return {
-        kind: Registry(hook, kind.rstrip("s"), lambda n, v, p: v).provided_by(name)
+        kind: sorted(str(key) for key in ask(pm, hook, name, kind.rstrip("s")))
         for kind, hook in REGISTRY_HOOKS.items()
     }

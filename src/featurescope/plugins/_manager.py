@@ -1,10 +1,10 @@
 """One :class:`pluggy.PluginManager`: builtins first, then entry points, checked as they register.
 
 pluggy calls every hook. featurescope adds only what pluggy leaves to its host: checks when a
-plugin registers (a misspelt hook, a missing marker), the names of plugins in errors (read from
-pluggy's own :meth:`~pluggy.HookCaller.get_hookimpls`), and where each plugin came from (builtin,
-an entry point with :meth:`~pluggy.PluginManager.list_plugin_distinfo`, or a run-time
-registration).
+plugin registers (a misspelt hook, a missing marker), the names of plugins in errors
+(:func:`hook_failed`, from pluggy's own :meth:`~pluggy.HookCaller.get_hookimpls`), and where each
+plugin came from (builtin, an entry point with :meth:`~pluggy.PluginManager.list_plugin_distinfo`,
+or a run-time registration).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import CodeType, TracebackType
 from typing import Any
 
 import pluggy
@@ -33,6 +32,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "featurescope.zoo.alexnet",
     "featurescope.zoo.torchvision_models",
     "featurescope.zoo.timm_models",
+    "featurescope.zoo.decorated",
     "featurescope.visualizers.grid",
     "featurescope.visualizers.sum",
     "featurescope.visualizers.overlay",
@@ -99,6 +99,18 @@ def hook_names() -> list[str]:
     return [name for name in vars(hookspecs) if name.startswith(_HOOK_PREFIX)]
 
 
+def _check_plugin(plugin: object, label: str) -> None:
+    """Refuse, with the fix, a plugin that pluggy would accept but never call or ask alone."""
+    # pluggy's subset_hook_caller, which asks one plugin alone, keeps plugins in a set.
+    if type(plugin).__hash__ is None:
+        raise PluginError(
+            f"plugin {label!r} is a {type(plugin).__name__}, which cannot be hashed, and pluggy "
+            "tells plugins apart by hash; make it a module (types.ModuleType), a class or an "
+            "instance of an ordinary class"
+        )
+    _check_unmarked_hooks(plugin, label)
+
+
 def _check_unmarked_hooks(plugin: object, label: str) -> None:
     # pluggy silently ignores an undecorated function, which leaves authors wondering why
     # their visualizer never shows up.
@@ -119,7 +131,7 @@ def _check_unmarked_hooks(plugin: object, label: str) -> None:
 def _register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> str | None:
     """``pm.register`` with errors that say what to change, and unknown hooks refused."""
     label = name or pm.get_canonical_name(plugin)
-    _check_unmarked_hooks(plugin, label)
+    _check_plugin(plugin, label)
     try:
         registered = pm.register(plugin, name)
     except pluggy.PluginValidationError as exc:
@@ -256,7 +268,7 @@ def load_entrypoints(pm: pluggy.PluginManager | None = None) -> list[str]:
         for name in new:
             plugin = pm.get_plugin(name)
             try:
-                _check_unmarked_hooks(plugin, name)
+                _check_plugin(plugin, name)
                 _check_known_hooks(pm, plugin, name)
             except PluginError:
                 _forget_new(pm, before)
@@ -324,52 +336,30 @@ def is_builtin(pm: pluggy.PluginManager, name: str) -> bool:
     return name in DEFAULT_PLUGINS and source_of(pm, name, pm.get_plugin(name)).source == BUILTIN
 
 
-def _code_of(function: Any) -> CodeType | None:
-    function = inspect.unwrap(getattr(function, "__func__", function))
-    return getattr(function, "__code__", None)
+def hook_failed(hook: pluggy.HookCaller, exc: BaseException) -> PluginError:
+    """The error for ``exc``, raised while pluggy called ``hook``: it names the plugin.
 
-
-def culprit(hook: pluggy.HookCaller, tb: TracebackType | None) -> str | None:
-    """The plugin whose implementation of ``hook`` is on the traceback ``tb``, outermost first."""
-    codes = {_code_of(i.function): i.plugin_name for i in hook.get_hookimpls()}
-    while tb is not None:
-        name = codes.get(tb.tb_frame.f_code)
-        if name is not None:
-            return name
-        tb = tb.tb_next
-    return None
-
-
-def call_hook(hook_name: str, **kwargs: Any) -> list[Any]:
-    """Call a hook through pluggy; an exception raised in a plugin names that plugin.
-
-    Args:
-        hook_name: a hook of :mod:`featurescope.hookspecs`.
-        **kwargs: the hook's arguments, by name.
-
-    Returns:
-        pluggy's list of the non-``None`` results.
-
-    Raises:
-        PluginError: a plugin raised; the original exception is its ``__cause__``.
+    pluggy calls each implementation itself and lets an exception through untouched; the
+    implementation that raised is the one of ``hook.get_hookimpls()`` whose function is on the
+    exception's traceback (pluggy records no more than that).
 
     Example:
-        >>> call_hook("featurescope_features_extracted", features={}, info={})
-        []
+        >>> from featurescope.plugins import get_plugin_manager
+        >>> hook = get_plugin_manager().hook.featurescope_features_extracted
+        >>> print(hook_failed(hook, KeyError("x")))  # doctest: +ELLIPSIS
+        a plugin raised KeyError in featurescope_features_extracted: 'x'. Fix or uninstall ...
     """
-    hook = getattr(get_plugin_manager().hook, hook_name)
-    try:
-        return list(hook(**kwargs))
-    except PluginError:
-        raise  # already names a plugin (a hook that called featurescope, which hit another)
-    except (Exception, SystemExit) as exc:
-        name = culprit(hook, exc.__traceback__)
-        if name is None:
-            raise
-        raise plugin_raised(name, hook_name, exc) from exc
+    impls = {
+        getattr(inspect.unwrap(i.function), "__code__", None): i.plugin_name
+        for i in hook.get_hookimpls()
+    }
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code not in impls:
+        tb = tb.tb_next
+    return plugin_raised(impls[tb.tb_frame.f_code] if tb else None, hook.name, exc)
 
 
-def plugin_raised(plugin: str, where: str, exc: BaseException) -> PluginError:
+def plugin_raised(plugin: str | None, where: str, exc: BaseException) -> PluginError:
     """The error for a plugin that raised (or called :func:`sys.exit`) in ``where``.
 
     Example:
@@ -382,6 +372,8 @@ def plugin_raised(plugin: str, where: str, exc: BaseException) -> PluginError:
         else f"raised {type(exc).__name__}"
     )
     detail = "" if isinstance(exc, SystemExit) else f": {exc}"
+    if plugin is None:
+        return PluginError(f"a plugin {what} in {where}{detail}. Fix or uninstall that plugin.")
     return PluginError(
         f"plugin {plugin!r} {what} in {where}{detail}. Fix or uninstall that plugin, or remove "
         f"it for this process with featurescope.plugins.unregister_plugin({plugin!r})."

@@ -2,9 +2,10 @@
 
 A :class:`Registry` merges the ``{name: thing}`` mappings that plugins return from one hook,
 built once and rebuilt only after a plugin is registered or unregistered (the way torchvision
-keeps ``BUILTIN_MODELS`` and timm its ``_model_entrypoints``, but fed by pluggy). pluggy calls the
-hook; :meth:`pluggy.HookCaller.get_hookimpls` (whose reverse order pluggy calls in) credits each
-result to its plugin, and an exception to the plugin whose implementation is on its traceback.
+keeps ``BUILTIN_MODELS`` and timm its ``_model_entrypoints``, but fed by pluggy). pluggy says
+which plugins implement the hook (:meth:`~pluggy.HookCaller.get_hookimpls`) and calls each of
+them alone (:meth:`~pluggy.PluginManager.subset_hook_caller`), so every result, and every
+exception, belongs to the plugin that was asked.
 """
 
 from __future__ import annotations
@@ -58,14 +59,11 @@ class Registry(Generic[T]):
     Merge rules: builtins first, whatever their ``tryfirst``/``trylast`` marks; a third-party
     plugin may override a builtin's name; two plugins of the same standing (two builtins, or two
     third-party plugins) giving one name is a :class:`~featurescope.PluginError` naming both.
-    Entries added in code (``extra``, e.g. the ``@register_model`` decorator's) come last and
-    override everything.
 
     Args:
         hook_name: the hook, e.g. ``"featurescope_register_models"``.
         kind: what the names are, for messages (``"model"``).
         convert: ``convert(name, value, plugin) -> T`` checks and converts one entry.
-        extra: returns entries added outside plugins, as ``{name: (value, source)}``.
         lister: the public function that lists the names, for messages.
 
     Example:
@@ -84,13 +82,11 @@ class Registry(Generic[T]):
         kind: str,
         convert: Callable[[str, Any, str], T],
         *,
-        extra: Callable[[], Mapping[str, tuple[T, str]]] | None = None,
         lister: str = "",
     ) -> None:
         self.hook_name = hook_name
         self.kind = kind
         self._convert = convert
-        self._extra = extra
         self._lister = lister
         self._lock = threading.RLock()
         self._built: tuple[int, dict[str, Entry[T]]] | None = None
@@ -131,32 +127,8 @@ class Registry(Generic[T]):
                 f"Known {self.kind}s: {listing}{where}."
             ) from None
 
-    def provided_by(self, plugin: str) -> list[str]:
-        """The names one plugin gives, sorted, whether or not another plugin overrides them.
-
-        Asks that plugin alone, so that it answers even while another plugin's hook is broken
-        (``featurescope plugins`` lists every plugin and names the broken one).
-        """
-        pm = _manager.get_plugin_manager()
-        hook = getattr(pm.hook, self.hook_name)
-        names: list[str] = []
-        for impl in hook.get_hookimpls():
-            if impl.plugin_name != plugin or impl.hookwrapper or impl.wrapper:
-                continue
-            try:
-                result = impl.function()
-            except (Exception, SystemExit) as exc:
-                raise _raised(plugin, self.hook_name, exc) from exc
-            if result is not None and not isinstance(result, Mapping):
-                raise PluginError(
-                    f"plugin {plugin!r}: {self.hook_name} must return a dict of "
-                    f"{{name: {self.kind}}}, got {type(result).__name__}"
-                )
-            names.extend(str(name) for name in result or {})
-        return sorted(names)
-
     def invalidate(self) -> None:
-        """Rebuild on next use (after entries were added in code)."""
+        """Rebuild on next use (after something a plugin reads, such as an installed package, changed)."""
         with self._lock:
             self._built = None
 
@@ -177,43 +149,12 @@ class Registry(Generic[T]):
             stacklevel=4,
         )
 
-    def _results(self, pm: pluggy.PluginManager) -> list[tuple[str, Mapping[Any, Any]]]:
-        """``(plugin, mapping)`` per implementation, builtins first, from one call by pluggy."""
-        hook = getattr(pm.hook, self.hook_name)
-        impls = [i for i in hook.get_hookimpls() if not (i.hookwrapper or i.wrapper)]
-        try:
-            results = hook()
-        except PluginError:
-            raise
-        except (Exception, SystemExit) as exc:
-            culprit = _manager.culprit(hook, exc.__traceback__) or "?"
-            raise _raised(culprit, self.hook_name, exc) from exc
-        if len(results) != len(impls):
-            # pluggy drops None results, and with them the order that names each result.
-            raise PluginError(
-                f"a plugin's {self.hook_name} returned None; a registry hook must return a dict "
-                f"({{}} to add nothing). It is one of: {', '.join(i.plugin_name for i in impls)}"
-            )
-        # pluggy calls the implementations in the reverse of get_hookimpls()'s order.
-        pairs = [(i.plugin_name, r) for i, r in zip(reversed(impls), results, strict=True)]
-        for plugin, result in pairs:
-            if not isinstance(result, Mapping):
-                raise PluginError(
-                    f"plugin {plugin!r}: {self.hook_name} must return a dict of "
-                    f"{{name: {self.kind}}}, got {type(result).__name__}"
-                )
-        # Registration order, moved about by tryfirst/trylast, must not decide overriding:
-        # a stable sort puts builtins first.
-        pairs.reverse()
-        pairs.sort(key=lambda pair: not _manager.is_builtin(pm, pair[0]))
-        return pairs
-
     def _build(self, pm: pluggy.PluginManager) -> dict[str, Entry[T]]:
         merged: dict[str, Entry[T]] = {}
         overrides: list[tuple[str, str, str]] = []  # said once the merge has succeeded
-        for plugin, result in self._results(pm):
+        for plugin in implementers(pm, self.hook_name):
             builtin = _manager.is_builtin(pm, plugin)
-            for name, value in result.items():
+            for name, value in ask(pm, self.hook_name, plugin, self.kind).items():
                 if not isinstance(name, str) or not name:
                     raise PluginError(
                         f"plugin {plugin!r}: {self.hook_name} gave a {self.kind} name {name!r}; "
@@ -231,10 +172,71 @@ class Registry(Generic[T]):
                 merged[name] = Entry(name, self._convert(name, value, plugin), plugin)
         for name, builtin_plugin, plugin in overrides:
             self._warn_override(pm, name, builtin_plugin, plugin)
-        for name, (value, source) in (self._extra() if self._extra else {}).items():
-            merged[name] = Entry(name, value, source)
         return merged
 
 
-def _raised(plugin: str, hook_name: str, exc: BaseException) -> PluginError:
-    return _manager.plugin_raised(plugin, hook_name, exc)
+def implementers(pm: pluggy.PluginManager, hook_name: str) -> list[str]:
+    """The plugins implementing ``hook_name``: builtins first, then in registration order.
+
+    Registration order, not pluggy's call order: ``tryfirst``/``trylast`` marks decide when a
+    plugin is called, never which plugin's name wins.
+    """
+    names = [
+        name
+        for name, plugin in pm.list_name_plugin()
+        if plugin is not None and _implements(pm, plugin, hook_name)
+    ]
+    return sorted(names, key=lambda name: not _manager.is_builtin(pm, name))
+
+
+def _implements(pm: pluggy.PluginManager, plugin: object, hook_name: str) -> bool:
+    impls = getattr(pm.hook, hook_name).get_hookimpls()
+    return any(i.plugin is plugin and not (i.hookwrapper or i.wrapper) for i in impls)
+
+
+def ask(pm: pluggy.PluginManager, hook_name: str, plugin: str, kind: str) -> Mapping[Any, Any]:
+    """What one plugin answers to the registry hook ``hook_name``, asked alone through pluggy.
+
+    Args:
+        pm: the plugin manager.
+        hook_name: a ``{name: thing}`` hook, e.g. ``"featurescope_register_models"``.
+        plugin: the plugin's registered name.
+        kind: what the names are, for messages (``"model"``).
+
+    Returns:
+        Its mapping; ``{}`` when it does not implement the hook.
+
+    Raises:
+        PluginError: the plugin raised, called :func:`sys.exit`, or returned something other
+            than a mapping; the message names it.
+
+    Example:
+        >>> from featurescope.plugins import get_plugin_manager
+        >>> sorted(ask(get_plugin_manager(), "featurescope_register_visualizers",
+        ...            "featurescope.visualizers.grid", "visualizer"))
+        ['grid']
+    """
+    me = pm.get_plugin(plugin)
+    if me is None or not _implements(pm, me, hook_name):
+        return {}
+    others = [p for _, p in pm.list_name_plugin() if p is not None and p is not me]
+    try:
+        results = pm.subset_hook_caller(hook_name, remove_plugins=others)()
+    except PluginError:
+        raise  # already names a plugin (a hook that called featurescope, which hit another)
+    except (Exception, SystemExit) as exc:  # a plugin's sys.exit() must not end the program
+        raise _manager.plugin_raised(plugin, hook_name, exc) from exc
+    if not results:  # pluggy drops a None result
+        raise PluginError(
+            f"plugin {plugin!r}: {hook_name} returned None; a registry hook must return a dict "
+            "({} to add nothing)"
+        )
+    merged: dict[Any, Any] = {}
+    for result in results:  # one per implementation (pluggy's specname allows several)
+        if not isinstance(result, Mapping):
+            raise PluginError(
+                f"plugin {plugin!r}: {hook_name} must return a dict of {{name: {kind}}}, "
+                f"got {type(result).__name__}"
+            )
+        merged.update(result)
+    return merged

@@ -127,12 +127,16 @@ class WidthRun:
     history: History
     checkpoint_dir: Path | None = None
 
-    def load_best(self) -> nn.Module:
-        """The run's best model (by validation accuracy), or its last if it had no validation."""
+    def best_checkpoint(self) -> Path:
+        """The file of the run's best model: ``best.safetensors``, else ``last.safetensors``."""
         if self.checkpoint_dir is None:
             raise FeaturescopeError(f"run {self.name!r} kept no checkpoints (no out= given)")
         best = self.checkpoint_dir / BEST
-        return load_checkpoint(best if best.exists() else self.checkpoint_dir / LAST)
+        return best if best.exists() else self.checkpoint_dir / LAST
+
+    def load_best(self) -> nn.Module:
+        """The run's best model (by validation accuracy), or its last if it had no validation."""
+        return load_checkpoint(self.best_checkpoint())
 
 
 def compare_widths(

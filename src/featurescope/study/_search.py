@@ -29,6 +29,7 @@ from featurescope.data import ImageFolder
 from featurescope.data.transforms import STUDY_PREPROCESSING, Preprocessing
 from featurescope.errors import FeaturescopeError, IndexFileError, InputShapeError
 from featurescope.index import EmbeddingIndex, SearchResult
+from featurescope.pages import weights_sentence
 from featurescope.study._owned_folder import (
     check_replaceable,
     owned_folder_lock,
@@ -81,32 +82,6 @@ def _zoo_facts(model: nn.Module) -> _ZooFacts:
         stages=meta.stage_nodes,
         weights=meta.weights,
     )
-
-
-def weights_sentence(origin: str | None) -> str:
-    """Where a model's weights came from, said plainly for a page, a report or a terminal.
-
-    Args:
-        origin: :attr:`ModelMetadata.weights <featurescope.zoo.ModelMetadata.weights>`
-            (``"random"``, ``"torchvision:IMAGENET1K_V1"``, ``"checkpoint:<sha256 prefix>"``),
-            or ``None`` where it is not known.
-
-    Example:
-        >>> weights_sentence("random").split(":")[0]
-        'Random weights'
-        >>> weights_sentence("torchvision:IMAGENET1K_V1")
-        'Pretrained weights: torchvision:IMAGENET1K_V1.'
-    """
-    if origin == "random":
-        return (
-            "Random weights: this network is untrained, so its maps and neighbours show its "
-            "architecture, not anything learned."
-        )
-    if origin is None:
-        return "Weights of unknown origin (not recorded)."
-    if origin.startswith("checkpoint:"):
-        return f"Weights from a checkpoint (sha256 {origin.removeprefix('checkpoint:')}…)."
-    return f"Pretrained weights: {origin}."
 
 
 def _relative(path: str, root: Path | None) -> str:
@@ -444,6 +419,17 @@ class ImageSearch:
             class_names=self.class_names,
             title=title or f"{result.ids.shape[1]} nearest images",
         )
+
+    def serve(self, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+        """Serve this search as a local web app until interrupted (Ctrl-C): drop in a photo for
+        its neighbours, maps and Grad-CAM; see :func:`featurescope.serve.serve` for the options.
+
+        Needs ``pip install 'featurescope[serve]'``. Binds 127.0.0.1 unless ``host`` says
+        otherwise (then it warns); ``port=0`` picks a free port. The URL is printed.
+        """
+        from featurescope.serve import serve
+
+        serve(self, host=host, port=port, **options)
 
     # -- persistence --------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from featurescope.data.folders import DatasetSplits
 from featurescope.errors import FeaturescopeError
 from featurescope.index import retrieval_metrics
 from featurescope.study import _experiments as study
+from featurescope.train import BEST, LAST
 from featurescope.train.presets import Preset, get_preset
 from featurescope.visualizers import save as save_figure
 from featurescope.visualizers import visualize
@@ -249,7 +250,11 @@ def run_demo(
 
     Args:
         out: the output folder: ``report.html``, ``metrics.json``, ``accuracy.csv``, the
-            figures, and ``checkpoints/`` (a rerun resumes finished training runs from there).
+            figures, and ``checkpoints/``: while training, each run's resume state (an
+            interrupted demo resumes from there); once the report is written, only the best
+            weights of the runs it shows, and every run's history (a rerun reuses a run whose
+            final weights are kept, and trains the others again). The last line printed says
+            how much was written.
         data: an image folder with ``train/`` (and ``val/``, ``test/``) of class subfolders;
             default: the bundled synthetic dataset of the preset.
         preset: ``"quick"`` (minutes on a CPU) or ``"study"`` (the study's 150-epoch schedule,
@@ -308,6 +313,8 @@ def run_demo(
     t = time.perf_counter()
     explorer = _explorer(model, splits, index, queries, runs, retrieval, out, similarity)
     timings["explorer"] = time.perf_counter() - t
+    reported = {best.name, *(similarity["runs"] if similarity else ())}
+    _keep_reported_weights(runs, reported)
     timings["total"] = time.perf_counter() - started
 
     metrics: dict[str, Any] = {
@@ -338,7 +345,46 @@ def run_demo(
     if progress:
         print(summary_table(metrics), flush=True)
     log(f"done in {timings['total']:.0f} s: open {explorer} (or the static {report.name})")
+    log(_disk_summary(out, sorted(reported)))
     return metrics
+
+
+def _keep_reported_weights(runs: list[study.WidthRun], reported: set[str]) -> None:
+    """Delete every checkpoint but the best model of each run the report shows.
+
+    A full AlexNet's weights are 107 MB; the runs the report does not show, and the last
+    epoch's weights where they are not the best, are not worth keeping. Each run keeps its
+    history; a rerun trains again a run whose final weights are gone.
+    """
+    for run in runs:
+        if run.checkpoint_dir is None:
+            continue
+        keep = run.best_checkpoint() if run.name in reported else None
+        for name in (BEST, LAST):
+            if run.checkpoint_dir / name != keep:
+                (run.checkpoint_dir / name).unlink(missing_ok=True)
+
+
+def _disk_summary(out: Path, kept: list[str]) -> str:
+    """One line: how much the demo left in ``out``, and which weights it kept.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp())
+        >>> _ = (out / "metrics.json").write_bytes(b"x" * 2_500_000)
+        >>> _disk_summary(out, ["alexnet bs8"])  # doctest: +ELLIPSIS
+        'wrote 2.5 MB to ...: 0.0 MB of it in checkpoints/ (the best weights of alexnet bs8)'
+    """
+
+    def size(folder: Path) -> float:
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
+
+    checkpoints = out / "checkpoints"
+    in_checkpoints = size(checkpoints) if checkpoints.is_dir() else 0.0
+    return (
+        f"wrote {size(out):.1f} MB to {out}: {in_checkpoints:.1f} MB of it in checkpoints/ "
+        f"(the best weights of {', '.join(kept)})"
+    )
 
 
 def _explorer(

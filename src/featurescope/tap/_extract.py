@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from featurescope._torch_utils import model_device, weights_fingerprint
-from featurescope.errors import FeaturescopeError, did_you_mean
+from featurescope.errors import FeaturescopeError, PluginError, did_you_mean
 from featurescope.tap._store import Extraction, ShardWriter, load_features, merge_features
 
 if TYPE_CHECKING:
@@ -434,7 +434,7 @@ def _run(
 
 
 def _call_hook(result: Extraction, header: dict[str, Any], out: Any) -> None:
-    from featurescope.plugins import call_hook
+    from featurescope.plugins import get_plugin_manager, hook_failed
 
     info = {
         "model": header["model"],
@@ -448,4 +448,10 @@ def _call_hook(result: Extraction, header: dict[str, Any], out: Any) -> None:
         "rank": header["rank"],
         "world_size": header["world_size"],
     }
-    call_hook("featurescope_features_extracted", features=result.features, info=info)
+    hook = get_plugin_manager().hook.featurescope_features_extracted
+    try:
+        hook(features=result.features, info=info)
+    except PluginError:
+        raise  # a plugin that called featurescope, which hit another plugin: already named
+    except (Exception, SystemExit) as exc:  # a plugin's sys.exit() must not end the program
+        raise hook_failed(hook, exc) from exc

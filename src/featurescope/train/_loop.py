@@ -3,9 +3,11 @@
 :func:`train` fits a classifier with cross-entropy, a step learning-rate schedule given as
 ``{epoch: lr}`` (the study's ``{1: 0.01, 19: 0.003}``) and SGD with momentum by default, and
 returns a :class:`History` of per-epoch losses and accuracies. With a ``checkpoint_dir`` it keeps
-the best and the last model as safe checkpoints (see :func:`featurescope.save_checkpoint`) and a
-resume state after every epoch, so an interrupted run picks up where it stopped and ends with the
-same weights as one that never stopped.
+the best and the last model as safe checkpoints (see :func:`featurescope.save_checkpoint`), and,
+while the run is unfinished, a resume state after every epoch, so an interrupted run picks up
+where it stopped and ends with the same weights as one that never stopped. A finished run leaves
+only the two checkpoints and its history: the resume state (weights and optimizer, three times
+the weights' size under Adam) is deleted.
 """
 
 from __future__ import annotations
@@ -336,6 +338,63 @@ def _save_state(
         torch.save(state, tmp)
 
 
+def _check_settings(folder: Path, saved: Mapping[str, Any], fingerprint: dict[str, Any]) -> None:
+    changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    if changed:
+        diffs = "; ".join(
+            f"{k}: {saved.get(k)!r} there, {fingerprint.get(k)!r} now" for k in changed
+        )
+        raise CheckpointError(
+            f"{folder} holds a run with other settings ({diffs}). Pass resume=False to "
+            "start over there, or use another checkpoint_dir."
+        )
+
+
+def _restore(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    fingerprint: dict[str, Any],
+    epochs: int,
+) -> tuple[History, int] | None:
+    """The run found in ``folder``, loaded into ``model``: its history and the next epoch.
+
+    An unfinished run continues from its resume state. A finished one (its history kept, and
+    its final weights: ``last.safetensors``, or ``best.safetensors`` of the last epoch) is not
+    trained again, unless more epochs are asked for than it ran: without its optimizer's state
+    it cannot continue exactly, so it starts over. ``None``: nothing to continue.
+    """
+    state_path = folder / STATE
+    if state_path.is_file():
+        state = _load_state(state_path, fingerprint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return History.from_dict(json.loads(state["history"])), int(state["epoch"]) + 1
+    if not (folder / HISTORY).is_file():
+        return None
+    finished = History.load(folder / HISTORY)
+    # JSON-round-tripped, as the history stored them.
+    now = json.loads(json.dumps(fingerprint))
+    _check_settings(folder, {k: finished.info.get(k) for k in now}, now)
+    weights = _final_weights(folder, finished.epochs)
+    if finished.epochs < epochs or weights is None:
+        return None
+    from featurescope.zoo.checkpoints import load_weights
+
+    load_weights(model, weights)
+    return finished, finished.epochs + 1
+
+
+def _final_weights(folder: Path, epoch: int) -> Path | None:
+    """The checkpoint in ``folder`` holding epoch ``epoch``'s weights, if one is kept."""
+    from featurescope.zoo.checkpoints import read_checkpoint_metadata
+
+    for path in (folder / LAST, folder / BEST):
+        if path.is_file() and read_checkpoint_metadata(path).get("epoch") == epoch:
+            return path
+    return None
+
+
 def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -346,16 +405,7 @@ def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
         ) from exc
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise CheckpointError(f"{path} is not a featurescope training state")
-    saved = json.loads(state["fingerprint"])
-    changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-    if changed:
-        diffs = "; ".join(
-            f"{k}: {saved.get(k)!r} there, {fingerprint.get(k)!r} now" for k in changed
-        )
-        raise CheckpointError(
-            f"{path.parent} holds a run with other settings ({diffs}). Pass resume=False to "
-            "start over there, or use another checkpoint_dir."
-        )
+    _check_settings(path.parent, json.loads(state["fingerprint"]), fingerprint)
     return state
 
 
@@ -404,7 +454,10 @@ def train(
     ``best.safetensors`` when validation accuracy improves, ``history.json``, and
     ``resume.pt``, the state to continue from (weights, optimizer, history; plain tensors that
     load with ``weights_only=True``). Calling ``train`` again with the same settings resumes
-    after the last finished epoch; ``epochs`` may be raised to train on.
+    after the last finished epoch. When the run finishes, ``resume.pt`` is deleted: a finished
+    run keeps its two checkpoints and ``history.json``, and calling ``train`` again loads
+    ``last.safetensors`` instead of training; asked for more epochs than it ran, it starts
+    over (the optimizer's state, needed to continue exactly, is gone).
 
     Args:
         model: any classifier mapping a batch of images to logits; trained in place and left
@@ -507,15 +560,11 @@ def train(
     if folder is not None:
         history.info["best_checkpoint"] = str(folder / BEST)
         history.info["last_checkpoint"] = str(folder / LAST)
-        state_path = folder / STATE
-        if resume and state_path.is_file():
-            state = _load_state(state_path, fingerprint)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            history = History.from_dict(json.loads(state["history"]))
-            start = int(state["epoch"]) + 1
-        elif not resume:
-            state_path.unlink(missing_ok=True)
+        restored = _restore(folder, model, opt, fingerprint, epochs) if resume else None
+        if restored is not None:
+            history, start = restored
+        else:
+            (folder / STATE).unlink(missing_ok=True)
 
     eval_loader = (
         DataLoader(val_data, batch_size=eval_batch_size or batch_size, num_workers=num_workers)
@@ -559,6 +608,9 @@ def train(
                 _save_epoch(folder, epoch, model, opt, history, fingerprint, train_data)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, history)
+    if folder is not None:
+        # Finished: what resuming needed is dead weight now.
+        (folder / STATE).unlink(missing_ok=True)
     model.eval()
     return history
 

@@ -1,8 +1,9 @@
 """The model registry, after torchvision's ``models/_api.py`` and timm's ``_registry.py``.
 
 Models come from plugins (the builtin AlexNets are plugins too, see
-:func:`featurescope.hookspecs.featurescope_register_models`) and from the
-:func:`register_model` decorator for models defined in a script or notebook.
+:func:`featurescope.hookspecs.featurescope_register_models`), the models that the
+:func:`register_model` decorator registers in a script or notebook included: one builtin plugin,
+:mod:`featurescope.zoo.decorated`, gives those.
 """
 
 from __future__ import annotations
@@ -99,11 +100,8 @@ class ModelInfo(ModelSpec):
     plugin: str = ""
 
 
-# Models registered with the decorator, keyed by name; merged after every plugin's models.
-_DECORATED: dict[str, ModelSpec] = {}
-_DECORATOR_SOURCE = "register_model"
-#: The plugin name :class:`ModelInfo` gives models registered with :func:`register_model`.
-DECORATED = _DECORATOR_SOURCE
+#: The plugin that gives the models registered with :func:`register_model`.
+DECORATED = "featurescope.zoo.decorated"
 
 
 def register_model(
@@ -120,35 +118,42 @@ def register_model(
     any keyword arguments :func:`create_model` passes on. ``preprocessing``, ``description``,
     ``stages`` and ``embedding_node`` are as for :class:`ModelSpec`.
 
+    The model is given to the zoo by one builtin plugin, :mod:`featurescope.zoo.decorated`
+    (whose ``remove(name)`` takes it back), like every other model.
+
     Raises:
-        FeaturescopeError: the name is already taken by another ``register_model`` call.
+        FeaturescopeError: the name is already taken, by an earlier ``register_model`` call
+            or by a plugin.
 
     Example:
         >>> import torch.nn as nn
         >>> @register_model("tiny_doc", description="a one-layer net")
         ... def tiny(num_classes=5):
         ...     return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
-        >>> "tiny_doc" in list_models("tiny*")
-        True
-        >>> _ = _DECORATED.pop("tiny_doc"); MODELS.invalidate()  # keep the registry clean
+        >>> get_model_info("tiny_doc").plugin
+        'featurescope.zoo.decorated'
+        >>> from featurescope.zoo import decorated
+        >>> decorated.remove("tiny_doc")  # keep the registry clean
     """
+    from featurescope.zoo import decorated
 
     def decorator(fn: F) -> F:
         key = name if isinstance(name, str) else fn.__name__
-        if key in _DECORATED:
+        taken = MODELS.entries().get(key)
+        if taken is not None:
             raise FeaturescopeError(
-                f"model {key!r} is already registered by {_DECORATED[key].builder!r}; "
-                "choose another name"
+                f"model {key!r} is already registered by plugin {taken.plugin!r} "
+                f"({taken.value.builder!r}); choose another name"
             )
         doc = (fn.__doc__ or "").strip().splitlines()
-        _DECORATED[key] = ModelSpec(
+        spec = ModelSpec(
             builder=fn,
             preprocessing=preprocessing,
             description=description or (doc[0] if doc else ""),
             stages=stages,
             embedding_node=embedding_node,
         )
-        MODELS.invalidate()
+        decorated.add(key, spec)
         return fn
 
     if callable(name):
@@ -170,27 +175,13 @@ def _as_info(name: str, value: Any, plugin: str) -> ModelInfo:
     return ModelInfo(**_spec_fields(spec), name=name, plugin=plugin)
 
 
-def _decorated() -> dict[str, tuple[ModelInfo, str]]:
-    return {
-        name: (
-            ModelInfo(**_spec_fields(spec), name=name, plugin=_DECORATOR_SOURCE),
-            _DECORATOR_SOURCE,
-        )
-        for name, spec in _DECORATED.items()
-    }
-
-
 def _spec_fields(spec: ModelSpec) -> dict[str, Any]:
     return {f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelSpec)}
 
 
-#: Every model the plugins and :func:`register_model` give, by name.
+#: Every model the plugins (:func:`register_model`'s included) give, by name.
 MODELS: Registry[ModelInfo] = Registry(
-    "featurescope_register_models",
-    "model",
-    _as_info,
-    extra=_decorated,
-    lister="featurescope.list_models()",
+    "featurescope_register_models", "model", _as_info, lister="featurescope.list_models()"
 )
 
 

@@ -13,6 +13,8 @@
     const cls = className(item.label);
     return cls ? `${item.name} (${cls})` : item.name;
   };
+  // A units-only page carries no search: every section draws only what its data has.
+  for (const key of ["runs", "queries", "gallery", "stages", "similarity", "classes"]) D[key] = D[key] || [];
   const gallery = new Map(D.gallery.map((g) => [g.id, g]));
   const picture = (index) => (index === null || index === undefined ? null : D.images[index]);
 
@@ -186,7 +188,8 @@
       drawScaled(canvas, mapCanvas(values, w, h, VIRIDIS, 255));
     }
     const q = D.queries[fm.query];
-    await drawOver($("fs-map-overlay"), q.image, entry._sum, w, h);
+    await drawOver($("fs-map-overlay"), q.image, channel, w, h);
+    await drawOver($("fs-map-sum-overlay"), q.image, entry._sum, w, h);
     const [C, H, W] = stage.shape;
     const strongest = shown < C ? ` (the ${shown} strongest shown)` : "";
     $("fs-map-caption").textContent =
@@ -196,28 +199,33 @@
       b.classList.toggle("fs-selected", b.getAttribute("data-fs-channel") === `${stage.name}:${c}`));
     document.body.setAttribute("data-fs-drawn", `${fm.query}:${stage.name}:${c}`);
   }
-  function channelList() {
+  // Every carried channel as a small map: a grid of tiles to choose from, as the study drew them.
+  async function channelTiles() {
     const stage = stageOf(fm.stage);
-    const entry = stage.maps[fm.query];
+    const entry = await unpacked(stage.maps[fm.query]);
+    const [, h, w] = stage.shipped;
     const list = $("fs-channels");
     list.textContent = "";
     entry.order.forEach((c, position) => {
-      const b = el("button", { type: "button", class: "fs-chan", "data-fs-channel": `${stage.name}:${c}`,
-                               title: `mean activation ${entry.means[position].toFixed(4)}`, text: String(c) });
-      b.addEventListener("click", () => { fm.channel = position; drawMaps(); });
-      list.appendChild(b);
+      const tile = mapCanvas(entry._data.subarray(position * h * w, (position + 1) * h * w), w, h, VIRIDIS, 255);
+      tile.className = "fs-chan";
+      tile.setAttribute("data-fs-channel", `${stage.name}:${c}`);
+      tile.setAttribute("role", "button");
+      tile.title = `channel ${c}: mean activation ${entry.means[position].toFixed(4)}`;
+      tile.addEventListener("click", () => { fm.channel = position; drawMaps(); });
+      list.appendChild(tile);
     });
   }
+  async function redrawMaps() { await channelTiles(); await drawMaps(); }
   function maps() {
     if (!$("fs-maps") || !D.stages.length) return Promise.resolve();
     const stageSel = $("fs-stage"), imageSel = $("fs-map-image");
     D.stages.forEach((s, i) => stageSel.appendChild(el("option", {
       value: i, title: `node ${s.name}, [${s.shape.join(", ")}]`, text: `${s.label} · ${s.name}` })));
     D.stages[0].maps.forEach((_, i) => imageSel.appendChild(el("option", { value: i, text: `${i + 1}: ${named(D.queries[i])}` })));
-    stageSel.addEventListener("change", () => { fm.stage = +stageSel.value; fm.channel = null; channelList(); drawMaps(); });
-    imageSel.addEventListener("change", () => { fm.query = +imageSel.value; fm.channel = null; channelList(); drawMaps(); });
-    channelList();
-    return drawMaps();
+    stageSel.addEventListener("change", () => { fm.stage = +stageSel.value; fm.channel = null; redrawMaps(); });
+    imageSel.addEventListener("change", () => { fm.query = +imageSel.value; fm.channel = null; redrawMaps(); });
+    return redrawMaps();
   }
 
   // --- search by image --------------------------------------------------------------------
@@ -347,8 +355,67 @@
     });
   }
 
+  // --- units: what each channel responds to ---------------------------------------------
+  const un = { stage: 0 };
+  function picturedOrBlank(index, alt) {
+    const src = picture(index);
+    return src ? el("img", { src: src, alt: alt }) : el("div", { class: "fs-absent", title: "not computed" });
+  }
+  async function drawUnit(stage, unit) {
+    const U = D.units;
+    document.querySelectorAll("[data-fs-unit]").forEach((t) =>
+      t.classList.toggle("fs-selected", t.getAttribute("data-fs-unit") === `${stage.name}:${unit.channel}`));
+    const field = stage.field ? `receptive field ${stage.field[0]}×${stage.field[1]} px` : "a global field";
+    $("fs-unit-caption").textContent =
+      `${stage.label}, node ${stage.name}: channel ${unit.channel} of ${stage.channels}, ` +
+      `its ${unit.top.length} strongest (${field}); each row: patch, deconvnet, guided ` +
+      "backprop, the image and the channel's map over it";
+    const host = $("fs-unit-examples");
+    host.textContent = "";
+    const [h, w] = stage.shipped;
+    for (const [rank, ex] of unit.top.entries()) {
+      const source = U.sources[ex.source];
+      const row = el("div", { class: "fs-unit-example", "data-fs-unit-example": String(rank),
+                              "data-fs-unit-source": source.name });
+      row.appendChild(picturedOrBlank(ex.patch, "patch"));
+      row.appendChild(picturedOrBlank(ex.deconvnet, "deconvnet projection"));
+      row.appendChild(picturedOrBlank(ex.guided, "guided-backprop projection"));
+      row.appendChild(el("img", { src: picture(source.image), alt: source.name }));
+      const over = el("canvas", { width: 64, height: 64 });
+      row.appendChild(over);
+      const cls = className(source.label);
+      row.appendChild(el("span", {
+        text: `${rank + 1}. ${source.name}${cls ? " (" + cls + ")" : ""}: ${ex.value.toPrecision(4)} ` +
+              `at (${ex.position.join(", ")})` }));
+      host.appendChild(row);
+      await drawOver(over, source.image, await inflate(ex.map), w, h);
+    }
+    document.body.setAttribute("data-fs-unit-drawn", `${stage.name}:${unit.channel}`);
+  }
+  function unitTiles() {
+    const stage = D.units.stages[un.stage];
+    const grid = $("fs-unit-grid");
+    grid.textContent = "";
+    stage.units.forEach((unit) => {
+      const tile = el("img", { src: picture(unit.tile), class: "fs-unit", alt: `channel ${unit.channel}`,
+                               title: `channel ${unit.channel}: strongest ${unit.top[0].value.toPrecision(4)}`,
+                               "data-fs-unit": `${stage.name}:${unit.channel}`, role: "button" });
+      tile.addEventListener("click", () => drawUnit(stage, unit));
+      grid.appendChild(tile);
+    });
+    return stage.units.length ? drawUnit(stage, stage.units[0]) : Promise.resolve();
+  }
+  function units() {
+    if (!$("fs-units") || !D.units) return Promise.resolve();
+    const select = $("fs-unit-stage");
+    D.units.stages.forEach((s, i) => select.appendChild(el("option", {
+      value: i, text: `${s.label} · ${s.name} (${s.channels} channels)` })));
+    select.addEventListener("change", () => { un.stage = +select.value; unitTiles(); });
+    return unitTiles();
+  }
+
   curves();
   similarity();
   projection();
-  Promise.all([maps(), search()]).then(() => document.body.setAttribute("data-fs-ready", "1"));
+  Promise.all([maps(), search(), units()]).then(() => document.body.setAttribute("data-fs-ready", "1"));
 })();

@@ -3,21 +3,17 @@
 The embedding, the class scores and every stage's feature maps come out of one
 :class:`~featurescope.FeatureTap` forward of each batch; Grad-CAM (only for a trained head) is
 one batched call more. Of each stage the strongest :data:`MAX_CHANNELS` channels travel,
-average-pooled down to at most :data:`MAX_MAP_SIDE` pixels a side (the page draws them at
-:data:`DISPLAY_SIZE`), quantised to 8 bits per channel and zlib-compressed; the page inflates
+average-pooled down to at most ``MAX_MAP_SIDE`` (32) pixels a side (the page draws them at
+``DISPLAY_SIZE``), quantised to 8 bits per channel and zlib-compressed; the page inflates
 them with the browser's own ``DecompressionStream``.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
-import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,21 +21,17 @@ from torch import nn
 
 from featurescope._torch_utils import model_device, training_mode
 from featurescope.errors import FeaturescopeError
-from featurescope.study._search import ImageSearch
+from featurescope.pages._encode import packed, shrink
+from featurescope.pages._schema import MapEntry, Stage
 from featurescope.tap import FeatureTap, get_graph_node_names, grad_cam
 
-#: Side in pixels of the feature-map canvases and of each query's picture.
-DISPLAY_SIZE = 160
-#: Side in pixels of a gallery image's thumbnail.
-THUMB = 72
-#: Maps larger than this a side are average-pooled by a whole factor to at most this size: the
-#: page draws them on :data:`DISPLAY_SIZE` canvases, and the pixels cost the most bytes.
-MAX_MAP_SIDE = 32
+if TYPE_CHECKING:
+    from featurescope.study import ImageSearch
+
 #: Channels of each stage the page carries: the strongest by mean activation.
 MAX_CHANNELS = 64
 #: Side in pixels of the Grad-CAM maps the page carries.
 CAM_SIDE = 56
-_JPEG_QUALITY = 82
 
 
 @dataclass
@@ -48,42 +40,12 @@ class QueryAnalysis:
 
     vectors: torch.Tensor
     predicted: list[int | None]
-    stages: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
     cams: list[str | None] = field(default_factory=list)
     cam_node: str | None = None
 
 
-def packed(values: torch.Tensor) -> str:
-    """Each leading slice of ``values`` scaled to 0-255 on its own, as zlib-compressed base64.
-
-    Example:
-        >>> import base64, zlib, torch
-        >>> raw = zlib.decompress(base64.b64decode(packed(torch.tensor([[0.0, 2.0, 4.0]]))))
-        >>> list(raw)
-        [0, 128, 255]
-    """
-    flat = values.reshape(values.shape[0], -1).float()
-    lo = flat.min(dim=-1, keepdim=True).values
-    span = flat.max(dim=-1, keepdim=True).values - lo
-    scaled = torch.where(span > 0, (flat - lo) / span.clamp(min=1e-30), torch.zeros_like(flat))
-    raw = (scaled * 255).round().to(torch.uint8).numpy().tobytes()
-    return base64.b64encode(zlib.compress(raw, 6)).decode("ascii")
-
-
-def shrink(maps: torch.Tensor, side: int = MAX_MAP_SIDE) -> torch.Tensor:
-    """``[C, h, w]`` maps average-pooled by a whole factor until neither side exceeds ``side``.
-
-    Example:
-        >>> shrink(torch.ones(2, 112, 100)).shape
-        torch.Size([2, 28, 25])
-    """
-    factor = math.ceil(max(maps.shape[-2:]) / side)
-    if factor <= 1:
-        return maps
-    return F.avg_pool2d(maps[None], factor, ceil_mode=True)[0]
-
-
-def _encode_maps(maps: torch.Tensor, max_channels: int) -> dict[str, Any]:
+def _encode_maps(maps: torch.Tensor, max_channels: int) -> MapEntry:
     means = maps.double().mean(dim=(1, 2))
     # Strongest first, ties by channel index (a stable sort of the negated means).
     order = torch.sort(-means, stable=True).indices[:max_channels]
@@ -164,7 +126,7 @@ def analyse(
     tap = FeatureTap(model, tapped)
     device = model_device(model) or torch.device("cpu")
     vectors, scores = [], []
-    encoded: dict[str, list[dict[str, Any]]] = {s: [] for s in stages}
+    encoded: dict[str, list[MapEntry]] = {s: [] for s in stages}
     shapes: dict[str, list[int]] = {}
     with training_mode(model, False), torch.inference_mode():
         for start in range(0, len(batch), batch_size):
@@ -192,7 +154,7 @@ def analyse(
         else [None] * len(batch)
     )
     drawn = [s for s in stages if s in shapes]
-    maps_out = []
+    maps_out: list[Stage] = []
     for position, stage in enumerate(drawn):
         shipped = list(shrink(torch.zeros(1, *shapes[stage][1:])).shape[1:])
         maps_out.append(
@@ -228,37 +190,6 @@ def _grad_cams(
         small = F.adaptive_avg_pool2d(cam.maps[:, None], CAM_SIDE)[:, 0]
         cams += [packed(one[None]) for one in small]
     return cams, node
-
-
-def data_url(picture: Any) -> str:
-    """A PIL image as an inline JPEG ``data:`` URL."""
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=_JPEG_QUALITY, optimize=True)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def model_view(tensor: torch.Tensor, search: ImageSearch) -> str:
-    """The preprocessed input as the model saw it, for overlays that line up with its maps."""
-    import numpy as np
-    from PIL import Image
-
-    rgb = search.preprocessing.denormalize(tensor).clamp(0, 1).permute(1, 2, 0).numpy()
-    picture = Image.fromarray((rgb * 255).round().astype(np.uint8))
-    return data_url(picture.resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.Resampling.BILINEAR))
-
-
-def thumbnail(path: str, side: int = THUMB) -> str | None:
-    """A square thumbnail read as the model reads the file (``load_rgb``), or ``None`` if the
-    file is not there or does not decode."""
-    from PIL import ImageOps
-
-    from featurescope.data.folders import load_rgb
-
-    try:
-        picture = load_rgb(path)
-    except (OSError, ValueError):
-        return None
-    return data_url(ImageOps.fit(picture, (side, side)))
 
 
 def load_queries(
