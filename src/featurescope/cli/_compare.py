@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from featurescope.cli._args import add_device_option, add_list_option, check_device, check_folder
+from featurescope.cli._args import (
+    add_device_option,
+    add_list_option,
+    check_device,
+    check_folder,
+    int_at_least,
+    positive_int,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -49,8 +56,10 @@ def register(subparsers: Any) -> None:
         )
     c.add_argument("--reduce", choices=("flatten", "avgpool"), default="flatten")
     c.add_argument("--estimator", choices=("auto", "exact", "minibatch"), default="auto")
-    c.add_argument("--max-exact-features", type=int, default=4096, metavar="P")
-    c.add_argument("--batch-size", type=int, default=64, help="at least 4 (default: 64)")
+    c.add_argument("--max-exact-features", type=positive_int, default=4096, metavar="P")
+    c.add_argument(
+        "--batch-size", type=int_at_least(4), default=64, help="at least 4 (default: 64)"
+    )
     add_device_option(c)
     c.add_argument("--out", default="featurescope-compare", help="output folder")
     c.add_argument("--overwrite", action="store_true", help="start afresh, do not resume")
