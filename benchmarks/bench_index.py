@@ -7,7 +7,8 @@ torch (MKL or OpenBLAS) and numpy (its bundled OpenBLAS); the faster product is 
 any float32 method that computes every distance. The bfloat16 product of the same shapes is
 timed too: the ceiling of the index's ``bfloat16`` backend, where the processor makes it
 faster. Repeats run round-robin so that noise from other processes falls on every method alike;
-medians are reported. ``add`` is timed side by side with FAISS's ``add`` (fresh indexes).
+medians are reported. ``add`` is timed side by side with FAISS's ``add`` (fresh indexes), and a
+closing table puts add and search of every shape side by side with the backend that ran.
 
 Per shape it also prints the time breakdown of one search (product, selection, re-rank,
 summed over worker threads), latency at nq = 1 and 16, filtered search at 1 % and 50 %
@@ -41,6 +42,7 @@ import torch
 
 import featurescope as fs
 from featurescope.index._search._backends import chosen_backends
+from featurescope.index._search._openblas import openblas_sgemm
 from featurescope.index._search._profile import time_breakdown
 
 _PHASES = ("product", "selection", "re-rank", "second pass")
@@ -81,7 +83,9 @@ def header(threads: int) -> None:
                   f"({info['prefix']}, {info['num_threads']} threads, "
                   f"{info.get('architecture') or info.get('threading_layer') or ''})")  # fmt: skip
     except ImportError:
-        print("  threadpoolctl missing: numpy's BLAS cannot be held at one thread")
+        print("  threadpoolctl missing: the loaded BLAS libraries are not listed")
+    single = "yes" if openblas_sgemm() is not None else "no (backend 'numpy' left out of the race)"
+    print(f"OpenBLAS product single-threaded per worker (batch of one): {single}")
     try:
         import faiss
 
@@ -210,7 +214,9 @@ def _exact_ids(x: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _adding(x: torch.Tensor, q: torch.Tensor, k: int, repeats: int, no_faiss: bool) -> None:
+def _adding(
+    x: torch.Tensor, q: torch.Tensor, k: int, repeats: int, no_faiss: bool
+) -> dict[str, float]:
     """``add`` side by side with FAISS's, and the first search after it (which computes the
     norms ``add`` leaves for later)."""
     d = x.shape[1]
@@ -238,6 +244,29 @@ def _adding(x: torch.Tensor, q: torch.Tensor, k: int, repeats: int, no_faiss: bo
     if "faiss IndexFlatL2.add" in med:
         ratio = med["EmbeddingIndex.add"] / med["faiss IndexFlatL2.add"]
         print(f"EmbeddingIndex.add / FAISS add: {ratio:.2f}x")
+    return med
+
+
+#: One row per shape for the closing table: add and search side by side, and the backend.
+_SUMMARY: list[str] = []
+
+
+def _summarise(nb: int, d: int, add: dict[str, float], search: dict[str, float], ran: str) -> None:
+    nan = float("nan")
+    ours_add, faiss_add = add["EmbeddingIndex.add"], add.get("faiss IndexFlatL2.add", nan)
+    ours, faiss = search["EmbeddingIndex"], search.get("faiss IndexFlatL2", nan)
+    _SUMMARY.append(
+        f"| {nb:,} × {d} | {ours_add:.3f} | {faiss_add:.3f} | {ours_add / faiss_add:.2f}x | "
+        f"{ours:.3f} | {faiss:.3f} | {faiss / ours:.2f}x | {ran} |"
+    )
+
+
+def _print_summary() -> None:
+    print("\n## Summary: add and search side by side (medians, seconds)\n")
+    print("| nb × d | add | FAISS add | add / FAISS | search | FAISS search | FAISS / search "
+          "| backend that ran |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("\n".join(_SUMMARY))
 
 
 def run(nb: int, d: int, nq: int, k: int, repeats: int, args: argparse.Namespace) -> None:
@@ -263,12 +292,13 @@ def run(nb: int, d: int, nq: int, k: int, repeats: int, args: argparse.Namespace
     med = _table(times, flops, "EmbeddingIndex")
     ours = med["EmbeddingIndex"]
     best_mm = min(med["torch.mm (sgemm)"], med["numpy matmul (sgemm)"])
+    ran = index.search(q, k).backend
     print(f"\nEmbeddingIndex at {best_mm / ours:.0%} of the best sgemm rate of the same shapes "
           f"({med['torch.mm (bfloat16)'] / ours:.0%} of the bfloat16 product's); product "
-          f"backend chosen: {chosen_backends().get(d, 'float32 (not raced)')}")  # fmt: skip
+          f"backend that ran: {ran} (race: {chosen_backends().get(d, 'not run')})")  # fmt: skip
     if flat is not None:
         print(f"EmbeddingIndex / FAISS: {med['faiss IndexFlatL2'] / ours:.2f}x")
-    _adding(x, q, k, repeats, args.no_faiss)
+    _summarise(nb, d, _adding(x, q, k, repeats, args.no_faiss), med, ran)
     with time_breakdown() as parts:
         elapsed = _timed(lambda: index.search(q, k))
     # The breakdown also counts rows and bytes; only the phases are times.
@@ -324,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     header(threads)
     for nb, d in shapes:
         run(nb, d, nq, args.k, repeats, args)
+    _print_summary()
     with contextlib.suppress(OSError):
         print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 

@@ -20,10 +20,10 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(DOCS / "_ext"))
 
-# Examples run inside this process by sphinx-gallery; they read FEATURESCOPE_DOCS_BUILD to pick
-# their quick preset, and write their files under FEATURESCOPE_EXAMPLES_OUT instead of the
-# source tree. Installed third-party plugins must not change what the docs show.
-os.environ["FEATURESCOPE_DOCS_BUILD"] = "1"
+# Examples run inside this process by sphinx-gallery, with their default (quick) preset; they
+# write their files under FEATURESCOPE_EXAMPLES_OUT instead of the source tree, and the later
+# ones reuse the first one's trained models from there. Installed third-party plugins must not
+# change what the docs show.
 os.environ["FEATURESCOPE_EXAMPLES_OUT"] = str(DOCS / "_build" / "examples-out")
 os.environ["FEATURESCOPE_DISABLE_PLUGIN_AUTOLOAD"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -44,10 +44,17 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "sphinx_copybutton",
+    # Markdown (the benchmark tables under benchmarks/) through ``.. include:: :parser:``.
+    "myst_parser",
+    # The CLI reference, generated from featurescope.cli.build_parser() (docs/cli.rst).
+    "sphinx_argparse_cli",
     "featurescope_docs",
 ]
 
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+# The benchmark scripts write their Markdown with "#" for the page and "###" for each table;
+# included under a section of benchmarks.rst, the jump is intended.
+suppress_warnings = ["myst.header"]
 templates_path = ["_templates"]
 root_doc = "index"
 default_role = "py:obj"

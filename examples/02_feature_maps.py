@@ -45,6 +45,7 @@ print("predicted:", splits.classes[int(maps["output4"].argmax())])
 # %%
 # Every channel, and the sum over channels
 # ----------------------------------------
+figures = {}
 for stage, alias in (("conv1", "output1"), ("conv2", "output2"), ("conv3", "output3")):
     stage_map = maps[alias][0]
     title = f"{stage} {list(stage_map.shape)}"
@@ -52,6 +53,7 @@ for stage, alias in (("conv1", "output1"), ("conv2", "output2"), ("conv3", "outp
     fs.visualizers.save(grid, args.out / f"{stage}_grid.png")
     summed = fs.visualize("sum", stage_map, title=f"{title}, summed over channels")
     fs.visualizers.save(summed, args.out / f"{stage}_sum.png")
+    figures[stage] = (grid, summed)
 
 # %%
 # In-place safety

@@ -13,7 +13,7 @@
 Run as a script, it turns the JSON rows a sweep wrote (``FEATURESCOPE_SWEEP_REPORT=dir``) into
 the reStructuredText table of ``docs/tap_models.rst``::
 
-    FEATURESCOPE_SWEEP_REPORT=/tmp/sweep pytest tests/test_tap_sweep.py -n 2
+    FEATURESCOPE_FULL_SWEEPS=1 FEATURESCOPE_SWEEP_REPORT=/tmp/sweep pytest tests/test_tap_sweep.py -n 2
     python tests/_tap_reference.py /tmp/sweep
 """
 

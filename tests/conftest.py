@@ -1,4 +1,11 @@
-"""Shared fixtures. Installed third-party plugins are never loaded during tests."""
+"""Shared fixtures and the lanes. Installed third-party plugins are never loaded during tests.
+
+Two lanes: ``pytest -m "not slow"`` (the fast lane, what the older torch environments run) and
+``pytest`` (everything, the newest torch's environment). Besides the tests marked ``slow`` where
+they are written, :func:`pytest_collection_modifyitems` marks slow, in one place, whatever
+starts ``torch.distributed`` processes (the ``distributed`` marker) and whatever runs the whole
+demo (the ``demo_out`` fixture).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,21 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=25)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+#: Fixtures whose tests are slow wherever they are used: the demo, end to end, on tiny data.
+SLOW_FIXTURES = frozenset({"demo_out"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("distributed") or fixtures & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if fixtures & SLOW_FIXTURES:
+            # The first of a module's demo tests runs the whole demo in its setup.
+            item.add_marker(pytest.mark.timeout(900))
 
 
 @pytest.fixture(autouse=True)

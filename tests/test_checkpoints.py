@@ -198,6 +198,7 @@ torch.save(model.state_dict(), {state!r})
 """
 
 
+@pytest.mark.slow
 def test_convert_a_pickled_whole_model_from_the_study(tmp_path):
     pickled, state = tmp_path / "model.pth", tmp_path / "state.pt"
     script = STUDY_SCRIPT.format(model=str(pickled), state=str(state))

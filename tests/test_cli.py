@@ -48,6 +48,7 @@ def test_every_subcommand_has_help(capsys):
         assert "usage: featurescope" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_python_dash_m():
     done = subprocess.run(
         [sys.executable, "-m", "featurescope", "models", "alexnet*", "--details"],
@@ -77,6 +78,7 @@ def test_models(capsys):
     assert f"conv3 {list(conv3.shape[1:])}" in out
 
 
+@pytest.mark.slow
 def test_train_then_resume(tmp_path, data, registered_tiny, capsys):
     out = tmp_path / "run"
     args = [
@@ -174,6 +176,7 @@ def test_index_of_random_weights_searches_with_the_same_weights(tmp_path, data, 
     assert first_hit[-1] == str(query.resolve())
 
 
+@pytest.mark.slow
 def test_index_built_by_the_cli_is_searched_in_python_and_back(tmp_path, data, capsys):
     """``index build`` output loads with ImageSearch.load; ImageSearch.save output is searched
     by ``index search``; both give the same neighbours."""
@@ -209,6 +212,7 @@ def test_index_search_of_something_else(tmp_path, capsys):
     assert "index build" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_command(tmp_path, data, registered_tiny):
     out = tmp_path / "demo"
     assert (

@@ -248,6 +248,7 @@ def test_the_type_checkers_imports_are_the_lazy_ones():
     assert set(fs._LAZY) <= set(fs.__all__)
 
 
+@pytest.mark.slow
 def test_the_function_compare_stays_the_function_when_its_subpackage_is_imported_later():
     script = (
         "import featurescope as fs, featurescope.compare._plan, types;"

@@ -218,6 +218,7 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_training_logs_one_plain_line_per_epoch(tiny_data, capsys):
     splits = load_image_folders(tiny_data)
     model = fs.create_model("alexnet_half", num_classes=len(splits.classes))

@@ -22,6 +22,9 @@ from featurescope.study import write_explorer
 from featurescope.study.explorer import read_explorer_data
 from featurescope.units import top_activations
 
+# A real browser over a built page: the slow lane.
+pytestmark = pytest.mark.slow
+
 CHROMIUM_CANDIDATES = (
     os.environ.get("FEATURESCOPE_CHROMIUM", ""),
     "/usr/bin/chromium",

@@ -5,8 +5,9 @@ stage, ConvNeXt's last block, Swin's channels-first map after its norm, ViT's la
 tokens, a channels-last toy), then swept over every torchvision classification model: random
 weights, a real photograph (``skimage.data.chelsea``) preprocessed with the model's own
 normalisation at about the smallest input whose last stage is still larger than 1 × 1, one
-thread. The sweep runs in full on the newest torch only, as ``tests/test_tap_sweep.py`` does
-(older torch runs a subset): it builds every model, which takes minutes on two cores.
+thread. As in ``tests/test_tap_sweep.py``, a subset runs in the fast lane on every torch and the
+other models are ``slow``, on the newest torch only; the largest are left out unless
+``FEATURESCOPE_FULL_SWEEPS=1`` (``tests/_sweep.py`` says why).
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+import _sweep as sweep
 import featurescope as fs
 from featurescope.data import Preprocessing
 from featurescope.tap import FeatureTap, grad_cam, last_spatial_node
 from featurescope.tap._maps import read_layout
 from featurescope.zoo import model_spec
 
-NEWEST_TORCH = (2, 14)
-#: Models every torch version sweeps; the rest on the newest torch only.
-SUBSET = ("resnet18", "convnext_tiny", "swin_t", "vit_b_16")
+#: The fast lane's model, swept on every torch; the rest are slow (``tests/_sweep.py``).
+#: convnext_tiny, swin_t and vit_b_16 are checked on every torch by the reference tests below.
+SUBSET = ("resnet18",)
 #: Input sides other than 64 (where a stride-32 network's last map is 2 × 2).
 _SIDE = {
     "alexnet": 127,  # at 63 its adaptive pool would copy one 1 × 1 value onto a 6 × 6 map
@@ -237,19 +239,10 @@ def test_gradcam_title_is_never_clipped(one_thread):
 
 
 def _models() -> list:
-    names = torchvision.models.list_models(module=torchvision.models)
-    newest = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= NEWEST_TORCH
-    return [
-        pytest.param(
-            n,
-            marks=()
-            if newest or n in SUBSET
-            else pytest.mark.skip(reason="the full sweep runs on the newest torch only"),
-        )
-        for n in names
-    ]
+    return sweep.params(sweep.torchvision_classifiers(), SUBSET)
 
 
+@pytest.mark.timeout(900)  # the largest models take minutes on a busy 2-core machine
 @pytest.mark.parametrize("name", _models())
 def test_default_grad_cam_explains_every_torchvision_model(name, photo, one_thread):
     model = _build(name)

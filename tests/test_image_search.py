@@ -169,6 +169,7 @@ def test_montage_draws_each_query_and_its_neighbours(search, data):
     assert len(figure.axes) == 2 * (3 + 1)
 
 
+@pytest.mark.slow
 def test_a_flat_folder_of_unlabelled_photos_is_searched(tmp_path, capsys):
     """The usual case for search by image: photos with no classes, and a stray file or two."""
     from PIL import Image
@@ -218,6 +219,7 @@ def test_a_flat_folder_of_unlabelled_photos_is_searched(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_a_moved_folder_is_re_pointed_with_root(search, data, tmp_path, capsys):
     """Build on a real copy of a folder, move the copy, search it again from where it went."""
     from featurescope.cli import main
@@ -260,6 +262,7 @@ def test_a_moved_folder_is_re_pointed_with_root(search, data, tmp_path, capsys):
         fs.ImageSearch.load(folder, root=tmp_path / "nowhere")
 
 
+@pytest.mark.slow
 def test_missing_images_are_named_and_the_rest_still_works(search, data, tmp_path, capsys):
     from featurescope.cli import main
 

@@ -443,3 +443,33 @@ def test_stream_pipeline_logic_on_cpu_lanes():
     ref_d, ref_i = brute_force(g, ids, q, k)
     assert torch.equal(index._store.ids[out_r], ref_i)
     assert torch.equal(out_d, ref_d)
+
+
+@pytest.mark.parametrize(
+    ("ids", "match"),
+    [
+        ([0, -1], "entry 1 is -1, which the index reserves"),
+        ([2**63 - 1], "reserves"),
+        (np.array([1, 2**63], dtype=np.uint64), "must fit int64.*9223372036854775808"),
+        ([5, 2**64 + 5], "must fit int64"),
+        (torch.tensor([3, 2**40], dtype=torch.uint64), None),  # fits: accepted
+    ],
+)
+def test_ids_that_pad_results_or_would_wrap_are_refused(ids, match):
+    index = fs.EmbeddingIndex(2)
+    if match is None:
+        index.add(torch.zeros(2, 2), ids=ids)
+        assert index.ids.tolist() == [3, 2**40]
+        return
+    with pytest.raises(EmbeddingIndexError, match=match):
+        index.add(torch.zeros(len(ids), 2), ids=ids)
+    assert len(index) == 0
+
+
+def test_automatic_ids_stop_before_the_reserved_maximum():
+    index = fs.EmbeddingIndex(1)
+    index.add(torch.zeros(1, 1), ids=[2**63 - 3])
+    index.add(torch.zeros(1, 1))  # takes 2**63 - 2, the last free one
+    with pytest.raises(EmbeddingIndexError, match="automatic ids .* pass ids="):
+        index.add(torch.zeros(1, 1))
+    assert index.ids.tolist() == [2**63 - 3, 2**63 - 2]

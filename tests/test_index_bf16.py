@@ -132,10 +132,13 @@ def test_bf16_is_chosen_only_when_clearly_faster(speedup, expected):
     got = _backends.choose_backend(q, sample, 300, 10**9, config, timer=timer, chosen=chosen)
     assert got.name == expected and chosen == {8: expected}
     raced = len(timed)
-    # numpy's sgemm only where the process holds its BLAS at one thread (never set by us).
+    # numpy's sgemm only where it runs single-threaded on a worker: through OpenBLAS's batch of
+    # one, or where the process holds its BLAS at one thread (never set by us).
     import threadpoolctl
 
-    single = all(
+    from featurescope.index._search._openblas import openblas_sgemm
+
+    single = openblas_sgemm() is not None or all(
         i["num_threads"] == 1
         for i in threadpoolctl.threadpool_info()
         if i["user_api"] == "blas" and "numpy" in i["filepath"]

@@ -91,3 +91,30 @@ def test_float32_backend_switches_the_race_off():
     raced = fs.EmbeddingIndex(37, config=fs.index.SearchConfig(race_above=1))
     raced.add(g)
     assert raced.search(g[:300], 3).backend == chosen_backends()[37]
+
+
+@pytest.mark.parametrize("kind", ["near", "offset", "grid"])
+def test_numpy_backend_is_exact_on_every_path(kind):
+    # OpenBLAS's batch of one for query tiles of 4 rows or more, torch's product for fewer,
+    # gallery ranges split over workers for few queries, query ranges for many.
+    g, q, ids = make_data(kind, 9000, 48, 64, 3)
+    index = fs.EmbeddingIndex(48, config=fs.index.SearchConfig(backend="numpy", threads=2))
+    index.add(g, ids=ids)
+    ref_d, ref_i = brute_force(g, ids, q, 5)
+    for rows in (slice(0, 1), slice(1, 4), slice(4, 20), slice(0, 64)):
+        result = index.search(q[rows], 5)
+        assert result.backend == "numpy"
+        assert torch.equal(result.ids, ref_i[rows]) and torch.equal(result.distances, ref_d[rows])
+
+
+def test_known_backend_names_or_remembers_and_never_forces_bfloat16():
+    from featurescope.index._search._backends import known_backend
+
+    auto = fs.index.SearchConfig()
+    assert known_backend(5, auto, chosen={}) is None
+    assert known_backend(5, auto, chosen={5: "numpy"}).name == "numpy"
+    assert known_backend(5, auto, False, chosen={5: "bfloat16"}).name == "float32"
+    assert known_backend(5, auto, True, chosen={5: "bfloat16"}).name == "bfloat16"
+    named = fs.index.SearchConfig(backend="bfloat16")
+    assert known_backend(5, named, False, chosen={}).name == "float32"
+    assert known_backend(5, named, True, chosen={5: "numpy"}).name == "bfloat16"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -185,3 +186,44 @@ def _rss_anon_available() -> bool:
     except (OSError, AssertionError):
         return False
     return True
+
+
+def _mapped_index(tmp_path):
+    index = fs.EmbeddingIndex(8)
+    index.add(torch.randn(300, 8), ids=torch.arange(300) * 3)
+    path = index.save(tmp_path / "m.safetensors")
+    return index, path, fs.EmbeddingIndex.load(path, mmap=True)
+
+
+def test_mapped_index_refuses_a_file_truncated_underneath(tmp_path):
+    index, path, mapped = _mapped_index(tmp_path)
+    q = torch.randn(2, 8)
+    assert torch.equal(mapped.search(q, 3).ids, index.search(q, 3).ids)
+    with open(path, "r+b") as fh:  # in place: the map now reaches past the end (SIGBUS)
+        fh.truncate(path.stat().st_size // 2)
+    with pytest.raises(IndexFileError, match="changed on disk since it was opened"):
+        mapped.search(q, 3)
+    with pytest.raises(IndexFileError, match=str(path.name)):
+        mapped.vectors  # noqa: B018 - reading the rows is checked too
+
+
+def test_mapped_index_refuses_a_file_overwritten_in_place(tmp_path):
+    _, path, mapped = _mapped_index(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-100:] = bytes(100)
+    st = path.stat()
+    with open(path, "r+b") as fh:  # same size, new bytes
+        fh.write(data)
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # coarse clocks: mtime must move
+    with pytest.raises(IndexFileError, match="load it again"):
+        mapped.search(torch.randn(1, 8), 1)
+
+
+def test_mapped_index_keeps_searching_its_file_when_a_new_one_replaces_it(tmp_path):
+    index, path, mapped = _mapped_index(tmp_path)
+    q = torch.randn(3, 8)
+    other = fs.EmbeddingIndex(8)
+    other.add(torch.randn(5, 8))
+    other.save(path)  # atomic: a new file renamed over the path; the map keeps the old one
+    assert torch.equal(mapped.search(q, 4).ids, index.search(q, 4).ids)

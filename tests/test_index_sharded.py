@@ -67,3 +67,39 @@ def test_two_ranks_equal_one_index(tmp_path):
 def test_needs_initialised_process_group():
     with pytest.raises(EmbeddingIndexError, match="init_process_group"):
         fs.index.ShardedEmbeddingIndex(fs.EmbeddingIndex(2))
+
+
+def _contract_worker(rank: int, init_method: str) -> None:
+    with gloo_group(init_method, rank, WORLD):
+        torch.set_num_threads(1)
+        g, ids, labels, q = _data()
+        mine = np.arange(len(g)) % WORLD == rank
+        local = fs.EmbeddingIndex(6)
+        local.add(g[mine], ids=ids[mine], labels=labels[mine])
+        sharded = fs.index.ShardedEmbeddingIndex(local)
+        cases = [
+            # (this rank's queries, this rank's k, the message every rank must raise)
+            (q, 3 + rank, r"same k on every rank \(rank 0: 3, rank 1: 4\)"),
+            (q[: 4 + rank], 3, "same number of queries"),
+            (q + rank, 3, "same queries on every rank"),
+            (q if rank == 0 else q[:, :5], 3, r"rank\(s\) \[1\] refused their arguments"),
+            (q, 3 if rank == 0 else 0, r"rank\(s\) \[1\] refused"),
+        ]
+        for queries, k, message in cases:
+            with pytest.raises(EmbeddingIndexError, match=message):
+                sharded.search(queries, k)
+        # Still in step: a correct call works on both ranks after the refusals.
+        whole = fs.EmbeddingIndex(6)
+        whole.add(g, ids=ids, labels=labels)
+        assert torch.equal(sharded.search(q, 5).ids, whole.search(q, 5).ids)
+        # An id on both shards is found once a shard changes, on every rank.
+        local.add(g[:1], ids=ids[~mine][:1] if rank == 0 else [123_456])
+        shared = int(ids[~mine][0] if rank == 0 else ids[mine][0])
+        with pytest.raises(EmbeddingIndexError, match=rf"ids \[{shared}\] are in more than one"):
+            sharded.search(q, 3)
+
+
+def test_ranks_that_disagree_fail_together_with_a_clear_error(tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    spawn_ranks(_contract_worker, (), WORLD, tmp_path)

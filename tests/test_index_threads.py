@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -152,3 +154,55 @@ def test_workers_run_single_threaded_operations():
     counts: list[int] = []
     run_in_threads([lambda: counts.append(torch.get_num_threads())] * 2)
     assert counts == [1, 1]
+
+
+def _cpu_share_of_calling_thread(fn) -> float:
+    """The calling thread's CPU time over the whole process's while ``fn`` runs."""
+    # OpenBLAS's and OpenMP's idle threads spin for a while after parallel work: let them sleep.
+    time.sleep(0.5)
+    thread, process = time.thread_time(), time.process_time()
+    fn()
+    return (time.thread_time() - thread) / (time.process_time() - process)
+
+
+def test_openblas_product_runs_on_the_calling_thread_and_changes_no_setting():
+    # numpy's OpenBLAS has one process-wide thread count. The numpy backend multiplies through
+    # its batched product with one matrix, which runs on the calling thread alone: all the CPU
+    # time is the caller's, while np.matmul at the same count spreads over OpenBLAS's threads.
+    import threadpoolctl
+
+    from featurescope.index._search._openblas import SMALL, openblas_sgemm
+
+    sgemm = openblas_sgemm()
+    if sgemm is None:
+        pytest.skip("no loaded OpenBLAS has the batched product")
+    rng = np.random.default_rng(3)
+    a = torch.from_numpy(rng.standard_normal((512, 256), dtype=np.float32))
+    b = torch.from_numpy(rng.standard_normal((768, 256), dtype=np.float32))
+    c = torch.from_numpy(rng.standard_normal((512, 768), dtype=np.float32))
+    assert SMALL < 512 * 768 * 256  # the batched path, not its small-matrix one
+    want = c.double() - 2 * a.double() @ b.double().T
+    # Any summation order: (k + 2) roundings of the absolute terms (Higham's gamma), doubled.
+    bound = 2 * 258 * 2.0**-24 * (c.double().abs() + 2 * a.double().abs() @ b.double().abs().T)
+    outs = [c.clone() for _ in range(4)]
+
+    def product(i: int) -> None:
+        sgemm(a, b, outs[i], alpha=-2.0, beta=1.0)
+
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        share = _cpu_share_of_calling_thread(lambda: [product(i) for i in (0, 1)])
+        workers = [threading.Thread(target=product, args=(i,)) for i in (2, 3)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        assert _blas_threads() == before
+        if (os.cpu_count() or 1) >= 2:
+            # The check can fail: OpenBLAS's own entry point at two threads shares the work.
+            out = np.empty((512, 768), dtype=np.float32)
+            spread = _cpu_share_of_calling_thread(lambda: np.matmul(a.numpy(), b.numpy().T, out))
+            assert spread < 0.8
+    assert share > 0.9
+    for out in outs:
+        assert bool(((out.double() - want).abs() <= bound).all())

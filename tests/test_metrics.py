@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import featurescope as fs
-from featurescope.errors import EmbeddingIndexError
+from featurescope.errors import EmbeddingIndexError, InputShapeError
 
 
 def direct_metrics(gallery, labels, queries, query_labels, k, self_ids=None):
@@ -112,3 +112,28 @@ def test_needs_labels():
     index.add(torch.zeros(3, 1))
     with pytest.raises(EmbeddingIndexError, match="labels"):
         fs.index.retrieval_metrics(index)
+
+
+@pytest.mark.parametrize("k", [0, -3, 2.0, True, "5"])
+def test_k_must_be_a_positive_int(k):
+    index = fs.EmbeddingIndex(1)
+    index.add(torch.tensor([[0.0], [1.0], [2.0]]), labels=[0, 0, 1])
+    with pytest.raises(EmbeddingIndexError, match="k must be an int >= 1"):
+        fs.index.retrieval_metrics(index, k=k)
+
+
+def test_query_arguments_are_checked():
+    index = fs.EmbeddingIndex(1)
+    index.add(torch.tensor([[0.0], [1.0], [2.0]]), labels=[0, 0, 1])
+    q = torch.tensor([[0.1], [1.9]])
+    with pytest.raises(InputShapeError, match="labels must be 1-D with 2 entries"):
+        fs.index.retrieval_metrics(index, q, [0, 1, 1], k=1)
+    with pytest.raises(EmbeddingIndexError, match="labels must be >= 0"):
+        fs.index.retrieval_metrics(index, q, [0, -2], k=1)
+    with pytest.raises(EmbeddingIndexError, match="must be integers"):
+        fs.index.retrieval_metrics(index, q, [0.0, 1.0], k=1)
+    with pytest.raises(InputShapeError, match="queries have dimension 2"):
+        fs.index.retrieval_metrics(index, torch.zeros(2, 2), [0, 1], k=1)
+    # -1: a query without a label, left out of the means like a lone one.
+    scores = fs.index.retrieval_metrics(index, q, [0, -1], k=1)
+    assert scores["num_queries"] == 1 and scores["precision_at_1"] == 1.0

@@ -6,24 +6,23 @@ is checked at its corners and middle against the support of the gradient (see
 fail the model with the op's name.
 
 The float64 gradients cost far more than the tap sweep's forward passes (densenet121 alone
-takes minutes on two cores), so the sweep runs only when ``FEATURESCOPE_RECEPTIVE_SWEEP=1``,
-then on the newest torch in full and on older ones for a subset, as the tap sweep does.
-``tests/test_receptive.py`` keeps a cheap check of resnet18 in every run.
+takes minutes on two cores), so the sweep runs only when ``FEATURESCOPE_FULL_SWEEPS=1``
+(``tests/_sweep.py``), then as the other sweeps do: a subset on every torch, the other models
+(``slow``) on the newest. ``tests/test_receptive.py`` keeps a cheap check of resnet18 in every
+run.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
-import torch
 import torchvision
 
+import _sweep as sweep
 from _receptive_truth import support_boxes
 from featurescope.tap import receptive_fields
 
-NEWEST_TORCH = (2, 14)
 SUBSET = ("resnet18", "squeezenet1_1")
 _INPUT = {"alexnet": 63, "googlenet": 32, "inception_v3": 75, "maxvit_t": 224}
 
@@ -34,22 +33,14 @@ def _side(name: str) -> int:
     return _INPUT.get(name, 32)
 
 
-def _skip(name: str) -> tuple[pytest.MarkDecorator, ...]:
-    if os.environ.get("FEATURESCOPE_RECEPTIVE_SWEEP") != "1":
-        return (pytest.mark.skip(reason="set FEATURESCOPE_RECEPTIVE_SWEEP=1 to sweep"),)
-    newest = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= NEWEST_TORCH
-    if newest or name in SUBSET:
-        return ()
-    return (pytest.mark.skip(reason="the full sweep runs on the newest torch only"),)
-
-
 def _models() -> list[pytest.param]:
-    return [
-        pytest.param(n, marks=_skip(n))
-        for n in torchvision.models.list_models(module=torchvision.models)
-    ]
+    if not sweep.full_sweeps():
+        skip = pytest.mark.skip(reason=f"set {sweep.FULL_SWEEPS_VARIABLE}=1 to sweep")
+        return [pytest.param(n, marks=(pytest.mark.slow, skip)) for n in SUBSET]
+    return sweep.params(sweep.torchvision_classifiers(), SUBSET)
 
 
+@pytest.mark.timeout(1800)  # float64 gradients: minutes per model on two cores
 @pytest.mark.parametrize("name", _models())
 def test_every_node_matches_the_gradient(name: str) -> None:
     side = _side(name)

@@ -275,6 +275,7 @@ def resnet_reference(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tenso
     return {"c4": c4, "c5": model.layer4(c4)}
 
 
+@pytest.mark.slow
 def test_a_head_trains_through_a_tapped_resnet18():
     torch.manual_seed(0)
     classifier = Classifier(resnet18(num_classes=10)).train()

@@ -9,8 +9,10 @@ node. torchvision's ``create_feature_extractor`` is run on the same nodes and it
 counted (``docs/tap_models.rst`` tabulates them); ``FEATURESCOPE_SWEEP_REPORT=dir`` writes one
 JSON row per model there.
 
-The full sweep takes a few minutes on two cores (``pytest -n 2``) and runs on the newest torch
-only (older ones run a subset), since node names and graphs differ slightly between versions.
+A subset runs in the fast lane on every torch; the other models are ``slow`` and run on the
+newest torch only, since node names and graphs differ slightly between versions. The largest
+models (``regnet_y_128gf``, ``vit_h_14``, ...) are left out unless ``FEATURESCOPE_FULL_SWEEPS=1``:
+``tests/_sweep.py`` lists them and says why.
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ import torch
 import torchvision
 from torchvision.models import feature_extraction as tv_fx
 
+import _sweep as sweep
 import _tap_reference as ref
 from featurescope import FeatureTap
 from featurescope.errors import FeaturescopeWarning
 from featurescope.tap import tappable_nodes
 from featurescope.tap._trace import _tracer_kwargs, trace
 
-NEWEST_TORCH = (2, 14)
-#: Models every torch version runs; the rest run on the newest torch only.
+#: The fast lane's models, run on every torch; the rest are slow (``tests/_sweep.py``).
 SUBSET = ("resnet18", "vit_b_16", "densenet121", "mobilenet_v3_small", "swin_t")
 
 #: About the smallest input side each family accepts (ViTs get ``image_size=`` to match).
@@ -59,18 +61,9 @@ _SLOWEST = ("regnet_y_128gf", "maxvit_t", "vit_h_14", "convnext_large", "vit_l_1
 
 
 def _models() -> list[pytest.param]:
-    names = torchvision.models.list_models(module=torchvision.models)
+    names = sweep.torchvision_classifiers()
     names = [n for n in _SLOWEST if n in names] + [n for n in names if n not in _SLOWEST]
-    newest = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= NEWEST_TORCH
-    return [
-        pytest.param(
-            n,
-            marks=()
-            if newest or n in SUBSET
-            else pytest.mark.skip(reason="the full sweep runs on the newest torch only"),
-        )
-        for n in names
-    ]
+    return sweep.params(names, SUBSET)
 
 
 def _build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -92,6 +85,7 @@ def _wrong(got: dict[str, object], expected: dict[str, object], **tolerance: flo
     return [n for n, value in expected.items() if not ref.same(got[n], value, **tolerance)]
 
 
+@pytest.mark.timeout(900)  # the largest models take minutes on a busy 2-core machine
 @pytest.mark.parametrize("name", _models())
 def test_every_node_of_a_torchvision_model(name: str) -> None:
     threads = torch.get_num_threads()

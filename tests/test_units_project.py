@@ -108,3 +108,34 @@ def test_the_top_patch_holds_what_the_activation_reads() -> None:
         with torch.no_grad():
             alone = model(crop[None])[0, channel, 0, 0]
         torch.testing.assert_close(alone, top.values[channel, 0])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:captum")
+@pytest.mark.parametrize(
+    ("method", "captum"), [("deconvnet", "Deconvolution"), ("guided", "GuidedBackprop")]
+)
+def test_a_batch_of_projections_is_each_alone(method: str, captum: str) -> None:
+    from featurescope.units import projections
+
+    torch.manual_seed(2)
+    layers = _layers(inplace=True)
+    layers.insert(1, nn.BatchNorm2d(6))  # in training mode it would mix the images
+    model = nn.Sequential(*layers).train()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+    images = torch.randn(4, 3, 12, 12)
+    channels, positions = [3, 0, 4, 3], [(1, 2), (0, 0), (3, 3), (1, 2)]
+    batch = projections(model, images, "6", channels, positions, method=method)  # type: ignore[arg-type]
+    assert model.training and model[1].training  # the modes are restored
+    reference = nn.Sequential(*_layers(inplace=False)[:1], model[1], *_layers(inplace=False)[1:])
+    explainer = getattr(captum_attr, captum)(reference.eval())
+    for b in range(4):
+        alone = project(model, images[b], "6", channels[b], positions[b], method=method)  # type: ignore[arg-type]
+        torch.testing.assert_close(batch[b], alone, rtol=1e-5, atol=1e-6)
+        target = (channels[b], *positions[b])
+        theirs = explainer.attribute(images[b : b + 1].clone(), target=target)[0]
+        torch.testing.assert_close(batch[b], theirs, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FeaturescopeError, match="one channel and one position per image"):
+        projections(model, images, "6", [0], [(0, 0)])
+    with pytest.raises(FeaturescopeError, match=r"\(0, 9, 0\) is off"):
+        projections(model, images[:1], "6", [0], [(9, 0)])

@@ -9,43 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from _units_reference import brute_force as _brute
+from _units_reference import tie_model as _model
 from featurescope import FeaturescopeError, FeatureTap
 from featurescope.units import TopActivations, merge_top_activations, top_activations
-
-
-def _model(seed: int) -> nn.Module:
-    """Integer weights on quantised images: many exactly equal activations."""
-    g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 1)
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randint(-1, 2, p.shape, generator=g).float())
-    return model.eval()
-
-
-def _brute(maps: np.ndarray, k: int, reduce: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    n, c, h, w = maps.shape
-    values, ids, positions = [], [], []
-    for ch in range(c):
-        rows = []
-        for i in range(n):
-            flat = maps[i, ch].reshape(-1)
-            for p in range(h * w):  # every activation; an image counts once, at its best spot
-                rows.append((-flat[p], i, p))
-        rows.sort()
-        best: dict[int, tuple[float, int, int]] = {}
-        for v, i, p in rows:
-            best.setdefault(i, (v, i, p))
-        if reduce == "mean":
-            best = {i: (-maps[i, ch].mean(dtype=np.float64), i, p) for i, (_, _, p) in best.items()}
-        chosen = sorted(best.values())[:k]
-        chosen += [(np.inf, -1, -1)] * (k - len(chosen))
-        values.append([-v for v, _, _ in chosen])
-        ids.append([i for _, i, _ in chosen])
-        positions.append([(p // w, p % w) if p >= 0 else (-1, -1) for _, _, p in chosen])
-    return np.array(values), np.array(ids), np.array(positions)
 
 
 @settings(max_examples=12, deadline=None)

@@ -1,9 +1,11 @@
-"""sphinx-gallery glue: show every figure an example creates, pyplot or not.
+"""sphinx-gallery glue: show the figures an example holds, pyplot or not.
 
 featurescope's visualizers build :class:`matplotlib.figure.Figure` objects without pyplot, so
-the stock matplotlib scraper (which asks pyplot for its figures) would miss them. Here every
-Figure created while an example runs is remembered, in creation order, and the scraper writes
-the ones created by the code block that just ran. Examples need no gallery-specific code.
+the stock matplotlib scraper (which asks pyplot for its figures) would miss them. This scraper
+reads them where the example keeps them instead: after each code block it looks through the
+example's globals (``block_vars["example_globals"]``), and one level into the lists, tuples and
+dicts among them, and shows every figure it has not shown yet, in the order the names were
+first bound. An example shows a figure by keeping a reference to it; nothing is patched.
 
 Referenced from ``conf.py`` by name (``"featurescope_gallery.scraper"``) so that Sphinx can
 pickle its configuration.
@@ -11,13 +13,14 @@ pickle its configuration.
 
 from __future__ import annotations
 
-import functools
 import sys
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-_created: list[Any] = []
-_installed = False
+# The figures already shown for the example that is running. They are kept (not their ids) so
+# that a figure freed and another made at the same address is not taken for the old one.
+_shown: list[Any] = []
 
 _PLACEHOLDER = """\
 Example gallery
@@ -43,27 +46,23 @@ def write_placeholder(folder: Path) -> None:
         index.write_text(_PLACEHOLDER, encoding="utf-8")
 
 
-def _install() -> None:
-    global _installed
-    if _installed:
-        return
+def figures_in(namespace: dict[str, Any]) -> Iterator[Any]:
+    """The figures bound in ``namespace`` or held by a list, tuple or dict bound there."""
     from matplotlib.figure import Figure
 
-    original = Figure.__init__
-
-    @functools.wraps(original)
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        _created.append(self)
-
-    Figure.__init__ = init  # type: ignore[method-assign]
-    _installed = True
+    for value in list(namespace.values()):
+        if isinstance(value, Figure):
+            yield value
+        elif isinstance(value, (list, tuple, dict)):
+            items = value.values() if isinstance(value, dict) else value
+            for item in items:
+                nested = item if isinstance(item, (list, tuple)) else (item,)
+                yield from (f for f in nested if isinstance(f, Figure))
 
 
 def reset(gallery_conf: dict[str, Any], fname: str | None) -> None:
-    """Before each example: forget earlier figures, close pyplot's, restore rc defaults."""
-    _install()
-    _created.clear()
+    """Before each example: forget its predecessor's figures, close pyplot's, restore rc."""
+    _shown.clear()
     if "matplotlib.pyplot" in sys.modules:
         import matplotlib.pyplot as plt
 
@@ -74,16 +73,16 @@ def reset(gallery_conf: dict[str, Any], fname: str | None) -> None:
 
 
 def scraper(block: Any, block_vars: dict[str, Any], gallery_conf: dict[str, Any], **_: Any) -> str:
-    """Save the figures the last code block created and return the reST that shows them."""
+    """Save the figures the example holds and has not shown yet; return the reST showing them."""
     from sphinx_gallery.scrapers import figure_rst
 
-    _install()
-    figures, _created[:] = list(_created), []
+    new = []
+    for fig in figures_in(block_vars["example_globals"]):
+        if fig.axes and not any(fig is seen for seen in (*_shown, *new)):
+            new.append(fig)
+    _shown.extend(new)
     paths = []
-    for fig, path in zip(figures, block_vars["image_path_iterator"], strict=False):
-        # A figure may already be closed or never drawn into; skip empty ones.
-        if not fig.axes:
-            continue
+    for fig, path in zip(new, block_vars["image_path_iterator"], strict=False):
         fig.savefig(path, dpi=100)
         paths.append(PurePosixPath(path))
     if "matplotlib.pyplot" in sys.modules:

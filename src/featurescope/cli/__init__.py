@@ -42,6 +42,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "featurescope.cli._weights",
     "featurescope.cli._compare",
     "featurescope.cli._serve",
+    "featurescope.cli._units",
 )
 
 

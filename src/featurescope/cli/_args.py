@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "check_file",
     "check_folder",
     "check_output",
+    "int_at_least",
     "positive_float",
     "positive_int",
     "shown",
@@ -68,6 +70,34 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return value
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of at least ``low`` (``--batch-size 2`` where the
+    command needs 4, ``--seed -1``).
+
+    Example:
+        >>> int_at_least(4)("4")
+        4
+        >>> int_at_least(0)("-1")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: expected a whole number of at least 0, got '-1'
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number of at least {low}, got {text!r}"
+            )
+        return value
+
+    parse.__name__ = f"int_at_least_{low}"
+    return parse
 
 
 def positive_float(text: str) -> float:

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from featurescope.cli._args import add_device_option, add_list_option, check_device, check_folder
+from featurescope.cli._args import (
+    add_device_option,
+    add_list_option,
+    check_device,
+    check_folder,
+    int_at_least,
+    positive_int,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -48,8 +56,10 @@ def register(subparsers: Any) -> None:
         )
     c.add_argument("--reduce", choices=("flatten", "avgpool"), default="flatten")
     c.add_argument("--estimator", choices=("auto", "exact", "minibatch"), default="auto")
-    c.add_argument("--max-exact-features", type=int, default=4096, metavar="P")
-    c.add_argument("--batch-size", type=int, default=64, help="at least 4 (default: 64)")
+    c.add_argument("--max-exact-features", type=positive_int, default=4096, metavar="P")
+    c.add_argument(
+        "--batch-size", type=int_at_least(4), default=64, help="at least 4 (default: 64)"
+    )
     add_device_option(c)
     c.add_argument("--out", default="featurescope-compare", help="output folder")
     c.add_argument("--overwrite", action="store_true", help="start afresh, do not resume")
@@ -57,15 +67,17 @@ def register(subparsers: Any) -> None:
     c.set_defaults(func=_compare)
 
 
-def _open_folder(folder: str, model: Any) -> Any:
-    from pathlib import Path
+def data_root(folder: str) -> Path:
+    """The image folder ``--data`` names: a dataset root's ``train/``, else the folder itself."""
+    root = Path(folder)
+    return root / "train" if (root / "train").is_dir() else root
 
+
+def open_folder(folder: str, model: Any) -> Any:
+    """``--data``'s images, read with ``model``'s preprocessing."""
     import featurescope as fs
 
-    root = Path(folder)
-    if (root / "train").is_dir():
-        root = root / "train"
-    return fs.data.ImageFolder(root, fs.zoo.resolve_preprocessing(model).transform())
+    return fs.data.ImageFolder(data_root(folder), fs.zoo.resolve_preprocessing(model).transform())
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -89,7 +101,7 @@ def _compare(args: argparse.Namespace) -> int:
     result = fs.compare(
         model_a,
         model_b,
-        _open_folder(args.data, model_a),
+        open_folder(args.data, model_a),
         nodes_a=args.nodes_a,
         nodes_b=args.nodes_b,
         reduce=args.reduce,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from featurescope.cli._args import shown
+from featurescope.cli._args import positive_int, shown
 
 
 def register(subparsers: Any) -> None:
@@ -29,8 +29,10 @@ def register(subparsers: Any) -> None:
         help="query images: a folder (subfolders named as the index's classes mark hits) or a "
         "file (default: some of the indexed images)",
     )
-    e.add_argument("-k", type=int, default=10, help="neighbours per query (default: 10)")
-    e.add_argument("--queries", type=int, default=40, help="query images at most (default: 40)")
+    e.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default: 10)")
+    e.add_argument(
+        "--queries", type=positive_int, default=40, help="query images at most (default: 40)"
+    )
     e.add_argument(
         "--root",
         metavar="DIR",

@@ -13,6 +13,7 @@ from featurescope.cli._args import (
     check_file,
     check_folder,
     check_output,
+    int_at_least,
     positive_int,
     shown,
 )
@@ -41,7 +42,7 @@ def _lr_schedule(text: str) -> dict[int, float]:
 def _run_options(p: argparse.ArgumentParser, *, out: str | None, out_help: str) -> None:
     p.add_argument("--out", default=out, help=out_help)
     add_device_option(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -88,7 +89,9 @@ def register(subparsers: Any) -> None:
         metavar="NODE",
         help="node or stage names (default: the model's stages; see 'featurescope nodes')",
     )
-    m.add_argument("--max-channels", type=int, default=None, help="strongest channels shown")
+    m.add_argument(
+        "--max-channels", type=positive_int, default=None, help="strongest channels shown"
+    )
     m.add_argument("--out", default="featurescope-maps", help="output folder")
     add_device_option(m)
     m.set_defaults(func=_maps)
@@ -116,7 +119,7 @@ def register(subparsers: Any) -> None:
     b.add_argument(
         "--out", default="featurescope-index.fsindex", help="output folder (default: %(default)s)"
     )
-    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--batch-size", type=positive_int, default=32)
     b.add_argument(
         "--metric",
         choices=("l2", "cosine", "ip"),
@@ -143,7 +146,10 @@ def register(subparsers: Any) -> None:
     )
     s.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
     s.add_argument(
-        "-k", type=int, default=10, help="neighbours per query (default: 10; at most the index's)"
+        "-k",
+        type=positive_int,
+        default=10,
+        help="neighbours per query (default: 10; at most the index's)",
     )
     s.add_argument(
         "--root",

@@ -14,6 +14,7 @@ from featurescope.errors import EmbeddingIndexError, InputShapeError
 from featurescope.index._search._gallery import MAX_NORM
 
 __all__ = [
+    "RESERVED_IDS",
     "as_exclusions",
     "as_ids",
     "as_labels",
@@ -21,6 +22,7 @@ __all__ = [
     "as_metadata",
     "as_vectors",
     "as_vectors_and_norms",
+    "check_id_range",
     "check_k",
 ]
 
@@ -109,9 +111,47 @@ def _norm_upper_bounds(norms32: Tensor, dim: int) -> Tensor:
     return bound
 
 
+#: Ids the index reserves: ``-1`` pads results, the largest int64 pads sharded merges.
+RESERVED_IDS = (-1, 2**63 - 1)
+
+
+def check_id_range(ids: Tensor, what: str = "ids") -> None:
+    """Refuse the reserved ids ``-1`` and ``2**63 - 1`` (int64 ``ids``)."""
+    for reserved in RESERVED_IDS:
+        hit = (ids == reserved).nonzero()
+        if hit.numel():
+            raise EmbeddingIndexError(
+                f"{what} entry {int(hit[0, 0])} is {reserved}, which the index reserves (-1 pads "
+                f"results, {RESERVED_IDS[1]} pads merges across ranks); use ids in "
+                f"[-2**63, -2] or [0, 2**63 - 2]"
+            )
+
+
+def _unsigned_in_range(data: Any, what: str) -> Any:
+    """Unsigned and arbitrary-precision integers as int64, refusing what would wrap."""
+    if isinstance(data, Tensor) and data.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        data = data.detach().cpu().numpy()
+    if not isinstance(data, Tensor):
+        array = np.asarray(data)
+        if array.dtype == object or array.dtype.kind == "u":
+            try:
+                values = [int(v) for v in array.reshape(-1).tolist()]
+            except (TypeError, ValueError) as exc:
+                raise EmbeddingIndexError(f"{what} must be integers ({exc})") from exc
+            bad = [v for v in values if not -(2**63) <= v < 2**63]
+            if bad:
+                raise EmbeddingIndexError(
+                    f"{what} must fit int64 ([-2**63, 2**63 - 1]); {bad[0]} does not (it would "
+                    "wrap around)"
+                )
+            return np.asarray(values, dtype=np.int64).reshape(array.shape)
+    return data
+
+
 def as_ids(data: Any, n: int, what: str = "ids") -> Tensor:
-    """Return ``data`` as ``n`` int64 ids on the CPU, rejecting duplicates within the call."""
-    t = _as_tensor(data, what)
+    """Return ``data`` as ``n`` int64 ids on the CPU, rejecting duplicates within the call,
+    values that do not fit int64 and the reserved ids (see :func:`check_id_range`)."""
+    t = _as_tensor(_unsigned_in_range(data, what), what)
     if t.dim() != 1 or t.shape[0] != n:
         raise InputShapeError(f"{what} must be 1-D with {n} entries, got shape {tuple(t.shape)}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -120,6 +160,7 @@ def as_ids(data: Any, n: int, what: str = "ids") -> Tensor:
         else:
             raise EmbeddingIndexError(f"{what} must be integers, got dtype {t.dtype}")
     t = t.to(device="cpu", dtype=torch.int64)
+    check_id_range(t, what)
     uniq, counts = torch.unique(t, return_counts=True)
     if bool((counts > 1).any()):
         dup = uniq[counts > 1][:5].tolist()

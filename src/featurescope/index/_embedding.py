@@ -21,6 +21,7 @@ from torch import Tensor
 
 from featurescope.errors import EmbeddingIndexError
 from featurescope.index._checks import (
+    RESERVED_IDS,
     as_exclusions,
     as_ids,
     as_labels,
@@ -37,6 +38,8 @@ from featurescope.index._search._gallery import Gallery
 from featurescope.index._search._metric import Metric, metric_named
 from featurescope.index._search._plan import plan_tiles
 from featurescope.index._search._schedule import search_exact
+from featurescope.index._search._threads import on_worker
+from featurescope.index._snapshot import Snapshot
 from featurescope.index._store import Store
 
 __all__ = ["EmbeddingIndex"]
@@ -176,22 +179,32 @@ class EmbeddingIndex:
     @property
     def ids(self) -> Tensor:
         """The ids, in insertion order (a CPU copy)."""
-        return self._store.ids.cpu().clone()
+        return self._store.snapshot().ids.cpu().clone()
 
     @property
     def labels(self) -> Tensor:
         """The labels, ``-1`` where none was given (a CPU copy)."""
-        return self._store.labels.clone()
+        return self._store.snapshot().labels.clone()
 
     @property
     def metadata(self) -> list[str | None]:
         """The metadata strings, ``None`` where none was given (a copy)."""
-        return list(self._store.metadata)
+        snap = self._store.snapshot()
+        return list(snap.metadata[: snap.n])
 
     @property
     def vectors(self) -> Tensor:
         """The float32 vectors, in insertion order (a CPU copy)."""
-        return self._store.vectors.cpu().clone()
+        return self._store.snapshot().vectors.cpu().clone()
+
+    @property
+    def version(self) -> int:
+        """A counter that every :meth:`add` and :meth:`remove` raises by one.
+
+        A search reads one state of the index, the one :attr:`SearchResult.version` names
+        (see the index guide, "Searching beside add and remove").
+        """
+        return self._store.version
 
     def __len__(self) -> int:
         return self._store.n
@@ -233,15 +246,23 @@ class EmbeddingIndex:
         self._check_writable("add to")
         vecs, radius = as_vectors_and_norms(vectors, self._dim)
         n = vecs.shape[0]
-        if ids is None:
-            new_ids = torch.arange(self._store.next_id, self._store.next_id + n, dtype=torch.int64)
-        else:
-            new_ids = as_ids(ids, n)
-        self._check_new_ids(new_ids)
+        given = None if ids is None else as_ids(ids, n)
         labs = torch.full((n,), -1, dtype=torch.int64) if labels is None else as_labels(labels, n)
         meta = as_metadata(metadata, n)
-        if n:
-            self._store.append(vecs, new_ids, labs, meta, radius)
+        # Another thread's add between the id check and the append would let a clash in.
+        with self._store.lock:
+            store = self._store
+            new_ids = given
+            if new_ids is None:
+                if store.next_id + n > RESERVED_IDS[1]:
+                    raise EmbeddingIndexError(
+                        f"automatic ids from {store.next_id} would reach {RESERVED_IDS[1]}, "
+                        "which the index reserves; pass ids= explicitly"
+                    )
+                new_ids = torch.arange(store.next_id, store.next_id + n, dtype=torch.int64)
+            self._check_new_ids(new_ids)
+            if n:
+                store.append(vecs, new_ids, labs, meta, radius)
 
     def _check_writable(self, what: str) -> None:
         if isinstance(self._store, MappedStore):
@@ -277,11 +298,12 @@ class EmbeddingIndex:
         t = ids.detach().cpu() if isinstance(ids, Tensor) else torch.as_tensor(np.asarray(ids))
         unique = torch.unique(t.reshape(-1))
         req = as_ids(unique, unique.numel())
-        present = torch.isin(req.to(self._store.ids.device), self._store.ids).cpu()
-        if not bool(present.all()):
-            missing = req[~present][:5].tolist()
-            raise EmbeddingIndexError(f"ids {missing} are not in the index")
-        self._store.remove(req)
+        with self._store.lock:
+            present = torch.isin(req.to(self._store.ids.device), self._store.ids).cpu()
+            if not bool(present.all()):
+                missing = req[~present][:5].tolist()
+                raise EmbeddingIndexError(f"ids {missing} are not in the index")
+            self._store.remove(req)
         return int(req.numel())
 
     def to(self, device: str | torch.device) -> EmbeddingIndex:
@@ -295,6 +317,7 @@ class EmbeddingIndex:
 
     # -- search -------------------------------------------------------------------------------
 
+    @on_worker
     def search(
         self, queries: Any, k: int, *, where: Any = None, exclude_ids: Any = None
     ) -> SearchResult:
@@ -318,6 +341,8 @@ class EmbeddingIndex:
         Raises:
             EmbeddingIndexError: on an empty index, a bad ``k``, a ``where`` that is not
                 boolean, or NaN/infinity in a query.
+            IndexFileError: for a memory-mapped index whose file was truncated or written
+                to since it was opened.
             InputShapeError: on queries that are not ``[nq, dim]`` or a mask of the wrong
                 length.
 
@@ -331,17 +356,20 @@ class EmbeddingIndex:
             >>> index.search(torch.tensor([[0.2]]), k=2, where=index.select(ids=[2])).ids.tolist()
             [[2, -1]]
         """
-        if not len(self):
+        snap = self._store.snapshot()
+        if not snap.n:
             raise EmbeddingIndexError("the index is empty; add vectors before searching")
-        return self._search(queries, k, where, exclude_ids)
+        return self._search(snap, queries, k, where, exclude_ids)
 
-    def _search(self, queries: Any, k: int, where: Any, exclude_ids: Any) -> SearchResult:
+    def _search(
+        self, snap: Snapshot, queries: Any, k: int, where: Any, exclude_ids: Any
+    ) -> SearchResult:
         q = as_vectors(queries, self._dim, "queries")
         excl = as_exclusions(exclude_ids, q.shape[0])
-        k = check_k(k, len(self))
-        mask = None if where is None else as_mask(where, len(self))
+        k = check_k(k, snap.n)
+        mask = None if where is None else as_mask(where, snap.n)
         extra = 0 if excl is None else excl.shape[1]
-        gal = self._store.gallery()
+        gal = snap.gallery
         if mask is not None:
             gal = gal.restrict(mask.nonzero().flatten())
         k_search = min(gal.size, k + extra)
@@ -352,7 +380,7 @@ class EmbeddingIndex:
             dist, rows = _drop_excluded(dist, rows, gal.ids, excl.to(rows.device), k)
         if dist.shape[1] < k:
             dist, rows = _pad(dist, rows, k)
-        return self._result(self._metric.report(dist), rows, backend)
+        return _result(snap, self._metric.report(dist), rows, backend)
 
     def select(self, *, ids: Any = None, labels: Any = None) -> Tensor:
         """A ``where`` mask for :meth:`search`: the vectors with one of these ids and labels.
@@ -380,26 +408,18 @@ class EmbeddingIndex:
             >>> (index.select(ids=[10, 11]) & index.select(labels=[1])).tolist()
             [False, True, False, False]
         """
-        store = self._store
-        keep = torch.ones(len(self), dtype=torch.bool)
+        snap = self._store.snapshot()
+        keep = torch.ones(snap.n, dtype=torch.bool)
         if ids is not None:
             req = _unique_ints(ids, "ids")
-            present = torch.isin(req, store.ids.cpu())
+            present = torch.isin(req, snap.ids.cpu())
             if not bool(present.all()):
                 missing = req[~present][:5].tolist()
                 raise EmbeddingIndexError(f"ids {missing} are not in the index")
-            keep &= torch.isin(store.ids.cpu(), req)
+            keep &= torch.isin(snap.ids.cpu(), req)
         if labels is not None:
-            keep &= torch.isin(store.labels, _unique_ints(labels, "labels"))
+            keep &= torch.isin(snap.labels, _unique_ints(labels, "labels"))
         return keep
-
-    def _result(self, dist: Tensor, rows: Tensor, backend: str) -> SearchResult:
-        store = self._store
-        rows_cpu = rows.cpu()
-        real = rows >= 0
-        ids = torch.where(real, store.ids[rows.clamp(min=0)], -1)
-        labels = torch.where(rows_cpu >= 0, store.labels[rows_cpu.clamp(min=0)], -1)
-        return SearchResult(dist, ids, labels.to(ids.device), backend, rows_cpu, store.metadata)
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -513,12 +533,26 @@ class EmbeddingIndex:
 
     # -- used by the sharded index and persistence --------------------------------------------
 
+    def _snapshot(self) -> Snapshot:
+        return self._store.snapshot()
+
     def _gallery(self) -> Gallery:
-        return self._store.gallery()
+        """What the kernel reads now (tests and benchmarks call the kernel with it)."""
+        return self._store.snapshot().gallery
 
     def _key(self, distances: Tensor) -> Tensor:
         """Reported distances back to the ascending key results merge by."""
         return self._metric.key(distances)
+
+
+def _result(snap: Snapshot, dist: Tensor, rows: Tensor, backend: str) -> SearchResult:
+    """Ids, labels and metadata of the hits, all from the snapshot searched."""
+    rows_cpu = rows.cpu()
+    ids = torch.where(rows >= 0, snap.ids[rows.clamp(min=0)], -1)
+    labels = torch.where(rows_cpu >= 0, snap.labels[rows_cpu.clamp(min=0)], -1)
+    return SearchResult(
+        dist, ids, labels.to(ids.device), backend, rows_cpu, snap.metadata, snap.version
+    )
 
 
 def _unique_ints(data: Any, what: str) -> Tensor:

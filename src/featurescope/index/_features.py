@@ -45,7 +45,43 @@ def _manifest(root: Path) -> dict[str, Any]:
             f"{root} is a merged distributed extraction; build one index per rank folder "
             "(rank0/, rank1/, ...) or a ShardedEmbeddingIndex"
         )
+    _check_fields(path, manifest)
     return manifest
+
+
+def _is_file_name(value: Any) -> bool:
+    """A plain name of a file in the folder: the manifest may not point elsewhere."""
+    return isinstance(value, str) and bool(value) and Path(value).name == value
+
+
+def _check_fields(path: Path, manifest: dict[str, Any]) -> None:
+    """Every field the index reads, by type and size, before any is used.
+
+    Raises:
+        EmbeddingIndexError: naming the first field that is missing or wrong.
+    """
+
+    def bad(field: str, what: str) -> EmbeddingIndexError:
+        shown = repr(manifest.get(field, "<missing>"))
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return EmbeddingIndexError(f"{path}: field {field!r} must be {what}, got {shown}")
+
+    nodes = manifest.get("nodes")
+    if not isinstance(nodes, dict) or not all(
+        isinstance(entry, dict) and _is_file_name(entry.get("file")) for entry in nodes.values()
+    ):
+        raise bad("nodes", "an object of {alias: {'file': a file name in the folder}}")
+    done = manifest.get("completed")
+    if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= 2**48:
+        raise bad("completed", "a non-negative integer")
+    ids = manifest.get("sample_ids")
+    if not isinstance(ids, list) or len(ids) < done:
+        raise bad("sample_ids", f"a list of at least {done} integers")
+    if manifest.get("labels") is not None and not _is_file_name(manifest["labels"]):
+        raise bad("labels", "null or a file name in the folder")
+    paths = manifest.get("paths")
+    if paths is not None and (not isinstance(paths, list) or len(paths) < done):
+        raise bad("paths", f"null or a list of at least {done} paths")
 
 
 def index_from_features(
@@ -82,9 +118,18 @@ def index_from_features(
         raise EmbeddingIndexError(f"{root}: unreadable extraction ({exc!r})") from exc
     except FeaturescopeError as exc:
         raise EmbeddingIndexError(f"{root}: invalid sample_ids: {exc}") from exc
+    if len(feats) < done:
+        raise EmbeddingIndexError(
+            f"{root}: the manifest counts {done} completed rows but {nodes[node]['file']} "
+            f"holds {len(feats)}; the folder is damaged"
+        )
     vectors = feats.reshape(done, -1)
     if labels_file:
-        labels = as_labels(np.array(np.load(root / labels_file, mmap_mode="r")[:done]), done)
+        try:
+            stored = np.array(np.load(root / labels_file, mmap_mode="r")[:done])
+        except (OSError, ValueError) as exc:
+            raise EmbeddingIndexError(f"{root}: unreadable labels file ({exc})") from exc
+        labels = as_labels(stored, done)
     else:
         labels = torch.full((done,), -1, dtype=torch.int64)
     metadata: list[str | None] = [None] * done if paths is None else [str(p) for p in paths[:done]]

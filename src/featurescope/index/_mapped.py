@@ -7,19 +7,30 @@ which the kernel reclaims, not to the process's anonymous memory. The per-row sq
 fast pass needs are recomputed tile by tile (``_search._gallery.centred_sq_norms``,
 the same float32 values an in-memory index stores); only the centre and three maxima are kept,
 found in one streaming pass when the store opens. Results equal an in-memory index's.
+
+The store keeps the file open and compares its size, modification time and inode (one
+``fstat``) before each search: a file truncated or rewritten in place since it was opened raises
+:class:`~featurescope.errors.IndexFileError` instead of faulting (SIGBUS) on pages past its new end or
+searching new bytes under the old checksum. A file *replaced* (a new file renamed onto the path)
+does not matter: the map still holds the old one. Writing into the file while a search is reading
+it is not detected and can still fault; do not.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from featurescope.errors import EmbeddingIndexError
+from featurescope.errors import EmbeddingIndexError, IndexFileError
 from featurescope.index._search._gallery import MAX_NORM, NORM_CELLS, Gallery, centred_sq_norms
 from featurescope.index._search._metric import METRICS, Metric
+from featurescope.index._snapshot import Snapshot
 
 __all__ = ["MappedStore", "map_rows"]
 
@@ -51,6 +62,7 @@ class MappedStore:
 
     dtype = torch.float32
     device = _CPU
+    version = 0
 
     def __init__(
         self,
@@ -69,11 +81,15 @@ class MappedStore:
         self.metadata = metadata
         self.next_id = next_id
         self.metric = metric
+        self.lock = threading.RLock()
+        self._fd = os.open(source, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
+        self._stamp = _stamp(os.fstat(self._fd))
         self._vectors = vectors
         self._ids = ids
         self._labels = labels
         self._centre, self._norm_max, self._radius_max = self._scan()
-        self._cache: Gallery | None = None
+        self._published = Snapshot(0, self._gallery(), labels, metadata)
 
     @property
     def vectors(self) -> Tensor:
@@ -137,19 +153,39 @@ class MappedStore:
                 f"with mmap=False to move it to {device}"
             )
 
-    def gallery(self) -> Gallery:
-        """What a search needs; norms are recomputed per tile (``norms=None``)."""
-        if self._cache is None:
-            self._cache = Gallery(
-                search=self._vectors,
-                norms=None,
-                offset=-self._centre.to(torch.float64),
-                centre=self._centre,
-                vectors=self._vectors,
-                ids=self._ids,
-                eps_max=self._eps_max(),
-                norm_max=self._norm_max,
-                radius_max=self._radius_max if self.metric.searches_vectors else 1.0 + 2.0**-20,
-                metric=self.metric,
+    def snapshot(self) -> Snapshot:
+        """The rows, once the file is checked to be as it was when opened.
+
+        Raises:
+            IndexFileError: if the file was truncated or written to since it was opened.
+        """
+        now = _stamp(os.fstat(self._fd))
+        if now != self._stamp:
+            size, mtime_ns, _ = self._stamp
+            raise IndexFileError(
+                f"{self.source} changed on disk since it was opened (size {size} -> {now[0]} "
+                f"bytes, mtime_ns {mtime_ns} -> {now[1]}); a memory-mapped index needs its "
+                "file unchanged: load it again (and write new indexes to a new path, which "
+                "save() does atomically)"
             )
-        return self._cache
+        return self._published
+
+    def _gallery(self) -> Gallery:
+        """What a search needs; norms are recomputed per tile (``norms=None``)."""
+        return Gallery(
+            search=self._vectors,
+            norms=None,
+            offset=-self._centre.to(torch.float64),
+            centre=self._centre,
+            vectors=self._vectors,
+            ids=self._ids,
+            eps_max=self._eps_max(),
+            norm_max=self._norm_max,
+            radius_max=self._radius_max if self.metric.searches_vectors else 1.0 + 2.0**-20,
+            metric=self.metric,
+        )
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    """What changes when a file is truncated or written: size, mtime (ns), inode."""
+    return st.st_size, st.st_mtime_ns, st.st_ino

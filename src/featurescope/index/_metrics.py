@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from featurescope.errors import EmbeddingIndexError
-from featurescope.index._checks import as_exclusions
+from featurescope.index._checks import as_exclusions, as_labels, as_vectors
 
 if TYPE_CHECKING:
     from featurescope.index._embedding import EmbeddingIndex
@@ -62,6 +63,18 @@ def metrics_from_hits(
     }
 
 
+def _query_labels(data: Any, nq: int) -> Tensor:
+    """``nq`` integer labels; ``-1`` marks a query without one (left out, as a lone query)."""
+    try:
+        t = data.detach().cpu() if isinstance(data, Tensor) else torch.as_tensor(np.asarray(data))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise EmbeddingIndexError(f"query_labels must be integers ({exc})") from exc
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise EmbeddingIndexError(f"query_labels must be integers, got dtype {t.dtype}")
+    shifted: Tensor = as_labels(t.to(torch.int64) + 1, nq) - 1
+    return shifted
+
+
 def retrieval_metrics(
     index: EmbeddingIndex,
     queries: Any = None,
@@ -89,7 +102,9 @@ def retrieval_metrics(
         ``num_queries`` (queries with ``R > 0``; the others are left out of the means).
 
     Raises:
-        EmbeddingIndexError: if a vector has no label, or the arguments do not match.
+        EmbeddingIndexError: if a vector has no label, ``k`` is not a positive int or more
+            than a query can retrieve, or a query label is below -1 (no label) or not an integer.
+        InputShapeError: if ``queries`` is not ``[nq, dim]`` or ``query_labels`` not ``[nq]``.
 
     Example:
         >>> import torch, featurescope as fs
@@ -98,6 +113,8 @@ def retrieval_metrics(
         >>> fs.index.retrieval_metrics(index, k=1)["precision_at_1"]
         1.0
     """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise EmbeddingIndexError(f"k must be an int >= 1, got {k!r}")
     gallery_labels = index.labels
     if len(index) == 0 or bool((gallery_labels < 0).any()):
         raise EmbeddingIndexError("retrieval_metrics needs an index whose vectors all have labels")
@@ -107,7 +124,9 @@ def retrieval_metrics(
     else:
         if query_labels is None:
             raise EmbeddingIndexError("pass query_labels with queries")
-        qlab = torch.as_tensor(query_labels).to(torch.int64).reshape(-1).cpu()
+        q = as_vectors(queries, index.dim, "queries")
+        qlab = _query_labels(query_labels, q.shape[0])
+        queries = q
     nq = len(qlab)
     excl = as_exclusions(exclude_ids, nq)
     counts = torch.bincount(gallery_labels, minlength=int(qlab.max()) + 1 if nq else 1)

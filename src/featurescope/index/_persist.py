@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,16 +60,19 @@ def save_index(index: EmbeddingIndex, path: str | os.PathLike[str]) -> Path:
     """Write ``index`` to ``path`` atomically; see :meth:`EmbeddingIndex.save`."""
     from safetensors.torch import save_file
 
+    # One state, whatever other threads add or remove meanwhile.
+    snap = index._snapshot()
+    metadata = list(snap.metadata[: snap.n])
     try:
-        meta_bytes = json.dumps(index.metadata, ensure_ascii=False).encode("utf-8")
+        meta_bytes = json.dumps(metadata, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         # A file name that is not UTF-8 (os.fsdecode's lone surrogates, "caf\udce9.png"):
         # JSON's \u escapes keep it losslessly, and json.loads gives back the same string.
-        meta_bytes = json.dumps(index.metadata).encode("ascii")
+        meta_bytes = json.dumps(metadata).encode("ascii")
     tensors = {
-        "vectors": index.vectors.contiguous(),
-        "ids": index.ids.contiguous(),
-        "labels": index.labels.contiguous(),
+        "vectors": snap.vectors.cpu().contiguous(),
+        "ids": snap.ids.cpu().contiguous(),
+        "labels": snap.labels.contiguous(),
         "metadata": torch.frombuffer(bytearray(meta_bytes), dtype=torch.uint8),
     }
     dtype_name = str(index.dtype).removeprefix("torch.")
@@ -78,7 +82,7 @@ def save_index(index: EmbeddingIndex, path: str | os.PathLike[str]) -> Path:
         "metric": index.metric,
         "memory_budget": index.memory_budget,
         "next_id": index._store.next_id,
-        "count": len(index),
+        "count": snap.n,
         "featurescope_version": __version__,
     }
     header = {"format": FORMAT, "config": json.dumps(config), "sha256": _digest(tensors)}
@@ -102,7 +106,19 @@ def _read(p: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     return header, tensors
 
 
-def _config(p: Path, header: dict[str, str]) -> dict[str, Any]:
+#: Integer fields of the configuration and their ranges (inclusive). An empty index holds no
+#: rows to bound its ``dim`` by, and opening one allocates ``dim`` floats: hence the cap.
+_INT_FIELDS = {
+    "dim": (1, 2**24),
+    "count": (0, 2**48),
+    "memory_budget": (1, 2**62),
+    "next_id": (-(2**63), 2**63 - 1),
+}
+
+
+def _config(p: Path, header: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(header, dict):
+        raise IndexFileError(f"{p}: the safetensors '__metadata__' must be an object of strings")
     tag = header.get("format")
     if tag != FORMAT:
         if isinstance(tag, str) and tag.startswith("featurescope-index/"):
@@ -110,24 +126,51 @@ def _config(p: Path, header: dict[str, str]) -> dict[str, Any]:
                 f"{p} has index format {tag!r}; this featurescope reads {FORMAT!r}"
             )
         raise IndexFileError(f"{p} is not a featurescope index (no {FORMAT!r} format tag)")
-    try:
-        config = json.loads(header["config"])
-        dim, count, budget, next_id = (
-            int(config[k]) for k in ("dim", "count", "memory_budget", "next_id")
+    config = _json_field(p, header.get("config"), "config (the index configuration)")
+    if not isinstance(config, dict):
+        raise IndexFileError(f"{p}: index configuration must be a JSON object")
+    out: dict[str, Any] = {}
+    for name, (low, high) in _INT_FIELDS.items():
+        value = config.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise IndexFileError(
+                f"{p}: index configuration field {name!r} must be an integer in "
+                f"[{low}, {high}], got {_short(value)}"
+            )
+        out["budget" if name == "memory_budget" else name] = value
+    dtype = config.get("dtype")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise IndexFileError(
+            f"{p}: index configuration field 'dtype' must be one of {sorted(_DTYPES)}, "
+            f"got {_short(dtype)}"
         )
-        dtype = _DTYPES[config["dtype"]]
-        # Files written before metrics existed hold Euclidean indexes.
-        metric = str(config.get("metric", "l2"))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IndexFileError(f"{p}: corrupt index configuration ({exc!r})") from exc
-    return {
-        "dim": dim,
-        "count": count,
-        "budget": budget,
-        "next_id": next_id,
-        "dtype": dtype,
-        "metric": metric,
-    }
+    # Files written before metrics existed hold Euclidean indexes.
+    metric = config.get("metric", "l2")
+    if not isinstance(metric, str):
+        raise IndexFileError(
+            f"{p}: index configuration field 'metric' must be a string, got {_short(metric)}"
+        )
+    out["dtype"], out["metric"] = _DTYPES[dtype], metric
+    return out
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut short: a hostile file may hold megabytes in one field."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_field(p: Path, text: Any, name: str) -> Any:
+    """Parse one JSON field of a header; nesting too deep for the parser is corruption too."""
+    if not isinstance(text, str):
+        raise IndexFileError(
+            f"{p}: header field {name!r} must be a JSON string, got {_short(text)}"
+        )
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise IndexFileError(f"{p}: header field {name!r} is not valid JSON ({reason})") from exc
 
 
 def _check_tensors(
@@ -151,8 +194,9 @@ def _check_tensors(
         raise IndexFileError(f"{p}: checksum mismatch; the file was altered or damaged")
     try:
         meta = json.loads(bytes(tensors["metadata"].numpy()).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise IndexFileError(f"{p}: corrupt metadata strings ({exc})") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise IndexFileError(f"{p}: corrupt metadata strings ({reason})") from exc
     if (
         not isinstance(meta, list)
         or len(meta) != n
@@ -218,8 +262,9 @@ def load_index(
     return index
 
 
-def _map_safetensors(p: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """The header and memory-mapped tensors of a safetensors file, checked against its size."""
+def _map_safetensors(p: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The header and memory-mapped tensors of a safetensors file, checked against its size
+    before anything is mapped or allocated."""
     size = p.stat().st_size
     try:
         with p.open("rb") as fh:
@@ -227,25 +272,59 @@ def _map_safetensors(p: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
             if head <= 0 or 8 + head > size:
                 raise ValueError(f"header length {head} does not fit a {size}-byte file")
             layout = json.loads(fh.read(head))
+        if not isinstance(layout, dict):
+            raise ValueError("the header is not a JSON object")
         header = layout.pop("__metadata__", None) or {}
         tensors = {}
         for name, info in layout.items():
-            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-            shape = tuple(int(v) for v in info["shape"])
-            begin, end = (int(v) for v in info["data_offsets"])
-            count = int(np.prod(shape))
-            if end - begin != count * dtype.itemsize or begin < 0 or 8 + head + end > size:
+            dtype, shape, begin, end = _tensor_entry(name, info)
+            count = math.prod(shape)
+            if end - begin != count * dtype.itemsize or 8 + head + end > size:
                 raise ValueError(f"tensor {name!r} does not fit the file")
             if count == 0:
                 tensors[name] = torch.from_numpy(np.empty(shape, dtype=dtype))
                 continue
             array = np.memmap(p, dtype=dtype, mode="c", offset=8 + head + begin, shape=shape)
             tensors[name] = torch.from_numpy(array)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except RecursionError as exc:
+        raise IndexFileError(f"{p}: the safetensors header is nested too deeply") from exc
+    except (OSError, ValueError) as exc:
         raise IndexFileError(
             f"{p} is not a readable safetensors file (truncated or corrupt?): {exc}"
         ) from exc
     return header, tensors
+
+
+def _tensor_entry(name: str, info: Any) -> tuple[np.dtype[Any], tuple[int, ...], int, int]:
+    """``dtype``, ``shape`` and ``data_offsets`` of one tensor of a safetensors header.
+
+    Raises:
+        ValueError: naming the tensor and the field that is missing, mistyped or negative.
+    """
+    if not isinstance(info, dict):
+        raise ValueError(f"tensor {name!r}: its entry must be an object, got {_short(info)}")
+    dtype_name = info.get("dtype")
+    if not isinstance(dtype_name, str) or dtype_name not in _ST_DTYPES:
+        raise ValueError(
+            f"tensor {name!r}: field 'dtype' {_short(dtype_name)} is not one of "
+            f"{sorted(_ST_DTYPES)}"
+        )
+    fields = {}
+    for field, length in (("shape", None), ("data_offsets", 2)):
+        value = info.get(field)
+        if (
+            not isinstance(value, list)
+            or (length is not None and len(value) != length)
+            or len(value) > 8
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        ):
+            raise ValueError(
+                f"tensor {name!r}: field {field!r} must be a list of non-negative integers, "
+                f"got {_short(value)}"
+            )
+        fields[field] = value
+    begin, end = fields["data_offsets"]
+    return np.dtype(_ST_DTYPES[dtype_name]), tuple(fields["shape"]), begin, end
 
 
 def _map_index(

@@ -37,6 +37,9 @@ class SearchResult:
             ``"numpy"``, see :class:`SearchConfig`), or ``"float64"`` when every distance was
             computed exactly (``k`` near the number of vectors searched); ``""`` for results
             merged across ranks.
+        version: the :attr:`EmbeddingIndex.version` of the state searched: every id, distance,
+            label and metadata string comes from that one state, even while other threads add
+            and remove (``None`` for results merged across ranks).
 
     Example:
         >>> import torch, featurescope as fs
@@ -58,6 +61,7 @@ class SearchResult:
     backend: str = ""
     _rows: Tensor | None = field(default=None, repr=False)
     _metadata: Sequence[str | None] | None = field(default=None, repr=False)
+    version: int | None = None
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter((self.distances, self.ids))

@@ -7,6 +7,12 @@ The centre is the mean of the rows; it is recomputed whenever the number of rows
 which costs amortised O(d) per added row. Rows searched as they are (float32 storage, L2 or inner
 product) are only copied when added: their norms and the centre wait for the next search, so
 adding costs a validation pass and a copy, as FAISS's ``add`` does.
+
+Searches read a published :class:`~featurescope.index._snapshot.Snapshot`, which nothing
+changes: appended rows go past the end of every snapshot (into spare capacity, or a grown copy),
+and whatever rewrites existing rows (re-centring, ``remove``, ``to``) writes fresh tensors. So
+an ``add`` copies only its own rows (plus the amortised growth and re-centring), and a search
+beside it keeps the old buffers alive until it finishes.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torch import Tensor
 from featurescope.errors import EmbeddingIndexError
 from featurescope.index._search._gallery import Gallery, centred_sq_norms, rounding_error
 from featurescope.index._search._metric import Metric
+from featurescope.index._snapshot import Snapshot
 
 __all__ = ["Store"]
 
@@ -26,7 +33,10 @@ _CPU = torch.device("cpu")
 
 
 def _put(buf: Tensor, n: int, new: Tensor) -> Tensor:
-    """Write ``new`` after the first ``n`` rows of ``buf``, growing it by half when full."""
+    """Write ``new`` after the first ``n`` rows of ``buf``, growing it by half when full.
+
+    Rows ``< n`` are never written: published snapshots may be reading them.
+    """
     need = n + new.shape[0]
     if buf.shape[0] < need:
         cap = max(need, buf.shape[0] + buf.shape[0] // 2)
@@ -61,8 +71,10 @@ class Store:
         self._centre = torch.zeros(dim, dtype=torch.float32, device=device)
         self._centred_at = 0
         self._ready = 0  # rows whose norms are computed (see _refresh)
-        self._lock = threading.Lock()
-        self._cache: Gallery | None = None
+        self.version = 0
+        #: Held by every change (and by the caller across its checks and the change).
+        self.lock = threading.RLock()
+        self._published: Snapshot | None = None
 
     @property
     def _alias(self) -> bool:
@@ -139,10 +151,19 @@ class Store:
 
         ``radius`` (``‖x[i]‖`` in float64, as validation measured it) saves a pass.
         """
-        x = x.to(self._vector_device)
-        if self._alias:
-            self._append_lazily(x, ids, labels, metadata, radius)
-            return
+        with self.lock:
+            x = x.to(self._vector_device)
+            if self._alias:
+                self._append_lazily(x, ids, labels, metadata, radius)
+            else:
+                self._append_computed(x, ids, labels, metadata)
+            self.version += 1
+            self._published = None
+
+    def _append_computed(
+        self, x: Tensor, ids: Tensor, labels: Tensor, metadata: list[str | None]
+    ) -> None:
+        """Rows searched through a copy (half storage, cosine): compute it now."""
         m = x.shape[0]
         total = self.n + m
         if self.metric.centred and (self._centred_at == 0 or total >= 2 * self._centred_at):
@@ -166,13 +187,17 @@ class Store:
             stats = self._row_stats(x, centre, first_row=0)
             start, recentred = self.n, False
         search, norms, radius, eps = stats
-        # Nothing below can fail on bad input: commit.
+        # Nothing below can fail on bad input: commit. Re-centred rows go to fresh tensors.
+        search = search.to(self.device)
+        norms = norms.to(self.device)
+        if recentred:
+            self._search, self._norms, self._radius, self._eps = search, norms, radius, eps
+        else:
+            self._search = _put(self._search, start, search)
+            self._norms = _put(self._norms, start, norms)
+            self._radius = _put(self._radius, start, radius)
+            self._eps = _put(self._eps, start, eps)
         self._vectors = _put(self._vectors, self.n, x)
-        if not self._alias:
-            self._search = _put(self._search, start, search.to(self.device))
-        self._norms = _put(self._norms, start, norms.to(self.device))
-        self._radius = _put(self._radius, start, radius)
-        self._eps = _put(self._eps, start, eps)
         self._ids = _put(self._ids, self.n, ids.to(self.device))
         self._labels = _put(self._labels, self.n, labels)
         self.metadata.extend(metadata)
@@ -180,7 +205,6 @@ class Store:
         if recentred:
             self._centre, self._centred_at = centre, total
         self.n = self._ready = total
-        self._cache = None
 
     def _append_lazily(
         self,
@@ -198,21 +222,19 @@ class Store:
         m = x.shape[0]
         if radius is None:
             radius = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
-        with self._lock:
-            self._vectors = _put(self._vectors, self.n, x)
-            self._radius = _put(self._radius, self.n, radius.cpu())
-            self._eps = _put(self._eps, self.n, torch.zeros(m, dtype=torch.float64))
-            self._ids = _put(self._ids, self.n, ids.to(self.device))
-            self._labels = _put(self._labels, self.n, labels)
-            self.metadata.extend(metadata)
-            self.next_id = max(self.next_id, int(ids.max()) + 1)
-            self.n += m
-            self._cache = None
+        self._vectors = _put(self._vectors, self.n, x)
+        self._radius = _put(self._radius, self.n, radius.cpu())
+        self._eps = _put(self._eps, self.n, torch.zeros(m, dtype=torch.float64))
+        self._ids = _put(self._ids, self.n, ids.to(self.device))
+        self._labels = _put(self._labels, self.n, labels)
+        self.metadata.extend(metadata)
+        self.next_id = max(self.next_id, int(ids.max()) + 1)
+        self.n += m
 
     def _refresh(self) -> None:
         """Compute the norms of rows added since the last search (all rows when the centre
         moves: whenever the number of rows has doubled, amortised O(d) per row). Call with
-        ``_lock`` held."""
+        ``lock`` held."""
         n = self.n
         if self._ready == n:
             return
@@ -226,13 +248,20 @@ class Store:
             norms = centred_sq_norms(rows, self._centre)
         else:
             norms = torch.zeros(n - start, dtype=torch.float32, device=rows.device)
-        self._norms = _put(self._norms, start, norms.to(self.device))
+        norms = norms.to(self.device)
+        # All rows re-centred: a fresh tensor, as published snapshots read the old norms.
+        self._norms = norms if start == 0 else _put(self._norms, start, norms)
         self._ready = n
 
     def remove(self, ids: Tensor) -> None:
-        """Drop the rows with these ids (all known to be present)."""
-        with self._lock:
+        """Drop the rows with these ids (all known to be present), into fresh tensors."""
+        with self.lock:
             self._refresh()
+            self._remove(ids)
+            self.version += 1
+            self._published = None
+
+    def _remove(self, ids: Tensor) -> None:
         keep = ~torch.isin(self.ids, ids.to(self.device))
         keep_cpu = keep.cpu()
         kv = keep.to(self._vector_device)
@@ -248,12 +277,15 @@ class Store:
         self.n = self._ready = int(keep_cpu.sum())
         if self.n == 0:
             self._centred_at = 0
-        self._cache = None
 
     def to(self, device: torch.device) -> None:
         """Move the searched tensors (and, for float32 storage, the vectors) to ``device``."""
-        with self._lock:
+        with self.lock:
             self._refresh()
+            self._move(device)
+            self._published = None
+
+    def _move(self, device: torch.device) -> None:
         self.device = device
         self._vectors = self.vectors.to(self._vector_device)
         self._search = self._search[: self.n].to(device)
@@ -263,30 +295,33 @@ class Store:
         self._radius = self._radius[: self.n]
         self._eps = self._eps[: self.n]
         self._labels = self.labels
-        self._cache = None
 
     # -- search view -------------------------------------------------------------------------
 
-    def gallery(self) -> Gallery:
-        """A snapshot of what a search needs (cached until the next change)."""
-        with self._lock:
-            self._refresh()
-            return self._snapshot()
+    def snapshot(self) -> Snapshot:
+        """The current state, which no later change alters (built once per change)."""
+        published = self._published
+        if published is not None:
+            return published
+        with self.lock:
+            if self._published is None:
+                self._refresh()
+                self._published = self._build()
+            return self._published
 
-    def _snapshot(self) -> Gallery:
-        if self._cache is None:
-            n = self.n
-            c64 = self._centre.to(torch.float64)
-            self._cache = Gallery(
-                search=self.vectors if self._alias else self._search[:n],
-                norms=self._norms[:n],
-                offset=-c64 if self._alias else torch.zeros_like(c64),
-                centre=self._centre,
-                vectors=self.vectors,
-                ids=self.ids,
-                eps_max=float(self._eps[:n].max()) if n else 0.0,
-                norm_max=float(self._norms[:n].max()) if n else 0.0,
-                radius_max=float(self._radius[:n].max()) if n else 0.0,
-                metric=self.metric,
-            )
-        return self._cache
+    def _build(self) -> Snapshot:
+        n = self.n
+        c64 = self._centre.to(torch.float64)
+        gallery = Gallery(
+            search=self.vectors if self._alias else self._search[:n],
+            norms=self._norms[:n],
+            offset=-c64 if self._alias else torch.zeros_like(c64),
+            centre=self._centre,
+            vectors=self.vectors,
+            ids=self.ids,
+            eps_max=float(self._eps[:n].max()) if n else 0.0,
+            norm_max=float(self._norms[:n].max()) if n else 0.0,
+            radius_max=float(self._radius[:n].max()) if n else 0.0,
+            metric=self.metric,
+        )
+        return Snapshot(self.version, gallery, self.labels, self.metadata)

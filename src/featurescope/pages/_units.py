@@ -141,7 +141,7 @@ def build_units(
         The :class:`~featurescope.pages.Units` structure.
     """
     from featurescope.tap import receptive_fields
-    from featurescope.units import patch, project, top_activations
+    from featurescope.units import patch, top_activations
 
     nodes = list(spec.top) if spec.top is not None else list(spec.nodes)
     top = (
@@ -187,6 +187,9 @@ def build_units(
     stages: list[UnitStage] = []
     for position, node in enumerate(nodes):
         result, field = top[node], fields[node]
+        projected_by = _project_tops(
+            model, sources, where, node, result, project_top, spec.projections, batch_size
+        )
         units: list[Unit] = []
         for channel in range(result.values.shape[0]):
             examples: list[UnitExample] = []
@@ -199,16 +202,9 @@ def build_units(
                 box = field.box(row, col)
                 top_, left, bottom, right = box
                 projected: dict[str, int | None] = dict.fromkeys(_METHODS)
-                if rank < project_top:
-                    for method in spec.projections:
-                        full = project(
-                            model,
-                            source,
-                            node,
-                            channel,
-                            (row, col),
-                            method=method,
-                        )
+                for method in spec.projections:
+                    full = projected_by.get((method, channel, rank))
+                    if full is not None:
                         crop = full[:, top_:bottom, left:right]
                         projected[method] = add(picture_url(crop, PATCH_SIDE, signed=True))
                 channel_map = shrink(maps[node][where[i], channel][None])
@@ -249,3 +245,44 @@ def build_units(
         "sources": source_entries,
         "stages": stages,
     }
+
+
+def _project_tops(
+    model: nn.Module,
+    sources: list[torch.Tensor],
+    where: dict[int, int],
+    node: str,
+    result: TopActivations,
+    project_top: int,
+    methods: Sequence[str],
+    batch_size: int,
+) -> dict[tuple[str, int, int], torch.Tensor]:
+    """Each channel's strongest ``project_top`` activations projected back to pixels, keyed by
+    ``(method, channel, rank)``: ``batch_size`` activations per backward pass."""
+    wanted = [
+        (channel, rank, where[int(result.image_ids[channel, rank])])
+        for channel in range(result.values.shape[0])
+        for rank in range(min(project_top, result.values.shape[1]))
+        if int(result.image_ids[channel, rank]) >= 0
+    ]
+    from featurescope.units import projections
+
+    done: dict[tuple[str, int, int], torch.Tensor] = {}
+    for method in methods:
+        for start in range(0, len(wanted), batch_size):
+            chunk = wanted[start : start + batch_size]
+            with training_mode(model, False):
+                full = projections(
+                    model,
+                    torch.stack([sources[s] for _, _, s in chunk]),
+                    node,
+                    [channel for channel, _, _ in chunk],
+                    [
+                        (int(result.positions[c, r, 0]), int(result.positions[c, r, 1]))
+                        for c, r, _ in chunk
+                    ],
+                    method=cast(Method, method),
+                )
+            for (channel, rank, _), one in zip(chunk, full, strict=True):
+                done[method, channel, rank] = one
+    return done

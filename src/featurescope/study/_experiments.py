@@ -8,6 +8,8 @@
    :class:`~featurescope.EmbeddingIndex` to search by image.
 4. :func:`compare_width_representations`: linear CKA between the stages of the two trained
    widths, and of each with itself.
+5. :func:`channel_units`: what the trained net's channels respond to (Zeiler & Fergus): each
+   channel's top images, their patches and deconvnet projections.
 
 The examples, ``featurescope demo`` and the CLI are built from these; they add no logic of
 their own.
@@ -39,6 +41,7 @@ from featurescope.zoo import load_checkpoint, model_metadata, model_name, resolv
 
 __all__ = [
     "WidthRun",
+    "channel_units",
     "compare_width_representations",
     "compare_widths",
     "draw_stage_maps",
@@ -547,4 +550,70 @@ def compare_width_representations(
         "num_batches": both.num_batches,
         "stages": list(stages),
         "comparisons": comparisons,
+    }
+
+
+def channel_units(
+    model: nn.Module,
+    images: Dataset[Any],
+    out: PathLike,
+    *,
+    stages: Sequence[str] = ("conv1", "conv2", "conv3"),
+    k: int = 9,
+    shown_channels: int = 8,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """What each channel of ``stages`` responds to over ``images``, written to ``out``.
+
+    Every channel's ``k`` strongest images and their receptive-field patches; deconvnet
+    projections (Zeiler & Fergus) for the ``shown_channels`` strongest channels of each stage,
+    which each stage's figure draws (see :func:`featurescope.units.write_units`).
+
+    Returns:
+        ``{"num_images", "k", "projection", "stages", "shown_channels", "units", "figures":
+        {stage: path}}``, paths relative to ``out``'s parent (``units`` is ``units.json``).
+
+    Example:
+        >>> import tempfile, torch, featurescope as fs
+        >>> from torch.utils.data import TensorDataset
+        >>> images = TensorDataset(torch.rand(3, 3, 227, 227))
+        >>> out = Path(tempfile.mkdtemp()) / "units"
+        >>> done = channel_units(fs.create_model("alexnet_half"), images, out, stages=["conv1"],
+        ...                      k=2, shown_channels=2, progress=False)
+        >>> done["figures"], done["units"]
+        ({'conv1': 'units/conv1.png'}, 'units/units.json')
+    """
+    from featurescope.units import UNITS_FILE, write_units
+
+    if device is not None:
+        model.to(device)
+    folder = Path(out)
+    units = write_units(
+        model,
+        images,
+        list(stages),
+        folder,
+        k=k,
+        projection="deconvnet",
+        figure_channels=shown_channels,
+        file_channels=shown_channels,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    figures = {
+        node["node"]: str((folder / node["figure"]).relative_to(folder.parent))
+        for node in units["nodes"]
+        if node["figure"]
+    }
+    return {
+        "num_images": units["num_images"],
+        "k": k,
+        "projection": units["projection"],
+        "stages": list(stages),
+        "shown_channels": shown_channels,
+        "units": str((folder / UNITS_FILE).relative_to(folder.parent)),
+        "figures": figures,
     }

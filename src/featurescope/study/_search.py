@@ -37,6 +37,7 @@ from featurescope.study._owned_folder import (
     replace_owned_folder,
     staging_folder,
 )
+from featurescope.study._search_manifest import check_manifest
 from featurescope.tap import FeatureTap
 from featurescope.zoo.metadata import (
     ModelMetadata,
@@ -551,11 +552,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise IndexFileError(f"{manifest_path} is not readable JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IndexFileError(f"{manifest_path} is not an ImageSearch manifest of format {FORMAT!r}")
-    for key in ("index", "checkpoint"):
-        name = manifest.get(key)
-        if name is not None and (not isinstance(name, str) or Path(name).name != name):
-            raise IndexFileError(f"{manifest_path}: {key!r} must name a file in the folder")
-    return manifest
+    return check_manifest(manifest_path, manifest)
 
 
 def _relabelled(index: EmbeddingIndex, metadata: list[str | None]) -> EmbeddingIndex:

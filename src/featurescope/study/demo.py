@@ -1,9 +1,11 @@
-"""``featurescope demo``: the study's three experiments end to end, and a report of them.
+"""``featurescope demo``: the study's experiments end to end, and a report of them.
 
 :func:`run_demo` draws (or opens) a dataset, trains both AlexNet widths, draws the trained
-net's feature maps stage by stage, searches training images by the last hidden layer, and
-writes every figure, ``metrics.json``, ``report.html`` and the interactive ``explorer.html``
-(see :mod:`featurescope.study.explorer`) into one folder, then prints a summary table.
+net's feature maps stage by stage, shows what its channels respond to (each channel's top
+training images, patches and deconvnet projections), searches training images by the last
+hidden layer, and writes every figure, ``metrics.json``, ``report.html`` and the interactive
+``explorer.html`` (see :mod:`featurescope.study.explorer`) into one folder, then prints a
+summary table.
 """
 
 from __future__ import annotations
@@ -177,6 +179,16 @@ def _maps_experiment(model: torch.nn.Module, splits: DatasetSplits, out: Path) -
     }
 
 
+def _units_experiment(
+    model: torch.nn.Module, splits: DatasetSplits, out: Path, device: Any, progress: bool
+) -> dict[str, Any]:
+    """What the trained net's channels at conv1, conv2, conv3 respond to, over the training
+    images as search sees them (no augmentation)."""
+    return study.channel_units(
+        model, _gallery(splits), out / "units", device=device, progress=progress
+    )
+
+
 def _retrieval_experiment(
     model: torch.nn.Module,
     splits: DatasetSplits,
@@ -246,7 +258,7 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Reproduce the study's three experiments and write a report of them to ``out``.
+    """Reproduce the study's experiments and write a report of them to ``out``.
 
     Args:
         out: the output folder: ``report.html``, ``metrics.json``, ``accuracy.csv``, the
@@ -276,14 +288,14 @@ def run_demo(
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
-    log("1/5 data")
+    log("1/6 data")
     splits = study.open_study_data(data, preset)
     log(
         f"    {len(splits.train)} training images of {len(splits.classes)} classes at {splits.root}"
     )
 
     log(
-        f"2/5 width comparison: {', '.join(preset.models)} at batch sizes "
+        f"2/6 width comparison: {', '.join(preset.models)} at batch sizes "
         f"{', '.join(map(str, preset.batch_sizes))}, {preset.epochs} epochs"
     )
     t = time.perf_counter()
@@ -293,7 +305,7 @@ def run_demo(
     model = best.load_best()
     log(f"    best full-width run: {best.name}, val acc {best.history.best_val_acc}")
 
-    log("3/5 feature maps per stage")
+    log("3/6 feature maps per stage")
     t = time.perf_counter()
     maps = _maps_experiment(model, splits, out)
     timings["feature_maps"] = time.perf_counter() - t
@@ -302,14 +314,19 @@ def run_demo(
     similarity = _similarity_experiment(runs, width["parameters"], splits, out, device, progress)
     timings["similarity"] = time.perf_counter() - t
 
-    log("4/5 search by image")
+    log("4/6 what the channels respond to: top-9 patches and deconvnet projections")
+    t = time.perf_counter()
+    units = _units_experiment(model, splits, out, device, progress)
+    timings["units"] = time.perf_counter() - t
+
+    log("5/6 search by image")
     t = time.perf_counter()
     retrieval, index, queries = _retrieval_experiment(
         model, splits, preset, out, device, seed, progress
     )
     timings["retrieval"] = time.perf_counter() - t
 
-    log("5/5 the explorer page")
+    log("6/6 the explorer page")
     t = time.perf_counter()
     explorer = _explorer(model, splits, index, queries, runs, retrieval, out, similarity)
     timings["explorer"] = time.perf_counter() - t
@@ -335,6 +352,7 @@ def run_demo(
         "width_comparison": width,
         "feature_maps": {**maps, "model": best.name},
         "similarity": similarity,
+        "units": units,
         "retrieval": retrieval,
         "explorer": explorer.name,
         "seconds": {name: round(value, 1) for name, value in timings.items()},

@@ -122,6 +122,22 @@ def _maps_section(figure: _Figures, maps: Mapping[str, Any]) -> Section:
     }
 
 
+def _units_section(figure: _Figures, units: Mapping[str, Any]) -> Section:
+    """What the trained net's channels respond to (Zeiler & Fergus), when measured."""
+    return {
+        "template": "units.html",
+        "k": units["k"],
+        "num_images": units["num_images"],
+        "shown_channels": units["shown_channels"],
+        "projection": str(units["projection"]),
+        "units": units["units"],
+        "figures": [
+            figure(file, f"{stage}: each channel's top patches and projections")
+            for stage, file in units["figures"].items()
+        ],
+    }
+
+
 def _retrieval_section(figure: _Figures, retrieval: Mapping[str, Any]) -> Section:
     k = retrieval["k"]
     trained, base = retrieval["trained"], retrieval["random_weights"]
@@ -212,6 +228,8 @@ def write_report(folder: str | os.PathLike[str], metrics: Mapping[str, Any]) -> 
     ]
     if metrics.get("similarity"):
         sections.append(_similarity_section(figure, metrics["similarity"]))
+    if metrics.get("units"):
+        sections.append(_units_section(figure, metrics["units"]))
     sections.append(_retrieval_section(figure, metrics["retrieval"]))
     page = render(
         "report.html",

@@ -9,6 +9,7 @@ gradients (Grad-CAM); ``_receptive`` finds each node's exact receptive field on 
 through :func:`featurescope.model_metadata`.
 """
 
+from featurescope.tap._fold import Accumulator, fold
 from featurescope.tap._nodes import tappable_nodes
 from featurescope.tap._receptive import ReceptiveField, receptive_field, receptive_fields
 from featurescope.tap._store import Extraction, load_features, merge_features
@@ -16,11 +17,13 @@ from featurescope.tap._tap import FeatureTap, NodeSummary, get_graph_node_names
 from featurescope.tap.gradcam import GradCam, grad_cam, last_spatial_node
 
 __all__ = [
+    "Accumulator",
     "Extraction",
     "FeatureTap",
     "GradCam",
     "NodeSummary",
     "ReceptiveField",
+    "fold",
     "get_graph_node_names",
     "grad_cam",
     "last_spatial_node",

@@ -23,6 +23,7 @@ run must match), ``rank``, ``world_size``; a merged manifest has ``shards`` inst
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -125,8 +126,41 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _reserve(path: Path, size: int) -> None:
+    """Allocate ``size`` bytes of ``path`` on disk now, so that a full disk is an ``OSError``
+    here, naming the file, and never a SIGBUS later (a sparse file written through a memory map
+    faults when the disk has no block for a page). File systems without ``posix_fallocate``
+    are left sparse: rows are written with ordinary writes, which fail just as clearly."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            reason = f"cannot reserve {size} bytes ({exc.strerror})"
+            raise OSError(exc.errno, reason, str(path)) from exc
+    except AttributeError:  # no posix_fallocate (macOS, Windows)
+        pass
+    finally:
+        os.close(fd)
+
+
+def _new_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """An ``.npy`` file of ``shape`` with every block allocated (see :func:`_reserve`)."""
+    try:
+        array = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        size = int(array.offset) + array.nbytes
+        del array  # unmapped: the rows are written with ordinary writes
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    _reserve(path, size)
+
+
 class _NpyRows:
-    """Writes rows into an existing ``.npy`` file through a memory map of just those rows."""
+    """Writes rows into an existing ``.npy`` file with ordinary writes at their offset.
+
+    A failed write (a full disk, a quota, a file size limit) is an ``OSError`` naming the file,
+    raised before the manifest counts the rows: the extraction stays resumable.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -140,15 +174,20 @@ class _NpyRows:
     def write(self, start: int, rows: np.ndarray) -> None:
         if len(rows) == 0:
             return
-        window = np.memmap(
-            self.path,
-            dtype=self.dtype,
-            mode="r+",
-            offset=self.offset + start * self.row_bytes,
-            shape=(len(rows), *self.shape[1:]),
-        )
-        window[...] = rows
-        del window  # unmapped now: written pages stay in the page cache, not in this process
+        data = np.ascontiguousarray(rows, dtype=self.dtype).reshape(-1).view(np.uint8).data
+        at = self.offset + start * self.row_bytes
+        try:
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                while data:
+                    done = os.pwrite(fd, data, at)
+                    data, at = data[done:], at + done
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"{exc.strerror} while writing features", str(self.path)
+            ) from exc
 
 
 class ShardWriter:
@@ -252,8 +291,7 @@ class ShardWriter:
         nodes = {}
         for alias, batch in arrays.items():
             path = self.folder / names[alias]
-            del_me = open_memmap(path, mode="w+", dtype=batch.dtype, shape=(n, *batch.shape[1:]))
-            del del_me
+            _new_npy(path, batch.dtype, (n, *batch.shape[1:]))
             self._files[alias] = _NpyRows(path)
             nodes[alias] = {
                 "node": self._header["nodes"][alias],
@@ -262,8 +300,7 @@ class ShardWriter:
                 "dtype": str(batch.dtype),
             }
         if labels is not None:
-            del_me = open_memmap(self.folder / LABELS, mode="w+", dtype=labels.dtype, shape=(n,))
-            del del_me
+            _new_npy(self.folder / LABELS, labels.dtype, (n,))
             self._labels = _NpyRows(self.folder / LABELS)
         self.manifest = {
             "format": FORMAT,

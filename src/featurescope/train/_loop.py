@@ -411,6 +411,11 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Progress]:
         yield bar
 
 
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise FeaturescopeError(f"{name} must be an int >= {low}, got {value!r}")
+
+
 def train(
     model: nn.Module,
     train_data: Dataset[Any],
@@ -501,8 +506,14 @@ def train(
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise FeaturescopeError(f"epochs must be a positive int, got {epochs!r}")
-    if batch_size < 1:
-        raise FeaturescopeError(f"batch_size must be positive, got {batch_size}")
+    _check_int("batch_size", batch_size, 1)
+    _check_int("num_workers", num_workers, 0)
+    _check_int("seed", seed, 0)
+    if eval_batch_size is not None:
+        _check_int("eval_batch_size", eval_batch_size, 1)
+    for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+        if value is not None and not (isinstance(value, int | float) and 0 <= value < math.inf):
+            raise FeaturescopeError(f"{name} must be a finite number >= 0, got {value!r}")
     if len(train_data) == 0:  # type: ignore[arg-type]
         raise FeaturescopeError("train_data is empty")
     # An empty validation set would report val_acc 0.0 every epoch, as if the model had failed.

@@ -13,17 +13,19 @@ all reach it, and the model is neither copied nor modified.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from featurescope._torch_utils import training_mode
 from featurescope.errors import FeaturescopeError
 from featurescope.tap import FeatureTap
 from featurescope.units._top import as_grid
 
-__all__ = ["project"]
+__all__ = ["project", "projections"]
 
 Method = Literal["deconvnet", "guided", "gradient"]
 
@@ -107,27 +109,76 @@ def project(
         >>> p.shape, bool((p[:, 4:, :] == 0).all())  # nothing outside the receptive field
         (torch.Size([1, 6, 6]), True)
     """
+    return projections(model, image[None], node, [channel], [position], method=method)[0]
+
+
+def projections(
+    model: nn.Module,
+    images: torch.Tensor,
+    node: str,
+    channels: Sequence[int],
+    positions: Sequence[tuple[int, int]],
+    *,
+    method: Method = "deconvnet",
+) -> torch.Tensor:
+    """Many activations projected at once: image ``b``'s activation ``(channels[b],
+    *positions[b])``, each alone, in one forward and one backward pass.
+
+    The images of a batch do not mix in eval mode, so the gradient of the sum of the chosen
+    activations with respect to image ``b`` is the projection of activation ``b`` alone: the
+    same as :func:`project` for each, at the cost of one batched pass.
+
+    Args:
+        model: as for :func:`project`.
+        images: ``[B, C, H, W]``, preprocessed as the model takes them.
+        node: the node.
+        channels: ``B`` channels, one per image.
+        positions: ``B`` ``(row, column)`` positions on the node's grid, one per image.
+        method: as for :func:`project`.
+
+    Returns:
+        ``[B, C, H, W]``: the projections, in the input's units.
+
+    Raises:
+        FeaturescopeError: an unknown method, a position off the node's grid, or not one
+            channel and one position per image.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU())
+        >>> images = torch.rand(2, 1, 6, 6)
+        >>> both = projections(model, images, "1", [0, 1], [(0, 0), (2, 1)])
+        >>> torch.allclose(both[1], project(model, images[1], "1", 1, (2, 1)))
+        True
+    """
     functions = {"deconvnet": _DeconvReLU, "guided": _GuidedReLU, "gradient": None}
     if method not in functions:
         raise FeaturescopeError(
             f"method must be 'deconvnet', 'guided' or 'gradient', got {method!r}"
         )
-    tap = FeatureTap(model, [node]).eval()
-    x = image[None].detach().clone().requires_grad_(True)
+    if not len(channels) == len(positions) == len(images):
+        raise FeaturescopeError(
+            f"projections takes one channel and one position per image: {len(images)} images, "
+            f"{len(channels)} channels, {len(positions)} positions"
+        )
+    tap = FeatureTap(model, [node])
+    x = images.detach().clone().requires_grad_(True)
     function = functions[method]
-    with torch.enable_grad():
+    with training_mode(model, False), torch.enable_grad():
         if function is None:
             out = tap(x)[node]
         else:
             with _SwapReLU(function):
                 out = tap(x)[node]
         grid = as_grid(out)
-        i, j = position
-        if not (0 <= channel < grid.shape[1] and 0 <= i < grid.shape[2] and 0 <= j < grid.shape[3]):
+        where = torch.tensor([[c, *p] for c, p in zip(channels, positions, strict=True)])
+        off = ((where < 0) | (where >= torch.tensor(grid.shape[1:]))).any(dim=1)
+        if bool(off.any()):
+            c, i, j = where[int(off.nonzero()[0])].tolist()
             raise FeaturescopeError(
-                f"({channel}, {i}, {j}) is off node {node!r}'s grid of "
+                f"({c}, {i}, {j}) is off node {node!r}'s grid of "
                 f"{grid.shape[1]} channels x {grid.shape[2]} x {grid.shape[3]}"
             )
-        activation = grid[0, channel, i, j]
-        (projection,) = torch.autograd.grad(activation, x)
-    return projection[0].detach()
+        chosen = grid[torch.arange(len(x)), where[:, 0], where[:, 1], where[:, 2]]
+        (projection,) = torch.autograd.grad(chosen.sum(), x)
+    return projection.detach()

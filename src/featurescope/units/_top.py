@@ -9,16 +9,17 @@ answer is the same whatever the batch size or the order of merging.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from featurescope.errors import FeaturescopeError
-from featurescope.tap import FeatureTap
+from featurescope.tap import FeatureTap, fold
 
 __all__ = ["TopActivations", "merge_top_activations", "top_activations"]
 
@@ -94,9 +95,10 @@ def _merge(
 class _Running:
     """One node's running top ``k`` per channel."""
 
-    def __init__(self, channels: int, k: int, grid: tuple[int, int]) -> None:
+    def __init__(self, channels: int, k: int, grid: tuple[int, int], dtype: torch.dtype) -> None:
         self.k = k
         self.grid = grid
+        self.dtype = dtype
         self.values = torch.full((channels, 0), -math.inf, dtype=torch.float64)
         self.ids = torch.zeros((channels, 0), dtype=torch.int64)
         self.flat = torch.zeros((channels, 0), dtype=torch.int64)
@@ -106,12 +108,18 @@ class _Running:
         flat_maps = maps.reshape(n, c, -1).double()
         best = flat_maps.argmax(dim=2)  # the first of equal maxima: the smallest position
         score = flat_maps.amax(dim=2) if reduce == "max" else flat_maps.mean(dim=2)
-        values = torch.cat([self.values, score.T.cpu()], dim=1)
-        image = torch.cat([self.ids, ids[None, :].expand(c, n)], dim=1)
-        flat = torch.cat([self.flat, best.T.cpu()], dim=1)
-        self.values, self.ids, self.flat = _merge(values, image, flat, self.k)
+        self.join(score.T.cpu(), ids[None, :].expand(c, n), best.T.cpu())
 
-    def result(self, node: str, reduce: str, dtype: torch.dtype) -> TopActivations:
+    def join(self, values: torch.Tensor, ids: torch.Tensor, flat: torch.Tensor) -> None:
+        """Keep the top ``k`` of what is kept and ``[C, m]`` more candidates."""
+        self.values, self.ids, self.flat = _merge(
+            torch.cat([self.values, values], 1),
+            torch.cat([self.ids, ids], 1),
+            torch.cat([self.flat, flat], 1),
+            self.k,
+        )
+
+    def result(self, node: str, reduce: str) -> TopActivations:
         c, have = self.values.shape
         pad = self.k - have
         values = torch.cat([self.values, torch.full((c, pad), -math.inf, dtype=torch.float64)], 1)
@@ -120,46 +128,108 @@ class _Running:
         width = self.grid[1]
         positions = torch.stack([flat // width, flat % width], dim=2)
         positions[ids < 0] = -1
-        return TopActivations(node, values.to(dtype), ids, positions, self.grid, reduce)
+        return TopActivations(node, values.to(self.dtype), ids, positions, self.grid, reduce)
 
 
-def _batches(data: Any, batch_size: int) -> Iterable[torch.Tensor]:
-    if isinstance(data, torch.Tensor):
-        yield from data.split(batch_size)
-        return
-    loader: DataLoader[Any] = DataLoader(data, batch_size=batch_size, shuffle=False)
-    for batch in loader:
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+class _TopK:
+    """Each node's running top ``k``: an accumulator for :func:`featurescope.tap.fold`."""
+
+    def __init__(self, nodes: Sequence[str], k: int, reduce: Reduce) -> None:
+        self.nodes = list(nodes)
+        self.k = k
+        self.reduce = reduce
+        self.running: dict[str, _Running] = {}
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "top_activations", "k": self.k, "reduce": self.reduce}
+
+    def update(self, features: Mapping[str, torch.Tensor], ids: torch.Tensor) -> None:
+        ids = ids.cpu()
+        for node in self.nodes:
+            maps = as_grid(features[node])
+            if node not in self.running:
+                grid = (int(maps.shape[2]), int(maps.shape[3]))
+                self.running[node] = _Running(int(maps.shape[1]), self.k, grid, maps.dtype)
+            self.running[node].add(maps, ids, self.reduce)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for i, node in enumerate(self.nodes):
+            run = self.running.get(node)
+            if run is not None:
+                state[f"{i}.values"] = run.values
+                state[f"{i}.ids"] = run.ids
+                state[f"{i}.flat"] = run.flat
+                state[f"{i}.grid"] = torch.tensor(run.grid, dtype=torch.int64)
+                state[f"{i}.dtype"] = torch.zeros(0, dtype=run.dtype)  # the maps' dtype, no data
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.running = {}
+        self.merge([state])
+
+    def merge(self, states: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        for state in states:
+            for i, node in enumerate(self.nodes):
+                if f"{i}.values" not in state:
+                    continue  # a rank that saw no image
+                values = state[f"{i}.values"]
+                if node not in self.running:
+                    grid = (int(state[f"{i}.grid"][0]), int(state[f"{i}.grid"][1]))
+                    dtype = state[f"{i}.dtype"].dtype
+                    self.running[node] = _Running(values.shape[0], self.k, grid, dtype)
+                self.running[node].join(values, state[f"{i}.ids"], state[f"{i}.flat"])
+
+    def result(self) -> dict[str, TopActivations]:
+        return {node: self.running[node].result(node, self.reduce) for node in self.nodes}
 
 
 def top_activations(
     model: nn.Module,
-    data: Dataset[Any] | torch.Tensor,
+    data: Dataset[Any] | DataLoader[Any] | torch.Tensor,
     nodes: Sequence[str],
     k: int = 9,
     *,
     reduce: Reduce = "max",
     batch_size: int = 64,
     device: str | torch.device | None = None,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    num_workers: int = 0,
 ) -> dict[str, TopActivations]:
     """Stream ``data`` through ``model`` and keep each channel's ``k`` strongest images.
 
+    Runs on the extraction machinery (:func:`featurescope.tap.fold`): with ``out`` the running
+    top ``k`` is saved as it goes and the same call resumes a killed run from there (a state
+    made over other data, weights, nodes, ``k`` or ``reduce`` is refused); under
+    ``torch.distributed`` (e.g. ``torchrun``) each rank ranks its ``DistributedSampler`` part
+    and the parts are merged exactly, so every rank returns what one process would. Memory is
+    O(channels x ``k``) whatever the dataset's size.
+
     Args:
-        model: any model :class:`~featurescope.FeatureTap` runs (put in eval mode here).
-        data: a map-style dataset of images (or ``(image, label)`` pairs), or a tensor
-            ``[N, C, H, W]``; image ids are indices into it.
+        model: any model :class:`~featurescope.FeatureTap` runs (run in eval mode; each
+            submodule's mode is restored afterwards).
+        data: a map-style dataset of images (or ``(image, label)`` pairs), a batched
+            DataLoader over one, or a tensor ``[N, C, H, W]``; image ids are indices into it.
         nodes: the nodes to rank, as :class:`~featurescope.FeatureTap` names them.
         k: how many images to keep per channel.
         reduce: ``"max"`` scores an image by its strongest position (Zeiler & Fergus),
             ``"mean"`` by the spatial mean.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (for a dataset or a tensor).
         device: where to run (the model must already be there); default: the model's device.
+        out: a folder to keep the running top ``k`` in (``out/rank{r}`` per rank), and to
+            resume from.
+        overwrite: with ``out``, start afresh even if the folder holds a saved state.
+        progress: show a progress bar (on rank 0).
+        num_workers: DataLoader workers for a dataset.
 
     Returns:
         ``{node: TopActivations}``; ties are broken by image index, then position.
 
     Raises:
-        FeaturescopeError: ``k`` or ``reduce`` is invalid, or a node has no grid.
+        FeaturescopeError: ``k`` or ``reduce`` is invalid, a node has no grid, the data holds
+            no images, or ``out`` holds the state of another run.
 
     Example:
         >>> import torch
@@ -171,34 +241,31 @@ def top_activations(
         >>> top.image_ids.tolist(), top.positions[0, 0].tolist(), (top.values[1] + 0).tolist()
         ([[2, 1], [0, 1]], [1, 1], [0.0, -4.0])
     """
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise FeaturescopeError(f"k must be a positive integer, got {k!r}")
     if reduce not in ("max", "mean"):
         raise FeaturescopeError(f"reduce must be 'max' or 'mean', got {reduce!r}")
-    if isinstance(nodes, str):
-        nodes = [nodes]
-    tap = FeatureTap(model, list(nodes)).eval()
-    target = torch.device(device) if device is not None else None
-    running: dict[str, _Running] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    seen = 0
-    with torch.no_grad():
-        for images in _batches(data, batch_size):
-            if target is not None:
-                images = images.to(target)
-            out = tap(images)
-            ids = torch.arange(seen, seen + images.shape[0])
-            seen += images.shape[0]
-            for node in nodes:
-                maps = as_grid(out[node])
-                if node not in running:
-                    grid = (int(maps.shape[2]), int(maps.shape[3]))
-                    running[node] = _Running(int(maps.shape[1]), k, grid)
-                    dtypes[node] = maps.dtype
-                running[node].add(maps, ids, reduce)
-    if seen == 0:
-        raise FeaturescopeError("the data holds no images")
-    return {node: running[node].result(node, reduce, dtypes[node]) for node in nodes}
+    nodes = [nodes] if isinstance(nodes, str) else list(nodes)
+    if not nodes:
+        raise FeaturescopeError("nodes is empty; name at least one node to rank")
+    if isinstance(data, torch.Tensor):
+        if len(data) == 0:
+            raise FeaturescopeError("the data holds no images")
+        data = TensorDataset(data)
+    accumulator = _TopK(nodes, k, reduce)
+    fold(
+        FeatureTap(model, nodes),
+        data,
+        accumulator,
+        batch_size=batch_size,
+        device=device,
+        out=out,
+        overwrite=overwrite,
+        progress=progress,
+        num_workers=num_workers,
+        desc="top activations",
+    )
+    return accumulator.result()
 
 
 def merge_top_activations(

@@ -5,20 +5,20 @@ tile (in the style of einops' ``_backends.py``: a small class per backend, looke
 string switches in the kernel):
 
 - :class:`Float32`: float32 ``sgemm`` through torch's BLAS (MKL or OpenBLAS);
-- :class:`NumpyFloat32`: float32 ``sgemm`` through numpy's bundled OpenBLAS;
+- :class:`NumpyFloat32`: float32 ``sgemm`` through numpy's bundled OpenBLAS, single-threaded on
+  the calling worker without changing any thread setting (see ``_openblas``);
 - :class:`BFloat16`: bfloat16 inputs, float32 accumulation, bfloat16 output, through torch
   (oneDNN), which runs on AMX or AVX-512-BF16 units where the processor has them and is slow
   where it has not. Its rounding is larger and proven too: the output rounding is folded into
   each score (:data:`BF16_OUTPUT`), the rest into the query's error bound (see ``_metric``).
 
 Which is fastest depends on the processor and the shapes, so with ``backend="auto"`` the first
-large search for a vector length times :class:`Float32` against :class:`BFloat16` on one tile of
-its own shape and keeps the faster; bfloat16 must win by ``race_margin``, for its wider bound
-sends a few more candidates to the float64 re-rank. numpy's OpenBLAS can only be limited to one
-thread process-wide, which a search never does; so :class:`NumpyFloat32` joins the race only
-when the process already runs it single-threaded (``OPENBLAS_NUM_THREADS=1`` or threadpoolctl,
-the caller's choice), and otherwise runs only when asked for by name. Where OpenBLAS beats MKL
-(AMD processors: about 30 % here) that setting is worth making.
+large search for a vector length times the three on one tile of its own shape, on a worker
+like those that will run it, and keeps the fastest; bfloat16 must win by ``race_margin``, for
+its wider bound sends a few more candidates to the float64 re-rank. Where the loaded OpenBLAS
+has no single-threaded entry point (see ``_openblas``), :class:`NumpyFloat32` multiplies at
+OpenBLAS's process-wide thread count, and it joins the race only when that count is already
+1 (``OPENBLAS_NUM_THREADS=1``, the caller's choice).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from featurescope.index._search._config import SearchConfig
+from featurescope.index._search._openblas import SMALL, openblas_sgemm
 
 __all__ = [
     "BACKENDS",
@@ -85,8 +86,27 @@ class NumpyFloat32(Backend):
     name = "numpy"
 
     def scores_into(self, q: Tensor, tile: Tensor, norms: Tensor, out: Tensor) -> None:
-        np.matmul(q.numpy(), tile.numpy().T, out=out.numpy())
-        torch.add(norms, out, alpha=-2, out=out)
+        sgemm = openblas_sgemm()
+        if sgemm is None:
+            np.matmul(q.numpy(), tile.numpy().T, out=out.numpy())
+            torch.add(norms, out, alpha=-2, out=out)
+        elif q.shape[0] >= _FEWEST_ROWS and q.shape[0] * tile.shape[0] * q.shape[1] > SMALL:
+            # The norms first, then ``beta = 1``: one pass over the block fewer than a product
+            # (which zeroes it) followed by a sum, and the same rounding as ``addmm``.
+            out.copy_(norms.expand_as(out))
+            sgemm(_rows(q), _rows(tile), out, alpha=-2.0, beta=1.0)
+        else:
+            FLOAT32.scores_into(q, tile, norms, out)
+
+
+#: Fewest query rows for OpenBLAS's batched product: its ``sgemm`` driver packs the whole
+#: gallery tile and fills micro-kernels four rows wide, so one to three queries (latency) run
+#: several times faster as torch's product, which reads the tile once.
+_FEWEST_ROWS = 4
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x if x.stride(1) == 1 else x.contiguous()
 
 
 class BFloat16(Backend):
@@ -103,16 +123,17 @@ class BFloat16(Backend):
         torch.add(norms, p, alpha=-2.0, out=out)
 
 
+FLOAT32: Backend = Float32()
 #: The backends by name.
-BACKENDS: dict[str, Backend] = {b.name: b for b in (Float32(), NumpyFloat32(), BFloat16())}
-FLOAT32 = BACKENDS["float32"]
-#: The backends the race times (and ``numpy`` where its BLAS runs single-threaded).
+BACKENDS: dict[str, Backend] = {b.name: b for b in (FLOAT32, NumpyFloat32(), BFloat16())}
 _RACED = ("float32", "bfloat16")
 
 
 def _raced() -> tuple[str, ...]:
-    """The backends to time: numpy's only when the caller's process already holds its BLAS
-    at one thread (``OPENBLAS_NUM_THREADS=1``, ``threadpoolctl``); the index never sets it."""
+    """The backends to time: numpy's where it runs single-threaded on a worker (see
+    ``_openblas``), or where the caller's process holds OpenBLAS at one thread anyway."""
+    if openblas_sgemm() is not None:
+        return (*_RACED, "numpy")
     try:
         import threadpoolctl  # type: ignore[import-untyped]
     except ImportError:
@@ -152,6 +173,22 @@ def chosen_backends() -> dict[int, str]:
         return dict(_chosen)
 
 
+def known_backend(
+    dim: int, config: SearchConfig, allow_low: bool = True, chosen: dict[int, str] | None = None
+) -> Backend | None:
+    """The backend named by ``config`` or chosen by an earlier race for ``dim`` (``None``: not
+    raced yet); bfloat16 gives way to float32 where ``allow_low`` is false."""
+    if config.backend != "auto":
+        name: str | None = config.backend
+    else:
+        with _chosen_lock:
+            name = (_chosen if chosen is None else chosen).get(dim)
+    if name is None:
+        return None
+    backend = BACKENDS[name]
+    return FLOAT32 if backend.low_precision and not allow_low else backend
+
+
 def choose_backend(
     q: Tensor,
     sample: Callable[[], tuple[Tensor, Tensor]],
@@ -168,16 +205,13 @@ def choose_backend(
     Call from a single-threaded worker; the race's answer is remembered per vector length (in
     ``chosen``, the process-wide record by default). ``sample()`` gives a float32 gallery tile
     and its norms (only called when the backends are timed); ``nb`` is the number of rows
-    searched; ``allow_low=False`` keeps float32 unless the config forces bfloat16.
+    searched; ``allow_low=False`` keeps float32 (see :func:`known_backend`).
     """
-    if config.backend != "auto":
-        return BACKENDS[config.backend]
-    record = _chosen if chosen is None else chosen
     dim = q.shape[1]
-    with _chosen_lock:
-        if dim in record:
-            known = BACKENDS[record[dim]]
-            return FLOAT32 if known.low_precision and not allow_low else known
+    known = known_backend(dim, config, allow_low, chosen)
+    if known is not None:
+        return known
+    record = _chosen if chosen is None else chosen
     work = float(q.shape[0]) * nb * dim
     if work < config.race_above or q.device.type != "cpu":
         return FLOAT32

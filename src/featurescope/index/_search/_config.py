@@ -27,15 +27,16 @@ class SearchConfig:
 
     Attributes:
         backend: the CPU matrix product of the fast pass. ``"auto"`` (default) times the
-            float32 product against the bfloat16 one on a tile of the first large L2 search of
-            each vector length and keeps the faster (bfloat16 must win by
+            float32 products (torch's, numpy's) against the bfloat16 one on a tile of the first
+            large L2 search of each vector length and keeps the fastest (bfloat16 must win by
             :attr:`race_margin`); ``"float32"`` (torch's ``sgemm``) switches the race off;
             ``"bfloat16"`` skips the race for bfloat16 operands with float32 accumulation (fast
             on AMX or AVX-512-BF16 processors, slow elsewhere), used where it pays (see
             :attr:`min_queries_low_precision` and :attr:`min_rows_low_precision`; set both to 1
             to use it always) and for L2 only: other metrics multiply in float32;
-            ``"numpy"`` uses numpy's ``sgemm`` (its OpenBLAS runs at its process-wide thread
-            count, so it is never chosen by the race). GPUs always multiply in float32.
+            ``"numpy"`` uses numpy's OpenBLAS ``sgemm``, single-threaded on each worker (where
+            that OpenBLAS lacks the batched entry point this needs, at its process-wide thread
+            count, and the race leaves it out). GPUs always multiply in float32.
         threads: CPU worker threads a search may use; ``None`` (default) takes the caller's
             ``torch.get_num_threads()`` at each search. The workers' operations are
             single-threaded, set for each worker alone.

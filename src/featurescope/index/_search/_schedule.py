@@ -25,7 +25,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from featurescope.index._search._backends import BACKENDS, FLOAT32, Backend, choose_backend
+from featurescope.index._search._backends import (
+    BACKENDS,
+    FLOAT32,
+    Backend,
+    choose_backend,
+    known_backend,
+)
 from featurescope.index._search._config import SearchConfig
 from featurescope.index._search._gallery import Gallery
 from featurescope.index._search._metric import Queries, error_coefficients
@@ -33,7 +39,7 @@ from featurescope.index._search._plan import DEFAULT_CONFIG, TilePlan, plan_tile
 from featurescope.index._search._profile import phase
 from featurescope.index._search._rerank import collect, exhaustive, finish_tile
 from featurescope.index._search._selection import scan_tile
-from featurescope.index._search._threads import run_in_threads
+from featurescope.index._search._threads import run_beside, run_in_threads
 
 __all__ = ["Found", "search_exact"]
 
@@ -221,9 +227,9 @@ def _pick_backend(gal: Gallery, queries: Tensor, rows: int, config: SearchConfig
     allow_low = gal.size >= config.min_rows_low_precision and (
         queries.shape[0] >= config.min_queries_low_precision or gal.low_precision_ready()
     )
-    if config.backend != "auto":
-        named = BACKENDS[config.backend]
-        return FLOAT32 if named.low_precision and not allow_low else named
+    known = known_backend(gal.search.shape[1], config, allow_low)
+    if known is not None:
+        return known
 
     def sample() -> tuple[Tensor, Tensor]:
         return gal.tile(0, min(gal.size, config.gallery_tile))
@@ -273,14 +279,15 @@ def _fast(job: _Job, lanes: int, per_lane: int, split: int = 1) -> None:
         ranges = [(a, min(nq, a + per_lane)) for a in range(0, nq, per_lane)]
         run_in_threads([functools.partial(_run_tiles, job, a, b) for a, b in ranges])
     elif split > 1:
-        _run_split(job, split)
+        # On a worker too: the merge and the re-rank between the scans are small operations.
+        run_in_threads([functools.partial(_run_split, job, split)])
     else:
         run_in_threads([functools.partial(_run_tiles, job, 0, nq)])
 
 
 def _run_split(job: _Job, split: int) -> None:
     """Few queries: ``split`` workers scan a gallery range each; merge, then re-rank."""
-    n, tile = job.gal.size, job.plan.gallery_tile
+    n = job.gal.size
     per = -(-n // split)
     bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)]
     blocks = [_new_block(job) for _ in bounds]
@@ -294,13 +301,12 @@ def _run_split(job: _Job, split: int) -> None:
             lo, hi = bounds[i]
             parts[i] = scan_tile(qs.product, job.gal, job.plan, blocks[i], job.backend, lo, hi)
 
-        run_in_threads([functools.partial(scan, i) for i in range(len(bounds))])
+        run_beside([functools.partial(scan, i) for i in range(len(bounds))])
         vals = torch.cat([p[0] for p in parts], 1)
         rows = torch.cat([p[1] for p in parts], 1)
         with phase("selection"):
             vals, j = vals.topk(min(job.plan.keep, vals.shape[1]), dim=1, largest=False)
         _finish(job, _Scanned(a, b, qs, vals, rows.gather(1, j), blocks[0]))
-    del tile
 
 
 def _run_on_streams(job: _Job, lanes: int) -> None:

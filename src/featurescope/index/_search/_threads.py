@@ -13,8 +13,8 @@ loader started during a search would run on one thread for good. The caller's an
 thread's torch and BLAS settings stay as they were. Where a library offers no such setting, its
 operations in the workers keep their default thread count: slower on a busy machine, never
 different in result. numpy's OpenBLAS has none (its ``openblas_set_num_threads_local`` sets the
-process-wide count), which is why the race of product backends no longer times numpy's
-``sgemm`` (``_gemm``).
+process-wide count); its product runs single-threaded on a worker through another door instead
+(``_openblas``).
 """
 
 from __future__ import annotations
@@ -23,12 +23,27 @@ import contextlib
 import ctypes
 import functools
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import torch
 
-__all__ = ["run_in_threads", "thread_local_setters"]
+__all__ = ["on_worker", "run_beside", "run_in_threads", "thread_local_setters"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+#: Marks the threads made single-threaded here (they run nested work inline).
+_local = threading.local()
+
+
+class _OnDevice(Protocol):
+    @property
+    def device(self) -> torch.device: ...
+
+
+_S = TypeVar("_S", bound=_OnDevice)
 
 
 @functools.cache
@@ -66,10 +81,53 @@ def _single_threaded_worker() -> None:
     torch.get_num_threads()
     for set_local in thread_local_setters():
         set_local(1)
+    _local.single = True
+
+
+def _on_worker() -> bool:
+    return bool(getattr(_local, "single", False))
+
+
+def on_worker(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+    """Run a CPU object's method on a single-threaded worker (inline on one already).
+
+    For a whole search, validation and result included: its many small operations would
+    otherwise run at the caller's thread count, each waiting at a parallel barrier for a core
+    another process holds. A GPU object's method runs on the caller's thread, where its
+    current device and stream are.
+    """
+
+    @functools.wraps(method)
+    def run(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self.device.type != "cpu" or _on_worker():
+            return method(self, *args, **kwargs)
+        with ThreadPoolExecutor(1, initializer=_single_threaded_worker) as pool:
+            return pool.submit(method, self, *args, **kwargs).result()
+
+    return run
 
 
 def run_in_threads(tasks: list[Callable[[], None]]) -> None:
-    """Run ``tasks`` on one fresh worker thread each, single-threaded; re-raise errors."""
+    """Run ``tasks`` on one fresh worker thread each, single-threaded; re-raise errors.
+
+    A single task runs inline on a thread that is such a worker already.
+    """
+    if len(tasks) == 1 and _on_worker():
+        tasks[0]()
+        return
     with ThreadPoolExecutor(len(tasks), initializer=_single_threaded_worker) as pool:
         for future in [pool.submit(task) for task in tasks]:
+            future.result()
+
+
+def run_beside(tasks: list[Callable[[], None]]) -> None:
+    """Run ``tasks[0]`` on this thread (a worker already) and the rest on fresh workers.
+
+    On a busy machine every hand-over to another thread waits for a time slice: a worker that
+    does a share itself saves one wait per call (latency of searches with few queries).
+    """
+    with ThreadPoolExecutor(max(1, len(tasks) - 1), initializer=_single_threaded_worker) as pool:
+        futures = [pool.submit(task) for task in tasks[1:]]
+        tasks[0]()
+        for future in futures:
             future.result()
