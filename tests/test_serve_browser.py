@@ -165,6 +165,19 @@ def test_the_page_searches_an_uploaded_photo_exactly(served, browser, tmp_path):
     page.wait_for_selector("#fs-status.fs-error")
     assert "not an image" in page.inner_text("#fs-status")
 
+    # Every class the page's elements carry (the template's and the script's) is styled by the
+    # shared stylesheet: a class renamed in one and not the other would fall back unstyled.
+    unstyled = page.evaluate(
+        """() => {
+        const selectors = Array.from(document.styleSheets).flatMap(s => Array.from(s.cssRules))
+          .map(r => r.selectorText || "").join(" ");
+        const styled = new Set(selectors.match(/\\.fs-[a-z-]+/g).map(c => c.slice(1)));
+        const used = new Set(Array.from(document.querySelectorAll("[class]"))
+          .flatMap(e => Array.from(e.classList)));
+        return Array.from(used).filter(c => !styled.has(c)).sort(); }"""
+    )
+    assert unstyled == []
+
     shot = tmp_path / "serve.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
