@@ -26,8 +26,8 @@ from PIL import Image
 
 import featurescope as fs
 from _serve_helpers import UNIT_NODE, call, post_json, tiny_search
-from featurescope.data.folders import load_rgb
 from featurescope import pages
+from featurescope.data.folders import load_rgb
 from featurescope.errors import FeaturescopeError, FeaturescopeWarning
 from featurescope.serve import Limits, create_app, running
 
@@ -109,7 +109,9 @@ def test_page_links_the_one_stylesheet_every_page_shares(served):
     assert sheets == ["/static/featurescope.css"] and parser.styles == 0
     status, headers, css = call(url, "GET", "/static/featurescope.css")
     assert status == 200 and headers["content-type"].startswith("text/css")
-    assert css == pages.stylesheet().encode("utf-8")  # the explorer's and the report's, byte for byte
+    assert css == pages.stylesheet().encode(
+        "utf-8"
+    )  # the explorer's and the report's, byte for byte
     assert "style-src 'self'" in headers["content-security-policy"]
     status, _, _ = call(url, "GET", "/static/serve.css")  # the app's own stylesheet is gone
     assert status == 404
