@@ -109,9 +109,8 @@ def test_page_links_the_one_stylesheet_every_page_shares(served):
     assert sheets == ["/static/featurescope.css"] and parser.styles == 0
     status, headers, css = call(url, "GET", "/static/featurescope.css")
     assert status == 200 and headers["content-type"].startswith("text/css")
-    assert css == pages.stylesheet().encode(
-        "utf-8"
-    )  # the explorer's and the report's, byte for byte
+    # The explorer's and the report's stylesheet, byte for byte.
+    assert css == pages.stylesheet().encode("utf-8")
     assert "style-src 'self'" in headers["content-security-policy"]
     status, _, _ = call(url, "GET", "/static/serve.css")  # the app's own stylesheet is gone
     assert status == 404
