@@ -558,12 +558,16 @@ def _model_name(model: nn.Module) -> str:
     return meta.architecture if meta is not None else type(model).__name__
 
 
+#: The stages whose channels the demo's fourth experiment shows (Zeiler & Fergus's first three).
+UNIT_STAGES = ("conv1", "conv2", "conv3")
+
+
 def channel_units(
     model: nn.Module,
     images: Dataset[Any],
     out: PathLike,
     *,
-    stages: Sequence[str] = ("conv1", "conv2", "conv3"),
+    stages: Sequence[str] = UNIT_STAGES,
     k: int = 9,
     shown_channels: int = 8,
     batch_size: int = 32,
