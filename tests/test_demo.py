@@ -183,6 +183,24 @@ def test_demo_explorer_shows_the_retrieval_the_metrics_score(demo_out):
     assert "explorer.html" in (out / "report.html").read_text(encoding="utf-8")
 
 
+def test_demo_explorer_units_are_the_channels_units_json_ranks(demo_out):
+    """The explorer's Units section shows each stage's strongest channels with the very top
+    images the fourth experiment ranked (the same files, in the same order)."""
+    from featurescope.pages import read_explorer_data
+
+    out, metrics = demo_out
+    units = read_explorer_data(out / "explorer.html")["units"]
+    ranked = json.loads((out / metrics["units"]["units"]).read_text(encoding="utf-8"))
+    assert [s["name"] for s in units["stages"]] == [n["node"] for n in ranked["nodes"]]
+    for stage, node in zip(units["stages"], ranked["nodes"], strict=True):
+        assert 0 < len(stage["units"]) <= 32 and stage["channels"] == len(node["channels"])
+        for unit in stage["units"]:
+            top = node["channels"][unit["channel"]]["top"]
+            shown = [Path(units["sources"][e["source"]]["name"]).name for e in unit["top"]]
+            assert shown == [Path(t["file"]).name for t in top]
+            assert unit["top"][0]["deconvnet"] is not None
+
+
 # --- progress output -------------------------------------------------------------------------
 
 

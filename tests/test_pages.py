@@ -339,3 +339,23 @@ def test_the_report_tables_come_from_the_shared_macro(tmp_path):
     assert cells[3:6] == ["precision@1", "0.500", "0.200"]
     assert cells[9:12] == ["recall@3", "–", "–"]
     assert "Figure not produced" in page  # the figure file is not there: named, not linked
+
+
+def test_units_spec_channels_keeps_each_nodes_strongest_channels_in_order() -> None:
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU())
+    images = torch.rand(5, 3, 9, 9)
+    top = top_activations(model, images, ["1"], k=2)
+    strongest = top["1"].values[:, 0].double()
+    expected = sorted(torch.argsort(-strongest, stable=True)[:3].tolist())
+    pictures: list[str] = []
+    units = pages.build_units(
+        model, images, pages.UnitsSpec(["1"], k=2, channels=3, project_top=1), pictures
+    )
+    (stage,) = units["stages"]
+    assert [u["channel"] for u in stage["units"]] == expected
+    assert stage["channels"] == 6
+    shown_ids = {int(i) for c in expected for i in top["1"].image_ids[c].tolist()}
+    assert len(units["sources"]) == len(shown_ids)
+    with pytest.raises(fs.FeaturescopeError, match="channels must be a positive integer"):
+        pages.UnitsSpec(["1"], channels=0)

@@ -26,6 +26,7 @@ from PIL import Image
 
 import featurescope as fs
 from _serve_helpers import UNIT_NODE, call, post_json, tiny_search
+from featurescope import pages
 from featurescope.data.folders import load_rgb
 from featurescope.errors import FeaturescopeError, FeaturescopeWarning
 from featurescope.serve import Limits, create_app, running
@@ -61,6 +62,8 @@ class _Scripts(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.scripts: list[dict[str, str | None]] = []
+        self.links: list[dict[str, str | None]] = []
+        self.styles = 0
         self.inline: list[str] = []
         self._in_script = False
 
@@ -68,6 +71,8 @@ class _Scripts(HTMLParser):
         if tag == "script":
             self.scripts.append(dict(attrs))
             self._in_script = True
+        self.links += [dict(attrs)] if tag == "link" else []
+        self.styles += tag == "style"
         for name, _ in attrs:
             if name.startswith("on") or name == "style":
                 self.inline.append(f"{tag} {name}")
@@ -93,6 +98,22 @@ def test_page_loads_its_script_as_a_file_under_a_strict_csp(served):
     status, headers, script = call(url, "GET", "/static/serve.js")
     assert status == 200 and headers["content-type"].startswith("text/javascript")
     assert b"/api/map.bin" in script and "content-security-policy" in headers
+
+
+def test_page_links_the_one_stylesheet_every_page_shares(served):
+    url = served[0]
+    _, _, body = call(url, "GET", "/")
+    parser = _Scripts()
+    parser.feed(body.decode())
+    sheets = [link.get("href") for link in parser.links if link.get("rel") == "stylesheet"]
+    assert sheets == ["/static/featurescope.css"] and parser.styles == 0
+    status, headers, css = call(url, "GET", "/static/featurescope.css")
+    assert status == 200 and headers["content-type"].startswith("text/css")
+    # The explorer's and the report's stylesheet, byte for byte.
+    assert css == pages.stylesheet().encode("utf-8")
+    assert "style-src 'self'" in headers["content-security-policy"]
+    status, _, _ = call(url, "GET", "/static/serve.css")  # the app's own stylesheet is gone
+    assert status == 404
 
 
 @pytest.mark.parametrize(

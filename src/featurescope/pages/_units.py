@@ -52,6 +52,9 @@ class UnitsSpec:
             projection is one backward pass); ``None``: all ``k``.
         top: a precomputed :func:`~featurescope.units.top_activations` result over the same
             images (``{node: TopActivations}``); ``None``: computed here.
+        channels: show only each node's strongest this many channels (ranked by their
+            strongest activation, shown in channel order): a page of every channel of a deep
+            network carries thousands of pictures; ``None``: every channel.
 
     Example:
         >>> UnitsSpec(["conv1"], k=4).projections
@@ -64,8 +67,17 @@ class UnitsSpec:
     projections: Sequence[Method] = _METHODS
     project_top: int | None = None
     top: Mapping[str, TopActivations] | None = None
+    channels: int | None = None
 
     def __post_init__(self) -> None:
+        if self.channels is not None and (
+            isinstance(self.channels, bool)
+            or not isinstance(self.channels, int)
+            or self.channels < 1
+        ):
+            raise FeaturescopeError(
+                f"channels must be a positive integer or None, got {self.channels!r}"
+            )
         unknown = [m for m in self.projections if m not in _METHODS]
         if unknown:
             raise FeaturescopeError(
@@ -161,7 +173,15 @@ def build_units(
         item = data[i]
         return (item[0] if isinstance(item, (tuple, list)) else item).detach().float().cpu()
 
-    ids = sorted({int(i) for t in top.values() for i in t.image_ids.flatten().tolist() if i >= 0})
+    shown_channels = {node: _strongest(result, spec.channels) for node, result in top.items()}
+    ids = sorted(
+        {
+            int(i)
+            for node, result in top.items()
+            for i in result.image_ids[shown_channels[node]].flatten().tolist()
+            if i >= 0
+        }
+    )
     if not ids:
         raise FeaturescopeError("the units' top activations name no image")
     sources = [image(i) for i in ids]
@@ -187,11 +207,12 @@ def build_units(
     stages: list[UnitStage] = []
     for position, node in enumerate(nodes):
         result, field = top[node], fields[node]
+        chosen = shown_channels[node]
         projected_by = _project_tops(
-            model, sources, where, node, result, project_top, spec.projections, batch_size
+            model, sources, where, node, result, chosen, project_top, spec.projections, batch_size
         )
         units: list[Unit] = []
-        for channel in range(result.values.shape[0]):
+        for channel in chosen:
             examples: list[UnitExample] = []
             for rank in range(result.values.shape[1]):
                 i = int(result.image_ids[channel, rank])
@@ -253,6 +274,7 @@ def _project_tops(
     where: dict[int, int],
     node: str,
     result: TopActivations,
+    channels: list[int],
     project_top: int,
     methods: Sequence[str],
     batch_size: int,
@@ -261,7 +283,7 @@ def _project_tops(
     ``(method, channel, rank)``: ``batch_size`` activations per backward pass."""
     wanted = [
         (channel, rank, where[int(result.image_ids[channel, rank])])
-        for channel in range(result.values.shape[0])
+        for channel in channels
         for rank in range(min(project_top, result.values.shape[1]))
         if int(result.image_ids[channel, rank]) >= 0
     ]
@@ -286,3 +308,13 @@ def _project_tops(
             for (channel, rank, _), one in zip(chunk, full, strict=True):
                 done[method, channel, rank] = one
     return done
+
+
+def _strongest(result: TopActivations, count: int | None) -> list[int]:
+    """The ``count`` channels with the strongest top activation, in channel order (all when
+    ``count`` is ``None``); ties go to the smaller channel."""
+    channels = int(result.values.shape[0])
+    if count is None or count >= channels:
+        return list(range(channels))
+    order = torch.argsort(-result.values[:, 0].double(), stable=True)
+    return sorted(int(c) for c in order[:count])

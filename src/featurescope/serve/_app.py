@@ -22,6 +22,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from featurescope.errors import FeaturescopeError
+from featurescope.pages import stylesheet_path
 from featurescope.serve._engine import Engine
 from featurescope.serve._upload import RequestError, decode_image
 
@@ -48,7 +49,9 @@ _HEADERS = [
 #: Host headers a loopback server answers: a page elsewhere that rebinds its DNS name to
 #: 127.0.0.1 sends its own name, and is refused.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
-_STATIC = {"serve.js": "text/javascript", "serve.css": "text/css"}
+#: The files the page loads: its script, and the one stylesheet every featurescope page shares.
+_SCRIPT = "serve.js"
+_STYLESHEET = "featurescope.css"
 
 
 class SecurityHeaders:
@@ -113,19 +116,8 @@ def build_app(
     title: str = "featurescope",
 ) -> Starlette:
     """The ASGI app over ``engine`` (see :func:`featurescope.serve.create_app`)."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
-    templates = Environment(
-        loader=PackageLoader("featurescope.serve", "templates"),
-        autoescape=select_autoescape(default=True),
-    )
-    page = templates.get_template("index.html").render(
-        title=title, info=engine.info(), default_k=min(default_k, engine.max_k)
-    )
-    static = {
-        name: ((resources.files("featurescope.serve") / "static" / name).read_bytes(), kind)
-        for name, kind in _STATIC.items()
-    }
+    page = _page(title=title, info=engine.info(), default_k=min(default_k, engine.max_k))
+    static = _static_files()
 
     async def index(request: Request) -> Response:
         return HTMLResponse(page)
@@ -222,6 +214,35 @@ def build_app(
         HTTPException: http_error,
     }
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
+
+
+def _page(**context: Any) -> str:
+    """The app's page: its own template over pages' base template, so the app, the explorer and
+    the report share one skeleton and one stylesheet."""
+    import jinja2
+
+    environment = jinja2.Environment(
+        loader=jinja2.ChoiceLoader(
+            [
+                jinja2.PackageLoader("featurescope.serve", "templates"),
+                jinja2.PackageLoader("featurescope.pages", "templates"),
+            ]
+        ),
+        autoescape=True,  # every template is HTML
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return environment.get_template("index.html").render(**context)
+
+
+def _static_files() -> dict[str, tuple[bytes, str]]:
+    """Each file under /static/: its bytes and media type, read once when the app is built."""
+    script = resources.files("featurescope.serve").joinpath("static").joinpath(_SCRIPT)
+    return {
+        _SCRIPT: (script.read_bytes(), "text/javascript; charset=utf-8"),
+        _STYLESHEET: (stylesheet_path().read_bytes(), "text/css; charset=utf-8"),
+    }
 
 
 def _label(engine: Engine, text: str | None) -> int | None:

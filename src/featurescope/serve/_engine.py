@@ -184,11 +184,18 @@ class Engine:
                 self._map = (method, pack_points(torch.tensor(self.ids), xy))
             return self._map
 
+    def _preprocess(self, image: Image.Image) -> torch.Tensor:
+        """``image`` as the model's batch of one, under the model's lock: torch.fx's tracing
+        (a tap or Grad-CAM built in another request) patches ``nn.Module.__call__`` process-wide,
+        and torchvision's transforms are modules, which it would take for the model's own."""
+        with self._model_lock:
+            return self.search.preprocess([image])
+
     # -- one photo's insides --------------------------------------------------------------------
 
     def analyse(self, image: Image.Image) -> dict[str, Any]:
         """A photo's prediction, Grad-CAM, every stage's maps and the units it excites."""
-        batch = self.search.preprocess([image])
+        batch = self._preprocess(image)
         model = self.search.model
         device = model_device(model) or torch.device("cpu")
         with self._model_lock:
@@ -273,7 +280,7 @@ class Engine:
         if picture is None:
             raise RequestError(404, f"gallery image {gid}'s file is missing or unreadable")
         if view == "model":
-            return _model_png(self.search, self.search.preprocess([picture])[0])
+            return _model_png(self.search, self._preprocess(picture)[0])
         side = min(THUMB_SIDES, key=lambda s: abs(s - side))
         picture.thumbnail((side, side))
         buffer = io.BytesIO()

@@ -553,12 +553,16 @@ def compare_width_representations(
     }
 
 
+#: The stages whose channels the demo's fourth experiment shows (Zeiler & Fergus's first three).
+UNIT_STAGES = ("conv1", "conv2", "conv3")
+
+
 def channel_units(
     model: nn.Module,
     images: Dataset[Any],
     out: PathLike,
     *,
-    stages: Sequence[str] = ("conv1", "conv2", "conv3"),
+    stages: Sequence[str] = UNIT_STAGES,
     k: int = 9,
     shown_channels: int = 8,
     batch_size: int = 32,

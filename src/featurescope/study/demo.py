@@ -415,6 +415,8 @@ def _explorer(
     out: Path,
     similarity: dict[str, Any] | None = None,
 ) -> Path:
+    from featurescope.pages import UnitsSpec
+    from featurescope.study._experiments import UNIT_STAGES
     from featurescope.study._search import ImageSearch
     from featurescope.study.explorer import write_explorer
 
@@ -430,6 +432,10 @@ def _explorer(
         title="featurescope demo: the AlexNet study, to explore",
         splits=("test", "training"),
         similarity=similarity,
+        # The fourth experiment, to click through: each stage's strongest channels with their
+        # top images and patches, the strongest one projected (a page of every channel of
+        # AlexNet would carry tens of thousands of pictures; units/units.json lists them all).
+        units=UnitsSpec(UNIT_STAGES, k=9, projections=("deconvnet",), project_top=1, channels=32),
     )
 
 

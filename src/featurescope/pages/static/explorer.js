@@ -409,7 +409,7 @@
     if (!$("fs-units") || !D.units) return Promise.resolve();
     const select = $("fs-unit-stage");
     D.units.stages.forEach((s, i) => select.appendChild(el("option", {
-      value: i, text: `${s.label} · ${s.name} (${s.channels} channels)` })));
+      value: i, text: `${s.label} · ${s.name} (${s.units.length < s.channels ? `strongest ${s.units.length} of ` : ""}${s.channels} channels)` })));
     select.addEventListener("change", () => { un.stage = +select.value; unitTiles(); });
     return unitTiles();
   }

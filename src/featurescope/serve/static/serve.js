@@ -79,7 +79,7 @@
   }
 
   function figure(hit) {
-    const cls = hit.hit === true ? "fs-hit" : hit.hit === false ? "fs-miss" : "";
+    const cls = "fs-tile" + (hit.hit === true ? " fs-hit" : hit.hit === false ? " fs-miss" : "");
     const caption = "#" + hit.rank + " · " + Number(hit.distance).toPrecision(4) +
       (hit.class ? " · " + hit.class : "") + "\n" + hit.name;
     const fig = el("figure", {class: cls, "data-fs-neighbour": String(hit.id), title: hit.name}, [
@@ -153,9 +153,9 @@
       const [c, h, w] = stage.shipped;
       const tiles = bytes(stage.tiles);
       stage.values = tiles;
-      const grid = el("div", {class: "fs-tiles"});
+      const grid = el("div", {class: "fs-channel-grid"});
       for (let ch = 0; ch < c; ch++) {
-        const tile = el("canvas", {"data-fs-channel": s + ":" + ch,
+        const tile = el("canvas", {class: "fs-chan", "data-fs-channel": s + ":" + ch,
           title: stage.name + " channel " + ch + " (mean " + stage.means[ch] + ")"});
         drawGrey(tile, tiles.subarray(ch * h * w, (ch + 1) * h * w), h, w);
         tile.addEventListener("click", () => openChannel(s, ch));
@@ -177,7 +177,7 @@
     drawOverlay($("fs-channel-overlay"), values, h, w);
     const [lo, hi] = stage.ranges[ch];
     $("fs-channel-caption").textContent = stage.name + " channel " + ch + " (" + lo + " to " + hi + ")";
-    for (const t of document.querySelectorAll(".fs-tiles canvas.fs-selected")) t.classList.remove("fs-selected");
+    for (const t of document.querySelectorAll(".fs-chan.fs-selected")) t.classList.remove("fs-selected");
     document.querySelector("[data-fs-channel='" + s + ":" + ch + "']").classList.add("fs-selected");
     $("fs-channel-view").hidden = false;
     body.dataset.fsDrawn = s + ":" + ch;
@@ -188,9 +188,10 @@
     box.replaceChildren();
     $("fs-units-section").hidden = !units.length;
     for (const node of units) {
-      box.appendChild(el("h3", {text: node.node}));
+      const rows = el("div", {class: "fs-unit-examples"});
+      box.append(el("h3", {text: node.node}), rows);
       for (const unit of node.channels) {
-        const row = el("div", {class: "fs-unit", "data-fs-unit": node.node + ":" + unit.channel}, [
+        const row = el("div", {class: "fs-unit-example", "data-fs-unit": node.node + ":" + unit.channel}, [
           el("span", {text: "channel " + unit.channel + " (" + unit.value.toPrecision(3) + ")"})]);
         for (const top of unit.top) {
           const patch = el("canvas", {width: "64", height: "64", title: "gallery #" + top.id});
@@ -200,7 +201,7 @@
             patch.getContext("2d").drawImage(img, l, t, r - l, b - t, 0, 0, 64, 64);
           }, () => {});
         }
-        box.appendChild(row);
+        rows.appendChild(row);
       }
     }
   }
@@ -315,7 +316,7 @@
     try {
       const entry = await api("/api/gallery/" + id + "?k=" + encodeURIComponent(k));
       const label = entry.class ? " (" + entry.class + ")" : "";
-      const grid = el("div", {id: "fs-point-neighbours", class: "fs-grid"}, entry.neighbours.map(figure));
+      const grid = el("div", {id: "fs-point-neighbours", class: "fs-tiles fs-large"}, entry.neighbours.map(figure));
       $("fs-point").replaceChildren(
         el("h3", {text: "#" + entry.id + " " + entry.name + label}),
         el("img", {src: "/api/image/" + entry.id + "?size=320", alt: entry.name}),
