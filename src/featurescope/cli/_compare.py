@@ -75,9 +75,10 @@ def data_root(folder: str) -> Path:
 
 def open_folder(folder: str, model: Any) -> Any:
     """``--data``'s images, read with ``model``'s preprocessing."""
-    import featurescope as fs
+    from featurescope.data import ImageFolder
+    from featurescope.zoo import resolve_preprocessing
 
-    return fs.data.ImageFolder(data_root(folder), fs.zoo.resolve_preprocessing(model).transform())
+    return ImageFolder(data_root(folder), resolve_preprocessing(model).transform())
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -63,6 +63,18 @@ def _mismatch(h: int, w: int, image: tuple[int, int]) -> float | None:
     return cells if cells <= _ROUNDING else None
 
 
+def _preference(
+    miss: float, kind: str, grid: tuple[int, int], channels: int, image: tuple[int, int]
+) -> tuple[float, bool, bool, bool]:
+    """How to rank two readings of a 4-d shape, best first: the closer fit to the image's
+    aspect; then one common whole stride (an image of 8 × 12 is a 4 × 6 grid at stride 2,
+    not 6 × 9); then more channels than either side, as in every network; then channels-first.
+    """
+    (h, w), (height, width) = grid, image
+    whole = height % h == 0 and width % w == 0 and height // h == width // w
+    return (miss, not whole, channels < max(h, w), kind != "chw")
+
+
 def _patch_grid(tokens: int, image: tuple[int, int]) -> tuple[tuple[int, int], int] | None:
     height, width = image
     for prefix in range(min(MAX_PREFIX, tokens - 1) + 1):
@@ -106,12 +118,12 @@ def read_layout(
     if len(shape) == 4:
         _, a, b, c = (int(s) for s in shape)
         readings = [
-            (miss, kind, grid)
-            for kind, grid in (("chw", (b, c)), ("hwc", (a, b)))
+            (miss, kind, grid, channels)
+            for kind, grid, channels in (("chw", (b, c), a), ("hwc", (a, b), c))
             if kind in kinds and (miss := _mismatch(*grid, image)) is not None
         ]
-        if readings:  # the closer fit; channels-first on a tie
-            _, kind, grid = min(readings, key=lambda r: (r[0], r[1] != "chw"))
+        if readings:
+            _, kind, grid, _ = min(readings, key=lambda r: _preference(*r, image))
             return MapLayout(kind, grid)
     if len(shape) == 3 and "tokens" in kinds:
         found = _patch_grid(int(shape[1]), image)
