@@ -118,5 +118,7 @@ def test_the_cli_writes_what_the_python_api_computes(tmp_path, search_data, caps
     )
     assert saved["matrix"][0][1] == pytest.approx(1.0) and saved["num_images"] == len(images)
     assert {p.name for p in out.iterdir()} >= {"similarity.png", "matrix.csv", "index.html"}
-    assert main([*args, "--batch-size", "3"]) == 1  # the last --batch-size counts
+    with pytest.raises(SystemExit) as usage:  # the last --batch-size counts: a usage error
+        main([*args, "--batch-size", "3"])
+    assert usage.value.code == 2
     assert "at least 4" in capsys.readouterr().err
