@@ -163,9 +163,11 @@ def register(subparsers: Any) -> None:
         "demo",
         help="reproduce the study's three experiments and write an HTML report",
         description=(
-            "Train both AlexNet widths, draw the trained net's feature maps stage by stage, "
-            "search training images by image, and write figures, metrics.json and report.html "
-            "to --out. The quick preset takes a few minutes on a CPU; --preset study runs the "
+            "Train both AlexNet widths, compare their representations stage by stage (CKA), "
+            "draw the trained net's feature maps stage by stage, show what its channels at "
+            "conv1-conv3 respond to (top images, patches, deconvnet projections), search "
+            "training images by image, and write figures, metrics.json, report.html and "
+            "explorer.html to --out. The quick preset takes a few minutes on a CPU; --preset study runs the "
             "study's 150-epoch schedule (use a GPU). An interrupted demo resumes training; a "
             "finished one keeps only the best weights of the runs its report shows and says "
             "how much it wrote."

@@ -117,13 +117,17 @@ def read_layout(
     kinds = LAYOUTS if layout is None else (layout,)
     if len(shape) == 4:
         _, a, b, c = (int(s) for s in shape)
+        candidates: tuple[tuple[str, tuple[int, int], int], ...] = (
+            ("chw", (b, c), a),
+            ("hwc", (a, b), c),
+        )
         readings = [
-            (miss, kind, grid, channels)
-            for kind, grid, channels in (("chw", (b, c), a), ("hwc", (a, b), c))
+            (_preference(miss, kind, grid, channels, image), kind, grid)
+            for kind, grid, channels in candidates
             if kind in kinds and (miss := _mismatch(*grid, image)) is not None
         ]
         if readings:
-            _, kind, grid, _ = min(readings, key=lambda r: _preference(*r, image))
+            _, kind, grid = min(readings)
             return MapLayout(kind, grid)
     if len(shape) == 3 and "tokens" in kinds:
         found = _patch_grid(int(shape[1]), image)
