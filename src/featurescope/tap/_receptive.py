@@ -1145,8 +1145,9 @@ def receptive_field(
 
     Computed on the fx graph through convolutions (stride, padding, dilation, groups), pooling
     (ceil mode, adaptive), strided slicing, elementwise joins (the union), concatenation,
-    upsampling and permutes; global pooling, attention, a ``Linear`` over flattened positions
-    and squeeze-and-excitation gates make a field global. See :func:`receptive_fields` for the
+    upsampling, permutes and Swin's (shifted) window attention and patch merging; global
+    pooling, attention across every position, a ``Linear`` over flattened positions and
+    squeeze-and-excitation gates make a field global. See :func:`receptive_fields` for the
     arguments.
 
     Example:
