@@ -160,6 +160,29 @@ def test_an_unknown_function_that_returns_its_input_untouched_is_the_identity() 
     assert receptive_field(_Checks(), "conv", (9, 9)).size == (3.0, 3.0)
 
 
+def test_swin_shifted_windows_match_the_gradient_at_every_position() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    # 18x18 pixels: 9x9 tokens in 3x3 windows shifted by 1, then 5x5 tokens padded to 6x6
+    # (two windows a side, shifted by 1): wrapped regions, padding and an odd patch merge.
+    model = torchvision.models.SwinTransformer(
+        patch_size=[2, 2], embed_dim=8, depths=[2, 2], num_heads=[1, 1], window_size=[3, 3]
+    ).eval()
+    attn = [f"features.{s}.{b}.attn.shifted_window_attention" for s in (1, 3) for b in (0, 1)]
+    nodes = [*attn, "features.2._patch_merging_pad", "features.3.1.add_1", "avgpool"]
+    fields = receptive_fields(model, nodes, (18, 18))
+    queries = []
+    for name in nodes[:-1]:
+        h, w = fields[name].output_size or (0, 0)
+        queries += [(name, i, j, fields[name].dims) for i in range(h) for j in range(w)]
+    truth = support_boxes(model, (18, 18), queries)
+    assert truth == [fields[name].box(i, j) for name, i, j, _ in queries]
+    assert fields["avgpool"].is_global
+    # The shift is real: the shifted block's rows differ from the plain block's, and the mask
+    # (-100, not -inf) lets the wrapped token 0 read its whole rolled window, both image edges.
+    plain, shifted = (fields[attn[k]].rows.tolist() for k in (0, 1))
+    assert plain[0] == [0, 6] and shifted[0] == [0, 18] and shifted[1] == [0, 12]
+
+
 class _Rolls(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.roll(x, 1, dims=2)

@@ -24,7 +24,14 @@ from _receptive_truth import support_boxes
 from featurescope.tap import receptive_fields
 
 SUBSET = ("resnet18", "squeezenet1_1")
-_INPUT = {"alexnet": 63, "googlenet": 32, "inception_v3": 75, "maxvit_t": 224}
+_INPUT = {
+    "alexnet": 63,
+    "googlenet": 32,
+    "inception_v3": 75,
+    "maxvit_t": 224,
+    "swin_t": 64,
+    "swin_v2_t": 64,
+}
 
 
 def _side(name: str) -> int:

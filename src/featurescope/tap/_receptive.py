@@ -527,6 +527,69 @@ def _interpolate(
     return _Grid((axes[0], axes[1]), state.gates)
 
 
+def _patch_merge(
+    state: _State, out_shape: Sequence[int], in_shape: Sequence[int], ctx: _Context
+) -> _State:
+    """torchvision's ``_patch_merging_pad`` on ``[..., H, W, C]``: output ``(i, j)`` holds the
+    tokens of rows ``2i, 2i + 1`` and columns ``2j, 2j + 1`` (an odd end padded with zeros)."""
+    ndim = len(in_shape)
+    spatial = (ndim - 3, ndim - 2)
+    if not isinstance(state, _Grid):
+        return _mix_dims(state, frozenset(spatial), ctx)
+    if {a.dim for a in state.axes} != set(spatial):
+        raise _Unknown("_patch_merging_pad with positions off its row and column dimensions")
+    axes = [_window(a, out_shape[a.dim], a.dim, 2, 2, 0, 1, in_shape[a.dim]) for a in state.axes]
+    return _Grid((axes[0], axes[1]), state.gates)
+
+
+def _window_attention(
+    node: fx.Node, state: _State, in_shape: Sequence[int], ctx: _Context
+) -> _State:
+    """torchvision's ``shifted_window_attention`` (Swin v1 and v2) on ``[B, H, W, C]``.
+
+    The input is padded to whole windows, rolled by ``-shift`` and cut into windows; each token
+    attends to every token of its window. The mask that keeps the wrapped-around regions of a
+    shifted window apart adds -100 to their logits rather than -inf, so they still weigh
+    ``exp(-100)`` (not zero, in float32 and float64 alike): a token reads its whole rolled
+    window, wrapped part included, and its interval is the hull of that cyclic run of tokens.
+    """
+    rest = [*node.args[1:], *node.kwargs.values()]
+    if any(isinstance(a, fx.Node) and ctx.state(a) is not CONST for a in rest):
+        raise _Unknown("shifted_window_attention with weights computed from the input")
+    ndim = len(in_shape)
+    if not isinstance(state, _Grid):
+        return _mix_dims(state, frozenset({ndim - 3, ndim - 2}), ctx)
+    window = _pair(_arg(node, 4, "window_size"))
+    shift = _pair(_arg(node, 6, "shift_size"))
+    axes = []
+    for axis in state.axes:
+        t = axis.dim - (ndim - 3)
+        if t not in (0, 1):
+            raise _Unknown("shifted_window_attention with positions off dimensions 1 and 2")
+        n, w = in_shape[axis.dim], window[t]
+        padded = n + (w - n % w) % w
+        s = 0 if w >= padded else shift[t]  # torchvision drops the shift of a single window
+        lo = np.empty(n, np.int64)
+        hi = np.empty(n, np.int64)
+        for p in range(n):
+            start = ((p - s) % padded) // w * w + s  # the window, back in unrolled positions
+            members = (start + np.arange(w)) % padded
+            members = members[members < n]  # the padding reads nothing
+            lo[p], hi[p] = axis.lo[members].min(), axis.hi[members].max()
+        # The summary: any window of w tokens holding this one (the wrap is in the intervals).
+        axes.append(
+            _Axis(
+                axis.dim,
+                lo,
+                hi,
+                axis.stride,
+                axis.size + 2 * (w - 1) * axis.stride,
+                axis.offset - (w - 1) * axis.stride,
+            )
+        )
+    return _Grid((axes[0], axes[1]), state.gates)
+
+
 def _slice(state: _State, index: Any, in_shape: Sequence[int]) -> _State:
     """``x[...]`` with slices, ``None`` and ``Ellipsis``; an integer on a position dim folds it."""
     items = list(index) if isinstance(index, tuple) else [index]
@@ -877,6 +940,11 @@ def _function_state(
         return _mix_dims(state, dims, ctx)
     if name in _MIXING_NAMES:
         return _cover(_inputs(node, ctx), ctx.image)
+    if name == "shifted_window_attention":
+        return _window_attention(node, state, in_shape, ctx)
+    if name == "_patch_merging_pad":
+        # Swin's patch merging: rows and columns 2i, 2i + 1 side by side (the odd end padded).
+        return _patch_merge(state, out_shape, in_shape, ctx)
     if name in ("chunk", "split", "unbind"):
         dim = int(_arg(node, 2 if name != "unbind" else 1, "dim", 0)) % len(in_shape)
         if isinstance(state, _Grid) and any(a.dim == dim for a in state.axes):
@@ -897,7 +965,7 @@ _KNOWN_NAMES = (
         "adaptive_max_pool2d", "interpolate", "upsample", "getitem", "cat", "concat",
         "concatenate", "permute", "transpose", "swapaxes", "mean", "sum", "amax", "amin", "max",
         "min", "std", "var", "logsumexp", "norm", "softmax", "log_softmax", "layer_norm", "chunk",
-        "split", "unbind",
+        "split", "unbind", "shifted_window_attention", "_patch_merging_pad",
     }
 )  # fmt: skip
 
@@ -1077,8 +1145,9 @@ def receptive_field(
 
     Computed on the fx graph through convolutions (stride, padding, dilation, groups), pooling
     (ceil mode, adaptive), strided slicing, elementwise joins (the union), concatenation,
-    upsampling and permutes; global pooling, attention, a ``Linear`` over flattened positions
-    and squeeze-and-excitation gates make a field global. See :func:`receptive_fields` for the
+    upsampling, permutes and Swin's (shifted) window attention and patch merging; global
+    pooling, attention across every position, a ``Linear`` over flattened positions and
+    squeeze-and-excitation gates make a field global. See :func:`receptive_fields` for the
     arguments.
 
     Example:
