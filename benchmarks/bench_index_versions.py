@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from bench_index import header  # the processor, SIMD flags, BLAS and load banner
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -111,9 +110,11 @@ def run_shape(
     shape = f"{nb:,} × {d:,}"
     a, b = (indexes[n].search(q, k) for n in ("ref", "this"))
     same = torch.equal(a.ids, b.ids) and torch.allclose(a.distances, b.distances)
-    print(f"| {shape} | backend ref / this: {_backend(old, a, d)} / {_backend(new, b, d)}; "
-          f"same results: {same} "
-          "| | | | |")
+    print(
+        f"| {shape} | backend ref / this: {_backend(old, a, d)} / {_backend(new, b, d)}; "
+        f"same results: {same} "
+        "| | | | |"
+    )
     search = {n: (lambda i=i: i.search(q, k)) for n, i in indexes.items()}
     _line(shape, "search", _interleaved(search, repeats, 1), worst)
     for sub, calls in ((1, 20), (16, 5)):

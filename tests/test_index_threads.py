@@ -208,7 +208,9 @@ def test_openblas_product_runs_on_the_calling_thread_and_changes_no_setting():
         assert bool(((out.double() - want).abs() <= bound).all())
 
 
-@pytest.mark.parametrize(("caller", "configured", "workers"), [(2, None, 2), (1, None, 1), (2, 3, 3)])
+@pytest.mark.parametrize(
+    ("caller", "configured", "workers"), [(2, None, 2), (1, None, 1), (2, 3, 3)]
+)
 def test_a_search_splits_its_queries_over_the_callers_thread_count(caller, configured, workers):
     """The whole search runs on a single-threaded worker, but splits its queries over as many
     workers as the *caller* has threads (or ``config.threads``), not the worker's own one."""
