@@ -206,3 +206,30 @@ def test_openblas_product_runs_on_the_calling_thread_and_changes_no_setting():
     assert share > 0.9
     for out in outs:
         assert bool(((out.double() - want).abs() <= bound).all())
+
+
+@pytest.mark.parametrize(
+    ("caller", "configured", "workers"), [(2, None, 2), (1, None, 1), (2, 3, 3)]
+)
+def test_a_search_splits_its_queries_over_the_callers_thread_count(caller, configured, workers):
+    """The whole search runs on a single-threaded worker, but splits its queries over as many
+    workers as the *caller* has threads (or ``config.threads``), not the worker's own one."""
+    config = fs.index.SearchConfig(threads=configured, backend="float32")
+    index = fs.EmbeddingIndex(16, config=config)
+    index.add(torch.randn(3000, 16))
+    queries = torch.randn(64 * workers * 8, 16)
+    scanning: set[int] = set()
+
+    def profile(frame, event, arg):  # sees the search's workers: each starts after this is set
+        if event == "call" and frame.f_code.co_name == "_run_tiles":
+            scanning.add(threading.get_ident())
+
+    saved = torch.get_num_threads()
+    threading.setprofile(profile)
+    try:
+        torch.set_num_threads(caller)
+        index.search(queries, 5)
+    finally:
+        threading.setprofile(None)
+        torch.set_num_threads(saved)
+    assert len(scanning) == workers

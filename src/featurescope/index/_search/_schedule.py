@@ -39,7 +39,7 @@ from featurescope.index._search._plan import DEFAULT_CONFIG, TilePlan, plan_tile
 from featurescope.index._search._profile import phase
 from featurescope.index._search._rerank import collect, exhaustive, finish_tile
 from featurescope.index._search._selection import scan_tile
-from featurescope.index._search._threads import run_beside, run_in_threads
+from featurescope.index._search._threads import caller_threads, run_beside, run_in_threads
 
 __all__ = ["Found", "search_exact"]
 
@@ -170,7 +170,7 @@ def search_exact(
     if device.type == "cuda":
         lanes = config.streams
     else:
-        threads = torch.get_num_threads() if config.threads is None else config.threads
+        threads = caller_threads() if config.threads is None else config.threads
         lanes = max(1, min(threads, nq // config.min_queries_per_worker))
         if lanes == 1:
             # Few queries: the workers split the gallery instead, for latency.

@@ -30,7 +30,13 @@ from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import torch
 
-__all__ = ["on_worker", "run_beside", "run_in_threads", "thread_local_setters"]
+__all__ = [
+    "caller_threads",
+    "on_worker",
+    "run_beside",
+    "run_in_threads",
+    "thread_local_setters",
+]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -88,6 +94,21 @@ def _on_worker() -> bool:
     return bool(getattr(_local, "single", False))
 
 
+def caller_threads() -> int:
+    """``torch.get_num_threads()`` of the thread that entered the search.
+
+    On a worker started by :func:`on_worker` that is the caller's count, read before the hand-
+    over: the worker's own count is 1 (its operations are single-threaded), which would make a
+    search run all its queries on one worker.
+    """
+    return int(getattr(_local, "caller_threads", 0)) or torch.get_num_threads()
+
+
+def _as_worker(threads: int, call: Callable[[], _R]) -> _R:
+    _local.caller_threads = threads
+    return call()
+
+
 def on_worker(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
     """Run a CPU object's method on a single-threaded worker (inline on one already).
 
@@ -101,8 +122,10 @@ def on_worker(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate
     def run(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if self.device.type != "cpu" or _on_worker():
             return method(self, *args, **kwargs)
+        call = functools.partial(method, self, *args, **kwargs)
+        threads = torch.get_num_threads()
         with ThreadPoolExecutor(1, initializer=_single_threaded_worker) as pool:
-            return pool.submit(method, self, *args, **kwargs).result()
+            return pool.submit(_as_worker, threads, call).result()
 
     return run
 
