@@ -198,14 +198,23 @@ def test_openblas_product_runs_on_the_calling_thread_and_changes_no_setting():
         for t in workers:
             t.join()
         assert _blas_threads() == before
-        if (os.cpu_count() or 1) >= 2:
-            # The check can fail: OpenBLAS's own entry point at two threads shares the work.
-            out = np.empty((512, 768), dtype=np.float32)
-            spread = _cpu_share_of_calling_thread(lambda: np.matmul(a.numpy(), b.numpy().T, out))
-            assert spread < 0.8
-    assert share > 0.9
-    for out in outs:
-        assert bool(((out.double() - want).abs() <= bound).all())
+        for out in outs:
+            assert bool(((out.double() - want).abs() <= bound).all())
+        assert share > 0.9
+        if (os.cpu_count() or 1) < 2:
+            return
+        # The control, which shows the measure can fail: OpenBLAS's own entry point at two
+        # threads shares the work. Under load its helper thread may not run at all in one try.
+        out = np.empty((512, 768), dtype=np.float32)
+        spreads = []
+        for _ in range(5):
+            spreads.append(
+                _cpu_share_of_calling_thread(lambda: np.matmul(a.numpy(), b.numpy().T, out))
+            )
+            if spreads[-1] < 0.8:
+                return
+        pytest.skip(f"OpenBLAS's np.matmul never used its second thread here ({spreads}): "
+                    "the control could not be made")  # fmt: skip
 
 
 @pytest.mark.parametrize(

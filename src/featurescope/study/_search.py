@@ -509,7 +509,14 @@ class ImageSearch:
         if manifest["checkpoint"] is None:
             model = create_model(manifest["model"], num_classes=manifest.get("num_classes"))
         else:
-            model = load_checkpoint(folder / manifest["checkpoint"], map_location=device)
+            checkpoint = folder / manifest["checkpoint"]
+            if not checkpoint.is_file():
+                raise IndexFileError(
+                    f"{folder / MANIFEST} names the checkpoint {manifest['checkpoint']!r}, which "
+                    f"is not a file in {folder}: the folder is incomplete; save the ImageSearch "
+                    "again"
+                )
+            model = load_checkpoint(checkpoint, map_location=device)
         meta = model_metadata(model)
         if meta is not None and "weights" in manifest:
             # The origin recorded at save time: random weights kept in model.safetensors are
