@@ -197,7 +197,11 @@ _TIMM = {
 }
 
 
-@pytest.mark.parametrize("name", list(_TIMM))
+#: The timm cases of the fast lane; the others run in the full lane (``tests/_sweep.py``).
+_TIMM_SUBSET = ("vit_tiny_patch16_224", "convnext_atto")
+
+
+@pytest.mark.parametrize("name", sweep.params(list(_TIMM), _TIMM_SUBSET))
 def test_a_timm_model_takes_its_own_node_list(name: str, one_thread: None) -> None:
     timm = pytest.importorskip("timm")
     kwargs, side = _TIMM[name]

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
+import _sweep as sweep
 import featurescope as fs
 from featurescope.zoo.torchvision_models import torchvision_names
 
@@ -74,7 +75,11 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+#: The families the fast lane checks on every torch; the others run in the full lane.
+_FAST = ("resnet18", "densenet121", "vit_b_16", "tv_alexnet", "mobilenet_v3_small")
+
+
+@pytest.mark.parametrize("name", sweep.params(sorted(FAMILIES), _FAST))
 def test_embedding_node_is_what_the_classifier_reads(name):
     model = fs.create_model(name).eval()
     meta = fs.model_metadata(model)
@@ -88,7 +93,10 @@ def test_embedding_node_is_what_the_classifier_reads(name):
     torch.testing.assert_close(tapped.flatten(1), expected.flatten(1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "convnext_tiny", "swin_t", "vit_b_16", "densenet121"])
+@pytest.mark.parametrize(
+    "name",
+    sweep.params(["resnet18", "convnext_tiny", "swin_t", "vit_b_16", "densenet121"], _FAST[:1]),
+)
 def test_stage_nodes_are_tappable_and_shrink(name):
     model = fs.create_model(name).eval()
     stages = fs.model_metadata(model).stage_nodes
