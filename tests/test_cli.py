@@ -212,14 +212,7 @@ def test_index_search_of_something_else(tmp_path, capsys):
     assert "index build" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_demo_command(tmp_path, data, registered_tiny):
-    out = tmp_path / "demo"
-    assert (
-        main(["demo", "--data", str(data), "--preset", "tiny", "--out", str(out), "--quiet"]) == 0
-    )
-    assert (out / "report.html").is_file()
-    assert (out / "metrics.json").is_file()
+# `featurescope demo` itself: tests/test_demo.py runs it once through main() for all its tests.
 
 
 def test_unknown_preset(capsys):

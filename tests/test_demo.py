@@ -19,9 +19,16 @@ from featurescope.study.demo import run_demo
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory, tiny_data, tiny_preset) -> tuple[Path, dict]:
+    """The demo as a user runs it, ``featurescope demo``, once for every test of this module."""
+    from featurescope.cli import main
+    from featurescope.train.presets import PRESETS
+
     out = tmp_path_factory.mktemp("demo")
-    metrics = run_demo(out, data=tiny_data, preset=tiny_preset, progress=False)
-    return out, metrics
+    argv = ["demo", "--data", str(tiny_data), "--preset", "tiny", "--out", str(out), "--quiet"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(PRESETS, "tiny", tiny_preset)
+        assert main(argv) == 0
+    return out, json.loads((out / "metrics.json").read_text(encoding="utf-8"))
 
 
 class _Links(html.parser.HTMLParser):
