@@ -77,22 +77,36 @@ def support_boxes(
     model: torch.nn.Module,
     size: tuple[int, int],
     queries: list[tuple[str, int, int, tuple[int, int] | None]],
+    chunk: int = 32,
 ) -> list[tuple[int, int, int, int] | None]:
     """For each ``(node, i, j, dims)``, the bounding box of the gradient's support of the sum
     at position ``(i, j)`` of the tensor dimensions ``dims`` (``None``: no pixel); ``dims=None``
     asks for the sum of the whole output.
 
-    One forward and one backward for all queries: query ``q`` reads batch element ``q``.
+    One forward and one backward per ``chunk`` queries: query ``q`` reads batch element ``q``
+    of its chunk. Chunks bound the memory: a model with hundreds of nodes asks for a thousand
+    queries, whose float64 activations together would not fit.
     """
-    twin = positive_copy(model)
+    twin = positive_copy(model).requires_grad_(False)  # only the input's gradient is needed
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(1, 3, *size, generator=g, dtype=torch.float64) + 0.5
-    x = x.expand(len(queries), -1, -1, -1).clone().requires_grad_(True)
+    image = torch.rand(1, 3, *size, generator=g, dtype=torch.float64) + 0.5
     nodes = list(dict.fromkeys(q[0] for q in queries))
     first = get_graph_node_names(twin)[0][:1]  # the input: names differ between modes
-    tap = FeatureTap(twin, train_return_nodes=first, eval_return_nodes=nodes, backend="fx")
+    tap = FeatureTap(twin, train_return_nodes=first, eval_return_nodes=nodes, backend="fx").eval()
+    found: list[tuple[int, int, int, int] | None] = []
+    for start in range(0, len(queries), chunk):
+        found += _support_chunk(tap, image, queries[start : start + chunk])
+    return found
+
+
+def _support_chunk(
+    tap: FeatureTap,
+    image: torch.Tensor,
+    queries: list[tuple[str, int, int, tuple[int, int] | None]],
+) -> list[tuple[int, int, int, int] | None]:
+    x = image.expand(len(queries), -1, -1, -1).clone().requires_grad_(True)
     with Linearized():
-        outs = tap.eval()(x)
+        outs = tap(x)
     target = x.new_zeros(())
     for k, (node, i, j, dims) in enumerate(queries):
         out = outs[node][k : k + 1]
