@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from featurescope._version import __version__
@@ -21,6 +20,7 @@ from featurescope.errors import FeaturescopeError
 from featurescope.index import retrieval_metrics
 from featurescope.pages import _analysis as analysis_
 from featurescope.pages._encode import DISPLAY_SIZE, model_view, thumbnail
+from featurescope.pages._projection import METHODS, project
 from featurescope.pages._schema import (
     ExplorerData,
     GalleryImage,
@@ -149,8 +149,10 @@ def build_explorer_data(
         >>> json.loads(json.dumps(data)) == data
         True
     """
-    if projection not in ("auto", "pca", "umap"):
-        raise FeaturescopeError(f"projection must be 'auto', 'pca' or 'umap', got {projection!r}")
+    if projection not in METHODS:
+        raise FeaturescopeError(
+            f"projection must be one of {', '.join(METHODS)}, got {projection!r}"
+        )
     paths = [str(p) for p in queries]
     if not paths:
         raise FeaturescopeError("the explorer needs at least one query image")
@@ -236,24 +238,6 @@ def build_explorer_data(
     if units is not None:
         data["units"] = _gallery_units(search, units, pictures, batch_size)
     return data
-
-
-def _project(vectors: torch.Tensor, method: str) -> tuple[str, np.ndarray[Any, Any]]:
-    x = vectors.double()
-    if method in ("auto", "umap") and len(x) > 15:
-        try:
-            import umap  # type: ignore[import-not-found]
-        except ImportError:
-            if method == "umap":
-                raise FeaturescopeError(
-                    "projection='umap' needs umap-learn: pip install 'featurescope[umap]'"
-                ) from None
-        else:
-            reducer = umap.UMAP(n_components=2, random_state=0)
-            return "UMAP", np.asarray(reducer.fit_transform(x.numpy()))
-    centred = x - x.mean(dim=0)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    return "PCA", (centred @ vh[:2].T).numpy()
 
 
 def _hits(distances: torch.Tensor, ids: torch.Tensor) -> list[list[list[Any]]]:
@@ -353,7 +337,7 @@ def _projection(search: ImageSearch, k: int, max_points: int, method: str) -> Pr
     all_ids = search.index.ids
     step = max(1, -(-len(all_ids) // max_points))
     rows = torch.arange(0, len(all_ids), step)
-    used, xy = _project(search.index.vectors[rows], method)
+    used, xy = project(search.index.vectors[rows], method)
     point_ids = all_ids[rows].tolist()
     hits: list[list[list[Any]]] = [[] for _ in point_ids]
     if len(all_ids) > 1:

@@ -18,8 +18,9 @@ import torch
 
 from featurescope._torch_utils import model_device, training_mode
 from featurescope.errors import FeaturescopeError
+from featurescope.pages._projection import project
 from featurescope.serve import _maps
-from featurescope.serve._projection import pack_points, project
+from featurescope.serve._projection import pack_points
 from featurescope.serve._units import UnitsView
 from featurescope.serve._upload import Limits, RequestError, decode_image
 from featurescope.tap import FeatureTap, get_graph_node_names, grad_cam
