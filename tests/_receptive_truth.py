@@ -102,6 +102,17 @@ def support_boxes(
     return found
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a node's output, however nested in tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
 def _support_chunk(
     tap: FeatureTap,
     image: torch.Tensor,
@@ -112,10 +123,13 @@ def _support_chunk(
         outs = tap(x)
     target = x.new_zeros(())
     for k, (node, i, j, dims) in enumerate(queries):
-        out = outs[node][k : k + 1]
-        if dims is not None:
-            out = out.select(dims[1], j).select(dims[0], i)
-        target = target + out.sum()
+        if dims is None:  # the whole output, which may be a tuple (attention's output, None)
+            for leaf in _tensors(outs[node]):
+                target = target + leaf[k : k + 1].sum()
+        else:
+            out = outs[node]
+            assert isinstance(out, torch.Tensor), f"{node}: a local field on a {type(out)}"
+            target = target + out[k : k + 1].select(dims[1], j).select(dims[0], i).sum()
     (grad,) = torch.autograd.grad(target, x)
     found: list[tuple[int, int, int, int] | None] = []
     for k in range(len(queries)):
