@@ -299,9 +299,23 @@ class _MemorySink:
         self.completed = stop
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
+def _target_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    """Where a pass over the data runs: ``device``, else the model's, else the CPU.
+
+    Raises:
+        FeaturescopeError: the model is on another device than ``device``.
+    """
+    on = model_device(model)
+    target = torch.device(device) if device is not None else (on or torch.device("cpu"))
     # "cuda" means the current CUDA device: it matches "cuda:0" when that is current.
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+    if on is not None and not (
+        on.type == target.type
+        and (on.index is None or target.index is None or on.index == target.index)
+    ):
+        raise FeaturescopeError(
+            f"the model is on {on}, not on {target}; move it first: model.to({str(target)!r})"
+        )
+    return target
 
 
 def _describe_model(model: torch.nn.Module) -> tuple[str, dict[str, Any] | None]:
@@ -339,12 +353,7 @@ def extract(
     reduce_fn, reduce_name = _reduction(reduce)
     rank, world = _dist()
     plan = _plan(data, batch_size, num_workers, rank, world)
-    on = model_device(tap.model)
-    target = torch.device(device) if device is not None else (on or torch.device("cpu"))
-    if on is not None and not _same_device(on, target):
-        raise FeaturescopeError(
-            f"the model is on {on}, not on {target}; move it first: model.to({str(target)!r})"
-        )
+    target = _target_device(tap.model, device)
     model_name, preprocessing = _describe_model(tap.model)
     nodes = tap.nodes
     paths = _paths(plan.dataset, plan.ids)

@@ -29,15 +29,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featurescope._io import atomic_path
-from featurescope._torch_utils import model_device, training_mode, weights_fingerprint
+from featurescope._torch_utils import training_mode, weights_fingerprint
 from featurescope.errors import FeaturescopeError
 from featurescope.tap._extract import (
     _describe_model,
     _dist,
     _paths,
     _plan,
-    _same_device,
     _split,
+    _target_device,
     data_fingerprint,
 )
 
@@ -217,12 +217,7 @@ def fold(
     """
     rank, world = _dist()
     plan = _plan(data, batch_size, num_workers, rank, world)
-    on = model_device(tap.model)
-    target = torch.device(device) if device is not None else (on or torch.device("cpu"))
-    if on is not None and not _same_device(on, target):
-        raise FeaturescopeError(
-            f"the model is on {on}, not on {target}; move it first: model.to({str(target)!r})"
-        )
+    target = _target_device(tap.model, device)
     order, completed, saved = plan.ids, 0, None
     if out is not None:
         model_name, preprocessing = _describe_model(tap.model)
