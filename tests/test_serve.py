@@ -480,7 +480,7 @@ def test_pca_2d_is_numpys_svd_both_ways(n, dim, seed):
     """Fewer points than dimensions (the points' SVD) or more (the covariance's eigenvectors):
     the same first two components as numpy's SVD, each axis's sign fixed by its largest
     loading."""
-    from featurescope.pages._projection import pca_2d
+    from featurescope.pages import pca_2d
 
     x = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)) * torch.linspace(
         3, 0.5, dim

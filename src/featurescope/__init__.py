@@ -2,7 +2,8 @@
 
 Tap any layer's outputs (:class:`FeatureTap`), search images by their embeddings
 (:class:`EmbeddingIndex`, :class:`ImageSearch`), build models by name (:func:`create_model`),
-and draw what you find (:func:`visualize`). The root holds what a first session needs; the rest
+see what a channel responds to (:func:`receptive_field`, :func:`top_activations`) and draw
+what you find (:func:`visualize`). The root holds what a first session needs; the rest
 lives in its sub-package: :mod:`featurescope.zoo` (checkpoints, registration, specs),
 :mod:`featurescope.tap`, :mod:`featurescope.index`, :mod:`featurescope.units`,
 :mod:`featurescope.compare`, :mod:`featurescope.visualizers`, :mod:`featurescope.plugins`,
@@ -40,8 +41,11 @@ if TYPE_CHECKING:  # what _LAZY imports at run time, spelled out for type checke
         get_graph_node_names,
         grad_cam,
         load_features,
+        receptive_field,
+        receptive_fields,
         tappable_nodes,
     )
+    from featurescope.units import top_activations
     from featurescope.visualizers import visualize
     from featurescope.zoo import create_model, list_models, model_metadata
 
@@ -56,8 +60,11 @@ _LAZY_MODULES: dict[str, tuple[str, ...]] = {
         "get_graph_node_names",
         "grad_cam",
         "load_features",
+        "receptive_field",
+        "receptive_fields",
         "tappable_nodes",
     ),
+    "featurescope.units": ("top_activations",),
     "featurescope.visualizers": ("visualize",),
     "featurescope.zoo": ("create_model", "list_models", "model_metadata"),
 }
@@ -112,14 +119,11 @@ _MOVED: dict[str, str] = {
     "register_plugin": "featurescope.plugins.register_plugin",
     "unregister_plugin": "featurescope.plugins.unregister_plugin",
     "ReceptiveField": "featurescope.tap.ReceptiveField",
-    "receptive_field": "featurescope.tap.receptive_field",
-    "receptive_fields": "featurescope.tap.receptive_fields",
     "History": "featurescope.train.History",
     "TopActivations": "featurescope.units.TopActivations",
     "merge_top_activations": "featurescope.units.merge_top_activations",
     "patch": "featurescope.units.patch",
     "project": "featurescope.units.project",
-    "top_activations": "featurescope.units.top_activations",
     "get_visualizer": "featurescope.visualizers.get_visualizer",
     "list_visualizers": "featurescope.visualizers.list_visualizers",
     "save_figure": "featurescope.visualizers.save",
@@ -183,7 +187,10 @@ __all__ = [
     "list_models",
     "load_features",
     "model_metadata",
+    "receptive_field",
+    "receptive_fields",
     "tappable_nodes",
+    "top_activations",
     "visualize",
     "write_explorer",
 ]

@@ -10,6 +10,7 @@ templates with one stylesheet, :func:`stylesheet`.
 
 from featurescope.pages._build import build_explorer_data, gallery_images, metric_rows
 from featurescope.pages._encode import packed
+from featurescope.pages._projection import PROJECTIONS, pca_2d, project_2d
 from featurescope.pages._render import (
     inert_json,
     render,
@@ -45,6 +46,7 @@ from featurescope.pages._write import (
 )
 
 __all__ = [
+    "PROJECTIONS",
     "ExplorerData",
     "GalleryImage",
     "MapEntry",
@@ -66,6 +68,8 @@ __all__ = [
     "inert_json",
     "metric_rows",
     "packed",
+    "pca_2d",
+    "project_2d",
     "query_images",
     "read_explorer_data",
     "render",

@@ -20,7 +20,7 @@ from featurescope.errors import FeaturescopeError
 from featurescope.index import retrieval_metrics
 from featurescope.pages import _analysis as analysis_
 from featurescope.pages._encode import DISPLAY_SIZE, model_view, thumbnail
-from featurescope.pages._projection import METHODS, project
+from featurescope.pages._projection import PROJECTIONS, project_2d
 from featurescope.pages._schema import (
     ExplorerData,
     GalleryImage,
@@ -149,9 +149,9 @@ def build_explorer_data(
         >>> json.loads(json.dumps(data)) == data
         True
     """
-    if projection not in METHODS:
+    if projection not in PROJECTIONS:
         raise FeaturescopeError(
-            f"projection must be one of {', '.join(METHODS)}, got {projection!r}"
+            f"projection must be one of {', '.join(PROJECTIONS)}, got {projection!r}"
         )
     paths = [str(p) for p in queries]
     if not paths:
@@ -337,7 +337,7 @@ def _projection(search: ImageSearch, k: int, max_points: int, method: str) -> Pr
     all_ids = search.index.ids
     step = max(1, -(-len(all_ids) // max_points))
     rows = torch.arange(0, len(all_ids), step)
-    used, xy = project(search.index.vectors[rows], method)
+    used, xy = project_2d(search.index.vectors[rows], method)
     point_ids = all_ids[rows].tolist()
     hits: list[list[list[Any]]] = [[] for _ in point_ids]
     if len(all_ids) > 1:

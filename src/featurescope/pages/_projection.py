@@ -14,9 +14,10 @@ import torch
 
 from featurescope.errors import FeaturescopeError
 
-__all__ = ["METHODS", "pca_2d", "project"]
+__all__ = ["PROJECTIONS", "pca_2d", "project_2d"]
 
-METHODS = ("auto", "pca", "umap")
+#: What ``project_2d`` accepts: ``"auto"`` (UMAP when umap-learn is installed, else PCA).
+PROJECTIONS = ("auto", "pca", "umap")
 _BLOCK = 8192
 
 
@@ -53,15 +54,17 @@ def pca_2d(vectors: torch.Tensor) -> torch.Tensor:
     return torch.cat([(block.double() - mean) @ axes for block in vectors.split(_BLOCK)])
 
 
-def project(vectors: torch.Tensor, method: str = "auto") -> tuple[str, torch.Tensor]:
+def project_2d(vectors: torch.Tensor, method: str = "auto") -> tuple[str, torch.Tensor]:
     """``(method used, [n, 2] coordinates)``: UMAP where asked or (``"auto"``) installed, else
     PCA.
 
     Raises:
         FeaturescopeError: ``method`` is unknown, or ``"umap"`` without umap-learn.
     """
-    if method not in METHODS:
-        raise FeaturescopeError(f"projection must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in PROJECTIONS:
+        raise FeaturescopeError(
+            f"projection must be one of {', '.join(PROJECTIONS)}, got {method!r}"
+        )
     if method in ("auto", "umap") and len(vectors) > 15:
         try:
             import umap  # type: ignore[import-not-found]

@@ -18,7 +18,7 @@ import torch
 
 from featurescope._torch_utils import model_device, training_mode
 from featurescope.errors import FeaturescopeError
-from featurescope.pages._projection import project
+from featurescope.pages import project_2d
 from featurescope.serve import _maps
 from featurescope.serve._projection import pack_points
 from featurescope.serve._units import UnitsView
@@ -179,7 +179,7 @@ class Engine:
             if self._map is None:
                 if self._vectors is None:
                     self._vectors = self.search.index.vectors
-                method, xy = project(self._vectors, self.projection_method)
+                method, xy = project_2d(self._vectors, self.projection_method)
                 if self.ids and not -(2**31) <= min(self.ids) <= max(self.ids) < 2**31:
                     raise FeaturescopeError("the map sends ids as int32; these ids do not fit")
                 self._map = (method, pack_points(torch.tensor(self.ids), xy))
